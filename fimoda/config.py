@@ -1,0 +1,227 @@
+"""Experiment configuration: one config per dataset holding the paper's numbers, and profiles.
+
+The ``paper`` profile is exactly the paper (App. D and the issues' tables). ``cpu`` is the default
+of ``run_all.sh`` and reduces seeds, epochs and subsets so the whole pipeline runs in under 30
+minutes on 2 cores; every reduction is listed by :func:`reductions`. ``smoke`` takes seconds per
+notebook and is what the tests run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+PROFILES = ("smoke", "cpu", "paper")
+TABULAR = ("concrete", "energy", "fico", "folktables", "adult")
+DATASETS = TABULAR + ("cifar10", "fashion_mnist", "sst2")
+# Offline stand-ins (see ../shared/data/README.md): labelled as such in every output.
+STAND_INS = {"adult": "folktables", "fashion_mnist": "cifar10"}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the final model theta^f is trained (paper App. D.2)."""
+    optimizer: str = "sgd"          # sgd | adamw
+    lr: float = 0.3
+    epochs: int = 1000
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = None
+    select_epoch_by_val: bool = False  # text: keep the epoch with best validation accuracy
+    seed: int = 0                      # init and batch-order seed
+    n_train_subset: Optional[int] = None  # reduced profiles only (printed)
+
+
+@dataclass(frozen=True)
+class FurtherTrainConfig:
+    """Further training A' from theta^f: the gold standard (paper §3, App. D.3)."""
+    optimizer: str = "sgd"          # sgd | adam | adamw
+    lr: float = 3e-2
+    adam_lr: float = 1e-4           # lr used when optimizer == "adam" (App. E.1)
+    epochs: int = 500
+    max_steps: Optional[int] = None  # image/text: stop after this many steps
+    eval_every: Optional[int] = None  # None: evaluate after every epoch; k: every k steps
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    grad_clip: Optional[float] = None
+    n_loo: int = 100
+    loo_selection: str = "stride"   # stride (regression, paper) | random (seed 0)
+    loo_stride: int = 9
+    n_test: Optional[int] = None    # None: all test points
+    test_selection: str = "first"   # first | random
+    seeds: int = 100
+    mechanism: str = "subtract"     # subtract (paper §6.1) | remove (reference tabular code)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Settings of the gradient-based approximations (paper App. D.4)."""
+    damping_grid: tuple = (0.1, 1.0, 10.0, 100.0)  # multiples of lambda_G
+    damping_index: int = 1
+    lissa_depth: int = 5000
+    lissa_repeat: int = 1
+    lissa_scale: float = 10.0
+    lissa_h_scale: float = 10.0
+    trak_proj_dim: int = 2048
+    datainf_c_grid: tuple = (10.0, 1.0, 0.1, 0.01)
+    datainf_index: int = 0
+    arnoldi_rank: int = 50
+    grad_chunk: int = 256
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    dataset: str
+    profile: str
+    task: str                      # regression | classification
+    model: str                     # mlp | resnet9 | text
+    dtype: str = "float64"
+    encoder: Optional[str] = None  # text: HF model name or path
+    train: TrainConfig = field(default_factory=TrainConfig)
+    further: FurtherTrainConfig = field(default_factory=FurtherTrainConfig)
+    methods: MethodConfig = field(default_factory=MethodConfig)
+    stand_in_for: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _paper(dataset: str) -> ExperimentConfig:
+    if dataset in ("concrete", "energy"):
+        return ExperimentConfig(
+            dataset, "paper", "regression", "mlp",
+            train=TrainConfig(lr=0.3, epochs=1000),
+            further=FurtherTrainConfig(lr=3e-2, adam_lr=1e-4, epochs=500, n_loo=100,
+                                       loo_selection="stride",
+                                       loo_stride=9 if dataset == "concrete" else 7),
+            methods=MethodConfig(damping_grid=(0.1, 1.0, 10.0, 100.0) if dataset == "concrete"
+                                 else (1.0, 10.0, 100.0, 1000.0)),
+        )
+    if dataset == "fico":
+        return ExperimentConfig(
+            dataset, "paper", "classification", "mlp",
+            train=TrainConfig(lr=1e-3, epochs=1000),
+            further=FurtherTrainConfig(lr=1e-4, adam_lr=1e-6, epochs=200, n_loo=100,
+                                       loo_selection="random", n_test=100),
+        )
+    if dataset in ("folktables", "adult"):
+        return ExperimentConfig(
+            dataset, "paper", "classification", "mlp",
+            train=TrainConfig(lr=1e-2, epochs=100),
+            further=FurtherTrainConfig(lr=1e-4, adam_lr=1e-6, epochs=25, n_loo=100,
+                                       loo_selection="random", n_test=100),
+            methods=MethodConfig(lissa_scale=20.0, lissa_h_scale=200.0),
+            stand_in_for=STAND_INS.get(dataset),
+        )
+    if dataset in ("cifar10", "fashion_mnist"):
+        return ExperimentConfig(
+            dataset, "paper", "classification", "resnet9", dtype="float32",
+            train=TrainConfig(lr=0.4, epochs=50, batch_size=512, weight_decay=1e-3),
+            further=FurtherTrainConfig(lr=0.04, epochs=1, max_steps=50, eval_every=1,
+                                       batch_size=512, weight_decay=1e-3, n_loo=50,
+                                       loo_selection="random", n_test=100,
+                                       test_selection="random"),
+            methods=MethodConfig(trak_proj_dim=4096, grad_chunk=64),
+            stand_in_for=STAND_INS.get(dataset),
+        )
+    if dataset == "sst2":
+        return ExperimentConfig(
+            dataset, "paper", "classification", "text", dtype="float32",
+            encoder=DEFAULT_ENCODER,
+            train=TrainConfig(optimizer="adamw", lr=1e-5, epochs=20, batch_size=64,
+                              grad_clip=1.0, select_epoch_by_val=True),
+            further=FurtherTrainConfig(optimizer="adamw", lr=1e-6, epochs=1, eval_every=5,
+                                       batch_size=64, grad_clip=1.0, n_loo=50,
+                                       loo_selection="random", n_test=100),
+            methods=MethodConfig(trak_proj_dim=4096, grad_chunk=16),
+        )
+    raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
+
+
+# Reductions applied on top of the paper settings. Each entry is printed by `reductions()`.
+_CPU = {
+    "concrete": dict(further=dict(epochs=100, seeds=8)),
+    "energy": dict(further=dict(epochs=100, seeds=8)),
+    "fico": dict(train=dict(epochs=200), further=dict(epochs=20, seeds=4)),
+    "folktables": dict(train=dict(epochs=20), further=dict(epochs=5, seeds=4)),
+    "adult": dict(train=dict(epochs=20), further=dict(epochs=5, seeds=4)),
+    "cifar10": dict(train=dict(epochs=2, n_train_subset=5000),
+                    further=dict(max_steps=10, n_loo=10, n_test=20, seeds=2),
+                    methods=dict(lissa_depth=200, trak_proj_dim=512)),
+    "fashion_mnist": dict(train=dict(epochs=2, n_train_subset=5000),
+                          further=dict(max_steps=10, n_loo=10, n_test=20, seeds=2),
+                          methods=dict(lissa_depth=200, trak_proj_dim=512)),
+    "sst2": dict(train=dict(epochs=1, n_train_subset=2000, select_epoch_by_val=False),
+                 further=dict(max_steps=10, n_loo=10, n_test=20, seeds=2),
+                 methods=dict(lissa_depth=200, trak_proj_dim=512)),
+}
+_SMOKE = {
+    "concrete": dict(train=dict(epochs=20), further=dict(epochs=3, seeds=2, n_loo=8, n_test=6),
+                     methods=dict(lissa_depth=300, arnoldi_rank=10, trak_proj_dim=256)),
+    "energy": dict(train=dict(epochs=20), further=dict(epochs=3, seeds=2, n_loo=8, n_test=6),
+                   methods=dict(lissa_depth=300, arnoldi_rank=10, trak_proj_dim=256)),
+    "fico": dict(train=dict(epochs=3), further=dict(epochs=2, seeds=2, n_loo=8, n_test=6),
+                 methods=dict(lissa_depth=300, arnoldi_rank=10, trak_proj_dim=256)),
+    "folktables": dict(train=dict(epochs=2), further=dict(epochs=1, seeds=2, n_loo=8, n_test=6),
+                       methods=dict(lissa_depth=300, arnoldi_rank=10, trak_proj_dim=256)),
+    "adult": dict(train=dict(epochs=2), further=dict(epochs=1, seeds=2, n_loo=8, n_test=6),
+                  methods=dict(lissa_depth=300, arnoldi_rank=10, trak_proj_dim=256)),
+    "cifar10": dict(train=dict(epochs=1, n_train_subset=512, batch_size=128),
+                    further=dict(max_steps=2, batch_size=128, n_loo=4, n_test=4, seeds=2),
+                    methods=dict(lissa_depth=20, arnoldi_rank=5, trak_proj_dim=128)),
+    "fashion_mnist": dict(train=dict(epochs=1, n_train_subset=512, batch_size=128),
+                          further=dict(max_steps=2, batch_size=128, n_loo=4, n_test=4, seeds=2),
+                          methods=dict(lissa_depth=20, arnoldi_rank=5, trak_proj_dim=128)),
+    "sst2": dict(train=dict(epochs=1, n_train_subset=128, select_epoch_by_val=False),
+                 further=dict(max_steps=2, n_loo=4, n_test=4, seeds=2),
+                 methods=dict(lissa_depth=20, arnoldi_rank=5, trak_proj_dim=128)),
+}
+# Datasets each profile runs by default in run_all.sh (the offline stand-ins where the
+# originals cannot be had here; pass --datasets to choose others).
+PROFILE_DATASETS = {
+    "smoke": ("concrete",),
+    "cpu": ("concrete", "energy", "fico", "adult"),
+    "paper": ("concrete", "energy", "fico", "folktables", "cifar10", "sst2"),
+}
+
+
+def get_config(dataset: str, profile: str = "cpu", **overrides) -> ExperimentConfig:
+    """The config of ``dataset`` under ``profile``; ``overrides`` replace top-level fields."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {PROFILES}")
+    cfg = _paper(dataset)
+    table = {"cpu": _CPU, "smoke": _SMOKE}.get(profile, {})
+    for part, changes in table.get(dataset, {}).items():
+        cfg = replace(cfg, **{part: replace(getattr(cfg, part), **changes)})
+    cfg = replace(cfg, profile=profile)
+    return replace(cfg, **overrides) if overrides else cfg
+
+
+def reductions(cfg: ExperimentConfig) -> list[str]:
+    """Human-readable list of the settings in ``cfg`` that differ from the paper profile."""
+    paper = _paper(cfg.dataset)
+    out = []
+    for part in ("train", "further", "methods"):
+        a, b = getattr(paper, part), getattr(cfg, part)
+        for f in dataclasses.fields(a):
+            va, vb = getattr(a, f.name), getattr(b, f.name)
+            if va != vb:
+                out.append(f"{part}.{f.name}: {va} -> {vb}")
+    for name in ("dtype", "encoder"):
+        if getattr(paper, name) != getattr(cfg, name):
+            out.append(f"{name}: {getattr(paper, name)} -> {getattr(cfg, name)}")
+    return out
+
+
+def describe(cfg: ExperimentConfig) -> str:
+    """One banner line for notebooks and logs, naming stand-ins and reductions."""
+    head = f"{cfg.dataset} [{cfg.profile} profile]"
+    if cfg.stand_in_for:
+        head += f" -- STAND-IN for {cfg.stand_in_for} (the original cannot be had offline)"
+    red = reductions(cfg)
+    if red:
+        head += "\n  reduced from the paper: " + "; ".join(red)
+    return head

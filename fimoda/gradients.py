@@ -1,0 +1,233 @@
+"""The shared base of every gradient-based method: per-example gradients at theta^f, the
+Gauss-Newton pieces, and Hessian-vector products of the full-data empirical risk.
+
+Everything is functional (``torch.func``): a model is turned into ``f(params, x)`` with
+``functional_call``; per-example quantities are ``vmap``-ed over chunks of the data. Gradients are
+taken with respect to a chosen subset of parameter tensors (``names``; default: all), and returned
+flattened in the order of ``names`` so that every method works with plain ``(N, P)`` matrices.
+
+Conventions (``../shared/paper/MATH.md``): the empirical risk R(D; theta) is a SUM of per-example
+losses; the Gauss-Newton output f is the prediction for regression and the logit of the true
+class's probability, f = log(p_y / (1 - p_y)), for classification, with l(f) = log(1 + e^{-f}).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.func import functional_call, grad, jvp, vjp, vmap
+from tqdm.auto import tqdm
+
+
+# ----------------------------------------------------------------------------- parameters
+def param_names(model: torch.nn.Module, names: Optional[Sequence[str]] = None) -> list[str]:
+    """The trainable parameter names to differentiate, validated against the model. A name may
+    also be a module prefix (e.g. ``"out"`` selects ``out.weight`` and ``out.bias``)."""
+    all_names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if names is None:
+        return all_names
+    chosen = []
+    for want in names:
+        hits = [n for n in all_names if n == want or n.startswith(want + ".")]
+        if not hits:
+            raise ValueError(f"no parameter named {want!r}; the model has {all_names}")
+        chosen += [h for h in hits if h not in chosen]
+    return chosen
+
+
+def model_state(model: torch.nn.Module, names: Sequence[str]):
+    """(params to differentiate, everything else: frozen params and buffers), detached."""
+    params = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    rest = {n: p.detach() for n, p in model.named_parameters() if n not in names}
+    rest.update({n: b.detach() for n, b in model.named_buffers()})
+    return params, rest
+
+
+def flatten(tensors: dict, names: Sequence[str], batched: bool = False) -> torch.Tensor:
+    if batched:
+        return torch.cat([tensors[n].reshape(tensors[n].shape[0], -1) for n in names], dim=1)
+    return torch.cat([tensors[n].reshape(-1) for n in names])
+
+
+def unflatten(vec: torch.Tensor, template: dict, names: Sequence[str]) -> dict:
+    out, k = {}, 0
+    for n in names:
+        m = template[n].numel()
+        out[n] = vec[k:k + m].view_as(template[n])
+        k += m
+    return out
+
+
+def block_slices(template: dict, names: Sequence[str]) -> dict:
+    """Slice of each parameter tensor in the flattened vector (for layer-wise methods)."""
+    out, k = {}, 0
+    for n in names:
+        m = template[n].numel()
+        out[n] = slice(k, k + m)
+        k += m
+    return out
+
+
+# ----------------------------------------------------------------------------- losses and f
+def gn_output(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """The scalar model output f of the Gauss-Newton framework (per example)."""
+    if task == "regression":
+        return out.reshape(y.shape)
+    # logit of p_y: out_y - logsumexp over the other classes (TRAK §3.3)
+    oy = out.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    is_y = torch.arange(out.shape[-1], device=out.device) == y.unsqueeze(-1)
+    others = out.masked_fill(is_y, float("-inf"))
+    return oy - torch.logsumexp(others, dim=-1)
+
+
+def loss_from_f(f: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
+    """l(f): squared error (f - y)^2 for regression, log(1 + e^{-f}) (= cross-entropy)."""
+    if task == "regression":
+        return (f - y) ** 2
+    return torch.nn.functional.softplus(-f)
+
+
+def loss_derivatives(f: torch.Tensor, y: torch.Tensor, task: str):
+    """(l'(f), l''(f)) per example."""
+    if task == "regression":
+        return 2.0 * (f - y), torch.full_like(f, 2.0)
+    s = torch.sigmoid(f)                  # p_y
+    return -(1.0 - s), s * (1.0 - s)
+
+
+# ----------------------------------------------------------------------------- the base object
+@dataclass
+class Problem:
+    """A final model theta^f with its training data, seen as a function of chosen parameters.
+
+    ``X, Y``: the full training set (needed by Hessian-vector products and factor fits).
+    ``task``: "regression" | "classification". ``names``: parameters to attribute with.
+    ``batch_size``/``chunk``: sizes of the data chunks for risk HVPs / vmapped per-example work.
+    """
+    model: torch.nn.Module
+    X: torch.Tensor
+    Y: torch.Tensor
+    task: str
+    names: Optional[Sequence[str]] = None
+    batch_size: int = 1024
+    chunk: int = 256
+    progress: bool = True
+
+    def __post_init__(self):
+        self.model.eval()
+        self.names = param_names(self.model, self.names)
+        self.params, self.rest = model_state(self.model, self.names)
+        self.n_params = sum(p.numel() for p in self.params.values())
+        self.dtype = next(iter(self.params.values())).dtype
+        self.device = next(iter(self.params.values())).device
+
+    # -- the functional model
+    def out(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, {**params, **self.rest}, (x,))
+
+    def loss(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-example losses of a batch, (B,)."""
+        return loss_from_f(gn_output(self.out(params, x), y, self.task), y, self.task)
+
+    def f(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return gn_output(self.out(params, x), y, self.task)
+
+    def _chunks(self, n: int, size: int, desc: Optional[str]):
+        it = range(0, n, size)
+        if desc and self.progress and n > size:
+            it = tqdm(it, desc=desc, total=(n + size - 1) // size, leave=False)
+        return (slice(s, s + size) for s in it)
+
+    # -- per-example gradients
+    def _per_example(self, fn: Callable, X, Y, params: Optional[dict], desc) -> torch.Tensor:
+        params = self.params if params is None else params
+        single = lambda p, x, y: fn(p, x.unsqueeze(0), y.unsqueeze(0)).squeeze(0)
+        g = vmap(grad(single), in_dims=(None, 0, 0))
+        rows = []
+        for s in self._chunks(len(X), self.chunk, desc):
+            rows.append(flatten(g(params, X[s], Y[s]), self.names, batched=True).detach())
+        return torch.cat(rows) if rows else torch.zeros(0, self.n_params, dtype=self.dtype)
+
+    def loss_grads(self, X, Y, params: Optional[dict] = None, desc="loss gradients"):
+        """Rows grad_theta L(z_i; theta), (N, P). ``params``: evaluate elsewhere than theta^f."""
+        return self._per_example(self.loss, X, Y, params, desc)
+
+    def output_grads(self, X, Y, params: Optional[dict] = None, desc="output gradients"):
+        """Rows grad_theta f(z_i; theta) of the Gauss-Newton output, (N, P)."""
+        return self._per_example(self.f, X, Y, params, desc)
+
+    @torch.no_grad()
+    def f_values(self, X, Y, params: Optional[dict] = None) -> torch.Tensor:
+        params = self.params if params is None else params
+        return torch.cat([self.f(params, X[s], Y[s])
+                          for s in self._chunks(len(X), self.batch_size, None)])
+
+    def gn_pieces(self, X, Y, desc="Gauss-Newton pieces"):
+        """(Phi, f, l', l''): output gradients (N, P) and the loss derivatives in f."""
+        phi = self.output_grads(X, Y, desc=desc)
+        f = self.f_values(X, Y)
+        d1, d2 = loss_derivatives(f, Y, self.task)
+        return phi, f, d1, d2
+
+    # -- full-data risk: gradient and Hessian-vector products (R is a sum)
+    def _risk(self, params, x, y):
+        return self.loss(params, x, y).sum()
+
+    def risk_grad(self, params: Optional[dict] = None) -> torch.Tensor:
+        """grad R(D; theta), flattened."""
+        params = self.params if params is None else params
+        total = torch.zeros(self.n_params, dtype=self.dtype, device=self.device)
+        for s in range(0, len(self.X), self.batch_size):
+            sl = slice(s, s + self.batch_size)
+            total += flatten(grad(self._risk)(params, self.X[sl], self.Y[sl]), self.names)
+        return total
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """H v with H = the true Hessian of R(D; theta^f) (forward-over-reverse)."""
+        vd = unflatten(v, self.params, self.names)
+        total = torch.zeros_like(v)
+        for s in range(0, len(self.X), self.batch_size):
+            sl = slice(s, s + self.batch_size)
+            gfun = lambda p: grad(self._risk)(p, self.X[sl], self.Y[sl])
+            _, hv = jvp(gfun, (self.params,), (vd,))
+            total += flatten(hv, self.names)
+        return total
+
+    def gnvp(self, v: torch.Tensor) -> torch.Tensor:
+        """G v with G = sum_i l''_i grad f_i grad f_i^T (Gauss-Newton Hessian of R)."""
+        vd = unflatten(v, self.params, self.names)
+        total = torch.zeros_like(v)
+        for s in range(0, len(self.X), self.batch_size):
+            x, y = self.X[s:s + self.batch_size], self.Y[s:s + self.batch_size]
+            fx = lambda p: self.f(p, x, y)
+            f, jv = jvp(fx, (self.params,), (vd,))
+            _, d2 = loss_derivatives(f.detach(), y, self.task)
+            _, pull = vjp(fx, self.params)
+            total += flatten(pull(d2 * jv)[0], self.names)
+        return total
+
+    def per_example_hvp(self, X, Y, v: torch.Tensor, desc="per-example HVPs") -> torch.Tensor:
+        """Rows grad^2 L(z_i; theta^f) v, (N, P) (the extra term of Prop. 1)."""
+        vd = unflatten(v, self.params, self.names)
+
+        def one(x, y):
+            gfun = lambda p: grad(lambda q: self.loss(q, x[None], y[None]).sum())(p)
+            return jvp(gfun, (self.params,), (vd,))[1]
+
+        rows = []
+        for s in self._chunks(len(X), self.chunk, desc):
+            rows.append(flatten(vmap(one)(X[s], Y[s]), self.names, batched=True).detach())
+        return torch.cat(rows)
+
+    def dense_hessian(self, gauss_newton: bool = False) -> torch.Tensor:
+        """The P x P Hessian (true or Gauss-Newton) by HVPs with the identity: small models only."""
+        op = self.gnvp if gauss_newton else self.hvp
+        eye = torch.eye(self.n_params, dtype=self.dtype, device=self.device)
+        H = torch.stack([op(e) for e in eye])
+        return 0.5 * (H + H.T)
+
+
+def mean_sq_grad(G: torch.Tensor) -> float:
+    """lambda_G of the reference code: mean of the squared elements of the training gradients."""
+    return float((G ** 2).mean())
