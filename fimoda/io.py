@@ -84,3 +84,11 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def figures_dir(profile: str, root: str | os.PathLike | None = None) -> Path:
+    """``figures/<profile>/`` (created), under ``root`` or ``$FIMODA_FIGURES_DIR``."""
+    base = Path(root or os.environ.get("FIMODA_FIGURES_DIR", REPO_ROOT / "figures"))
+    d = base / profile
+    d.mkdir(parents=True, exist_ok=True)
+    return d

@@ -1,0 +1,422 @@
+"""The experiment of paper §6.1 for one dataset, as steps the notebooks call in order:
+choose the left-out and test instances, train/load theta^f, run the gold standard, run every
+approximation, evaluate. Each step reads and writes ``results/<profile>/<dataset>/``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from .config import ExperimentConfig
+from .io import load_json, load_npz, results_dir, save_json, save_npz
+from .models import resolve_dtype
+
+
+# ----------------------------------------------------------------------------- instances
+def select_loo_indices(cfg: ExperimentConfig, n_train: int) -> np.ndarray:
+    """The left-out set L (paper §6.1, issue table): every ``loo_stride``-th training index for
+    the regression sets (Energy also takes the last index 690, giving 100), otherwise a fixed
+    random subset drawn with seed 0. Reduced profiles keep the first ``n_loo`` of these."""
+    fc = cfg.further
+    if fc.n_loo > n_train:
+        raise ValueError(f"n_loo={fc.n_loo} exceeds the {n_train} training instances")
+    if fc.loo_selection == "stride":
+        idx = list(range(0, n_train, fc.loo_stride))
+        if cfg.dataset == "energy" and len(idx) < 100:
+            idx.append(n_train - 1)
+        idx = np.asarray(idx[: fc.n_loo], dtype=np.int64)
+    elif fc.loo_selection == "random":
+        idx = np.sort(np.random.RandomState(0).choice(n_train, fc.n_loo, replace=False))
+    else:
+        raise ValueError(f"unknown loo_selection {fc.loo_selection!r}")
+    if len(idx) < fc.n_loo:
+        raise ValueError(f"stride {fc.loo_stride} over {n_train} gives only {len(idx)} instances")
+    return idx.astype(np.int64)
+
+
+def select_test_indices(cfg: ExperimentConfig, n_test: int) -> np.ndarray:
+    """All test instances, the first ``n_test``, or a random (seed 0) subset of that size."""
+    fc = cfg.further
+    if fc.n_test is None or fc.n_test >= n_test:
+        return np.arange(n_test, dtype=np.int64)
+    if fc.test_selection == "first":
+        return np.arange(fc.n_test, dtype=np.int64)
+    if fc.test_selection == "random":
+        return np.sort(np.random.RandomState(0).choice(n_test, fc.n_test, replace=False))
+    raise ValueError(f"unknown test_selection {fc.test_selection!r}")
+
+
+def tensors(ds, cfg: ExperimentConfig, device="cpu"):
+    """(X_train, y_train, X_test, y_test) as tensors in the config's dtype on ``device``
+    (integer inputs such as token ids stay integer; class labels are int64)."""
+    dtype = resolve_dtype(cfg.dtype)
+
+    def x(a):
+        t = torch.as_tensor(np.asarray(a))
+        return (t.to(dtype) if t.is_floating_point() else t).to(device)
+
+    def y(a):
+        t = torch.as_tensor(np.asarray(a))
+        return (t.to(dtype) if cfg.task == "regression" else t.long()).to(device)
+
+    return x(ds.X_train), y(ds.y_train), x(ds.X_test), y(ds.y_test)
+
+
+def out_dir(cfg: ExperimentConfig, root=None) -> Path:
+    return results_dir(cfg.profile, cfg.dataset, root)
+
+
+# ----------------------------------------------------------------------------- methods
+def method_config(name: str, cfg: ExperimentConfig, **overrides):
+    """The config dataclass of method ``name`` filled from ``cfg.methods`` (the paper's
+    settings for the dataset), then ``overrides``."""
+    from .influence import get_method
+    _, cls = get_method(name)
+    m = cfg.methods
+    candidates = dict(
+        damping_grid=m.damping_grid, damping_index=m.damping_index,
+        depth=m.lissa_depth, repeat=m.lissa_repeat,
+        scale=m.lissa_h_scale if name == "lissa_h" else m.lissa_scale,
+        proj_dim=m.trak_proj_dim, c_grid=m.datainf_c_grid, c_index=m.datainf_index,
+        rank=m.arnoldi_rank,
+    )
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in candidates.items() if k in fields}
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def make_attributor(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, device="cpu",
+                    names: Optional[Iterable[str]] = None, progress: bool = True):
+    """The compute-once state of every method: theta^f, the full training set for Hessian
+    operators, the left-out and test instances."""
+    from .gradients import Problem
+    from .influence import Attributor
+    Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
+    problem = Problem(model, Xtr, ytr, cfg.task, names=names, chunk=cfg.methods.grad_chunk,
+                      progress=progress)
+    loo, test = torch.as_tensor(loo_idx), torch.as_tensor(test_idx)
+    return Attributor(problem, Xtr[loo], ytr[loo], Xte[test], yte[test])
+
+
+def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None,
+               force: bool = False, **overrides) -> np.ndarray:
+    """Compute (or load) ``scores_<name>.npz`` for the experiment."""
+    from .influence import compute_scores
+    mcfg = method_config(name, cfg, **overrides)
+    record = {"method": name, "method_config": dataclasses.asdict(mcfg),
+              "experiment": cfg.to_dict()}
+    path = Path(directory or out_dir(cfg)) / f"scores_{name}.npz"
+    if path.exists() and not force:
+        z = load_npz(path)
+        if (str(z.get("config")) == _canon(record)
+                and np.array_equal(z["loo_indices"], loo_idx)
+                and np.array_equal(z["test_indices"], test_idx)):
+            return z["scores"]
+    t0 = time.perf_counter()
+    scores = np.asarray(compute_scores(name, att, mcfg), dtype=np.float64)
+    wall = time.perf_counter() - t0
+    if scores.shape != (len(test_idx), len(loo_idx)):
+        raise RuntimeError(f"{name} returned scores of shape {scores.shape}")
+    save_npz(path, scores=scores, loo_indices=np.asarray(loo_idx),
+             test_indices=np.asarray(test_idx), config=np.asarray(_canon(record)),
+             wall_time=np.asarray(wall))
+    return scores
+
+
+def _canon(obj) -> str:
+    import json
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def load_scores(cfg: ExperimentConfig, methods: Iterable[str], directory=None) -> dict:
+    """{method: scores} for every method whose file exists."""
+    d = Path(directory or out_dir(cfg))
+    out = {}
+    for m in methods:
+        p = d / f"scores_{m}.npz"
+        if p.exists():
+            out[m] = load_npz(p)["scores"]
+    return out
+
+
+def load_gold(cfg: ExperimentConfig, optimizer: str, mechanism: str, directory=None) -> dict:
+    d = Path(directory or out_dir(cfg))
+    p = d / f"gold_{optimizer}_{mechanism}.npz"
+    if not p.exists():
+        raise FileNotFoundError(f"no gold standard at {p}: run notebooks/02_gold_further_training"
+                                f" for {cfg.dataset} ({cfg.profile} profile) first")
+    return load_npz(p)
+
+
+# ----------------------------------------------------------------------------- data and models
+def load_data(cfg: ExperimentConfig, data_dir=None):
+    """The dataset of ``cfg`` (tokenized with ``cfg.encoder`` for text), with the training set
+    reduced to ``cfg.train.n_train_subset`` instances (the first ones of a seed-0 permutation)
+    in reduced profiles, so that theta^f, the gold standard and the methods all see one set."""
+    from .data import load_dataset
+    kw = {"encoder": cfg.encoder} if cfg.encoder else {}
+    ds = load_dataset(cfg.dataset, data_dir=data_dir, **kw)
+    k = cfg.train.n_train_subset
+    if k is not None and k < len(ds.X_train):
+        keep = np.sort(np.random.RandomState(0).permutation(len(ds.X_train))[:k])
+        ds = dataclasses.replace(
+            ds, X_train=ds.X_train[keep], y_train=ds.y_train[keep], ids_train=ds.ids_train[keep],
+            raw_train=None if ds.raw_train is None else ds.raw_train.iloc[keep],
+            extra={**ds.extra, "train_subset": keep})
+    return ds
+
+
+def dataset_summary(ds) -> dict:
+    """Shapes, class balance / target statistics of a dataset (for notebook 00)."""
+    row = {"dataset": ds.name + (f" (stand-in for {ds.stand_in_for})" if ds.stand_in_for else ""),
+           "task": ds.task, "n_train": len(ds.X_train), "n_test": len(ds.X_test),
+           "input shape": tuple(np.asarray(ds.X_train).shape[1:])}
+    if ds.task == "classification":
+        counts = np.bincount(np.asarray(ds.y_train).astype(int), minlength=ds.n_classes)
+        row["class balance (train)"] = np.round(counts / counts.sum(), 3).tolist()
+    else:
+        row["target mean/std (train)"] = (round(float(np.mean(ds.y_train)), 3),
+                                          round(float(np.std(ds.y_train)), 3))
+    return row
+
+
+# ----------------------------------------------------------------------------- gold standard
+def _gold_arrays(result, loo_idx, test_idx) -> dict:
+    return {"loss_full": result.loss_full, "loss_loo": result.loss_loo,
+            "eval_points": result.eval_points, "param_dist": result.param_dist,
+            "loo_indices": np.asarray(loo_idx), "test_indices": np.asarray(test_idx)}
+
+
+def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: str = "sgd",
+             mechanism: str = "subtract", device="cpu", directory=None, **overrides) -> dict:
+    """Further training from theta^f for the full set and every left-out set, all seeds
+    (``gold_<optimizer>_<mechanism>.npz``); resumes from ``work_gold_*`` if interrupted."""
+    from .further_training import GoldConfig, further_train, save_gold
+    d = Path(directory or out_dir(cfg))
+    path = d / f"gold_{optimizer}_{mechanism}.npz"
+    gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
+                                      device=device, **overrides)
+    record = {"gold": dataclasses.asdict(gcfg), "experiment": cfg.to_dict()}
+    record["gold"].pop("device", None)
+    record["gold"].pop("progress", None)
+    if path.exists() and path.with_suffix(".json").exists():
+        old = load_json(path.with_suffix(".json"))
+        z = load_npz(path)
+        if (_canon(old.get("record")) == _canon(record)
+                and np.array_equal(z["loo_indices"], loo_idx)
+                and np.array_equal(z["test_indices"], test_idx)):
+            return z
+    Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
+    augment = None
+    if cfg.model == "resnet9":
+        from .data import augment_images
+        augment = augment_images
+    result = further_train(model, cfg.task, Xtr, ytr, Xte[torch.as_tensor(test_idx)],
+                           yte[torch.as_tensor(test_idx)], torch.as_tensor(loo_idx), gcfg,
+                           workdir=d / f"work_gold_{optimizer}_{mechanism}", augment=augment)
+    arrays = _gold_arrays(result, loo_idx, test_idx)
+    save_gold(path, result, {"record": record, "loo_indices": loo_idx, "test_indices": test_idx})
+    return load_npz(path) if path.exists() else arrays
+
+
+def run_retrain(ds, cfg: ExperimentConfig, loo_idx, test_idx, device="cpu", directory=None,
+                seeds: int = 1) -> dict:
+    """LOO re-training from scratch (paper Fig. 11): the final model's algorithm from its
+    init, with each left-out instance removed; ``retrain_remove.npz``."""
+    from .further_training import retrain_loo
+    from .models import build_model
+    d = Path(directory or out_dir(cfg))
+    path = d / "retrain_remove.npz"
+    if path.exists():
+        z = load_npz(path)
+        if np.array_equal(z["loo_indices"], loo_idx) and np.array_equal(z["test_indices"], test_idx):
+            return z
+    Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
+    init = build_model(cfg, n_features=Xtr.shape[1], n_classes=ds.n_classes).to(device)
+    t = torch.as_tensor(test_idx)
+    result = retrain_loo(init, cfg, Xtr, ytr, Xte[t], yte[t], torch.as_tensor(loo_idx),
+                         seeds=seeds, device=device, workdir=d / "work_retrain")
+    arrays = _gold_arrays(result, loo_idx, test_idx)
+    save_npz(path, **arrays)
+    return arrays
+
+
+def seed_reliability(loss_full, loss_loo, adjust: str = "mean"):
+    """[(k, mean cosine between the gold scores of two disjoint groups of k seeds)] at the
+    last eval point, for k = 1, 2, 4, ... up to half the seeds."""
+    from .further_training import seed_group_scores
+    S = loss_full.shape[0]
+    rows, k = [], 1
+    while 2 * k <= S:
+        g = seed_group_scores(loss_full, loss_loo, k, adjust=adjust)[:, :, -1, :]  # (G, i, j)
+        num = (g[0] * g[1]).sum(0)
+        den = np.linalg.norm(g[0], axis=0) * np.linalg.norm(g[1], axis=0)
+        rows.append((k, float(np.mean(np.where(den > 0, num / np.where(den > 0, den, 1), 0)))))
+        k *= 2
+    return rows
+
+
+def seeds_study(gold: dict, scores: dict, adjust: str = "mean", metric: str = "cosine"):
+    """Max over eval points of the mean metric vs the number k of seeds averaged (App. E.1):
+    returns (ks, {method: (means, ses)})."""
+    from .further_training import seed_group_scores
+    from .metrics import seeds_study as study
+    S = gold["loss_full"].shape[0]
+    ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 100) if k <= S]
+    if S not in ks:
+        ks.append(S)
+    groups = {k: seed_group_scores(gold["loss_full"], gold["loss_loo"], k, adjust=adjust)
+              for k in ks}
+    out = {}
+    for m, s in scores.items():
+        vals = [study(groups[k], s, metric)[:2] for k in ks]
+        out[m] = (np.array([v[0] for v in vals]), np.array([v[1] for v in vals]))
+    return ks, out
+
+
+def evaluation_table(eval_points, cos: dict, sp: dict):
+    """Per method: max mean cosine, the eval point where it peaks, cosine at the first and last
+    eval points, and the max mean Spearman."""
+    import pandas as pd
+    from .plots import label
+    rows = []
+    for m, (mean, se) in cos.items():
+        t = int(np.argmax(mean))
+        rows.append({"method": label(m), "max cosine": mean[t], "se": se[t],
+                     "at": eval_points[t], "cosine first": mean[0 if len(mean) == 1 else 1],
+                     "cosine last": mean[-1], "max Spearman": float(np.max(sp[m][0]))})
+    return pd.DataFrame(rows).set_index("method").sort_values("max cosine", ascending=False)
+
+
+def save_table(table, cfg: ExperimentConfig, name: str, directory=None) -> Path:
+    """Write a pandas table as CSV (atomically) next to the results."""
+    from .io import _atomic
+    path = Path(directory or out_dir(cfg)) / name
+    return _atomic(path, lambda fh: fh.write(table.to_csv().encode()))
+
+
+def evaluation_gold(gold: dict, adjust: str = "mean"):
+    """(gold scores a[i, t, j], eval points) without the t = 0 point, where every run is still
+    theta^f and all scores are zero."""
+    from .further_training import gold_scores
+    a = gold_scores(gold["loss_full"], gold["loss_loo"], adjust=adjust)
+    t = np.asarray(gold["eval_points"])
+    if t[0] == 0 and len(t) > 1:
+        return a[:, 1:], t[1:]
+    return a, t
+
+
+def summary(profile: str, datasets, optimizer: str = "sgd", mechanism: str = "subtract",
+            adjust: str = "mean", methods=None):
+    """Figure 2 as a grid over the datasets with results, and the max-cosine table."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from .config import get_config
+    from .influence import METHODS
+    from .metrics import curve
+    from .plots import curves, label
+    methods = list(methods or [m for m in METHODS if m != "dense"])
+    have = []
+    for ds in datasets:
+        cfg = get_config(ds, profile)
+        try:
+            gold = load_gold(cfg, optimizer, mechanism)
+        except FileNotFoundError:
+            continue
+        have.append((cfg, gold, load_scores(cfg, methods)))
+    if not have:
+        raise FileNotFoundError(f"no gold results for {list(datasets)} in the {profile} profile")
+    fig, axes = plt.subplots(1, len(have), figsize=(4.6 * len(have), 3.8), squeeze=False)
+    rows = {}
+    for ax, (cfg, gold, scores) in zip(axes[0], have):
+        a, t = evaluation_gold(gold, adjust)
+        res = {m: curve(a, s) for m, s in scores.items()}
+        name = cfg.dataset + (f" (stand-in for {cfg.stand_in_for})" if cfg.stand_in_for else "")
+        curves(ax, t, res, title=name)
+        rows[name] = {label(m): float(np.max(v[0])) for m, v in res.items()}
+    axes[0][-1].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig, pd.DataFrame(rows)
+
+
+def influential_examples(ds, gold: dict, a: np.ndarray, scores: dict, j: int, t: int = 0,
+                         k: int = 1):
+    """The k most helpful (most positive) and most harmful (most negative) left-out instances for
+    test point j by the gold scores at eval point t (0 = first after theta^f) and by each method,
+    with their original rows (paper Table 2)."""
+    import pandas as pd
+    loo = np.asarray(gold["loo_indices"])
+    rows = []
+
+    def add(source, vec):
+        order = np.argsort(vec)
+        for kind, picks in (("most helpful", order[::-1][:k]), ("most harmful", order[:k])):
+            for i in picks:
+                row = {"by": source, "kind": kind, "train index": int(loo[i]),
+                       "score": float(vec[i])}
+                if ds.raw_train is not None:
+                    row.update(ds.raw_train.iloc[int(loo[i])].to_dict())
+                else:
+                    row["target"] = ds.y_train[int(loo[i])]
+                rows.append(row)
+
+    add("gold (eq. 13)", a[:, t, j])
+    for m, s in scores.items():
+        add(m, s[j])
+    test_row = {"by": "TEST INSTANCE", "kind": "", "train index": -1, "score": np.nan}
+    if ds.raw_test is not None:
+        test_row.update(ds.raw_test.iloc[int(gold["test_indices"][j])].to_dict())
+    return pd.DataFrame([test_row] + rows)
+
+
+MISLABEL_TRIALS = {"smoke": 1, "cpu": 2, "paper": 40}
+
+
+def mislabel_detection(cfg: ExperimentConfig, ds, optimizer: str = "sgd",
+                       mechanism: str = "subtract", device="cpu", trials=None, frac: float = 0.2,
+                       directory=None):
+    """Mislabelled-example detection (App. E.2): flip the labels of a random ``frac`` of the
+    left-out set, further train theta^f for one epoch on the flipped data (all seeds), and take
+    the AUC-ROC of minus the test-averaged gold score (eq. 13) for the flipped indicator; the
+    same with Grad-Dot on the flipped labels. Mean and standard error over ``trials``."""
+    import pandas as pd
+    from .further_training import GoldConfig, further_train, gold_scores
+    from .influence import compute_scores
+    from .metrics import mean_se, roc_auc
+    from .train import load_final_model
+    if cfg.task != "classification":
+        raise ValueError("mislabelled-example detection needs a classification dataset")
+    trials = trials or MISLABEL_TRIALS[cfg.profile]
+    d = Path(directory or out_dir(cfg))
+    model = load_final_model(cfg, ds, d, device=device)
+    loo_idx = select_loo_indices(cfg, len(ds.X_train))
+    test_idx = select_test_indices(cfg, len(ds.X_test))
+    Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
+    t = torch.as_tensor(test_idx)
+    gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
+                                      device=device, epochs=1, max_steps=None)
+    aucs = {"further training (gold)": [], "Grad-Dot": []}
+    for trial in range(trials):
+        rng = np.random.RandomState(1000 + trial)
+        flip = np.sort(rng.choice(len(loo_idx), int(round(frac * len(loo_idx))), replace=False))
+        y = ytr.clone()
+        src = torch.as_tensor(loo_idx[flip])
+        y[src] = (y[src] + torch.as_tensor(rng.randint(1, ds.n_classes, len(flip)))) % ds.n_classes
+        res = further_train(model, cfg.task, Xtr, y, Xte[t], yte[t], torch.as_tensor(loo_idx),
+                            gcfg, workdir=d / f"work_mislabel_{trial}")
+        a = gold_scores(res.loss_full, res.loss_loo, adjust="mean")[:, -1, :].mean(1)
+        is_flipped = np.zeros(len(loo_idx), bool)
+        is_flipped[flip] = True
+        aucs["further training (gold)"].append(roc_auc(-a, is_flipped))
+        att = make_attributor(model, ds, cfg, loo_idx, test_idx, device=device, progress=False)
+        att.Y_loo = y[torch.as_tensor(loo_idx)]
+        gd = compute_scores("grad_dot", att).mean(0)
+        aucs["Grad-Dot"].append(roc_auc(-gd, is_flipped))
+    out = {k: mean_se(np.array(v)) for k, v in aucs.items()}
+    return pd.DataFrame({k: {"AUC mean": m, "se": s, "trials": trials} for k, (m, s) in out.items()}).T

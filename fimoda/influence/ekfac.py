@@ -1,0 +1,237 @@
+"""EK-FAC (george2018ekfac; grosse2023studyingllmgen): (12) with a layer-block, Kronecker-factored,
+eigenvalue-corrected Gauss-Newton.
+
+Attributed parameters: the weight (and, if it is among ``problem.names``, the bias) of every
+``nn.Linear`` and ``nn.Conv2d`` module whose weight is among ``problem.names``. Every other
+parameter (BatchNorm / LayerNorm affine, embeddings, ...) is excluded: its gradient block is not
+used, i.e. its contribution to the score is zero. A bias enters through a homogeneous coordinate:
+layer l's parameters form the matrix W_l = [weight | bias] (out x in'), in' = in (+1), with the
+convolution weight flattened to (out, C kh kw) in ``F.unfold``'s order.
+
+Per example n and position t (a token of a sequence, a patch of a convolution; t is the only
+position for a plain MLP) a layer sees an input a_{n,t} (in', with a trailing 1 for a bias) and
+produces a pre-activation s_{n,t}. The Gauss-Newton of the SUM risk is G = sum_n l''_n grad f_n
+grad f_n^T, i.e. the outer products of the pseudo-gradients sqrt(l''_n) grad f_n; for layer l
+
+    DW_n = sum_t ds_{n,t} a_{n,t}^T,   ds_{n,t} = sqrt(l''_n) d f_n / d s_{n,t},
+    G_l  = sum_n vec(DW_n) vec(DW_n)^T                                  (exact layer block)
+    A    = sum_{n,t} a a^T = Q_A diag(.) Q_A^T,   S = sum_{n,t} ds ds^T = Q_S diag(.) Q_S^T
+    Lambda_ij = sum_n ((Q_S^T DW_n Q_A)_ij)^2                              (eigenvalue correction)
+
+so G_l ~ (Q_S (x) Q_A) diag(vec Lambda) (Q_S (x) Q_A)^T, exact on its diagonal in the Kronecker
+eigenbasis (KFE), and exact whenever G_l is diagonal there (e.g. one training example and one
+position). The score (12) is
+
+    scores[j, i] = sum_l < Q_S^T T_{j,l} Q_A / (Lambda_l + lambda),  Q_S^T V_{i,l} Q_A >
+
+with T_{j,l}, V_{i,l} the layer-l loss gradients of test z_j and left-out z_i; equivalently
+grad_l g(z_j)^T Q_S[(Q_S^T V Q_A) / (Lambda + lambda)]Q_A^T. Factors are fitted once
+(:func:`fit_ekfac`, two passes over the training set with forward hooks); scores are per query.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from ..gradients import block_slices, gn_output, loss_derivatives
+from .common import Attributor, damping_value
+
+DAMPING_MODES = ("lambda_G", "heuristic")
+
+
+@dataclass(frozen=True)
+class EkfacConfig:
+    damping_grid: tuple = (0.1, 1.0, 10.0, 100.0)  # lambda = lambda_G * damping_grid[index]
+    damping_index: int = 1
+    damping: Optional[float] = None   # absolute lambda (sum convention); overrides the grid.
+    #  kronfluence's default (damping_factor=1e-8 on MEAN factors) is damping = 1e-8 * n here.
+    damping_mode: str = "lambda_G"    # lambda_G: as above | heuristic: 0.1 * mean(Lambda_l) per layer
+    batch_size: int = 64              # training examples per forward/backward in the factor fit
+
+
+@dataclass
+class LayerFactors:
+    """The EK-FAC factors of one layer (float64)."""
+    module: str                 # module name
+    kind: str                   # linear | conv
+    weight: str                 # parameter names
+    bias: Optional[str]
+    shape: tuple                # (out, in') of W_l = [weight | bias]
+    Q_A: torch.Tensor           # (in', in') eigenvectors of A
+    Q_S: torch.Tensor           # (out, out) eigenvectors of S
+    Lambda: torch.Tensor        # (out, in') corrected eigenvalues
+
+
+@dataclass
+class EkfacFactors:
+    layers: list = field(default_factory=list)
+    n: int = 0                  # training instances the factors sum over
+
+
+def _layers(problem):
+    """Attributed (module name, module, weight name, bias name or None), in model order."""
+    names = set(problem.names)
+    out = []
+    for mname, mod in problem.model.named_modules():
+        if not isinstance(mod, (nn.Linear, nn.Conv2d)):
+            continue
+        w = f"{mname}.weight" if mname else "weight"
+        b = f"{mname}.bias" if mname else "bias"
+        if w not in names:
+            continue
+        if isinstance(mod, nn.Conv2d):
+            if mod.groups != 1:
+                raise ValueError(f"EK-FAC: Conv2d {mname!r} has groups={mod.groups}; "
+                                 "only groups=1 is supported")
+            if mod.padding_mode != "zeros":
+                raise ValueError(f"EK-FAC: Conv2d {mname!r} has padding_mode="
+                                 f"{mod.padding_mode!r}; only 'zeros' is supported")
+            if isinstance(mod.padding, str) and mod.padding != "valid":
+                raise ValueError(f"EK-FAC: Conv2d {mname!r} has padding={mod.padding!r}; "
+                                 "give explicit integer padding")
+        out.append((mname, mod, w, b if (mod.bias is not None and b in names) else None))
+    if not out:
+        raise ValueError("EK-FAC needs at least one nn.Linear or nn.Conv2d layer whose weight is "
+                         f"among the attributed parameters; got {list(problem.names)}")
+    return out
+
+
+def _patches(mod, a: torch.Tensor, ds: torch.Tensor, bias: bool):
+    """(a, ds) as (B, T, in') and (B, T, out): positions t flattened, a 1 appended for a bias."""
+    B = a.shape[0]
+    if isinstance(mod, nn.Conv2d):
+        pad = 0 if isinstance(mod.padding, str) else mod.padding
+        a = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=pad,
+                     stride=mod.stride).transpose(1, 2)                   # (B, T, C kh kw)
+        ds = ds.reshape(B, ds.shape[1], -1).transpose(1, 2)               # (B, T, out)
+    else:
+        a = a.reshape(B, -1, a.shape[-1])
+        ds = ds.reshape(B, -1, ds.shape[-1])
+    if bias:
+        a = torch.cat([a, torch.ones_like(a[..., :1])], dim=-1)
+    return a, ds
+
+
+def _passes(problem, layers, batch_size: int, desc: str):
+    """Yield, per training batch, [(a, ds)] per layer (see :func:`_patches`)."""
+    captured = {}
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            if name in captured:
+                raise ValueError(f"EK-FAC: module {name!r} is called more than once per forward "
+                                 "pass (shared weights are not supported)")
+            captured[name] = (inputs[0].detach(), output)
+        return fn
+
+    handles = [mod.register_forward_hook(hook(m)) for m, mod, _, _ in layers]
+    params = {k: v.detach().requires_grad_(True) for k, v in problem.params.items()}
+    n = len(problem.X)
+    it = range(0, n, batch_size)
+    if problem.progress and n > batch_size:
+        it = tqdm(it, desc=desc, total=(n + batch_size - 1) // batch_size, leave=False)
+    try:
+        for s in it:
+            x, y = problem.X[s:s + batch_size], problem.Y[s:s + batch_size]
+            captured.clear()
+            with torch.enable_grad():
+                out = functional_call(problem.model, {**params, **problem.rest}, (x,))
+                f = gn_output(out, y, problem.task)
+                _, d2 = loss_derivatives(f.detach(), y, problem.task)
+                # backprop sqrt(l''_n) through f_n: the GN pseudo-gradients (examples independent)
+                pseudo = (d2.clamp_min(0).sqrt() * f).sum()
+                outs = [captured[m][1] for m, _, _, _ in layers]
+                grads = torch.autograd.grad(pseudo, outs, allow_unused=True)
+            yield [_patches(mod, captured[m][0], torch.zeros_like(o) if g is None else g.detach(),
+                            b is not None)
+                   for (m, mod, _, b), o, g in zip(layers, outs, grads)]
+    finally:
+        for h in handles:
+            h.remove()
+        captured.clear()
+
+
+def fit_ekfac(problem, batch_size: int = 64) -> EkfacFactors:
+    """Computed once: A, S and their eigenvectors (pass 1), then the eigenvalue correction
+    Lambda_ij = sum_n ((Q_S^T DW_n Q_A)_ij)^2 over the n training instances (pass 2)."""
+    if batch_size < 1:
+        raise ValueError(f"EK-FAC batch_size must be >= 1, got {batch_size!r}")
+    layers = _layers(problem)
+    dev, f64 = problem.device, torch.float64
+    A = [None] * len(layers)
+    S = [None] * len(layers)
+    for batch in _passes(problem, layers, batch_size, "EK-FAC: covariances"):
+        for l, (a, ds) in enumerate(batch):
+            a2 = torch.einsum("bti,btj->ij", a, a).to(f64)
+            s2 = torch.einsum("bto,btp->op", ds, ds).to(f64)
+            A[l] = a2 if A[l] is None else A[l] + a2
+            S[l] = s2 if S[l] is None else S[l] + s2
+    if A[0] is None:
+        raise ValueError("EK-FAC: the training set is empty")
+    Q_A = [torch.linalg.eigh(0.5 * (M + M.T))[1] for M in A]
+    Q_S = [torch.linalg.eigh(0.5 * (M + M.T))[1] for M in S]
+    Lam = [torch.zeros(qs.shape[0], qa.shape[0], dtype=f64, device=dev)
+           for qa, qs in zip(Q_A, Q_S)]
+    for batch in _passes(problem, layers, batch_size, "EK-FAC: eigenvalue correction"):
+        for l, (a, ds) in enumerate(batch):
+            dw = torch.einsum("bto,bti->boi", ds, a)                       # per-example DW_n
+            qs, qa = Q_S[l].to(dw.dtype), Q_A[l].to(dw.dtype)
+            Lam[l] += ((qs.T @ dw @ qa) ** 2).sum(0).to(f64)
+    factors = EkfacFactors(n=len(problem.X))
+    for (m, mod, w, b), qa, qs, lam in zip(layers, Q_A, Q_S, Lam):
+        factors.layers.append(LayerFactors(
+            module=m, kind="conv" if isinstance(mod, nn.Conv2d) else "linear", weight=w, bias=b,
+            shape=tuple(lam.shape), Q_A=qa, Q_S=qs, Lambda=lam))
+    return factors
+
+
+def layer_matrices(problem, lf: LayerFactors, grads: torch.Tensor) -> torch.Tensor:
+    """Rows of ``grads`` (N, P over ``problem.names``) as layer matrices [weight | bias], (N, out, in')."""
+    sl = block_slices(problem.params, problem.names)
+    N, (out, _) = grads.shape[0], lf.shape
+    V = grads[:, sl[lf.weight]].reshape(N, out, -1)
+    if lf.bias is not None:
+        V = torch.cat([V, grads[:, sl[lf.bias]].reshape(N, out, 1)], dim=2)
+    return V
+
+
+def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
+          factors: Optional[EkfacFactors] = None) -> np.ndarray:
+    """(12) with the EK-FAC layer blocks (module docstring):
+
+        scores[j, i] = sum_l grad_l g(z_j)^T Q_S [(Q_S^T V_{i,l} Q_A) / (Lambda_l + lambda)] Q_A^T,
+
+    V_{i,l} = grad_l L(z_i) as a matrix; lambda = cfg.damping, or lambda_G * damping_grid[index]
+    (``damping_mode="lambda_G"``), or 0.1 * mean(Lambda_l) per layer (``"heuristic"``).
+    ``factors``: from :func:`fit_ekfac` (fitted here if not given).
+    """
+    if cfg.damping_mode not in DAMPING_MODES:
+        raise ValueError(f"EK-FAC damping_mode must be one of {DAMPING_MODES}, "
+                         f"got {cfg.damping_mode!r}")
+    problem = att.problem
+    if factors is None:
+        factors = fit_ekfac(problem, cfg.batch_size)
+    if cfg.damping_mode == "lambda_G" or cfg.damping is not None:
+        lam = damping_value(att, cfg.damping_grid, cfg.damping_index, cfg.damping)
+        if not lam > 0:
+            raise ValueError(f"EK-FAC damping must be > 0, got {lam!r}")
+    tr, te = att.train_grads, att.test_grads
+    scores = torch.zeros(te.shape[0], tr.shape[0], dtype=torch.float64, device=tr.device)
+    for lf in factors.layers:
+        if cfg.damping_mode == "heuristic" and cfg.damping is None:
+            lam = 0.1 * float(lf.Lambda.mean())
+            if not lam > 0:
+                raise ValueError(f"EK-FAC heuristic damping is 0 for layer {lf.module!r}")
+        qs, qa = lf.Q_S.to(tr.dtype), lf.Q_A.to(tr.dtype)
+        rot_tr = qs.T @ layer_matrices(problem, lf, tr) @ qa
+        rot_te = qs.T @ layer_matrices(problem, lf, te) @ qa
+        rot_te = rot_te / (lf.Lambda + lam).to(tr.dtype)
+        scores += (rot_te.reshape(len(te), -1) @ rot_tr.reshape(len(tr), -1).T).to(torch.float64)
+    return scores.cpu().numpy()

@@ -1,0 +1,96 @@
+"""Run the notebooks in order with papermill: ``python -m fimoda.pipeline --profile cpu``.
+
+Executed notebooks go to ``notebooks/executed/<profile>/``; results to
+``results/<profile>/<dataset>/``; figures to ``figures/<profile>/``. Every step is resumable
+(results already computed with the same config are loaded, not recomputed), so a rerun after an
+interruption continues where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import DATASETS, PROFILES, TABULAR
+
+ROOT = Path(__file__).resolve().parent.parent
+NB = ROOT / "notebooks"
+
+# (notebook, per-dataset?, which datasets it applies to)
+STEPS = [
+    ("00_data.ipynb", False, None),
+    ("01_final_models.ipynb", True, None),
+    ("02_gold_further_training.ipynb", True, TABULAR),
+    ("03_attribution_methods.ipynb", True, TABULAR),
+    ("04_evaluation.ipynb", True, TABULAR),
+    ("05_summary_figures.ipynb", False, None),
+    ("06_qualitative.ipynb", True, TABULAR),
+]
+
+
+def plan(profile: str, datasets: list[str]):
+    """The (notebook, parameters, output path) triples to execute, in order."""
+    out = ROOT / "notebooks" / "executed" / profile
+    steps = []
+    for nb, per_ds, only in STEPS:
+        if not per_ds:
+            steps.append((nb, {"profile": profile, "datasets": list(datasets)},
+                          out / nb))
+            continue
+        for ds in datasets:
+            if only is not None and ds not in only:
+                continue
+            steps.append((nb, {"profile": profile, "dataset": ds},
+                          out / nb.replace(".ipynb", f"_{ds}.ipynb")))
+    return steps
+
+
+def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "python3",
+        only: list[str] | None = None) -> None:
+    import papermill as pm
+    for ds in datasets:
+        if ds not in DATASETS:
+            raise SystemExit(f"unknown dataset {ds!r}; choose from {', '.join(DATASETS)}")
+    steps = plan(profile, datasets)
+    if only:
+        steps = [s for s in steps if any(s[0].startswith(o) for o in only)]
+    print(f"fimoda pipeline: profile={profile} datasets={','.join(datasets)} device={device} "
+          f"({len(steps)} notebooks)", flush=True)
+    t_all = time.perf_counter()
+    for k, (nb, params, path) in enumerate(steps, 1):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        params = {**params, "device": device}
+        label = nb + (f" [{params['dataset']}]" if "dataset" in params else "")
+        print(f"[{k}/{len(steps)}] {label} ...", flush=True)
+        t0 = time.perf_counter()
+        try:
+            pm.execute_notebook(str(NB / nb), str(path), parameters=params, kernel_name=kernel,
+                                cwd=str(NB), progress_bar=False, log_output=False)
+        except pm.PapermillExecutionError as e:
+            raise SystemExit(f"notebook {label} failed ({e.ename}: {e.evalue}); "
+                             f"see the executed copy at {path}") from None
+        print(f"    done in {time.perf_counter() - t0:.1f}s -> {path.relative_to(ROOT)}",
+              flush=True)
+    print(f"all notebooks done in {(time.perf_counter() - t_all) / 60:.1f} min; "
+          f"figures in figures/{profile}/, results in results/{profile}/", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="cpu", choices=PROFILES)
+    ap.add_argument("--datasets", default=None,
+                    help="comma-separated; default: the profile's datasets")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--only", default=None, help="comma-separated notebook prefixes, e.g. 00,01")
+    a = ap.parse_args(argv)
+    from .config import PROFILE_DATASETS
+    datasets = a.datasets.split(",") if a.datasets else list(PROFILE_DATASETS[a.profile])
+    datasets = [d.strip() for d in datasets if d.strip()]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    run(a.profile, datasets, a.device, only=a.only.split(",") if a.only else None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# fimoda: set up the environment and regenerate every result, table and figure with papermill.
+#
+#   ./run_all.sh                         # cpu profile (default), its default datasets
+#   ./run_all.sh --profile smoke         # seconds per notebook
+#   ./run_all.sh --profile paper --datasets concrete,energy --device cuda
+#   ./run_all.sh --test                  # set up, then the default test suite
+#   ./run_all.sh --test-slow             # the slow tests (marked @pytest.mark.slow)
+#   ./run_all.sh --test-peers            # cross-checks against pyDVL/dattri/kronfluence/traker
+#
+# Data are read from $FIMODA_DATA_DIR (default: data/raw); missing files are downloaded when online.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PROFILE=cpu
+DATASETS=""
+DEVICE=cpu
+MODE=run
+PYTHON=${PYTHON:-python3}
+
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --profile) PROFILE=$2; shift 2 ;;
+    --profile=*) PROFILE=${1#*=}; shift ;;
+    --datasets) DATASETS=$2; shift 2 ;;
+    --datasets=*) DATASETS=${1#*=}; shift ;;
+    --device) DEVICE=$2; shift 2 ;;
+    --device=*) DEVICE=${1#*=}; shift ;;
+    --test) MODE=test; shift ;;
+    --test-slow) MODE=test-slow; shift ;;
+    --test-peers) MODE=test-peers; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run_all.sh: unknown option '$1'" >&2; usage >&2; exit 2 ;;
+  esac
+done
+case "$PROFILE" in smoke|cpu|paper) ;; *) echo "run_all.sh: --profile must be smoke, cpu or paper (got '$PROFILE')" >&2; exit 2 ;; esac
+
+setup() {
+  if [ ! -x .venv/bin/python ]; then
+    echo "== creating .venv"
+    "$PYTHON" -m venv .venv
+  fi
+  # Reinstall only when the dependency list changed.
+  local stamp; stamp=$(cat pyproject.toml | sha256sum | cut -c1-16)
+  if [ "$(cat .venv/.fimoda-stamp 2>/dev/null)" != "$stamp" ]; then
+    echo "== installing fimoda and its dependencies into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip
+    # torch is pinned and installed first: a bare 'torch' requirement pulls CUDA packages.
+    .venv/bin/python -m pip install -q "torch==2.13.0"
+    .venv/bin/python -m pip install -q -e ".[dev]"
+    echo "$stamp" > .venv/.fimoda-stamp
+  fi
+}
+
+setup
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+export TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
+export FIMODA_DATA_DIR=${FIMODA_DATA_DIR:-data/raw}
+PY=.venv/bin/python
+
+case "$MODE" in
+  test) exec $PY -m pytest -q -p no:cacheprovider ;;
+  test-slow) exec $PY -m pytest -q -p no:cacheprovider -m slow ;;
+  test-peers) exec bash tests/peers/run.sh ;;
+esac
+
+if [ -z "$DATASETS" ]; then
+  DATASETS=$($PY -c "from fimoda.config import PROFILE_DATASETS as P; print(','.join(P['$PROFILE']))")
+fi
+exec $PY -m fimoda.pipeline --profile "$PROFILE" --datasets "$DATASETS" --device "$DEVICE"

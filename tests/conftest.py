@@ -1,0 +1,20 @@
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("FIMODA_DATA_DIR", ROOT / "data" / "raw"))
+
+
+def require_file(rel: str) -> Path:
+    """The path of a data file under FIMODA_DATA_DIR, or skip the test with the reason."""
+    p = data_dir() / rel
+    if not p.exists():
+        pytest.skip(f"data file {rel} not found under FIMODA_DATA_DIR={data_dir()}")
+    return p

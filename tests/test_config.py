@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+
+from fimoda import experiment as ex
+from fimoda.config import DATASETS, PROFILES, describe, get_config, reductions
+
+
+def test_paper_profile_holds_the_papers_numbers():
+    c = get_config("concrete", "paper")
+    assert (c.train.lr, c.train.epochs, c.train.batch_size) == (0.3, 1000, 128)
+    assert (c.further.lr, c.further.adam_lr, c.further.epochs, c.further.seeds) == (3e-2, 1e-4, 500, 100)
+    assert c.dtype == "float64" and reductions(c) == []
+    f = get_config("fico", "paper")
+    assert (f.train.lr, f.further.lr, f.further.adam_lr, f.further.epochs) == (1e-3, 1e-4, 1e-6, 200)
+    k = get_config("folktables", "paper")
+    assert (k.train.lr, k.train.epochs, k.further.epochs) == (1e-2, 100, 25)
+    assert (k.methods.lissa_scale, k.methods.lissa_h_scale) == (20.0, 200.0)
+    assert get_config("energy", "paper").methods.damping_grid == (1.0, 10.0, 100.0, 1000.0)
+    s = get_config("sst2", "paper")
+    assert (s.train.optimizer, s.train.lr, s.train.grad_clip, s.further.lr, s.further.eval_every) == \
+        ("adamw", 1e-5, 1.0, 1e-6, 5)
+    r = get_config("cifar10", "paper")
+    assert (r.train.lr, r.train.batch_size, r.train.weight_decay, r.further.lr, r.further.max_steps) == \
+        (0.4, 512, 1e-3, 0.04, 50)
+
+
+@pytest.mark.parametrize("profile", PROFILES)
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_every_profile_builds_and_reports_reductions(dataset, profile):
+    c = get_config(dataset, profile)
+    assert c.profile == profile
+    text = describe(c)
+    assert dataset in text
+    if profile != "paper":
+        assert reductions(c) and "reduced from the paper" in text
+    if dataset in ("adult", "fashion_mnist"):
+        assert "STAND-IN" in text
+
+
+def test_bad_names_are_clear_errors():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        get_config("mnist", "cpu")
+    with pytest.raises(ValueError, match="unknown profile"):
+        get_config("concrete", "gpu")
+
+
+def test_loo_and_test_selection_match_the_paper():
+    c = get_config("concrete", "paper")
+    idx = ex.select_loo_indices(c, 927)
+    assert len(idx) == 100 and idx[0] == 0 and idx[1] == 9 and idx[-1] == 891
+    e = ex.select_loo_indices(get_config("energy", "paper"), 691)
+    assert len(e) == 100 and e[-2] == 686 and e[-1] == 690
+    f = get_config("fico", "paper")
+    r = ex.select_loo_indices(f, 8883)
+    assert len(r) == 100 and len(set(r)) == 100 and np.array_equal(r, ex.select_loo_indices(f, 8883))
+    assert np.array_equal(ex.select_test_indices(f, 988), np.arange(100))
+    assert np.array_equal(ex.select_test_indices(c, 103), np.arange(103))
+    smoke = ex.select_loo_indices(get_config("concrete", "smoke"), 927)
+    assert np.array_equal(smoke, idx[:len(smoke)])
+    with pytest.raises(ValueError, match="exceeds"):
+        ex.select_loo_indices(c, 50)
