@@ -32,7 +32,8 @@ STEPS = [
 
 def plan(profile: str, datasets: list[str]):
     """The (notebook, parameters, output path) triples to execute, in order."""
-    out = ROOT / "notebooks" / "executed" / profile
+    base = Path(os.environ.get("FIMODA_EXECUTED_DIR", ROOT / "notebooks" / "executed"))
+    out = base / profile
     steps = []
     for nb, per_ds, only in STEPS:
         if not per_ds:
@@ -71,8 +72,7 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
         except pm.PapermillExecutionError as e:
             raise SystemExit(f"notebook {label} failed ({e.ename}: {e.evalue}); "
                              f"see the executed copy at {path}") from None
-        print(f"    done in {time.perf_counter() - t0:.1f}s -> {path.relative_to(ROOT)}",
-              flush=True)
+        print(f"    done in {time.perf_counter() - t0:.1f}s -> {path}", flush=True)
     print(f"all notebooks done in {(time.perf_counter() - t_all) / 60:.1f} min; "
           f"figures in figures/{profile}/, results in results/{profile}/", flush=True)
 
