@@ -27,9 +27,14 @@ position). The score (12) is
 with T_{j,l}, V_{i,l} the layer-l loss gradients of test z_j and left-out z_i; equivalently
 grad_l g(z_j)^T Q_S[(Q_S^T V Q_A) / (Lambda + lambda)]Q_A^T. Factors are fitted once
 (:func:`fit_ekfac`, two passes over the training set with forward hooks); scores are per query.
+
+The paper ran kronfluence with its defaults: factors averaged (not summed) over the data, labels
+sampled from the model's predictive (the "true Fisher", equal to this Gauss-Newton in
+expectation), damping 1e-8 on the averaged factors, i.e. ``damping=1e-8 * n`` here.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -44,6 +49,8 @@ from ..gradients import block_slices, gn_output, loss_derivatives
 from .common import Attributor, damping_value
 
 DAMPING_MODES = ("lambda_G", "heuristic")
+# factors fitted by ekfac() per Attributor (and batch size): a damping sweep fits them once
+_FITTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -52,7 +59,7 @@ class EkfacConfig:
     damping_index: int = 1
     damping: Optional[float] = None   # absolute lambda (sum convention); overrides the grid.
     #  kronfluence's default (damping_factor=1e-8 on MEAN factors) is damping = 1e-8 * n here.
-    damping_mode: str = "lambda_G"    # lambda_G: as above | heuristic: 0.1 * mean(Lambda_l) per layer
+    damping_mode: str = "lambda_G"    # lambda_G: as above | heuristic: 0.1 mean(Lambda_l) per layer
     batch_size: int = 64              # training examples per forward/backward in the factor fit
 
 
@@ -129,6 +136,7 @@ def _passes(problem, layers, batch_size: int, desc: str):
                 raise ValueError(f"EK-FAC: module {name!r} is called more than once per forward "
                                  "pass (shared weights are not supported)")
             captured[name] = (inputs[0].detach(), output)
+            return output.clone()   # later in-place ops must not change the captured output
         return fn
 
     handles = [mod.register_forward_hook(hook(m)) for m, mod, _, _ in layers]
@@ -147,6 +155,10 @@ def _passes(problem, layers, batch_size: int, desc: str):
                 _, d2 = loss_derivatives(f.detach(), y, problem.task)
                 # backprop sqrt(l''_n) through f_n: the GN pseudo-gradients (examples independent)
                 pseudo = (d2.clamp_min(0).sqrt() * f).sum()
+                missing = [m for m, _, _, _ in layers if m not in captured]
+                if missing:
+                    raise ValueError(f"EK-FAC: layers {missing} are not called as modules in the "
+                                     "forward pass (e.g. their weight is used functionally)")
                 outs = [captured[m][1] for m, _, _, _ in layers]
                 grads = torch.autograd.grad(pseudo, outs, allow_unused=True)
             yield [_patches(mod, captured[m][0], torch.zeros_like(o) if g is None else g.detach(),
@@ -193,7 +205,8 @@ def fit_ekfac(problem, batch_size: int = 64) -> EkfacFactors:
 
 
 def layer_matrices(problem, lf: LayerFactors, grads: torch.Tensor) -> torch.Tensor:
-    """Rows of ``grads`` (N, P over ``problem.names``) as layer matrices [weight | bias], (N, out, in')."""
+    """Rows of ``grads`` (N, P over ``problem.names``) as layer matrices [weight | bias],
+    (N, out, in')."""
     sl = block_slices(problem.params, problem.names)
     N, (out, _) = grads.shape[0], lf.shape
     V = grads[:, sl[lf.weight]].reshape(N, out, -1)
@@ -210,21 +223,30 @@ def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
 
     V_{i,l} = grad_l L(z_i) as a matrix; lambda = cfg.damping, or lambda_G * damping_grid[index]
     (``damping_mode="lambda_G"``), or 0.1 * mean(Lambda_l) per layer (``"heuristic"``).
-    ``factors``: from :func:`fit_ekfac` (fitted here if not given).
+    ``factors``: from :func:`fit_ekfac` (if not given: fitted once per Attributor and reused).
     """
     if cfg.damping_mode not in DAMPING_MODES:
         raise ValueError(f"EK-FAC damping_mode must be one of {DAMPING_MODES}, "
                          f"got {cfg.damping_mode!r}")
     problem = att.problem
-    if factors is None:
-        factors = fit_ekfac(problem, cfg.batch_size)
+    if cfg.damping is None and cfg.damping_mode == "lambda_G" \
+            and not -len(cfg.damping_grid) <= cfg.damping_index < len(cfg.damping_grid):
+        raise ValueError(f"EK-FAC damping_index {cfg.damping_index} is outside damping_grid "
+                         f"{cfg.damping_grid}")
     if cfg.damping_mode == "lambda_G" or cfg.damping is not None:
         lam = damping_value(att, cfg.damping_grid, cfg.damping_index, cfg.damping)
         if not lam > 0:
             raise ValueError(f"EK-FAC damping must be > 0, got {lam!r}")
+    if factors is None:
+        cache = _FITTED.setdefault(att, {})
+        if cfg.batch_size not in cache:
+            cache[cfg.batch_size] = fit_ekfac(problem, cfg.batch_size)
+        factors = cache[cfg.batch_size]
     tr, te = att.train_grads, att.test_grads
     scores = torch.zeros(te.shape[0], tr.shape[0], dtype=torch.float64, device=tr.device)
     for lf in factors.layers:
+        if not float(lf.Lambda.max()) > 0:
+            continue        # the layer does not affect f: zero GN block and zero gradients
         if cfg.damping_mode == "heuristic" and cfg.damping is None:
             lam = 0.1 * float(lf.Lambda.mean())
             if not lam > 0:

@@ -14,7 +14,7 @@ left out, i.e. the test side is grad g(z) = grad L(z) = l'(z) grad f(z). Writing
 Phi_p in place of Phi, lambda = 0 and Q = I gives
 
     scores[j, i] = (-l'(z_j)) * tau(z_j, z_i)
-                 = [l'(z_j) phi(z_j)]^T (Phi_p^T Phi_p)^{-1} [l'_i phi_i]                 (test_side="loss")
+                 = [l'(z_j) phi(z_j)]^T (Phi_p^T Phi_p)^{-1} [l'_i phi_i]     (test_side="loss")
 
 For classification -l'(z) = 1 - p(z) > 0, so every test column is TRAK's own score times a positive
 number (the same cosine / ranking per test point). For regression the factor 2 (y - f(z)) carries

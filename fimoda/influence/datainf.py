@@ -1,0 +1,132 @@
+"""DataInf (kwon2024datainf, eq. (5)), with the sign change of the paper's eq. (18).
+
+Layer-wise (each parameter tensor of ``problem.names`` is a layer l with d_l elements), with
+g_k = grad_l L(z_k) over the training instances k = 1..m (all n, or a seeded subsample of
+``n_samples``), DataInf replaces the inverse of the mean (G_l / m + lambda_l I) by the mean of the
+rank-one inverses (Sherman-Morrison):
+
+    (G_l / m + lambda_l I)^{-1} ~ (1/m) sum_k (1/lambda_l) (I - g_k g_k^T / (lambda_l + ||g_k||^2))
+
+    lambda_l = mean over k and elements of g_k^2 / c,   c = c_grid[c_index] (default 10: the
+               reference code's lambda_const_param = 10, i.e. 0.1 x the mean squared element)
+
+and scores (positive = the test loss rises when z_i is left out, as (12))
+
+    scores[j, i] = sum_l (1/lambda_l) [ <t_jl, v_il>
+                   - (1/m) sum_k <t_jl, g_k> <g_k, v_il> / (lambda_l + ||g_k||^2) ]      (18)
+
+with t_jl = grad_l g(z_j) (test loss) and v_il = grad_l L(z_i) (left-out). Only inner products
+are formed: <t_jl, g_k>, <g_k, v_il>, ||g_k||^2 per chunk of k (memory (T + n') x m x layers),
+never a d_l x d_l matrix. A layer whose training gradients are all zero (a parameter that does not
+affect the loss) has no finite lambda_l and is left out with a warning.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import MethodConfig
+from ..gradients import block_slices
+from .common import Attributor
+
+
+@dataclass(frozen=True)
+class DatainfConfig:
+    c_grid: tuple = MethodConfig.datainf_c_grid   # lambda_l = mean(g_l^2) / c
+    c_index: int = MethodConfig.datainf_index     # 0 -> c = 10 (reference lambda_const_param)
+    n_samples: Optional[int] = None   # training instances k averaged over (None: all n)
+    seed: int = 0                     # seed of the subsample
+    chunk: Optional[int] = None       # training gradients per chunk (None: problem.chunk)
+
+
+def datainf_indices(n: int, cfg: DatainfConfig) -> np.ndarray:
+    """The training instances k of the average: all, or ``n_samples`` drawn without replacement
+    with ``seed`` (sorted)."""
+    if cfg.n_samples is None or cfg.n_samples >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(cfg.seed)
+    return np.sort(rng.choice(n, size=cfg.n_samples, replace=False))
+
+
+def _check(cfg: DatainfConfig) -> float:
+    if not -len(cfg.c_grid) <= cfg.c_index < len(cfg.c_grid):
+        raise ValueError(f"DataInf c_index {cfg.c_index} is outside c_grid {cfg.c_grid}")
+    c = float(cfg.c_grid[cfg.c_index])
+    if not c > 0:
+        raise ValueError(f"DataInf needs c > 0, got c = {c!r}")
+    if cfg.n_samples is not None and cfg.n_samples < 1:
+        raise ValueError(f"DataInf n_samples must be >= 1 or None, got {cfg.n_samples!r}")
+    if cfg.chunk is not None and cfg.chunk < 1:
+        raise ValueError(f"DataInf chunk must be >= 1 or None, got {cfg.chunk!r}")
+    return c
+
+
+def datainf(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> np.ndarray:
+    """DataInf scores (18); see the module docstring for the equation."""
+    c = _check(cfg)
+    problem = att.problem
+    n = len(problem.X)
+    if n == 0:
+        raise ValueError("DataInf: the training set is empty")
+    idx = torch.as_tensor(datainf_indices(n, cfg), device=problem.X.device)
+    m = len(idx)
+    sl = block_slices(problem.params, problem.names)
+    layers = list(problem.names)
+    tr, te = att.train_grads, att.test_grads
+    sq = {l: [] for l in layers}          # ||g_k||^2
+    ip_te = {l: [] for l in layers}       # <t_jl, g_k>
+    ip_tr = {l: [] for l in layers}       # <v_il, g_k>
+    chunk = cfg.chunk or problem.chunk
+    it = range(0, m, chunk)
+    if problem.progress and m > chunk:
+        it = tqdm(it, desc="DataInf: training gradients", total=(m + chunk - 1) // chunk,
+                  leave=False)
+    for s in it:
+        k = idx[s:s + chunk]
+        g = problem.loss_grads(problem.X[k], problem.Y[k], desc=None)
+        for l in layers:
+            gl = g[:, sl[l]]
+            sq[l].append((gl ** 2).sum(1))
+            ip_te[l].append(te[:, sl[l]] @ gl.T)
+            ip_tr[l].append(tr[:, sl[l]] @ gl.T)
+    scores = torch.zeros(te.shape[0], tr.shape[0], dtype=torch.float64, device=tr.device)
+    skipped = []
+    for l in layers:
+        s2 = torch.cat(sq[l]).to(torch.float64)
+        d_l = sl[l].stop - sl[l].start
+        lam = float(s2.sum()) / (m * d_l) / c
+        if not lam > 0:
+            skipped.append(l)
+            continue
+        a = torch.cat(ip_te[l], dim=1).to(torch.float64)      # (T, m)
+        b = torch.cat(ip_tr[l], dim=1).to(torch.float64)      # (n', m)
+        first = (te[:, sl[l]] @ tr[:, sl[l]].T).to(torch.float64)
+        correction = (a / (lam + s2)) @ b.T / m
+        scores += (first - correction) / lam
+    if skipped:
+        warnings.warn(f"DataInf: layers with all-zero training gradients left out: {skipped}")
+    if len(skipped) == len(layers):
+        raise ValueError("DataInf: every layer has all-zero training gradients")
+    return scores.cpu().numpy()
+
+
+def datainf_lambdas(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> dict:
+    """lambda_l per layer (for reports): mean squared element of the layer's training gradients
+    over the instances of :func:`datainf_indices`, divided by c."""
+    c = _check(cfg)
+    problem = att.problem
+    idx = torch.as_tensor(datainf_indices(len(problem.X), cfg), device=problem.X.device)
+    sl = block_slices(problem.params, problem.names)
+    tot = {l: 0.0 for l in problem.names}
+    chunk = cfg.chunk or problem.chunk
+    for s in range(0, len(idx), chunk):
+        k = idx[s:s + chunk]
+        g = problem.loss_grads(problem.X[k], problem.Y[k], desc=None)
+        for l in problem.names:
+            tot[l] += float((g[:, sl[l]].to(torch.float64) ** 2).sum())
+    return {l: tot[l] / (len(idx) * (sl[l].stop - sl[l].start)) / c for l in problem.names}
