@@ -121,6 +121,9 @@ class Problem:
         self.n_params = sum(p.numel() for p in self.params.values())
         self.dtype = next(iter(self.params.values())).dtype
         self.device = next(iter(self.params.values())).device
+        # Models whose forward cannot run under vmap (e.g. transformers' mask utilities branch on
+        # data) say so with ``supports_vmap = False``; per-example work then loops.
+        self.vmap_ok = getattr(self.model, "supports_vmap", True)
 
     # -- the functional model
     def out(self, params: dict, x: torch.Tensor) -> torch.Tensor:
@@ -143,7 +146,7 @@ class Problem:
     def _per_example(self, fn: Callable, X, Y, params: Optional[dict], desc) -> torch.Tensor:
         params = self.params if params is None else params
         single = lambda p, x, y: fn(p, x.unsqueeze(0), y.unsqueeze(0)).squeeze(0)
-        g = vmap(grad(single), in_dims=(None, 0, 0))
+        g = vmap(grad(single), in_dims=(None, 0, 0)) if self.vmap_ok else _looped(grad(single))
         rows = []
         for s in self._chunks(len(X), self.chunk, desc):
             rows.append(flatten(g(params, X[s], Y[s]), self.names, batched=True).detach())
@@ -215,9 +218,11 @@ class Problem:
             gfun = lambda p: grad(lambda q: self.loss(q, x[None], y[None]).sum())(p)
             return jvp(gfun, (self.params,), (vd,))[1]
 
+        g = vmap(one) if self.vmap_ok else _looped(lambda p, x, y: one(x, y))
         rows = []
         for s in self._chunks(len(X), self.chunk, desc):
-            rows.append(flatten(vmap(one)(X[s], Y[s]), self.names, batched=True).detach())
+            out = g(X[s], Y[s]) if self.vmap_ok else g(None, X[s], Y[s])
+            rows.append(flatten(out, self.names, batched=True).detach())
         return torch.cat(rows)
 
     def dense_hessian(self, gauss_newton: bool = False) -> torch.Tensor:
@@ -226,6 +231,14 @@ class Problem:
         eye = torch.eye(self.n_params, dtype=self.dtype, device=self.device)
         H = torch.stack([op(e) for e in eye])
         return 0.5 * (H + H.T)
+
+
+def _looped(fn):
+    """``fn(params, x, y) -> dict`` over the rows of x, y one at a time, stacked like vmap."""
+    def run(params, X, Y):
+        outs = [fn(params, x, y) for x, y in zip(X, Y)]
+        return {k: torch.stack([o[k] for o in outs]) for k in outs[0]}
+    return run
 
 
 def mean_sq_grad(G: torch.Tensor) -> float:
