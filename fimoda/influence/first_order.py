@@ -1,0 +1,62 @@
+"""First-order approximation of further training (paper eq. 6): Grad-Dot and Grad-Cos.
+
+Dropping the Hessian in (4) leaves Delta-theta(D') = -grad R(D')/lambda, so leaving z_i out changes
+the parameters by +grad L(z_i)/lambda and the test loss by
+
+    a_i(z) ~ (1/lambda) grad g(z; theta^f)^T grad L(z_i; theta^f)                        (6)
+
+(charpiat2019similarity; TracIn at the final checkpoint only). 1/lambda is a positive scale that
+does not change the cosine with the gold standard; it is applied only when ``scale=True`` (with
+lambda of the damping grid, i.e. the lambda -> infinity limit of the second-order scores of
+``inverse.py`` under ``risk="mean"``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .common import Attributor, damping_value
+
+
+@dataclass(frozen=True)
+class GradDotConfig:
+    """``scale``: multiply by 1/lambda, lambda = ``damping`` or lambda_G x grid[index]."""
+    scale: bool = False
+    damping_grid: tuple = (0.1, 1.0, 10.0, 100.0)
+    damping_index: int = 1
+    damping: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class GradCosConfig:
+    """``eps``: a gradient with norm <= eps (e.g. a dead example) gets score 0 instead of 0/0."""
+    eps: float = 0.0
+
+
+def grad_dot(att: Attributor, cfg: GradDotConfig = GradDotConfig()) -> np.ndarray:
+    """Grad-Dot, eq. (6): scores[j, i] = grad g(z_j)^T grad L(z_i) (times 1/lambda if ``scale``)."""
+    scores = att.test_grads @ att.train_grads.T
+    if cfg.scale:
+        lam = damping_value(att, cfg.damping_grid, cfg.damping_index, cfg.damping)
+        if not lam > 0:
+            raise ValueError(f"scale=True needs a positive lambda, got {lam}")
+        scores = scores / lam
+    return scores.detach().cpu().numpy()
+
+
+def _normalised(G: torch.Tensor, eps: float) -> torch.Tensor:
+    norms = G.norm(dim=1, keepdim=True)
+    return torch.where(norms > eps, G / torch.where(norms > eps, norms, torch.ones_like(norms)),
+                       torch.zeros_like(G))
+
+
+def grad_cos(att: Attributor, cfg: GradCosConfig = GradCosConfig()) -> np.ndarray:
+    """Grad-Cos: scores[j, i] = grad g(z_j)^T grad L(z_i) / (||grad g(z_j)|| ||grad L(z_i)||)
+    (eq. 6 with both gradients normalised; a zero gradient gives 0)."""
+    if cfg.eps < 0:
+        raise ValueError(f"eps must be >= 0, got {cfg.eps}")
+    scores = _normalised(att.test_grads, cfg.eps) @ _normalised(att.train_grads, cfg.eps).T
+    return scores.detach().cpu().numpy()

@@ -1,0 +1,97 @@
+"""The paper's generalised influence functions (§4.2, App. B.3): influence at a final model that
+need not be a stationary point of the training risk.
+
+With A = M + lambda I (M the Hessian of the training risk at theta^f; see ``inverse.py`` for the
+``risk`` convention, under which M = H_R/n and the Newton step below is that of R/n) and the
+damped Newton step of the full data
+
+    Delta-theta(D) = -A^{-1} grad R(D; theta^f)                                        (15)
+
+leaving z_i out moves the parameters, to first order in its weight, by
+
+    prop1:  A^{-1} ( grad L(z_i) + grad^2 L(z_i) Delta-theta(D) )           (7), M = H
+    cor2:   A^{-1} ( l'_i + l''_i grad f_i^T Delta-theta(D) ) grad f_i      Cor. 2, M = G
+    eq16:   A^{-1} grad L(z_i; theta^f + Delta-theta(D))                    (16), M = H (or G)
+
+and scores[j, i] = grad g(z_j; theta^f)^T (that change). With Delta-theta(D) = 0 (theta^f
+stationary) all three reduce to the classical damped influence (8)/(12).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ..gradients import flatten, unflatten
+from .common import Attributor
+from .inverse import DampedConfig, DampedHessian, cg_inverse, damped_hessian, scores_with
+
+SOLVERS = ("cg", "dense")
+
+
+@dataclass(frozen=True)
+class Prop1Config(DampedConfig):
+    """``solver``: "cg" (to relative residual ``tol``; None: 1e-8 in float64) or "dense"."""
+    solver: str = "cg"
+    tol: Optional[float] = None
+    max_iter: int = 2000
+
+
+@dataclass(frozen=True)
+class Cor2Config(Prop1Config):
+    """Same fields as :class:`Prop1Config`; the Hessian is Gauss-Newton."""
+
+
+@dataclass(frozen=True)
+class Eq16Config(Prop1Config):
+    """``hessian``: "true" (eq. 16 as written) or "gn"; used for both A and Delta-theta(D)."""
+    hessian: str = "true"
+
+
+def _solver(A: DampedHessian, cfg: Prop1Config) -> Callable:
+    if cfg.solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {cfg.solver!r}")
+    if cfg.solver == "dense":
+        return A.solve
+    return lambda B: cg_inverse(A, B, cfg.tol, cfg.max_iter)[0]
+
+
+def newton_step(A: DampedHessian, solve: Callable) -> torch.Tensor:
+    """Delta-theta(D) = -A^{-1} grad R(D; theta^f) / c (eq. 15 for the risk R/c), flattened."""
+    g = A.problem.risk_grad() / A.c
+    return -solve(g[:, None])[:, 0]
+
+
+def prop1(att: Attributor, cfg: Prop1Config = Prop1Config()) -> np.ndarray:
+    """Prop. 1, eq. (7): scores[j, i] = grad g(z_j)^T (H + lambda I)^{-1}
+    (grad L(z_i) + grad^2 L(z_i) Delta-theta(D)), Delta-theta(D) = -(H + lambda I)^{-1} grad R."""
+    A = damped_hessian(att, cfg, "true")
+    solve = _solver(A, cfg)
+    step = newton_step(A, solve)
+    W = att.train_grads + att.problem.per_example_hvp(att.X_loo, att.Y_loo, step)
+    return scores_with(att, solve, left=W)
+
+
+def cor2(att: Attributor, cfg: Cor2Config = Cor2Config()) -> np.ndarray:
+    """Cor. 2: scores[j, i] = grad g(z_j)^T (G + lambda I)^{-1}
+    (l'_i + l''_i grad f_i^T Delta-theta(D)) grad f_i, Delta-theta(D) = -(G + lambda I)^{-1} grad R."""
+    A = damped_hessian(att, cfg, "gn")
+    solve = _solver(A, cfg)
+    step = newton_step(A, solve)
+    phi, _, d1, d2 = att.problem.gn_pieces(att.X_loo, att.Y_loo, desc="left-out Phi")
+    W = (d1 + d2 * (phi @ step))[:, None] * phi
+    return scores_with(att, solve, left=W)
+
+
+def eq16(att: Attributor, cfg: Eq16Config = Eq16Config()) -> np.ndarray:
+    """Eq. (16): scores[j, i] = grad g(z_j; theta^f)^T (H + lambda I)^{-1}
+    grad L(z_i; theta^f + Delta-theta(D)), Delta-theta(D) = -(H + lambda I)^{-1} grad R(D; theta^f)."""
+    A = damped_hessian(att, cfg, cfg.hessian)
+    solve = _solver(A, cfg)
+    p = att.problem
+    step = newton_step(A, solve)
+    moved = unflatten(flatten(p.params, p.names) + step, p.params, p.names)
+    W = p.loss_grads(att.X_loo, att.Y_loo, params=moved, desc="left-out gradients at theta^f + step")
+    return scores_with(att, solve, left=W)
