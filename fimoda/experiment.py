@@ -78,13 +78,17 @@ def method_config(name: str, cfg: ExperimentConfig, **overrides):
     from .influence import get_method
     _, cls = get_method(name)
     m = cfg.methods
+    scale = m.lissa_h_scale if name == "lissa_h" else m.lissa_scale
     candidates = dict(
         damping_grid=m.damping_grid, damping_index=m.damping_index,
-        depth=m.lissa_depth, repeat=m.lissa_repeat,
-        scale=m.lissa_h_scale if name == "lissa_h" else m.lissa_scale,
+        depth=m.lissa_h_depth if name == "lissa_h" else m.lissa_depth, repeat=m.lissa_repeat,
+        scale=scale, scale_grid=tuple(s for s in m.lissa_scale_grid if s >= scale),
+        batch_size=m.lissa_h_batch_size if name == "lissa_h" else None,
         proj_dim=m.trak_proj_dim, c_grid=m.datainf_c_grid, c_index=m.datainf_index,
-        rank=m.arnoldi_rank,
+        rank=m.arnoldi_rank, memory_gb=m.memory_gb,
     )
+    if name == "ekfac":
+        candidates.pop("batch_size")
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in candidates.items() if k in fields}
     kwargs.update(overrides)
@@ -156,20 +160,20 @@ def load_gold(cfg: ExperimentConfig, optimizer: str, mechanism: str, directory=N
 
 # ----------------------------------------------------------------------------- data and models
 def load_data(cfg: ExperimentConfig, data_dir=None):
-    """The dataset of ``cfg`` (tokenized with ``cfg.encoder`` for text), with the training set
-    reduced to ``cfg.train.n_train_subset`` instances (the first ones of a seed-0 permutation)
-    in reduced profiles, so that theta^f, the gold standard and the methods all see one set."""
+    """The dataset of ``cfg`` (tokenized with ``cfg.encoder`` for text), as the loader gives it."""
     from .data import load_dataset
     kw = {"encoder": cfg.encoder} if cfg.encoder else {}
-    ds = load_dataset(cfg.dataset, data_dir=data_dir, **kw)
-    k = cfg.train.n_train_subset
-    if k is not None and k < len(ds.X_train):
-        keep = np.sort(np.random.RandomState(0).permutation(len(ds.X_train))[:k])
-        ds = dataclasses.replace(
-            ds, X_train=ds.X_train[keep], y_train=ds.y_train[keep], ids_train=ds.ids_train[keep],
-            raw_train=None if ds.raw_train is None else ds.raw_train.iloc[keep],
-            extra={**ds.extra, "train_subset": keep})
-    return ds
+    return load_dataset(cfg.dataset, data_dir=data_dir, **kw)
+
+
+def final_model(cfg: ExperimentConfig, device="cpu", data_dir=None, directory=None):
+    """(theta^f, its training data): the saved final model of notebook 01 and the dataset
+    restricted to the rows it was trained on (reduced profiles train on a subset; SST-2 holds out
+    validation rows), which the gold standard and every method attribute over."""
+    from .train import load_final_model, training_dataset
+    ds = load_data(cfg, data_dir)
+    model = load_final_model(cfg, ds, directory or out_dir(cfg), device=device)
+    return model, training_dataset(cfg, ds)
 
 
 def dataset_summary(ds) -> dict:
@@ -378,7 +382,7 @@ def influential_examples(ds, gold: dict, a: np.ndarray, scores: dict, j: int, t:
 MISLABEL_TRIALS = {"smoke": 1, "cpu": 2, "paper": 40}
 
 
-def mislabel_detection(cfg: ExperimentConfig, ds, optimizer: str = "sgd",
+def mislabel_detection(cfg: ExperimentConfig, optimizer: str = "sgd",
                        mechanism: str = "subtract", device="cpu", trials=None, frac: float = 0.2,
                        directory=None):
     """Mislabelled-example detection (App. E.2): flip the labels of a random ``frac`` of the
@@ -389,12 +393,11 @@ def mislabel_detection(cfg: ExperimentConfig, ds, optimizer: str = "sgd",
     from .further_training import GoldConfig, further_train, gold_scores
     from .influence import compute_scores
     from .metrics import mean_se, roc_auc
-    from .train import load_final_model
     if cfg.task != "classification":
         raise ValueError("mislabelled-example detection needs a classification dataset")
     trials = trials or MISLABEL_TRIALS[cfg.profile]
     d = Path(directory or out_dir(cfg))
-    model = load_final_model(cfg, ds, d, device=device)
+    model, ds = final_model(cfg, device=device, directory=d)
     loo_idx = select_loo_indices(cfg, len(ds.X_train))
     test_idx = select_test_indices(cfg, len(ds.X_test))
     Xtr, ytr, Xte, yte = tensors(ds, cfg, device)

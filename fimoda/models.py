@@ -84,14 +84,17 @@ class ResNet9(nn.Module):
 
 
 class TextClassifier(nn.Module):
-    """Pretrained encoder + linear layer on the [CLS] token's final representation."""
+    """Pretrained encoder + linear layer on the [CLS] token's final representation.
+
+    The encoder keeps its own dropout (as in ordinary fine-tuning): it is active in ``train()``
+    mode and off in ``eval()`` mode, which attribution and further training use.
+    """
 
     def __init__(self, encoder_name: str, n_classes: int = 2):
         super().__init__()
         from transformers import AutoModel
         path = resolve_encoder(encoder_name)
         self.encoder = AutoModel.from_pretrained(path)
-        self.encoder.config.hidden_dropout_prob = 0.0
         self.head = nn.Linear(self.encoder.config.hidden_size, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,6 +124,9 @@ def build_model(cfg, n_features: int | None = None, in_channels: int = 3,
     torch.manual_seed(cfg.train.seed if seed is None else seed)
     n_out = 1 if cfg.task == "regression" else n_classes
     if cfg.model == "mlp":
+        if not n_features or n_features < 1:
+            raise ValueError(f"an MLP needs n_features >= 1 (the number of input columns), "
+                             f"got {n_features!r}")
         model = MLP(n_features, n_out)
     elif cfg.model == "resnet9":
         model = ResNet9(in_channels, n_out)

@@ -106,11 +106,15 @@ def param_distance_figure(eval_points, param_dist: np.ndarray, title: str = ""):
 
 
 def training_curves_figure(record: dict, title: str = ""):
-    """Train/test loss per epoch from a final-model record (``curves`` of its JSON)."""
+    """Loss curves from a final-model record: the mean minibatch loss of every epoch and, where
+    recorded (tabular), the full-batch train/test loss at the evaluated epochs."""
+    c = record.get("curves", {})
     fig, ax = plt.subplots(figsize=(5, 3.4))
-    for key, values in record.get("curves", {}).items():
-        if "loss" in key and len(values):
-            ax.plot(np.arange(1, len(values) + 1), values, label=key)
+    if c.get("minibatch_loss"):
+        ax.plot(c["epoch"], c["minibatch_loss"], lw=0.8, alpha=0.6, label="minibatch loss (mean)")
+    for key in ("train_loss", "test_loss"):
+        if c.get(key):
+            ax.plot(c["eval_epoch"], c[key], label=key.replace("_", " ") + " (full batch)")
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")

@@ -155,7 +155,7 @@ def test_ekfac_exact_with_one_training_example(task):
     factors = fit_ekfac(att.problem)
     assert [lf.module for lf in factors.layers] == ["hidden.0", "hidden.1", "out"]
     lam = 1e-3
-    got = ekfac(att, EkfacConfig(damping=lam), factors=factors)
+    got = ekfac(att, EkfacConfig(risk="sum", damping=lam), factors=factors)
     want = dense_block_gn_scores(att, module_blocks(att, factors), lam)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
@@ -165,7 +165,7 @@ def test_ekfac_exact_for_regression_output_layer():
     att = make_mlp("regression", n=40, names=["out"])
     factors = fit_ekfac(att.problem, batch_size=9)
     lam = 1e-4
-    got = ekfac(att, EkfacConfig(damping=lam), factors=factors)
+    got = ekfac(att, EkfacConfig(risk="sum", damping=lam), factors=factors)
     want = dense_block_gn_scores(att, module_blocks(att, factors), lam)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
@@ -175,7 +175,7 @@ def test_ekfac_conv_exact_with_one_training_example():
     factors = fit_ekfac(att.problem)
     assert [lf.kind for lf in factors.layers] == ["conv", "conv", "linear"]
     lam = 1e-3
-    got = ekfac(att, EkfacConfig(damping=lam), factors=factors)
+    got = ekfac(att, EkfacConfig(risk="sum", damping=lam), factors=factors)
     want = dense_block_gn_scores(att, module_blocks(att, factors), lam)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
 
@@ -205,7 +205,7 @@ def test_ekfac_corrected_eigenvalues_are_the_exact_kfe_diagonal(which):
         # the per-query application equals the dense EK-FAC block inverse
         Ginv = K @ np.diag(1.0 / (npy(lf.Lambda).reshape(-1) + lam)) @ K.T
         want = want + te[:, idx] @ Ginv @ tr[:, idx].T
-    got = ekfac(att, EkfacConfig(damping=lam), factors=factors)
+    got = ekfac(att, EkfacConfig(risk="sum", damping=lam), factors=factors)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
     # layer_matrices puts [weight | bias] the same way as the block indices
     V = npy(layer_matrices(att.problem, factors.layers[0], att.train_grads)).reshape(len(tr), -1)
@@ -214,14 +214,18 @@ def test_ekfac_corrected_eigenvalues_are_the_exact_kfe_diagonal(which):
 
 def test_ekfac_damping_modes_and_cache():
     att = make_mlp("classification", n=20)
-    a = ekfac(att, EkfacConfig())                             # lambda_G * 1.0
-    b = ekfac(att, EkfacConfig(damping=att.lambda_G * 1.0))
+    a = ekfac(att, EkfacConfig())                             # lambda_G * 1.0 on G/n
+    b = ekfac(att, EkfacConfig(risk="mean", damping=att.lambda_G * 1.0))
     np.testing.assert_array_equal(a, b)
+    # mean convention: (G/n + lambda)^-1 = n (G + n lambda)^-1
+    n = len(att.problem.X)
+    s = ekfac(att, EkfacConfig(risk="sum", damping=n * att.lambda_G))
+    np.testing.assert_allclose(a, n * s, rtol=1e-10, atol=1e-12 * np.abs(a).max())
     c = compute_scores("ekfac", att, damping_mode="heuristic")
     assert c.shape == a.shape and np.isfinite(c).all() and not np.allclose(c, a)
     # huge damping: EK-FAC -> Grad-Dot / lambda restricted to the attributed layers
     big = 1e8
-    d = ekfac(att, EkfacConfig(damping=big)) * big
+    d = ekfac(att, EkfacConfig(risk="sum", damping=big)) * big
     gd = npy(att.test_grads @ att.train_grads.T)
     np.testing.assert_allclose(d, gd, rtol=1e-5, atol=1e-7 * np.abs(gd).max())
 
@@ -239,12 +243,12 @@ def test_ekfac_bad_inputs():
     Y = torch.randint(0, 3, (4,))
     att = attributor(NoLayers(), X, Y, X, Y, "classification", 2)
     with pytest.raises(ValueError, match="nn.Linear or nn.Conv2d"):
-        ekfac(att, EkfacConfig(damping=1.0))
+        ekfac(att, EkfacConfig(risk="sum", damping=1.0))
     att = make_mlp("regression", n=5)
     with pytest.raises(ValueError, match="damping_mode"):
         ekfac(att, EkfacConfig(damping_mode="nope"))
     with pytest.raises(ValueError, match="damping must be > 0"):
-        ekfac(att, EkfacConfig(damping=0.0))
+        ekfac(att, EkfacConfig(risk="sum", damping=0.0))
     with pytest.raises(ValueError, match="batch_size"):
         fit_ekfac(att.problem, batch_size=0)
     with pytest.raises(ValueError, match="damping_index"):

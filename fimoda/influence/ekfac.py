@@ -57,9 +57,11 @@ _FITTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 class EkfacConfig:
     damping_grid: tuple = (0.1, 1.0, 10.0, 100.0)  # lambda = lambda_G * damping_grid[index]
     damping_index: int = 1
-    damping: Optional[float] = None   # absolute lambda (sum convention); overrides the grid.
-    #  kronfluence's default (damping_factor=1e-8 on MEAN factors) is damping = 1e-8 * n here.
+    damping: Optional[float] = None   # absolute lambda; overrides the grid.
+    #  kronfluence's default (damping_factor=1e-8 on MEAN factors) is damping=1e-8, risk="mean".
     damping_mode: str = "lambda_G"    # lambda_G: as above | heuristic: 0.1 mean(Lambda_l) per layer
+    risk: str = "mean"                # lambda is added to the GN of the mean loss (as CG/LiSSA,
+    #  torch-influence); "sum": to the GN of the summed risk (scores scale by n, lambda by 1/n)
     batch_size: int = 64              # training examples per forward/backward in the factor fit
 
 
@@ -233,6 +235,8 @@ def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
             and not -len(cfg.damping_grid) <= cfg.damping_index < len(cfg.damping_grid):
         raise ValueError(f"EK-FAC damping_index {cfg.damping_index} is outside damping_grid "
                          f"{cfg.damping_grid}")
+    if cfg.risk not in ("mean", "sum"):
+        raise ValueError(f"EK-FAC risk must be 'mean' or 'sum', got {cfg.risk!r}")
     if cfg.damping_mode == "lambda_G" or cfg.damping is not None:
         lam = damping_value(att, cfg.damping_grid, cfg.damping_index, cfg.damping)
         if not lam > 0:
@@ -243,17 +247,18 @@ def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
             cache[cfg.batch_size] = fit_ekfac(problem, cfg.batch_size)
         factors = cache[cfg.batch_size]
     tr, te = att.train_grads, att.test_grads
+    per = float(factors.n) if cfg.risk == "mean" else 1.0   # eigenvalues of G/n or of G
     scores = torch.zeros(te.shape[0], tr.shape[0], dtype=torch.float64, device=tr.device)
     for lf in factors.layers:
         if not float(lf.Lambda.max()) > 0:
             continue        # the layer does not affect f: zero GN block and zero gradients
         if cfg.damping_mode == "heuristic" and cfg.damping is None:
-            lam = 0.1 * float(lf.Lambda.mean())
+            lam = 0.1 * float(lf.Lambda.mean()) / per
             if not lam > 0:
                 raise ValueError(f"EK-FAC heuristic damping is 0 for layer {lf.module!r}")
         qs, qa = lf.Q_S.to(tr.dtype), lf.Q_A.to(tr.dtype)
         rot_tr = qs.T @ layer_matrices(problem, lf, tr) @ qa
         rot_te = qs.T @ layer_matrices(problem, lf, te) @ qa
-        rot_te = rot_te / (lf.Lambda + lam).to(tr.dtype)
+        rot_te = rot_te / (lf.Lambda / per + lam).to(tr.dtype)
         scores += (rot_te.reshape(len(te), -1) @ rot_tr.reshape(len(tr), -1).T).to(torch.float64)
     return scores.cpu().numpy()

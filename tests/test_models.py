@@ -1,0 +1,115 @@
+"""Models of the paper: output shapes, parameter counts against hand-computed formulas, dtype and
+seeded initialisation of build_model, the offline MiniLM text classifier, per-example losses."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fimoda.config import get_config
+from fimoda.models import (MLP, ResNet9, TextClassifier, build_model, n_params,
+                           per_example_loss, resolve_dtype)
+
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small models on a shared 2-core machine: more intra-op threads only add OpenMP spinning
+    (measured: the text run took 51 s on 2 threads and 3.5 s on 1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+def _mlp_count(d, n_out, h=128):
+    return (d * h + h) + (h * h + h) + (h * n_out + n_out)
+
+
+def _resnet9_count(c_in, n_classes, w=64):
+    def conv_bn(a, b):
+        return 9 * a * b + 2 * b  # 3x3 conv without bias + BatchNorm weight and bias
+    return (conv_bn(c_in, w) + conv_bn(w, 2 * w) + 2 * conv_bn(2 * w, 2 * w)
+            + conv_bn(2 * w, 4 * w) + conv_bn(4 * w, 8 * w) + 2 * conv_bn(8 * w, 8 * w)
+            + 8 * w * n_classes)
+
+
+def test_mlp_shapes_and_params():
+    for n_out in (1, 2):
+        m = MLP(8, n_out)
+        assert m(torch.randn(5, 8)).shape == (5, n_out)
+        assert n_params(m) == _mlp_count(8, n_out)
+
+
+def test_build_model_mlp_float64_and_seeded():
+    cfg = get_config("concrete", "smoke")
+    assert cfg.dtype == "float64"
+    a = build_model(cfg, n_features=8)
+    b = build_model(cfg, n_features=8)
+    c = build_model(cfg, n_features=8, seed=1)
+    assert all(p.dtype == torch.float64 for p in a.parameters())
+    assert a(torch.randn(3, 8, dtype=torch.float64)).shape == (3, 1)
+    for (n, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), n
+    assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    fico = build_model(get_config("fico", "smoke"), n_features=23, n_classes=2)
+    assert fico(torch.randn(4, 23, dtype=torch.float64)).shape == (4, 2)
+    with pytest.raises(ValueError, match="n_features"):
+        build_model(cfg)
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("float16")
+
+
+def test_resnet9_shapes_and_params():
+    m = ResNet9(3, 10)
+    assert n_params(m) == _resnet9_count(3, 10)
+    assert 6.4e6 < n_params(m) < 6.7e6  # "about 6.5M" at width 64
+    m.eval()
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    g = ResNet9(1, 10, width=8)
+    assert n_params(g) == _resnet9_count(1, 10, w=8)
+    g.eval()
+    assert g(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    cfg = get_config("fashion_mnist", "smoke")
+    b = build_model(cfg, in_channels=1, n_classes=10)
+    assert isinstance(b, ResNet9) and next(b.parameters()).dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def text_model():
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("TRANSFORMERS_OFFLINE", "1")
+    try:
+        yield build_model(get_config("sst2", "smoke"), n_classes=2)
+    finally:
+        mp.undo()
+
+
+def test_text_classifier_offline_forward(text_model):
+    assert isinstance(text_model, TextClassifier)
+    x = torch.randint(1000, 2000, (2, 2, 16))
+    x[:, 1] = 1
+    x[1, 1, 10:] = 0  # second sentence is padded
+    text_model.eval()
+    out = text_model(x)
+    assert out.shape == (2, 2) and out.dtype == torch.float32
+    assert torch.equal(out, text_model(x))  # eval mode: deterministic
+    # The encoder's dropout is real (train mode changes the output), off in eval mode.
+    text_model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(text_model(x), out)
+    text_model.eval()
+    # Padding columns do not matter: the padded sentence gives the same logits when trimmed.
+    assert torch.allclose(text_model(x[1:, :, :10]), out[1:], atol=1e-5)
+
+
+def test_per_example_loss():
+    out = torch.tensor([[1.0], [3.0]], dtype=torch.float64)
+    y = torch.tensor([0.5, 1.0], dtype=torch.float64)
+    assert torch.allclose(per_example_loss("regression")(out, y),
+                          torch.tensor([0.25, 4.0], dtype=torch.float64))
+    logits = torch.tensor([[2.0, -1.0], [0.0, 0.5]])
+    lab = torch.tensor([1, 1])
+    expect = -torch.log_softmax(logits, 1)[torch.arange(2), lab]
+    assert torch.allclose(per_example_loss("classification")(logits, lab), expect)
+    assert torch.allclose(expect, F.cross_entropy(logits, lab, reduction="none"))
+    with pytest.raises(ValueError, match="task"):
+        per_example_loss("ranking")
