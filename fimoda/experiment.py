@@ -89,6 +89,8 @@ def method_config(name: str, cfg: ExperimentConfig, **overrides):
     )
     if name == "ekfac":
         candidates.pop("batch_size")
+    if name not in ("lissa", "lissa_h"):     # e.g. grad_dot's ``scale`` is a flag, not LiSSA's
+        candidates.pop("scale")
     fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in candidates.items() if k in fields}
     kwargs.update(overrides)
@@ -108,10 +110,44 @@ def make_attributor(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, device=
     return Attributor(problem, Xtr[loo], ytr[loo], Xte[test], yte[test])
 
 
+# Methods whose damped TRUE Hessian must be positive definite for their linear solve: their
+# damping is raised where needed to satisfy Assumption 1 of the paper, lambda > -lambda_min(H).
+ASSUMPTION1_METHODS = ("prop1", "eq16")
+
+
+def smallest_hessian_eigenvalue(att, n_iter: int = 60, seed: int = 0) -> float:
+    """lambda_min of the mean-loss Hessian H/n at theta^f, by Lanczos (the smallest Ritz value:
+    an upper bound that is tight for the extreme eigenvalues after a few dozen steps)."""
+    from .influence.arnoldi import arnoldi_eig
+    from .influence.inverse import block_products
+    p = att.problem
+    mv = lambda v: block_products(p, p.X, p.Y, v[:, None], "true")[:, 0] / att.n_train
+    mu, _ = arnoldi_eig(mv, p.n_params, n_iter, seed, p.dtype, p.device, progress=False)
+    return float(mu.min())
+
+
+def assumption1_damping(att, cfg: ExperimentConfig, margin: float = 1.2) -> float:
+    """max(lambda_G x grid[index], margin x (-lambda_min(H/n))): the configured damping, raised
+    just enough for H/n + lambda I to be positive definite (Assumption 1)."""
+    from .influence import damping_value
+    m = cfg.methods
+    lam = damping_value(att, m.damping_grid, m.damping_index)
+    return max(lam, margin * max(0.0, -smallest_hessian_eigenvalue(att)))
+
+
+class MethodFailed(RuntimeError):
+    """A method's numerics broke down at these settings (LiSSA diverged, CG did not converge,
+    or the damped Hessian is not positive definite: Assumption 1 of the paper fails)."""
+
+
 def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None,
                force: bool = False, **overrides) -> np.ndarray:
-    """Compute (or load) ``scores_<name>.npz`` for the experiment."""
+    """Compute (or load) ``scores_<name>.npz`` for the experiment. Numerical breakdowns are
+    raised as :class:`MethodFailed` with the reason (nothing is written for that method)."""
     from .influence import compute_scores
+    if name in ASSUMPTION1_METHODS and "damping" not in overrides \
+            and getattr(method_config(name, cfg), "hessian", "true") == "true":
+        overrides = {**overrides, "damping": assumption1_damping(att, cfg)}
     mcfg = method_config(name, cfg, **overrides)
     record = {"method": name, "method_config": dataclasses.asdict(mcfg),
               "experiment": cfg.to_dict()}
@@ -122,8 +158,16 @@ def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directo
                 and np.array_equal(z["loo_indices"], loo_idx)
                 and np.array_equal(z["test_indices"], test_idx)):
             return z["scores"]
+    from .influence.inverse import LissaDivergedError, NotConvergedError
     t0 = time.perf_counter()
-    scores = np.asarray(compute_scores(name, att, mcfg), dtype=np.float64)
+    try:
+        scores = np.asarray(compute_scores(name, att, mcfg), dtype=np.float64)
+    except (LissaDivergedError, NotConvergedError) as e:
+        raise MethodFailed(f"{name}: {e}") from e
+    except ValueError as e:
+        if "positive" in str(e) or "GiB" in str(e):
+            raise MethodFailed(f"{name}: {e}") from e
+        raise
     wall = time.perf_counter() - t0
     if scores.shape != (len(test_idx), len(loo_idx)):
         raise RuntimeError(f"{name} returned scores of shape {scores.shape}")

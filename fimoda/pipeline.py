@@ -73,8 +73,9 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
             raise SystemExit(f"notebook {label} failed ({e.ename}: {e.evalue}); "
                              f"see the executed copy at {path}") from None
         print(f"    done in {time.perf_counter() - t0:.1f}s -> {path}", flush=True)
-    print(f"all notebooks done in {(time.perf_counter() - t_all) / 60:.1f} min; "
-          f"figures in figures/{profile}/, results in results/{profile}/", flush=True)
+    from .io import figures_dir, results_dir
+    print(f"all notebooks done in {(time.perf_counter() - t_all) / 60:.1f} min; figures in "
+          f"{figures_dir(profile)}, results in {results_dir(profile, '').parent}", flush=True)
 
 
 def main(argv=None):
@@ -89,6 +90,8 @@ def main(argv=None):
     datasets = a.datasets.split(",") if a.datasets else list(PROFILE_DATASETS[a.profile])
     datasets = [d.strip() for d in datasets if d.strip()]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # progress bars inside executed notebooks: update every 10 s rather than filling the output
+    os.environ.setdefault("TQDM_MININTERVAL", "10")
     run(a.profile, datasets, a.device, only=a.only.split(",") if a.only else None)
 
 

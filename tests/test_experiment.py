@@ -1,0 +1,72 @@
+"""The experiment glue: method configs from the profile, caching of scores, Assumption 1."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from fimoda import experiment as ex
+from fimoda.config import get_config
+from fimoda.gradients import Problem
+from fimoda.influence import Attributor
+from fimoda.models import MLP
+
+
+@pytest.fixture
+def att():
+    torch.manual_seed(0)
+    m = MLP(3, 1, hidden=6).double()
+    X = torch.randn(40, 3, dtype=torch.float64)
+    Y = (X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)) + 0.1 * torch.randn(40, dtype=torch.float64)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    for _ in range(200):
+        opt.zero_grad()
+        ((m(X).squeeze(-1) - Y) ** 2).mean().backward()
+        opt.step()
+    return Attributor(Problem(m, X, Y, "regression", progress=False), X[:8], Y[:8], X[30:34], Y[30:34])
+
+
+def test_method_config_takes_the_profiles_settings():
+    cfg = get_config("folktables", "paper")
+    lh = ex.method_config("lissa_h", cfg)
+    assert (lh.scale, lh.depth, lh.batch_size) == (200.0, 5000, None)
+    assert lh.scale_grid[0] == 200.0 and all(s >= 200.0 for s in lh.scale_grid)
+    assert ex.method_config("lissa", cfg).scale == 20.0
+    assert ex.method_config("cg", get_config("energy", "paper")).damping_grid == (1.0, 10.0, 100.0, 1000.0)
+    assert ex.method_config("lissa_h", get_config("concrete", "cpu")).batch_size == 128
+    assert ex.method_config("trak", get_config("concrete", "smoke")).proj_dim == 256
+    assert ex.method_config("cg", cfg, damping_index=3).damping_index == 3
+
+
+def test_smallest_eigenvalue_and_assumption1_damping(att):
+    H = att.problem.dense_hessian() / att.n_train
+    lam_min = float(torch.linalg.eigvalsh(H).min())
+    assert ex.smallest_hessian_eigenvalue(att, n_iter=att.problem.n_params) == pytest.approx(lam_min, abs=1e-8)
+    cfg = get_config("concrete", "smoke")
+    lam = ex.assumption1_damping(att, cfg)
+    assert lam >= att.lambda_G * cfg.methods.damping_grid[cfg.methods.damping_index]
+    assert float(torch.linalg.eigvalsh(H + lam * torch.eye(len(H), dtype=H.dtype)).min()) > 0
+
+
+def test_run_method_saves_loads_and_invalidates(att, tmp_path):
+    cfg = get_config("concrete", "smoke")
+    loo, test = np.arange(8), np.arange(30, 34)
+    s = ex.run_method("grad_dot", att, cfg, loo, test, directory=tmp_path)
+    assert s.shape == (4, 8) and (tmp_path / "scores_grad_dot.npz").exists()
+    expected = (att.test_grads @ att.train_grads.T).numpy()
+    np.testing.assert_allclose(s, expected, rtol=1e-12)
+    # a saved result with another config is recomputed, not reused
+    z = dict(np.load(tmp_path / "scores_grad_dot.npz"))
+    np.savez(tmp_path / "scores_grad_dot.npz", **{**z, "scores": z["scores"] * 0})
+    assert np.all(ex.run_method("grad_dot", att, cfg, loo, test, directory=tmp_path) == 0)
+    cfg2 = dataclasses.replace(cfg, methods=dataclasses.replace(cfg.methods, damping_index=2))
+    np.testing.assert_allclose(ex.run_method("grad_dot", att, cfg2, loo, test, directory=tmp_path), expected)
+    assert set(ex.load_scores(cfg, ["grad_dot", "cg"], directory=tmp_path)) == {"grad_dot"}
+
+
+def test_numerical_breakdown_is_reported_not_hidden(att, tmp_path):
+    cfg = get_config("concrete", "smoke")
+    with pytest.raises(ex.MethodFailed, match="lissa"):
+        ex.run_method("lissa", att, cfg, np.arange(8), np.arange(30, 34), directory=tmp_path,
+                      scale=1e-3, scale_grid=(), damping=1e-6)
+    assert not (tmp_path / "scores_lissa.npz").exists()
