@@ -95,7 +95,7 @@ def train_rows(cfg: ExperimentConfig, ds) -> tuple[np.ndarray, np.ndarray]:
     Validation (only when ``cfg.train.select_epoch_by_val``): min(1000, 20 %) training rows
     drawn with seed 0 (``ds.extra["val_indices"]`` of the image datasets are *test* positions
     and are not used here). Training: the rest, or a seed-0 random subset of
-    ``cfg.train.n_train_subset`` of them.
+    ``cfg.train.n_train_subset`` of them (all of them when there are fewer).
     """
     n = len(ds.X_train)
     rows = np.arange(n, dtype=np.int64)
@@ -108,9 +108,9 @@ def train_rows(cfg: ExperimentConfig, ds) -> tuple[np.ndarray, np.ndarray]:
         rows = np.setdiff1d(rows, val)
     m = cfg.train.n_train_subset
     if m is not None:
-        if not 1 <= m <= len(rows):
-            raise ValueError(f"n_train_subset={m} is not in [1, {len(rows)}]")
-        if m < len(rows):
+        if m < 1:
+            raise ValueError(f"n_train_subset={m} must be >= 1")
+        if m < len(rows):    # a cap: a dataset smaller than it is used whole
             rows = np.sort(np.random.RandomState(SUBSET_SEED).choice(rows, m, replace=False))
     return rows, val
 
