@@ -262,12 +262,16 @@ def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: str
             return z
     Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
     augment = None
-    if cfg.model == "resnet9":
+    if cfg.model == "resnet9":      # the same augmentation as the final model's training
+        import functools
         from .data import augment_images
-        augment = augment_images
-    result = further_train(model, cfg.task, Xtr, ytr, Xte[torch.as_tensor(test_idx)],
-                           yte[torch.as_tensor(test_idx)], torch.as_tensor(loo_idx), gcfg,
-                           workdir=d / f"work_gold_{optimizer}_{mechanism}", augment=augment)
+        fill = ds.extra.get("pad_value")
+        augment = functools.partial(augment_images,
+                                    fill=0.0 if fill is None else torch.as_tensor(fill))
+    t = torch.as_tensor(test_idx)
+    result = further_train(model, cfg.task, Xtr, ytr, Xte[t], yte[t], torch.as_tensor(loo_idx),
+                           gcfg, workdir=d / f"work_gold_{optimizer}_{mechanism}",
+                           augment=augment, test_indices=np.asarray(test_idx))
     arrays = _gold_arrays(result, loo_idx, test_idx)
     save_gold(path, result, {"record": record, "loo_indices": loo_idx, "test_indices": test_idx})
     return load_npz(path) if path.exists() else arrays
