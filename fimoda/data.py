@@ -43,7 +43,7 @@ from typing import Callable, Optional
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import io as fio
 

@@ -392,7 +392,7 @@ def summary(profile: str, datasets, optimizer: str = "sgd", mechanism: str = "su
         name = cfg.dataset + (f" (stand-in for {cfg.stand_in_for})" if cfg.stand_in_for else "")
         curves(ax, t, res, title=name)
         rows[name] = {label(m): float(np.max(v[0])) for m, v in res.items()}
-    axes[0][-1].legend(fontsize=7, ncol=2)
+    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     return fig, pd.DataFrame(rows)
 

@@ -64,7 +64,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, vmap
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .io import load_json, load_npz, save_json, save_npz
 from .models import MLP, per_example_loss

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------- parameters

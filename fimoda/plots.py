@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -47,6 +48,8 @@ def curves(ax, eval_points, results: dict, ylabel="cosine similarity", title=Non
     ax.set_xlabel("further training (epochs)" if x.dtype.kind in "iu" else "further training")
     ax.set_ylabel(ylabel)
     ax.axhline(0, color="k", lw=0.5)
+    if x.dtype.kind in "iuf" and np.allclose(x, np.round(x)):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if title:
         ax.set_title(title)
     return ax

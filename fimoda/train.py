@@ -45,7 +45,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .config import ExperimentConfig
 from .io import load_json, save_json, sha256_file, _atomic

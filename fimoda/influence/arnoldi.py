@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .common import Attributor, damping_value
 from .inverse import DampedConfig, DampedHessian, check_damped

@@ -28,7 +28,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..config import MethodConfig
 from ..gradients import block_slices

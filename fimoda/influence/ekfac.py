@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from ..gradients import block_slices, gn_output, loss_derivatives
 from .common import Attributor, damping_value
