@@ -1,6 +1,8 @@
 """Gradient-based methods, part A (first_order, inverse, arnoldi, generalized) against exact dense
 references built independently of fimoda.gradients: flat-parameter closures differentiated with
 torch.autograd.functional (per-example Hessians), float64, small trained MLPs."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from fimoda.gradients import Problem
 from fimoda.influence import Attributor, compute_scores
 from fimoda.influence.arnoldi import arnoldi_eig
 from fimoda.influence.inverse import (DampedHessian, LissaDivergedError, NotConvergedError,
-                                      cg_solve, lissa_solve)
+                                      cg_inverse, cg_solve, gram_spectrum, lissa_solve)
 from fimoda.models import MLP
 
 DT = torch.float64
@@ -220,6 +222,167 @@ def test_cg_errors(reg):
         compute_scores("cg", reg.att, hessian="true", damping=1e-6 * reg.lamG, materialize="never")
 
 
+def true_residual(A, B, X):
+    return float(((B - A @ X).norm(dim=0) / B.norm(dim=0)).max())
+
+
+def test_block_cg_matches_dense_in_fewer_steps(ref):
+    """Block CG on both Hessians (operators built by autograd, checked on the explicit matrices):
+    the dense solution to cos 0.999999, true residual <= tol, and no more CG steps (nor products)
+    than the per-column recurrences; cg_block=False gives the same scores."""
+    lam_h = ref.pd_damping()
+    B = ref.G_loo.T.contiguous()                                       # k = 10 right-hand sides
+    for hess, lam in (("gn", ref.lamG), ("true", lam_h)):
+        A_ref = ref.A(hess, lam)
+        op = DampedHessian(ref.att, hess, lam, materialize="never")
+        want = torch.linalg.solve(A_ref, B)
+        Xb, ib = cg_solve(op.matmat, B, tol=1e-8, max_iter=500, progress=False)
+        Xc, ic = cg_solve(op.matmat, B, tol=1e-8, max_iter=500, progress=False, block=False)
+        assert ib["block"] and not ic["block"]
+        for X in (Xb, Xc):
+            assert true_residual(A_ref, B, X) <= 1e-8, hess
+            assert cos_rows(X.T.numpy(), want.T.numpy()).min() >= 0.999999, hess
+        assert ib["iterations"] <= ic["iterations"], (hess, ib, ic)
+        assert ib["products"] <= ic["products"], (hess, ib, ic)
+        kw = dict(hessian=hess, damping=lam, materialize="never")
+        assert rel_err(compute_scores("cg", ref.att, **kw),
+                       compute_scores("cg", ref.att, cg_block=False, **kw)) < 1e-6, hess
+    # on an explicit SPD matrix with a wide spectrum the block advantage is large
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=DT))
+    A = (Q * torch.logspace(-3, 0, 300, dtype=DT)) @ Q.T
+    Bx = torch.randn(300, 8, generator=g, dtype=DT)
+    _, ib = cg_solve(lambda V: A @ V, Bx, tol=1e-8, max_iter=2000, progress=False)
+    _, ic = cg_solve(lambda V: A @ V, Bx, tol=1e-8, max_iter=2000, progress=False, block=False)
+    assert 2 * ib["iterations"] <= ic["iterations"], (ib, ic)
+
+
+def test_block_cg_rank_deficient_right_hand_sides(reg):
+    """Repeated, proportional and zero columns (a rank-2 block of 5): the block recurrence must
+    not break down (orthonormalised, rank-revealing search blocks) and every column is solved."""
+    lam = reg.lamG
+    A_ref = reg.A("gn", lam)
+    op = DampedHessian(reg.att, "gn", lam, materialize="never")
+    b1, b2 = reg.G_test[0], reg.G_test[1]
+    B = torch.stack([b1, b2, b1, -3.0 * b2, torch.zeros_like(b1)], dim=1)
+    X, info = cg_solve(op.matmat, B, tol=1e-8, max_iter=500, progress=False)
+    want = torch.linalg.solve(A_ref, B)
+    assert torch.equal(X[:, 4], torch.zeros_like(b1)) and info["rel_residual"][4] == 0
+    assert true_residual(A_ref, B[:, :4], X[:, :4]) <= 1e-8
+    assert rel_err(X.numpy(), want.numpy()) < 1e-6
+    # every step multiplies at most rank(B) = 2 search directions (+ 5 for the final check)
+    assert info["products"] <= 2 * info["iterations"] + 5
+
+
+def test_block_cg_indefinite_and_budget_errors(reg):
+    """A symmetric indefinite matrix is reported by both variants (block: the Cholesky factor of
+    P^T A P fails), and so is an exhausted step budget."""
+    g = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(50, 50, generator=g, dtype=DT))
+    ev = torch.linspace(0.1, 2.0, 50, dtype=DT)
+    ev[7] = -0.5
+    A = (Q * ev) @ Q.T
+    Bx = torch.randn(50, 4, generator=g, dtype=DT)
+    for block in (True, False):
+        with pytest.raises(ValueError, match="not positive definite"):
+            cg_solve(lambda V: A @ V, Bx, max_iter=200, progress=False, block=block)
+    lmin = float(torch.linalg.eigvalsh(reg.H / reg.n)[0])
+    for block in (True, False):
+        with pytest.raises(ValueError, match="not positive definite"):
+            compute_scores("cg", reg.att, hessian="true", damping=0.1 * -lmin,
+                           materialize="never", cg_block=block)
+        with pytest.raises(NotConvergedError, match="max_iter"):
+            compute_scores("cg", reg.att, hessian="true", damping=reg.pd_damping(),
+                           materialize="never", max_iter=2, cg_block=block)
+
+
+def test_cg_in_subspace_coordinates_is_the_same_recurrence(ref):
+    """Materialised G: block and per-column CG in the coordinates of span(V) + span(B) are the
+    recurrences of R^P in an orthonormal basis: the same number of steps (up to round-off, which
+    CG amplifies over ~80 steps) and the same solution to the tolerance."""
+    A = DampedHessian(ref.att, "gn", ref.lamG)                         # materialised
+    assert A.spectral is not None
+    A_ref = ref.A("gn", ref.lamG)
+    B = ref.G_loo.T.contiguous()
+    for block in (True, False):
+        Xz, iz = cg_inverse(A, B, 1e-8, 500, block=block)
+        Xp, ip = cg_solve(A.matmat, B, tol=1e-8, max_iter=500, progress=False, block=block)
+        assert abs(iz["iterations"] - ip["iterations"]) <= max(1, 0.05 * ip["iterations"])
+        assert rel_err(Xz.numpy(), Xp.numpy()) < 1e-6
+        assert max(true_residual(A_ref, B, Xz), true_residual(A_ref, B, Xp)) <= 1e-8
+
+
+# ----------------------------------------------------------------------------- G spectrum
+def test_gram_spectrum_is_exact_and_orthonormal():
+    """gram_spectrum(a) = eigen-decomposition of a^T a: both routes (n <= P: Gram matrix a a^T;
+    n > P: a^T a), a rank-deficient a (its null space is dropped), and an a whose a^T a has
+    condition number 1e16: eigenvalues under the cut-off are dropped, and the damped inverse is
+    still that of an SVD to the accuracy of a dense solve."""
+    g = torch.Generator().manual_seed(0)
+    for n, P, rank in ((40, 120, 40), (40, 120, 25), (150, 60, 60), (150, 60, 30)):
+        a = torch.randn(n, rank, generator=g, dtype=DT) @ torch.randn(rank, P, generator=g,
+                                                                       dtype=DT)
+        sp = gram_spectrum(a)
+        V, e = sp.basis, sp.eig
+        assert V.shape == (rank, P) and e.shape == (rank,)
+        assert float((V @ V.T - torch.eye(rank, dtype=DT)).abs().max()) < 1e-13
+        assert bool((e[:-1] >= e[1:]).all()) and float(e[-1]) > 0
+        G = a.T @ a
+        assert float((V.T @ (e[:, None] * V) - G).abs().max()) < 1e-12 * float(G.abs().max())
+        ev = torch.linalg.eigvalsh(G).flip(0)[:rank]
+        assert float((e - ev).abs().max()) < 1e-12 * float(ev[0])
+    # singular values 1 ... 1e-8: e = s^2 spans 16 decades, the tail is below round-off
+    n, P = 60, 200
+    U, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    W, _ = torch.linalg.qr(torch.randn(P, n, generator=g, dtype=DT))
+    s = torch.logspace(0, -8, n, dtype=DT)
+    a = (U * s) @ W.T
+    sp = gram_spectrum(a)
+    cut = n * torch.finfo(DT).eps                                      # e_max = 1
+    assert len(sp.eig) == int((s ** 2 > cut).sum()) < n                # the tail is dropped
+    assert float((sp.basis @ sp.basis.T - torch.eye(len(sp.eig), dtype=DT)).abs().max()) < 1e-13
+    for lam in (1e-3, 1e-8):
+        B = torch.randn(P, 3, generator=g, dtype=DT)
+        C = W.T @ B
+        want = W @ (C / (s[:, None] ** 2 + lam)) + (B - W @ C) / lam    # exact (G + lam I)^-1 B
+        C2 = sp.basis @ B
+        got = sp.basis.T @ (C2 / (sp.eig + lam)[:, None]) + (B - sp.basis.T @ C2) / lam
+        # the dropped eigenvalues (< cut) act as 0: relative error <= cut / lam
+        assert float((got - want).norm() / want.norm()) < cut / lam
+
+
+def test_float32_model_spectrum_is_accurate():
+    """A float32 model: the Gram matrix is formed in float64 (in float32 its round-off,
+    ~1e-7 ||G||, would exceed the damping), so the spectral solve is as accurate as a float32
+    dense solve of the same damped matrix."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 3, generator=g)
+    Y = torch.sin(X @ torch.tensor([1.0, -2.0, 0.5]))
+    model = MLP(3, 1, hidden=8, depth=2)
+    att = Attributor(Problem(model, X, Y, "regression", progress=False), X[:5], Y[:5], X[5:9],
+                     Y[5:9])
+    ref64 = Problem(copy.deepcopy(model).double(), X.double(), Y.double(), "regression",
+                    progress=False)
+    phi, _, _, d2 = ref64.gn_pieces(ref64.X, ref64.Y)
+    G = phi.T @ (d2[:, None] * phi) / len(X)                           # G/n, exact reference
+    lam = 1e-4 * float(torch.linalg.eigvalsh(G)[-1])
+    Aref = G + lam * torch.eye(len(G), dtype=DT)
+    A = DampedHessian(att, "gn", lam)
+    assert A.spectral is not None and A.spectral.basis.dtype == torch.float32
+    B = torch.randn(len(G), 3, generator=g, dtype=DT)
+    want = torch.linalg.solve(Aref, B)
+    err = lambda x: float((x.double() - want).norm() / want.norm())
+    dense32 = err(torch.linalg.solve(A.dense(), B.float()))             # float32 dense solve
+    ours = err(A.solve(B.float()))
+    assert ours <= max(2 * dense32, 1e-6), (ours, dense32)
+    # the same Gram route in float32 would be far off: its round-off is above the damping
+    sp32 = gram_spectrum(phi.float() * torch.sqrt(d2.float() / len(X))[:, None])
+    C = sp32.basis @ B.float()
+    bad = sp32.basis.T @ (C / (sp32.eig + lam)[:, None]) + (B.float() - sp32.basis.T @ C) / lam
+    assert err(bad) > 100 * ours
+
+
 def test_solving_either_side_gives_the_same_scores(reg):
     att2 = Attributor(reg.problem, reg.test[0], reg.test[1], reg.loo[0], reg.loo[1])  # T > n'
     for name, kw in (("dense", {}), ("cg", {}), ("lissa", dict(scale=100.0, depth=200))):
@@ -424,6 +587,7 @@ def test_bad_configs_raise(reg):
                      ("lissa", dict(materialize="yes")), ("cg", dict(damping_index=7)),
                      ("dense", dict(damping=-1.0)), ("lissa", dict(scale=0.0)),
                      ("lissa", dict(depth=0)), ("prop1", dict(solver="lu")),
-                     ("arnoldi", dict(rank=0)), ("grad_cos", dict(eps=-1.0))):
+                     ("arnoldi", dict(rank=0)), ("grad_cos", dict(eps=-1.0)),
+                     ("cg", dict(cg_block="yes"))):
         with pytest.raises(ValueError):
             compute_scores(name, reg.att, **kw)
