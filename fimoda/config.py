@@ -66,7 +66,7 @@ class MethodConfig:
     lissa_scale_grid: tuple = (10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
     lissa_h_depth: int = 5000
     lissa_h_batch_size: Optional[int] = None   # None: full-batch Hessian-vector products
-    memory_gb: float = 4.0                     # budget for materialising output gradients
+    memory_gb: float = 8.0                     # budget for materialising output gradients
     trak_proj_dim: int = 2048
     datainf_c_grid: tuple = (10.0, 1.0, 0.1, 0.01)
     datainf_index: int = 0

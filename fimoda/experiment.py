@@ -150,7 +150,7 @@ def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directo
         overrides = {**overrides, "damping": assumption1_damping(att, cfg)}
     mcfg = method_config(name, cfg, **overrides)
     record = {"method": name, "method_config": dataclasses.asdict(mcfg),
-              "experiment": cfg.to_dict()}
+              "experiment": _without(cfg, "further", "methods")}
     path = Path(directory or out_dir(cfg)) / f"scores_{name}.npz"
     if path.exists() and not force:
         z = load_npz(path)
@@ -175,6 +175,15 @@ def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directo
              test_indices=np.asarray(test_idx), config=np.asarray(_canon(record)),
              wall_time=np.asarray(wall))
     return scores
+
+
+def _without(cfg: ExperimentConfig, *parts) -> dict:
+    """The config as a dict without the parts that a result does not depend on (a method's
+    scores do not depend on the gold standard's settings, and vice versa)."""
+    d = cfg.to_dict()
+    for p in parts:
+        d.pop(p)
+    return d
 
 
 def _canon(obj) -> str:
@@ -250,7 +259,7 @@ def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: str
     path = d / f"gold_{optimizer}_{mechanism}.npz"
     gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
                                       device=device, **overrides)
-    record = {"gold": dataclasses.asdict(gcfg), "experiment": cfg.to_dict()}
+    record = {"gold": dataclasses.asdict(gcfg), "experiment": _without(cfg, "methods")}
     record["gold"].pop("device", None)
     record["gold"].pop("progress", None)
     if path.exists() and path.with_suffix(".json").exists():

@@ -340,9 +340,14 @@ def _fit(model, cfg: ExperimentConfig, Xtr, ytr, Xte, yte, Xval, yval, progress:
 
 # ----------------------------------------------------------------------------- save / load
 def _key(cfg: ExperimentConfig, ds) -> dict:
-    """What must match for a saved model to be reused: config, procedure, data."""
+    """What must match for a saved model to be reused: the parts of the config that define
+    theta^f (dataset, task, model, dtype, encoder, training; not the settings of further training
+    or of the methods, which are downstream of it), the procedure, the data."""
+    full = cfg.to_dict()
+    defining = {k: full[k] for k in ("dataset", "task", "model", "dtype", "encoder", "train",
+                                     "stand_in_for")}
     return json.loads(json.dumps({
-        "config": cfg.to_dict(), "procedure": procedure(cfg),
+        "config": defining, "procedure": procedure(cfg),
         "data_files": dict(getattr(ds, "files", None) or {}),
         "data_arrays_sha256": _hash_arrays(ds.X_train, ds.y_train, ds.X_test, ds.y_test),
     }, default=str))

@@ -155,7 +155,9 @@ def test_record_json(tmp_path):
     model, rec = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [T.RECORD_FILE, T.MODEL_FILE]
     saved = json.loads((tmp_path / T.RECORD_FILE).read_text())
-    assert saved["config"] == json.loads(json.dumps(cfg.to_dict()))
+    full = json.loads(json.dumps(cfg.to_dict()))
+    assert saved["config"] == {k: full[k] for k in ("dataset", "task", "model", "dtype",
+                                                    "encoder", "train", "stand_in_for")}
     assert saved["data_files"] == ds.files and len(saved["data_arrays_sha256"]) == 64
     assert saved["n_params"] == n_params(model) == (5 * 128 + 128) + (128 * 128 + 128) + 258
     assert saved["stand_in_for"] == "folktables"
@@ -194,6 +196,11 @@ def test_reuse_and_retrain(tmp_path, monkeypatch, capsys):
     loaded = T.load_final_model(cfg, ds, tmp_path)
     assert torch.equal(loaded.out.weight, first.out.weight) and not loaded.training
     assert T.load_record(tmp_path) == rec2
+
+    # Settings downstream of theta^f (further training, methods) do not invalidate it.
+    downstream = replace(cfg, further=replace(cfg.further, seeds=7),
+                         methods=replace(cfg.methods, memory_gb=1.0))
+    assert torch.equal(T.load_final_model(downstream, ds, tmp_path).out.weight, first.out.weight)
 
     # A different config, different data, or force=True retrains; a mismatch never loads.
     other = reg_cfg(lr=0.02)
