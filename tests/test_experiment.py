@@ -59,6 +59,9 @@ def test_run_method_saves_loads_and_invalidates(att, tmp_path):
     z = dict(np.load(tmp_path / "scores_grad_dot.npz"))
     np.savez(tmp_path / "scores_grad_dot.npz", **{**z, "scores": z["scores"] * 0})
     assert np.all(ex.run_method("grad_dot", att, cfg, loo, test, directory=tmp_path) == 0)
+    # ... and the gold standard's settings are not part of a method's identity
+    cfg_f = dataclasses.replace(cfg, further=dataclasses.replace(cfg.further, seeds=9))
+    assert np.all(ex.run_method("grad_dot", att, cfg_f, loo, test, directory=tmp_path) == 0)
     cfg2 = dataclasses.replace(cfg, methods=dataclasses.replace(cfg.methods, damping_index=2))
     np.testing.assert_allclose(ex.run_method("grad_dot", att, cfg2, loo, test, directory=tmp_path), expected)
     assert set(ex.load_scores(cfg, ["grad_dot", "cg"], directory=tmp_path)) == {"grad_dot"}
