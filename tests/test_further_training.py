@@ -19,13 +19,6 @@ from fimoda.models import MLP
 TOL = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The problems here are tiny: one thread avoids OpenMP barrier waits on a loaded machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def regression_problem(n=41, d=5, n_test=6, seed=0):

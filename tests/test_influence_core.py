@@ -125,13 +125,6 @@ class Ref:
         return max(self.lamG, 1.5 * max(-lmin, 0.0) + self.lamG)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: thread hand-offs cost more than they save (and the CI box is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from fimoda.influence.ekfac import EkfacConfig, ekfac, fit_ekfac, layer_matrices
 from fimoda.influence.trak import Projector, TrakConfig, trak
 from fimoda.models import MLP
 
-torch.set_num_threads(1)
 DT = torch.float64
 
 

@@ -17,14 +17,6 @@ from fimoda.models import ResNet9, TextClassifier, n_params, per_example_loss
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small models on a shared 2-core machine: more intra-op threads only add OpenMP spinning
-    (measured: the text run took 51 s on 2 threads and 3.5 s on 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @dataclass
 class FakeDataset:
