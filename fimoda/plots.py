@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 
 LABELS = {
     "grad_dot": "Grad-Dot", "grad_cos": "Grad-Cos", "cg": "CG", "lissa": "LiSSA",
-    "lissa_h": "LiSSA-H", "trak": "TRAK$_{M=1}$", "ekfac": "EK-FAC", "datainf": "DataInf",
+    "lissa_h": "LiSSA-H", "trak": "TRAK (M=1)", "ekfac": "EK-FAC", "datainf": "DataInf",
     "arnoldi": "Arnoldi", "prop1": "Prop. 1", "cor2": "Cor. 2", "eq16": "Eq. (16)",
     "dense": "Dense IF",
 }
