@@ -480,3 +480,18 @@ def mislabel_detection(cfg: ExperimentConfig, optimizer: str = "sgd",
         aucs["Grad-Dot"].append(roc_auc(-gd, is_flipped))
     out = {k: mean_se(np.array(v)) for k, v in aucs.items()}
     return pd.DataFrame({k: {"AUC mean": m, "se": s, "trials": trials} for k, (m, s) in out.items()}).T
+
+
+def run_methods(methods, att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None):
+    """:func:`run_method` for each method: ({method: scores}, status table with seconds and
+    "ok" or the reason a method broke down). Loaded results take ~0 s."""
+    import pandas as pd
+    scores, status = {}, {}
+    for m in methods:
+        t0 = time.perf_counter()
+        try:
+            scores[m] = run_method(m, att, cfg, loo_idx, test_idx, directory=directory)
+            status[m] = {"seconds": round(time.perf_counter() - t0, 2), "status": "ok"}
+        except MethodFailed as e:
+            status[m] = {"seconds": round(time.perf_counter() - t0, 2), "status": f"failed: {e}"}
+    return scores, pd.DataFrame(status).T
