@@ -58,6 +58,8 @@ setup
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}
 export FIMODA_DATA_DIR=${FIMODA_DATA_DIR:-data/raw}
+# absolute, since the notebooks run with notebooks/ as their working directory
+case "$FIMODA_DATA_DIR" in /*) ;; *) FIMODA_DATA_DIR="$PWD/$FIMODA_DATA_DIR" ;; esac
 PY=.venv/bin/python
 
 case "$MODE" in

@@ -90,6 +90,11 @@ def main(argv=None):
     datasets = a.datasets.split(",") if a.datasets else list(PROFILE_DATASETS[a.profile])
     datasets = [d.strip() for d in datasets if d.strip()]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # notebooks run in notebooks/: relative directories given by the caller must not move
+    for var in ("FIMODA_DATA_DIR", "FIMODA_CACHE_DIR", "FIMODA_RESULTS_DIR",
+                "FIMODA_FIGURES_DIR", "FIMODA_EXECUTED_DIR"):
+        if os.environ.get(var):
+            os.environ[var] = os.path.abspath(os.environ[var])
     # progress bars inside executed notebooks: update every 10 s rather than filling the output
     os.environ.setdefault("TQDM_MININTERVAL", "10")
     run(a.profile, datasets, a.device, only=a.only.split(",") if a.only else None)
