@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field, replace
-from typing import Optional
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,26 +12,17 @@ import torch
 
 from fimoda import train as T
 from fimoda.config import get_config
+from fimoda.data import Dataset
 from fimoda.models import ResNet9, TextClassifier, n_params, per_example_loss
 
 
 
 
-@dataclass
-class FakeDataset:
-    """The attributes of fimoda.data.Dataset that training uses (synthetic, no files)."""
-    name: str
-    task: str
-    n_classes: int
-    X_train: np.ndarray
-    y_train: np.ndarray
-    X_test: np.ndarray
-    y_test: np.ndarray
-    ids_train: Optional[np.ndarray] = None
-    ids_test: Optional[np.ndarray] = None
-    stand_in_for: Optional[str] = None
-    files: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
+def FakeDataset(name, task, n_classes, X_train, y_train, X_test, y_test, **kw):
+    """A synthetic fimoda.data.Dataset (no files behind it)."""
+    fields = dict(ids_train=np.arange(len(X_train)), ids_test=np.arange(len(X_test)),
+                  feature_names=[], raw_train=None, raw_test=None, stand_in_for=None, files={})
+    return Dataset(name, task, n_classes, X_train, y_train, X_test, y_test, **{**fields, **kw})
 
 
 def regression_ds(n=300, d=6, seed=0):
