@@ -495,3 +495,23 @@ def run_methods(methods, att, cfg: ExperimentConfig, loo_idx, test_idx, director
         except MethodFailed as e:
             status[m] = {"seconds": round(time.perf_counter() - t0, 2), "status": f"failed: {e}"}
     return scores, pd.DataFrame(status).T
+
+
+def retrain_comparison(cfg: ExperimentConfig, scores: dict, directory=None):
+    """Cosine (mean, se over test points) between each method's scores and the scores of LOO
+    re-training from scratch (eq. 17 after the final epoch, paper Fig. 11); None when notebook 02
+    has not been run with ``retrain=True``."""
+    import pandas as pd
+    from .further_training import gold_scores
+    from .metrics import cosine, mean_se
+    from .plots import label
+    p = Path(directory or out_dir(cfg)) / "retrain_remove.npz"
+    if not p.exists():
+        return None
+    z = load_npz(p)
+    a = gold_scores(z["loss_full"], z["loss_loo"], adjust="full")[:, -1:, :]
+    rows = {}
+    for m, s in scores.items():
+        mean, se = mean_se(cosine(a, s)[0])
+        rows[label(m)] = {"cosine to re-training": float(mean), "se": float(se)}
+    return pd.DataFrame(rows).T.sort_values("cosine to re-training", ascending=False)

@@ -73,3 +73,17 @@ def test_numerical_breakdown_is_reported_not_hidden(att, tmp_path):
         ex.run_method("lissa", att, cfg, np.arange(8), np.arange(30, 34), directory=tmp_path,
                       scale=1e-3, scale_grid=(), damping=1e-6)
     assert not (tmp_path / "scores_lissa.npz").exists()
+
+
+def test_retrain_comparison_uses_eq17_at_the_final_epoch(tmp_path):
+    cfg = get_config("concrete", "smoke")
+    assert ex.retrain_comparison(cfg, {"grad_dot": np.ones((3, 4))}, directory=tmp_path) is None
+    rng = np.random.default_rng(0)
+    full = rng.normal(size=(1, 5, 3))                  # (seed, epoch, test)
+    effect = rng.normal(size=(4, 3))                   # (left-out, test) at the last epoch
+    loo = np.repeat(full[:, None], 4, axis=1)
+    loo[0, :, -1, :] += effect
+    np.savez(tmp_path / "retrain_remove.npz", loss_full=full, loss_loo=loo)
+    table = ex.retrain_comparison(cfg, {"grad_dot": effect.T, "cg": -effect.T}, directory=tmp_path)
+    assert table.loc["Grad-Dot", "cosine to re-training"] == pytest.approx(1.0)
+    assert table.loc["CG", "cosine to re-training"] == pytest.approx(-1.0)

@@ -41,7 +41,8 @@ def test_smoke_pipeline_runs_every_notebook(isolated):
         assert not errors, nb.name
     res = isolated / "results" / "smoke" / "concrete"
     for name in ("final_model.pt", "final_model.json", "gold_sgd_subtract.npz",
-                 "scores_grad_dot.npz", "scores_cg.npz", "evaluation_sgd_subtract_eq13.csv"):
+                 "scores_grad_dot.npz", "scores_cg.npz", "evaluation_sgd_subtract_eq13.csv",
+                 "retrain_remove.npz"):
         assert (res / name).exists(), name
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
     assert "concrete_cosine_sgd_subtract_eq13.png" in figs and "figure2_sgd_subtract.png" in figs
