@@ -244,12 +244,6 @@ def dataset_summary(ds) -> dict:
 
 
 # ----------------------------------------------------------------------------- gold standard
-def _gold_arrays(result, loo_idx, test_idx) -> dict:
-    return {"loss_full": result.loss_full, "loss_loo": result.loss_loo,
-            "eval_points": result.eval_points, "param_dist": result.param_dist,
-            "loo_indices": np.asarray(loo_idx), "test_indices": np.asarray(test_idx)}
-
-
 def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: str = "sgd",
              mechanism: str = "subtract", device="cpu", directory=None, **overrides) -> dict:
     """Further training from theta^f for the full set and every left-out set, all seeds
@@ -281,9 +275,8 @@ def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: str
     result = further_train(model, cfg.task, Xtr, ytr, Xte[t], yte[t], torch.as_tensor(loo_idx),
                            gcfg, workdir=d / f"work_gold_{optimizer}_{mechanism}",
                            augment=augment, test_indices=np.asarray(test_idx))
-    arrays = _gold_arrays(result, loo_idx, test_idx)
     save_gold(path, result, {"record": record, "loo_indices": loo_idx, "test_indices": test_idx})
-    return load_npz(path) if path.exists() else arrays
+    return load_npz(path)
 
 
 def run_retrain(ds, cfg: ExperimentConfig, loo_idx, test_idx, device="cpu", directory=None,
@@ -303,7 +296,9 @@ def run_retrain(ds, cfg: ExperimentConfig, loo_idx, test_idx, device="cpu", dire
     t = torch.as_tensor(test_idx)
     result = retrain_loo(init, cfg, Xtr, ytr, Xte[t], yte[t], torch.as_tensor(loo_idx),
                          seeds=seeds, device=device, workdir=d / "work_retrain")
-    arrays = _gold_arrays(result, loo_idx, test_idx)
+    arrays = {"loss_full": result.loss_full, "loss_loo": result.loss_loo,
+              "eval_points": result.eval_points, "param_dist": result.param_dist,
+              "loo_indices": np.asarray(loo_idx), "test_indices": np.asarray(test_idx)}
     save_npz(path, **arrays)
     return arrays
 
@@ -448,7 +443,7 @@ def mislabel_detection(cfg: ExperimentConfig, optimizer: str = "sgd",
     same with Grad-Dot on the flipped labels. Mean and standard error over ``trials``."""
     import pandas as pd
     from .further_training import GoldConfig, further_train, gold_scores
-    from .influence import compute_scores
+    from .influence import Attributor, compute_scores
     from .metrics import mean_se, roc_auc
     if cfg.task != "classification":
         raise ValueError("mislabelled-example detection needs a classification dataset")
@@ -457,26 +452,26 @@ def mislabel_detection(cfg: ExperimentConfig, optimizer: str = "sgd",
     model, ds = final_model(cfg, device=device, directory=d)
     loo_idx = select_loo_indices(cfg, len(ds.X_train))
     test_idx = select_test_indices(cfg, len(ds.X_test))
-    Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
-    t = torch.as_tensor(test_idx)
     gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
                                       device=device, epochs=1, max_steps=None)
+    # theta^f and the clean data, shared by every trial; a trial only changes labels
+    base = make_attributor(model, ds, cfg, loo_idx, test_idx, device=device, progress=False)
+    loo = torch.as_tensor(loo_idx)
     aucs = {"further training (gold)": [], "Grad-Dot": []}
     for trial in range(trials):
         rng = np.random.RandomState(1000 + trial)
         flip = np.sort(rng.choice(len(loo_idx), int(round(frac * len(loo_idx))), replace=False))
-        y = ytr.clone()
+        y = base.problem.Y.clone()
         src = torch.as_tensor(loo_idx[flip])
         y[src] = (y[src] + torch.as_tensor(rng.randint(1, ds.n_classes, len(flip)))) % ds.n_classes
-        res = further_train(model, cfg.task, Xtr, y, Xte[t], yte[t], torch.as_tensor(loo_idx),
+        res = further_train(model, cfg.task, base.problem.X, y, base.X_test, base.Y_test, loo,
                             gcfg, workdir=d / f"work_mislabel_{trial}")
         a = gold_scores(res.loss_full, res.loss_loo, adjust="mean")[:, -1, :].mean(1)
         is_flipped = np.zeros(len(loo_idx), bool)
         is_flipped[flip] = True
         aucs["further training (gold)"].append(roc_auc(-a, is_flipped))
-        att = make_attributor(model, ds, cfg, loo_idx, test_idx, device=device, progress=False)
-        att.Y_loo = y[torch.as_tensor(loo_idx)]
-        gd = compute_scores("grad_dot", att).mean(0)
+        flipped = Attributor(base.problem, base.X_loo, y[loo], base.X_test, base.Y_test)
+        gd = compute_scores("grad_dot", flipped).mean(0)
         aucs["Grad-Dot"].append(roc_auc(-gd, is_flipped))
     out = {k: mean_se(np.array(v)) for k, v in aucs.items()}
     return pd.DataFrame({k: {"AUC mean": m, "se": s, "trials": trials} for k, (m, s) in out.items()}).T

@@ -46,3 +46,12 @@ def test_smoke_pipeline_runs_every_notebook(isolated):
         assert (res / name).exists(), name
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
     assert "concrete_cosine_sgd_subtract_eq13.png" in figs and "figure2_sgd_subtract.png" in figs
+
+
+def test_mislabel_detection_runs_on_a_classification_dataset(isolated):
+    require_file("heloc/heloc_dataset_v1.csv")
+    pipeline.run("smoke", ["fico"], only=["01", "02", "06"])
+    nb = json.loads((isolated / "executed" / "smoke" / "06_qualitative_fico.ipynb").read_text())
+    text = "".join("".join(o.get("data", {}).get("text/plain", "")) for c in nb["cells"]
+                   for o in c.get("outputs", []))
+    assert "further training (gold)" in text and "Grad-Dot" in text and "AUC mean" in text

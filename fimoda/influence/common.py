@@ -6,7 +6,6 @@ from __future__ import annotations
 from functools import cached_property
 from typing import Optional
 
-import numpy as np
 import torch
 
 from ..gradients import Problem, mean_sq_grad
@@ -38,11 +37,6 @@ class Attributor:
     def lambda_G(self) -> float:
         """Mean squared element of the left-out training gradients (the reference's lambda_G)."""
         return mean_sq_grad(self.train_grads)
-
-    def scores_from(self, vectors: torch.Tensor) -> np.ndarray:
-        """scores[j, i] = grad g(z_j)^T vectors[i]: the attribution of (5) given each left-out
-        instance's parameter change ``vectors`` (n', P)."""
-        return (self.test_grads @ vectors.T).detach().cpu().numpy()
 
 
 def damping_value(att: Attributor, grid, index: int, damping: Optional[float] = None) -> float:
