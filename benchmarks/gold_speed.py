@@ -229,6 +229,11 @@ def main(argv=None):
     print(f"(size of the LOO effects compared against: max |loss_loo - loss_full| = {effect:.2e})")
     print(f"speed-up vs reference loop: {ref_ms / vec_ms:.1f}x")
     print(f"speed-up vs paper-style loop: {pap_ms / vec_ms:.1f}x")
+    floor_ms = flops_step / rate / 1e6
+    need = flops_step / (pap_ms / 20) / 1e6
+    print(f"ceiling: even at 100% of the measured matmul rate ({floor_ms:.3f} ms per model-step) "
+          f"the vectorised path would be at most {pap_ms / floor_ms:.1f}x the paper-style loop "
+          f"measured here; 20x would need {need:.0f} GFLOP/s = {need / rate:.0%} of the rate")
     load1 = os.getloadavg()
     print(f"load average at start {load0[0]:.2f}, at end {load1[0]:.2f} on {os.cpu_count()} "
           f"cores" + ("  (other processes were running: timings may be disturbed)"

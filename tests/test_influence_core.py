@@ -13,7 +13,8 @@ from fimoda.gradients import Problem
 from fimoda.influence import Attributor, compute_scores
 from fimoda.influence.arnoldi import arnoldi_eig
 from fimoda.influence.inverse import (DampedHessian, LissaDivergedError, NotConvergedError,
-                                      cg_inverse, cg_solve, gram_spectrum, lissa_solve)
+                                      cg_inverse, cg_solve, gram_spectrum,
+                                      krylov_lissa_solve, lissa_diagonal, lissa_solve)
 from fimoda.models import MLP
 
 DT = torch.float64
@@ -455,6 +456,93 @@ def test_lissa_h_indefinite_hessian_diverges(reg):
     with pytest.raises(LissaDivergedError):
         lissa_solve(lambda t, V: A @ V, reg.G_test.T, 1.1 * float(ev[-1] + lam), 5000,
                     progress=False)
+
+
+def test_lissa_diagonal_is_the_recurrence_with_its_divergence_test():
+    g = torch.Generator().manual_seed(1)
+    Z = torch.randn(30, 3, generator=g, dtype=DT)
+    base = torch.cat([torch.zeros(1, dtype=DT), torch.logspace(-12, 0, 29, dtype=DT)])
+    for theta, scale, depth in ((base, 1.0, 1), (base, 1.0, 37), (base, 0.6, 5000),
+                                (base * 1.9, 1.0, 800)):
+        want = lissa_solve(lambda t, W: theta[:, None] * W, Z, scale, depth, progress=False)
+        got = lissa_diagonal(theta, Z, scale, depth)
+        assert rel_err(got, want) < 1e-11, (scale, depth)
+    # diverging directions: the closed form raises exactly when the recurrence does
+    outcomes = []
+    for theta, scale, depth in ((base * 2.2, 1.0, 60), (base * 2.2, 1.0, 30),
+                                (base * 2.2, 1.0, 3), (base - 1e-3, 1.0, 5000),
+                                (base - 1e-3, 1.0, 100)):
+        try:
+            lissa_solve(lambda t, W: theta[:, None] * W, Z, scale, depth, progress=False)
+            diverged = False
+        except LissaDivergedError:
+            diverged = True
+        if diverged:
+            with pytest.raises(LissaDivergedError):
+                lissa_diagonal(theta, Z, scale, depth)
+        else:
+            lissa_diagonal(theta, Z, scale, depth)
+        outcomes.append(diverged)
+    assert outcomes == [True, False, False, True, False]
+
+
+def test_krylov_lissa_is_the_truncated_series():
+    """The block-Krylov evaluation of full-batch LiSSA equals the closed-form truncated series:
+    exactly for depth < number of blocks, to its tolerance for long series, with far fewer
+    products than the recurrence; divergence is detected as in the recurrence."""
+    g = torch.Generator().manual_seed(0)
+    P, k = 120, 4
+    Qm, _ = torch.linalg.qr(torch.randn(P, P, generator=g, dtype=DT))
+    ev = torch.logspace(-3, 0, P, dtype=DT)                  # condition number 1000
+    A = (Qm * ev) @ Qm.T
+    B = torch.randn(P, k, generator=g, dtype=DT)
+    calls = []
+
+    def matmat(V):
+        calls.append(V.shape[1])
+        return A @ V
+    scale = 1.05
+    for depth in (1, 3, 7):                                  # exact: depth + 1 blocks
+        calls.clear()
+        got = krylov_lissa_solve(matmat, B, scale, depth, progress=False)
+        assert rel_err(got, lissa_closed_form(A, B, scale, depth)) < 1e-12, depth
+        assert len(calls) == depth + 1
+    for depth in (200, 5000):                                # long series: converged subspace
+        calls.clear()
+        got = krylov_lissa_solve(matmat, B, scale, depth, tol=1e-10, progress=False)
+        want = lissa_closed_form(A, B, scale, depth)
+        assert rel_err(got, want) < 1e-8, depth
+        rec = lissa_solve(lambda t, V: A @ V, B, scale, depth, progress=False)
+        assert rel_err(got, rec) < 1e-8, depth
+        assert sum(calls) < depth * k / 2, (depth, sum(calls))
+    # invariant subspace: A with 5 distinct eigenvalues -> exact after 5 products per column
+    A5 = (Qm * ev[torch.arange(P) % 5]) @ Qm.T
+    got = krylov_lissa_solve(lambda V: A5 @ V, B, scale, 5000, progress=False)
+    assert rel_err(got, lissa_closed_form(A5, B, scale, 5000)) < 1e-10
+    # divergence: a scale below lambda_max / 2, and an indefinite matrix
+    with pytest.raises(LissaDivergedError):
+        krylov_lissa_solve(matmat, B, 0.4, 5000, progress=False)
+    Aneg = (Qm * (ev - 0.01)) @ Qm.T
+    with pytest.raises(LissaDivergedError):
+        krylov_lissa_solve(lambda V: Aneg @ V, B, scale, 5000, progress=False)
+    # a basis that would not fit: None (the caller runs the recurrence)
+    assert krylov_lissa_solve(matmat, B, scale, 5000, max_cols=8, progress=False) is None
+
+
+def test_lissa_h_krylov_matches_recurrence(reg):
+    lam = reg.pd_damping() + 0.02 * float(torch.linalg.eigvalsh(reg.H / reg.n)[-1])
+    scale = 1.05 * float(torch.linalg.eigvalsh(reg.A("true", lam))[-1])
+    kw = dict(scale=scale, damping=lam)
+    for depth in (5, 400):
+        a = compute_scores("lissa_h", reg.att, depth=depth, **kw)
+        b = compute_scores("lissa_h", reg.att, depth=depth, full_batch="recurrence", **kw)
+        assert rel_err(a, b) < 1e-7, depth
+    # too little memory for the basis: the recurrence, with a warning
+    with pytest.warns(UserWarning, match="running the recurrence"):
+        c = compute_scores("lissa_h", reg.att, depth=400, memory_gb=1e-6, **kw)
+    assert rel_err(c, b) < 1e-12
+    with pytest.raises(ValueError, match="full_batch"):
+        compute_scores("lissa_h", reg.att, depth=5, full_batch="lanczos", **kw)
 
 
 def test_stochastic_lissa(reg):

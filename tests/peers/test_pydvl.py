@@ -6,6 +6,14 @@ grad L(test)^T (H_mean + reg I)^{-1} grad L(train) — the sign and formula of f
 scores. With fimoda's ``risk="mean"`` and ``damping=reg`` both sides compute the same numbers
 (scale ratio 1). The training set is one DataLoader batch (pyDVL's LiSSA then uses the full-batch
 Hessian at every step, like fimoda's default ``batch_size=None``).
+
+Gauss-Newton. pyDVL's own ``SecondOrderMode.GAUSS_NEWTON`` is the empirical Fisher (see
+:func:`test_gauss_newton_mode_is_empirical_fisher`). :class:`ExactGNCg` / :class:`ExactGNLissa`
+below make pyDVL's CG and LiSSA run on EXACTLY fimoda's matrix G/n + lambda I (eq. 12, mean risk):
+pyDVL's Gauss-Newton operator (1/|b|) sum_i grad l~_i grad l~_i^T is given the pseudo-loss
+l~_i = sqrt(l''_i) f_i (l'' at the detached f), whose outer product is l''_i grad f_i grad f_i^T,
+while the gradients that enter the scores stay those of the real loss. The same construction is
+used by benchmarks/methods_speed.py.
 """
 from __future__ import annotations
 
@@ -18,7 +26,15 @@ import torch
 pydvl_torch = pytest.importorskip("pydvl.influence.torch",
                                   reason="pyDVL is not installed (bash tests/peers/run.sh)")
 from pydvl.influence import InfluenceMode  # noqa: E402
+from pydvl.influence.torch.base import (  # noqa: E402
+    TorchBatch, TorchGradientProvider, TorchOperatorGradientComposition)
+from pydvl.influence.torch.batch_operation import (  # noqa: E402
+    ChunkAveraging, GaussNewtonBatchOperation)
+from pydvl.influence.torch.operator import (  # noqa: E402
+    CgOperator, GaussNewtonOperator, LissaOperator)
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+from fimoda.gradients import gn_output, loss_derivatives  # noqa: E402
 
 
 logging.getLogger("pydvl").setLevel(logging.ERROR)
@@ -32,6 +48,84 @@ def _pydvl_scores(peer, setup, inf):
         return fitted.influences(setup.X_test, setup.Y_test, setup.X_loo, setup.Y_loo,
                                  mode=InfluenceMode.Up)
     return peer.timed(run)
+
+
+# ----------------------------------------------------------------------------- exact Gauss-Newton
+def gn_pseudo_loss(task: str):
+    """l~(out, y) = sum_b sqrt(l''(f_b)) f_b with f = gn_output(out, y) and l'' evaluated at the
+    DETACHED f. pyDVL calls it on one example at a time (vmap), where grad l~ grad l~^T =
+    l'' grad f grad f^T: its Gauss-Newton operator (1/|b|) sum_i grad l~_i grad l~_i^T is then
+    the Gauss-Newton matrix of the mean loss, G/n of fimoda's eq. (12)."""
+    def pseudo_loss(out, y):
+        f = gn_output(out, y, task)
+        _, d2 = loss_derivatives(f.detach(), y, task)
+        return (d2.sqrt() * f).sum()
+    return pseudo_loss
+
+
+def _one_batch(data: DataLoader) -> None:
+    if len(data) != 1:
+        raise ValueError(f"the exact Gauss-Newton operator needs the training set as ONE batch "
+                         f"(ChunkAveraging is the mean over batches), got {len(data)} batches")
+
+
+class ExactGNCg(pydvl_torch.CgInfluence):
+    """pyDVL's CgInfluence on the damped mean Gauss-Newton matrix G/n + lambda I of the real loss.
+
+    Overrides of ``_create_block`` (otherwise pyDVL's own code path for
+    ``SecondOrderMode.GAUSS_NEWTON``, without preconditioner):
+    * the operator's loss is the pseudo-loss of :func:`gn_pseudo_loss` (pyDVL's GAUSS_NEWTON mode
+      squares gradients of the REAL loss: the empirical Fisher, weights l'^2 instead of l'');
+      the gradient provider of the scores keeps the real loss;
+    * the operator's ``averaging`` is ``ChunkAveraging`` instead of pyDVL 0.10.0's
+      ``PointAveraging``, which divides the one-batch result by the leading size of the
+      right-hand-side block (k, or P for a vector) instead of the number of data points. The
+      batch operation already divides by |b|, so with ONE batch ChunkAveraging (sum over batches
+      / number of batches = 1) is exact (checked in :func:`test_exact_gauss_newton_operator`)."""
+
+    def __init__(self, model, loss, pseudo_loss, **kwargs):
+        super().__init__(model, loss, **kwargs)
+        self.pseudo_loss = pseudo_loss
+
+    def _create_block(self, block_params, data, regularization):
+        _one_batch(data)
+        op = GaussNewtonOperator(self.model, self.pseudo_loss, data, restrict_to=block_params)
+        op.averaging = ChunkAveraging()             # pyDVL's PointAveraging divides by k
+        cg_op = CgOperator(op, regularization, rtol=self.rtol, atol=self.atol,
+                           maxiter=self.maxiter, progress=self.progress,
+                           use_block_cg=self.solve_simultaneously,
+                           warn_on_max_iteration=self.warn_on_max_iteration)
+        gp = TorchGradientProvider(self.model, self.loss, restrict_to=block_params)
+        return TorchOperatorGradientComposition(cg_op, gp)
+
+
+class ExactGNLissa(pydvl_torch.LissaInfluence):
+    """pyDVL's LissaInfluence on G/n + lambda I. One override of ``_create_block``: the
+    Gauss-Newton batch operation gets the pseudo-loss of :func:`gn_pseudo_loss` instead of the
+    real loss (pyDVL's GAUSS_NEWTON mode = empirical Fisher); the scores' gradients keep the real
+    loss. LissaOperator applies the batch operation directly (no averaging bug); with the whole
+    training set as one batch every step uses the full-batch G/n, like fimoda's default."""
+
+    def __init__(self, model, loss, pseudo_loss, **kwargs):
+        super().__init__(model, loss, **kwargs)
+        self.pseudo_loss = pseudo_loss
+
+    def _create_block(self, block_params, data, regularization):
+        _one_batch(data)
+        batch_op = GaussNewtonBatchOperation(self.model, self.pseudo_loss,
+                                             restrict_to=block_params)
+        lissa_op = LissaOperator(batch_op, data, regularization, maxiter=self.maxiter,
+                                 dampen=self.dampen, scale=self.scale, rtol=self.rtol,
+                                 progress=self.progress,
+                                 warn_on_max_iteration=self.warn_on_max_iteration)
+        gp = TorchGradientProvider(self.model, self.loss, restrict_to=block_params)
+        return TorchOperatorGradientComposition(lissa_op, gp)
+
+
+def _mean_gauss_newton(setup, att):
+    """fimoda's G/n = Phi^T diag(l'') Phi / n, dense (P, P)."""
+    phi, _, _, d2 = att.problem.gn_pieces(setup.X, setup.Y)
+    return phi.T @ (d2[:, None] * phi) / setup.n
 
 
 def test_direct_vs_dense_true_hessian(peer, setup):
@@ -150,6 +244,82 @@ def test_gauss_newton_mode_is_empirical_fisher(peer, setup):
     peer.record("pyDVL", "Lissa(GAUSS_NEWTON)", "lissa (GN)", setup.task, cos, t_peer, t_mine,
                 note=f"pyDVL 'GN' = empirical Fisher (cos to EF recurrence {cos_ef.min():.7f})")
     assert cos.min() < 0.9999
+
+
+def test_exact_gauss_newton_operator(setup):
+    """The operators inside ExactGNCg / ExactGNLissa (after ``fit``) are fimoda's G/n, dense check
+    on 3 random vectors as a block and on one vector alone; and the averaging claim: pyDVL's
+    PointAveraging gives (G/n) / k on a k-column block, ChunkAveraging exactly G/n for one batch."""
+    att = setup.attributor()
+    GN = _mean_gauss_newton(setup, att)
+    P = GN.shape[0]
+    V = torch.randn(3, P, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = V @ GN
+    atol = 1e-12 * float(ref.abs().max())
+    loader = DataLoader(TensorDataset(setup.X, setup.Y), batch_size=setup.n)
+    pseudo = gn_pseudo_loss(setup.task)
+
+    point = GaussNewtonOperator(setup.model, pseudo, loader)         # pyDVL as shipped
+    assert torch.allclose(point.apply(V), ref / 3, rtol=1e-10, atol=atol)
+    chunk = GaussNewtonOperator(setup.model, pseudo, loader)
+    chunk.averaging = ChunkAveraging()
+    assert torch.allclose(chunk.apply(V), ref, rtol=1e-10, atol=atol)
+    assert torch.allclose(chunk.apply(V[0]), ref[0], rtol=1e-10, atol=atol)
+
+    cg = ExactGNCg(setup.model, setup.loss_mean, pseudo, regularization=setup.lam_mean,
+                   solve_simultaneously=True).fit(loader)
+    (block,) = cg.block_mapper.composable_block_dict.values()
+    assert torch.allclose(block.op.operator.apply(V), ref, rtol=1e-10, atol=atol)
+    lissa = ExactGNLissa(setup.model, setup.loss_mean, pseudo,
+                         regularization=setup.lam_mean).fit(loader)
+    (block,) = lissa.block_mapper.composable_block_dict.values()
+    assert torch.allclose(block.op.batch_operation.apply(TorchBatch(setup.X, setup.Y), V), ref,
+                          rtol=1e-10, atol=atol)
+    # the scores' gradients are of the real loss (fimoda's left-out loss gradients)
+    assert torch.allclose(block.gp.flat_grads(TorchBatch(setup.X_loo, setup.Y_loo)),
+                          att.train_grads, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="ONE batch"):
+        ExactGNCg(setup.model, setup.loss_mean, pseudo).fit(
+            DataLoader(TensorDataset(setup.X, setup.Y), batch_size=setup.n // 2))
+
+
+def test_cg_vs_cg_gauss_newton(peer, setup):
+    """Block CG on the same matrix G/n + lambda I: pyDVL (ExactGNCg, rtol = sqrt(tol): it stops at
+    ||r|| < rtol^2 ||b||) and fimoda cg (Gauss-Newton, risk="mean"), both to relative residual
+    1e-10: the same scores."""
+    tol = 1e-10
+    inf = ExactGNCg(setup.model, setup.loss_mean, gn_pseudo_loss(setup.task),
+                    regularization=setup.lam_mean, rtol=tol ** 0.5, atol=0.0, maxiter=2000,
+                    solve_simultaneously=True)
+    theirs, t_peer = _pydvl_scores(peer, setup, inf)
+    mine, t_mine = peer.ours(setup, "cg", risk="mean", damping=setup.lam_mean, tol=tol)
+    cos = peer.row_cosines(theirs, mine)
+    ratio = peer.scale_ratio(theirs, mine)
+    peer.record("pyDVL", "Cg (exact GN, block)", "cg (GN)", setup.task, cos, t_peer, t_mine,
+                ratio=ratio, note="pseudo-loss operator, ChunkAveraging")
+    assert cos.min() >= 0.999999
+    assert ratio == pytest.approx(1.0, rel=1e-6)
+
+
+def test_lissa_vs_lissa_gauss_newton(peer, setup):
+    """LiSSA on the same matrix G/n + lambda I, same scale (0.6 (lambda_max + lambda), convergent)
+    and depth, pyDVL never stopping early (rtol 0, dampen 0): the same recurrence, the same
+    scores."""
+    att = setup.attributor()
+    lam = setup.lam_mean
+    top = float(torch.linalg.eigvalsh(_mean_gauss_newton(setup, att))[-1])
+    scale, depth = 0.6 * (top + lam), 300
+    inf = ExactGNLissa(setup.model, setup.loss_mean, gn_pseudo_loss(setup.task),
+                       regularization=lam, maxiter=depth, scale=scale, dampen=0.0, rtol=0.0,
+                       warn_on_max_iteration=False)
+    theirs, t_peer = _pydvl_scores(peer, setup, inf)
+    mine, t_mine = peer.ours(setup, "lissa", risk="mean", damping=lam, scale=scale, depth=depth)
+    cos = peer.row_cosines(theirs, mine)
+    ratio = peer.scale_ratio(theirs, mine)
+    peer.record("pyDVL", "Lissa (exact GN)", "lissa (GN)", setup.task, cos, t_peer, t_mine,
+                ratio=ratio, note=f"depth {depth}, scale {scale:.3g}")
+    assert cos.min() >= 0.999999
+    assert ratio == pytest.approx(1.0, rel=1e-6)
 
 
 def _gn_output_layer_weights(setup):
