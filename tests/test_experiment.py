@@ -33,7 +33,8 @@ def test_method_config_takes_the_profiles_settings():
     assert lh.scale_grid[0] == 200.0 and all(s >= 200.0 for s in lh.scale_grid)
     assert ex.method_config("lissa", cfg).scale == 20.0
     assert ex.method_config("cg", get_config("energy", "paper")).damping_grid == (1.0, 10.0, 100.0, 1000.0)
-    assert ex.method_config("lissa_h", get_config("concrete", "cpu")).batch_size == 128
+    assert ex.method_config("lissa_h", get_config("concrete", "cpu")).batch_size is None
+    assert ex.method_config("lissa_h", get_config("concrete", "smoke")).batch_size == 128
     assert ex.method_config("trak", get_config("concrete", "smoke")).proj_dim == 256
     assert ex.method_config("cg", cfg, damping_index=3).damping_index == 3
 
