@@ -99,7 +99,13 @@ class TextClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, mask = x[:, 0], x[:, 1]
-        h = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        # The additive (B, 1, 1, L) mask the encoder would build from ``mask`` (0 on tokens, the
+        # dtype's minimum on padding), passed ready-made: the encoder's own mask construction
+        # branches on the mask's values (e.g. "no padding at all"), which torch.func.vmap cannot
+        # trace, so per-example gradients of this model would otherwise need a Python loop.
+        dtype = self.head.weight.dtype
+        additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        h = self.encoder(input_ids=ids, attention_mask=additive).last_hidden_state[:, 0]
         return self.head(h)
 
 
