@@ -147,10 +147,15 @@ class Problem:
         params = self.params if params is None else params
         single = lambda p, x, y: fn(p, x.unsqueeze(0), y.unsqueeze(0)).squeeze(0)
         g = vmap(grad(single), in_dims=(None, 0, 0)) if self.vmap_ok else _looped(grad(single))
-        rows = []
+        out = torch.empty(len(X), self.n_params, dtype=self.dtype, device=self.device)
         for s in self._chunks(len(X), self.chunk, desc):
-            rows.append(flatten(g(params, X[s], Y[s]), self.names, batched=True).detach())
-        return torch.cat(rows) if rows else torch.zeros(0, self.n_params, dtype=self.dtype)
+            grads, col = g(params, X[s], Y[s]), 0
+            for name in self.names:             # written in place: the flatten order, one copy
+                t = grads[name].detach()
+                k = t[0].numel()
+                out[s, col:col + k] = t.reshape(len(t), k)
+                col += k
+        return out
 
     def loss_grads(self, X, Y, params: Optional[dict] = None, desc="loss gradients"):
         """Rows grad_theta L(z_i; theta), (N, P). ``params``: evaluate elsewhere than theta^f."""

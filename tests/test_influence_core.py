@@ -290,14 +290,27 @@ def test_block_cg_indefinite_and_budget_errors(reg):
                            materialize="never", max_iter=2, cg_block=block)
 
 
-def test_cg_in_subspace_coordinates_is_the_same_recurrence(ref):
-    """Materialised G: block and per-column CG in the coordinates of span(V) + span(B) are the
-    recurrences of R^P in an orthonormal basis: the same number of steps (up to round-off, which
-    CG amplifies over ~80 steps) and the same solution to the tolerance."""
+def test_cg_on_the_materialised_gauss_newton(ref):
+    """Materialised G, n <= P: CG on the dual n x n system reaches the same PRIMAL relative
+    residual (checked against the dense matrix) in about as many steps as CG on A itself, with the
+    same solution. n > P (forced here): block and per-column CG in the coordinates of span(V) +
+    span(B) are the recurrences of R^P in an orthonormal basis: the same number of steps (up to
+    round-off, which CG amplifies over ~80 steps) and the same solution to the tolerance."""
     A = DampedHessian(ref.att, "gn", ref.lamG)                         # materialised
-    assert A.spectral is not None
+    assert A.kernel is not None and A._spectral is None               # no spectrum for CG
     A_ref = ref.A("gn", ref.lamG)
     B = ref.G_loo.T.contiguous()
+    for block in (True, False):
+        Xd, idual = cg_inverse(A, B, 1e-8, 500, block=block)
+        Xp, ip = cg_solve(A.matmat, B, tol=1e-8, max_iter=500, progress=False, block=block)
+        assert idual["iterations"] <= 1.25 * ip["iterations"] + 2, (idual, ip)
+        assert rel_err(Xd.numpy(), Xp.numpy()) < 1e-6
+        assert max(true_residual(A_ref, B, Xd), true_residual(A_ref, B, Xp)) <= 1e-8
+        assert (idual["rel_residual"] <= 1e-8).all()
+        # the reported residual is the exact one or a certified upper bound of it
+        assert true_residual(A_ref, B, Xd) <= idual["rel_residual"].max() * (1 + 1e-6) + 1e-15
+    A.kernel = None                                   # the n > P route
+    assert A.spectral is not None
     for block in (True, False):
         Xz, iz = cg_inverse(A, B, 1e-8, 500, block=block)
         Xp, ip = cg_solve(A.matmat, B, tol=1e-8, max_iter=500, progress=False, block=block)
@@ -307,6 +320,16 @@ def test_cg_in_subspace_coordinates_is_the_same_recurrence(ref):
 
 
 # ----------------------------------------------------------------------------- G spectrum
+def test_gram_from_lower_blocks():
+    from fimoda.influence.inverse import gram
+    g = torch.Generator().manual_seed(0)
+    for n in (5, 600, 1100):
+        a = torch.randn(n, 40, generator=g, dtype=DT)
+        K = gram(a)
+        assert torch.equal(K, K.T)
+        assert rel_err(K, a @ a.T) < 1e-14
+
+
 def test_gram_spectrum_is_exact_and_orthonormal():
     """gram_spectrum(a) = eigen-decomposition of a^T a: both routes (n <= P: Gram matrix a a^T;
     n > P: a^T a), a rank-deficient a (its null space is dropped), and an a whose a^T a has
