@@ -31,15 +31,17 @@ test point (min / mean over the T test points):
   the pseudo-loss sqrt(l'') f, whose outer products are l'' grad f grad f^T; pyDVL's own
   GAUSS_NEWTON mode is the empirical Fisher, and its CG operator in that mode divides by the
   number of right-hand sides, corrected here), while the scores' gradients are of the real loss.
-  CG: block CG on both sides to relative residual tol (pyDVL rtol = sqrt(tol)), run fully
-  (``--gn-cg-maxiter`` caps pyDVL; its iteration count is printed in the note). LiSSA: same
+  CG: block CG to the same relative residual tol of (G/n + lambda I) X = B, run fully (pyDVL:
+  on that system, rtol = sqrt(tol), ``--gn-cg-maxiter`` caps it and its iteration count is
+  printed in the note; fimoda: on the equivalent n x n dual system, stopping on the exact
+  residual in R^P, see fimoda.influence.inverse.cg_dual). LiSSA: same
   scale 1.1 (lambda_max(G/n) + lambda_G) and same depth ``--gn-lissa-depth`` on both sides, both
   measured; then fimoda at the paper's depth 5000 (measured: it evaluates the same truncated
   series in the spectral coordinates of the materialised G, so its cost hardly depends on the
   depth) next to pyDVL's time extrapolated linearly from the measured depth (each pyDVL step is
   one full-batch Gauss-Newton product); that row is marked EXTRAP and has no cosine.
   Then CG over the paper's damping grid lambda_G x {0.1, 1, 10, 100} on one model (fimoda's
-  spectrum is computed once per model; pyDVL refits per damping).
+  n x n Gram matrix K = a a^T is computed once per model; pyDVL refits per damping).
 * EK-FAC (kronfluence with the exact Gauss-Newton Fisher pseudo-loss, float64; fimoda ekfac).
 * DataInf on the three weight matrices (dattri, one run per layer with fimoda's lambda_l; fimoda
   datainf): see tests/peers/test_dattri.py for why this is the same formula.
@@ -291,8 +293,9 @@ def pydvl_rows(b: Bench, lam_h, lam_max_h, lam_g, lam_max_g, args):
           f"tol {tol:g}; pyDVL: {'; '.join(cg_log) or 'no CG log'}")
 
     # The paper's protocol evaluates CG over a damping grid (App. D.4: lambda_G x {0.1, 1, 10,
-    # 100}). fimoda computes the Gauss-Newton spectrum once per model (cached on the Attributor,
-    # the "computed once" part) and runs each damping's CG in its coordinates; pyDVL refits.
+    # 100}). fimoda computes a and K = a a^T of the materialised Gauss-Newton matrix once per
+    # model (cached on the Attributor, the "computed once" part) and runs each damping's CG on the
+    # n x n dual system; pyDVL refits.
     grid = (0.1, 1.0, 10.0, 100.0)
     t = time.perf_counter()
     att = b.attributor()
@@ -306,7 +309,7 @@ def pydvl_rows(b: Bench, lam_h, lam_max_h, lam_g, lam_max_g, args):
     t_peer = time.perf_counter() - t
     b.add("CG (GN, grid of 4)", "pyDVL CgInfluence (block, GN)", np.concatenate(mine), t_mine,
           torch.cat([th.detach() for th in theirs]), t_peer,
-          "lambda_G x {0.1, 1, 10, 100}, one model: fimoda's spectrum computed once")
+          "lambda_G x {0.1, 1, 10, 100}, one model: fimoda's K = a a^T computed once")
 
     depth = args.gn_lissa_depth
     scale_g = 1.1 * (lam_max_g + lam_g)
