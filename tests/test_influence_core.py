@@ -440,6 +440,32 @@ def test_lissa_is_its_recurrence_and_converges_to_dense(ref):
     assert rel_err(got, dense) < 1e-5
 
 
+def test_gauss_newton_routes_with_more_data_than_parameters():
+    """n > P: the materialised G goes through its P-dimensional spectrum (no n x n kernel); CG,
+    the exact solve and LiSSA agree with the dense references there too."""
+    r = Ref("regression", n=40, hidden=2, depth=1)
+    assert r.P < r.n
+    A = DampedHessian(r.att, "gn", r.lamG)
+    assert A.kernel is None and A.spectral is not None
+    dense = r.dense("gn", r.lamG)
+    assert rel_err(compute_scores("dense", r.att), dense) < 1e-9
+    assert rel_err(compute_scores("cg", r.att), dense) < 1e-6
+    Ad = r.A("gn", r.lamG)
+    scale = 1.05 * float(torch.linalg.eigvalsh(Ad)[-1])
+    want = (r.G_test @ lissa_closed_form(Ad, r.G_loo.T, scale, 60)).numpy()
+    assert rel_err(compute_scores("lissa", r.att, scale=scale, depth=60), want) < 1e-9
+
+
+def test_gauss_newton_lissa_kernel_and_krylov_agree(ref):
+    """Two independent evaluations of the same full-batch series on the Gauss-Newton matrix: the
+    closed form from the n x n kernel's eigen-decomposition (materialised) and the block Krylov
+    subspace of Hessian-vector products (materialize="never"), at the paper's depth."""
+    lmax = float(torch.linalg.eigvalsh(ref.A("gn", ref.lamG))[-1])
+    a = compute_scores("lissa", ref.att, scale=1.05 * lmax, depth=5000)
+    b = compute_scores("lissa", ref.att, scale=1.05 * lmax, depth=5000, materialize="never")
+    assert rel_err(a, b) < 1e-9
+
+
 def test_lissa_h_converges_to_dense_true(reg):
     lam = reg.pd_damping() + 0.02 * float(torch.linalg.eigvalsh(reg.H / reg.n)[-1])
     A = reg.A("true", lam)
@@ -542,6 +568,14 @@ def test_krylov_lissa_is_the_truncated_series():
     A5 = (Qm * ev[torch.arange(P) % 5]) @ Qm.T
     got = krylov_lissa_solve(lambda V: A5 @ V, B, scale, 5000, progress=False)
     assert rel_err(got, lissa_closed_form(A5, B, scale, 5000)) < 1e-10
+    # low rank + damping (a materialised Gauss-Newton's shape): the space becomes invariant after
+    # rank + k directions, and what is left of A Q is round-off that must not enter the basis
+    g2 = torch.Generator().manual_seed(3)
+    Phi = torch.randn(30, P, generator=g2, dtype=DT) * torch.logspace(0, -4, 30, dtype=DT)[:, None]
+    Alow = Phi.T @ Phi + 1e-4 * torch.eye(P, dtype=DT)
+    s_low = 1.05 * float(torch.linalg.eigvalsh(Alow)[-1])
+    got = krylov_lissa_solve(lambda V: Alow @ V, B, s_low, 5000, progress=False)
+    assert rel_err(got, lissa_closed_form(Alow, B, s_low, 5000)) < 1e-9
     # divergence: a scale below lambda_max / 2, and an indefinite matrix
     with pytest.raises(LissaDivergedError):
         krylov_lissa_solve(matmat, B, 0.4, 5000, progress=False)
