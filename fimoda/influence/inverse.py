@@ -707,13 +707,15 @@ def krylov_lissa_solve(matmat: Callable, B: torch.Tensor, scale: float, depth: i
         return torch.zeros_like(B)
 
     def new_block(W, ref):
-        """Orthonormal directions of W stronger than ``drop`` x ``ref`` (rank-revealing SVD)."""
+        """Orthonormal directions of W stronger than ``drop`` x ``ref`` (rank-revealing SVD),
+        and whether the weakest is below 1e-4 x ref (then W is mostly cancellation)."""
         U, sv, _ = torch.linalg.svd(W, full_matrices=False)
-        return U[:, sv > drop * ref]
+        keep = sv > drop * ref
+        return U[:, keep], bool(keep.any()) and float(sv[keep].min()) < 1e-4 * ref
 
     Q = B.new_empty(P, cap)
     T = B.new_zeros(cap, cap)
-    Q0 = new_block(B, float(bnorm.max()))
+    Q0 = new_block(B, float(bnorm.max()))[0]
     if Q0.shape[1] > cap:
         return None
     n = Q0.shape[1]
@@ -742,10 +744,10 @@ def krylov_lissa_solve(matmat: Callable, B: torch.Tensor, scale: float, depth: i
                 W, C = W - Q[:, :e] @ c, C + c
             T[:e, s:e] = C
             T[s:e, :e] = C.T
-            Qn = new_block(W, ref) if ref > 0 else W[:, :0]
-            if Qn.shape[1]:
-                # W may be mostly cancellation round-off (a nearly invariant subspace): then its
-                # normalised directions are not orthogonal to Q to working accuracy. Project
+            Qn, weak = new_block(W, ref) if ref > 0 else (W[:, :0], False)
+            if weak:
+                # W is partly cancellation round-off (a nearly invariant subspace): then its
+                # normalised weak directions are not orthogonal to Q to working accuracy. Project
                 # them once more (twice) and keep only those that survive with most of their
                 # norm; the others lay in span(Q) already.
                 for _ in range(2):
