@@ -37,8 +37,8 @@ test point (min / mean over the T test points):
   residual in R^P, see fimoda.influence.inverse.cg_dual). LiSSA: same
   scale 1.1 (lambda_max(G/n) + lambda_G) and same depth ``--gn-lissa-depth`` on both sides, both
   measured; then fimoda at the paper's depth 5000 (measured: it evaluates the same truncated
-  series in the spectral coordinates of the materialised G, so its cost hardly depends on the
-  depth) next to pyDVL's time extrapolated linearly from the measured depth (each pyDVL step is
+  series in closed form from the eigen-decomposition of K = a a^T, so its cost hardly depends
+  on the depth) next to pyDVL's time extrapolated linearly from the measured depth (each pyDVL step is
   one full-batch Gauss-Newton product); that row is marked EXTRAP and has no cosine.
   Then CG over the paper's damping grid lambda_G x {0.1, 1, 10, 100} on one model (fimoda's
   n x n Gram matrix K = a a^T is computed once per model; pyDVL refits per damping).
