@@ -27,7 +27,8 @@ test point (min / mean over the T test points):
 * CG and LiSSA in the paper's configuration: the Gauss-Newton matrix of the mean loss,
   (G/n + lambda_G I)^{-1} (fimoda: cg / lissa, risk="mean", damping lambda_G = att.lambda_G,
   i.e. damping index 1 of the grid). pyDVL runs on EXACTLY this matrix: its CgInfluence /
-  LissaInfluence with the operator of :func:`pydvl_exact_gn` (pyDVL's Gauss-Newton operator fed
+  LissaInfluence with the operator of tests/peers/pydvl_exact_gn.py (pyDVL's Gauss-Newton
+  operator fed
   the pseudo-loss sqrt(l'') f, whose outer products are l'' grad f grad f^T; pyDVL's own
   GAUSS_NEWTON mode is the empirical Fisher, and its CG operator in that mode divides by the
   number of right-hand sides, corrected here), while the scores' gradients are of the real loss.
@@ -151,70 +152,6 @@ def skip(peer, err):
 
 
 # ----------------------------------------------------------------------------- rows
-def pydvl_exact_gn(task):
-    """pyDVL CgInfluence / LissaInfluence subclasses whose operator is EXACTLY fimoda's damped
-    mean Gauss-Newton matrix G/n + lam I (eq. 12), and the pseudo-loss they use (the same
-    construction as tests/peers/test_pydvl.py, where it is checked densely and score by score).
-
-    pyDVL's Gauss-Newton operator is (1/|b|) sum_i grad l~_i grad l~_i^T of the loss l~ it is
-    given; its GAUSS_NEWTON mode passes the real loss (the empirical Fisher, weights l'^2). Given
-    the pseudo-loss l~_i = sqrt(l''_i) f_i (l'' at the detached f; pyDVL evaluates it one example
-    at a time), the outer products are l''_i grad f_i grad f_i^T: the mean Gauss-Newton matrix.
-    The gradient provider of the scores keeps the real loss."""
-    from pydvl.influence.torch import CgInfluence, LissaInfluence
-    from pydvl.influence.torch.base import TorchGradientProvider, TorchOperatorGradientComposition
-    from pydvl.influence.torch.batch_operation import ChunkAveraging, GaussNewtonBatchOperation
-    from pydvl.influence.torch.operator import CgOperator, GaussNewtonOperator, LissaOperator
-
-    def pseudo_loss(out, y):
-        f = gn_output(out, y, task)
-        _, d2 = loss_derivatives(f.detach(), y, task)
-        return (d2.sqrt() * f).sum()
-
-    def one_batch(data):
-        if len(data) != 1:
-            raise ValueError(f"the exact Gauss-Newton operator needs the training set as ONE "
-                             f"batch (ChunkAveraging is a mean over batches), got {len(data)}")
-
-    class ExactGNCg(CgInfluence):
-        """Overrides of pyDVL's ``_create_block`` (otherwise its GAUSS_NEWTON code path):
-        the operator's loss is the pseudo-loss (not the real loss: empirical Fisher), and its
-        ``averaging`` is ChunkAveraging instead of pyDVL 0.10.0's PointAveraging, which divides
-        the result by the leading size of the right-hand-side block (k columns, or P for one
-        vector) instead of the number of data points. The batch operation already divides by
-        |b|, so with ONE batch ChunkAveraging (divide by the number of batches, 1) is exact."""
-
-        def _create_block(self, block_params, data, regularization):
-            one_batch(data)
-            op = GaussNewtonOperator(self.model, pseudo_loss, data, restrict_to=block_params)
-            op.averaging = ChunkAveraging()         # pyDVL's PointAveraging divides by k
-            cg_op = CgOperator(op, regularization, rtol=self.rtol, atol=self.atol,
-                               maxiter=self.maxiter, progress=self.progress,
-                               use_block_cg=self.solve_simultaneously,
-                               warn_on_max_iteration=self.warn_on_max_iteration)
-            gp = TorchGradientProvider(self.model, self.loss, restrict_to=block_params)
-            return TorchOperatorGradientComposition(cg_op, gp)
-
-    class ExactGNLissa(LissaInfluence):
-        """Override of pyDVL's ``_create_block``: its Gauss-Newton batch operation gets the
-        pseudo-loss instead of the real loss (its GAUSS_NEWTON mode = empirical Fisher).
-        LissaOperator applies the batch operation directly (no averaging bug); with the training
-        set as one batch every step uses the full-batch G/n, like fimoda's default."""
-
-        def _create_block(self, block_params, data, regularization):
-            one_batch(data)
-            batch_op = GaussNewtonBatchOperation(self.model, pseudo_loss,
-                                                 restrict_to=block_params)
-            lissa_op = LissaOperator(batch_op, data, regularization, maxiter=self.maxiter,
-                                     dampen=self.dampen, scale=self.scale, rtol=self.rtol,
-                                     progress=self.progress,
-                                     warn_on_max_iteration=self.warn_on_max_iteration)
-            gp = TorchGradientProvider(self.model, self.loss, restrict_to=block_params)
-            return TorchOperatorGradientComposition(lissa_op, gp)
-
-    return ExactGNCg, ExactGNLissa, pseudo_loss
-
-
 class _LogCapture(logging.Handler):
     """Keeps the messages of pyDVL's operator logger (its CG reports its iteration count at DEBUG
     level: 'Terminated block cg after k iterations' / 'Reached max number of iterations')."""
@@ -231,7 +168,10 @@ def pydvl_rows(b: Bench, lam_h, lam_max_h, lam_g, lam_max_g, args):
     try:
         from pydvl.influence import InfluenceMode
         from pydvl.influence.torch import CgInfluence, LissaInfluence
-        ExactGNCg, ExactGNLissa, _ = pydvl_exact_gn("regression")
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                        "tests", "peers"))
+        from pydvl_exact_gn import ExactGNCg, ExactGNLissa, gn_pseudo_loss
+        pseudo = gn_pseudo_loss("regression")
     except Exception as e:                          # noqa: BLE001
         return skip("pyDVL", e)
     from torch.utils.data import DataLoader, TensorDataset
@@ -271,7 +211,8 @@ def pydvl_rows(b: Bench, lam_h, lam_max_h, lam_g, lam_max_g, args):
           f"x {paper_depth / depth:g} (not run: each of its steps is a full-batch product)")
 
     # The paper's configuration: the Gauss-Newton matrix, lam = lambda_G. pyDVL runs on exactly
-    # fimoda's G/n + lam I through the pseudo-loss operator of pydvl_exact_gn (its own
+    # fimoda's G/n + lam I through the pseudo-loss operator of tests/peers/pydvl_exact_gn.py (its
+    # own
     # GAUSS_NEWTON mode is the empirical Fisher, and its CG operator in that mode divides by the
     # number of right-hand sides).
     print(f"  -- paper configuration: Gauss-Newton G/n + lambda_G I (lambda_G = {lam_g:.3g}); "
@@ -282,7 +223,7 @@ def pydvl_rows(b: Bench, lam_h, lam_max_h, lam_g, lam_max_g, args):
     op_log.addHandler(cap)
     op_log.setLevel(logging.DEBUG)
     try:
-        theirs, t_peer = run(ExactGNCg(b.model, b.loss_mean, regularization=lam_g,
+        theirs, t_peer = run(ExactGNCg(b.model, b.loss_mean, pseudo, regularization=lam_g,
                                        rtol=tol ** 0.5, atol=0.0, maxiter=args.gn_cg_maxiter,
                                        solve_simultaneously=True, warn_on_max_iteration=False))
     finally:
@@ -303,7 +244,8 @@ def pydvl_rows(b: Bench, lam_h, lam_max_h, lam_g, lam_max_g, args):
             for c in grid]
     t_mine = time.perf_counter() - t
     t = time.perf_counter()
-    theirs = [run(ExactGNCg(b.model, b.loss_mean, regularization=lam_g * c, rtol=tol ** 0.5,
+    theirs = [run(ExactGNCg(b.model, b.loss_mean, pseudo, regularization=lam_g * c,
+                            rtol=tol ** 0.5,
                             atol=0.0, maxiter=args.gn_cg_maxiter, solve_simultaneously=True,
                             warn_on_max_iteration=False))[0] for c in grid]
     t_peer = time.perf_counter() - t
@@ -314,7 +256,8 @@ def pydvl_rows(b: Bench, lam_h, lam_max_h, lam_g, lam_max_g, args):
     depth = args.gn_lissa_depth
     scale_g = 1.1 * (lam_max_g + lam_g)
     mine, t_mine = b.ours("lissa", risk="mean", damping=lam_g, scale=scale_g, depth=depth)
-    theirs, t_peer = run(ExactGNLissa(b.model, b.loss_mean, regularization=lam_g, maxiter=depth,
+    theirs, t_peer = run(ExactGNLissa(b.model, b.loss_mean, pseudo, regularization=lam_g,
+                                      maxiter=depth,
                                       scale=scale_g, dampen=0.0, rtol=0.0,
                                       warn_on_max_iteration=False))
     b.add(f"LiSSA (GN, depth {depth})", "pyDVL LissaInfluence (GN)", mine, t_mine, theirs,
