@@ -273,9 +273,10 @@ def gram_spectrum(a: torch.Tensor, K: Optional[torch.Tensor] = None) -> Spectral
 @dataclass
 class Kernel:
     """G/c = a^T a for the (n, P) matrix a = diag(sqrt(l''/c)) Phi (Phi: output gradients of the
-    whole training set), with its n x n Gram matrix K = a a^T; both in :func:`work_dtype`."""
+    whole training set), with its n x n Gram matrix K = a a^T (None when n > P); both in
+    :func:`work_dtype`."""
     a: torch.Tensor
-    K: torch.Tensor
+    K: Optional[torch.Tensor]
     _eig: Optional[tuple] = None
 
     def eig(self):
@@ -840,12 +841,11 @@ def cg_dual(A: DampedHessian, B: torch.Tensor, tol: float, max_iter: int, desc: 
     slack = (A.P + A.n) * float(torch.finfo(a.dtype).eps) * float(torch.trace(K))
     est = lambda S: (S * (K @ S)).sum(0).clamp_min(0).sqrt() / lam
 
-    def certified(S, cols=None):
+    def certified(S):
         q = (S * (K @ S)).sum(0)
         upper = (q.clamp_min(0) + slack * (S * S).sum(0)).sqrt() / lam
-        r = ref if cols is None else ref[cols]
         out = upper.clone()
-        unsure = torch.nonzero(upper > tol * r).flatten()
+        unsure = torch.nonzero(upper > tol * ref).flatten()
         if len(unsure):
             out[unsure] = (a.T @ S[:, unsure]).norm(dim=0) / lam
         return out
