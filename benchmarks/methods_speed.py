@@ -164,6 +164,16 @@ class _LogCapture(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def paper_depth_row(b: Bench, name, method, cfg, t_peer, depth, paper_depth=5000):
+    """fimoda's LiSSA at the paper's depth (measured) next to pyDVL's time extrapolated linearly
+    from its measured run at ``depth`` (each of its steps is one full-batch product, a constant
+    cost; not run). Same truncated series as the measured row above it; no peer scores."""
+    mine, t_mine = b.ours(method, depth=paper_depth, **cfg)
+    b.add(name, "pyDVL (EXTRAPOLATED time)", mine, t_mine, None, t_peer * paper_depth / depth,
+          f"fimoda measured at depth {paper_depth}; pyDVL {t_peer:.1f}s at depth {depth} "
+          f"x {paper_depth / depth:g} (not run)")
+
+
 def pydvl_rows(b: Bench, lam_h, lam_max_h, lam_g, lam_max_g, args):
     try:
         from pydvl.influence import InfluenceMode
@@ -203,12 +213,8 @@ def pydvl_rows(b: Bench, lam_h, lam_max_h, lam_g, lam_max_g, args):
                         full_batch="recurrence")
     b.add(f"LiSSA-H recurrence ({depth})", "pyDVL LissaInfluence", ref, t_ref, theirs, t_peer,
           "fimoda's plain recurrence (the reference): the ratio of product costs")
-    paper_depth = 5000
-    mine, t_mine = b.ours("lissa_h", risk="mean", damping=lam_h, scale=scale, depth=paper_depth)
-    b.add(f"LiSSA-H ({paper_depth}) EXTRAP", "pyDVL (EXTRAPOLATED time)", mine, t_mine, None,
-          t_peer * paper_depth / depth,
-          f"fimoda measured at depth {paper_depth}; pyDVL {t_peer:.1f}s at depth {depth} "
-          f"x {paper_depth / depth:g} (not run: each of its steps is a full-batch product)")
+    paper_depth_row(b, "LiSSA-H (5000) EXTRAP", "lissa_h",
+                    dict(risk="mean", damping=lam_h, scale=scale), t_peer, depth)
 
     # The paper's configuration: the Gauss-Newton matrix, lam = lambda_G. pyDVL runs on exactly
     # fimoda's G/n + lam I through the pseudo-loss operator of tests/peers/pydvl_exact_gn.py (its
@@ -262,14 +268,8 @@ def pydvl_rows(b: Bench, lam_h, lam_max_h, lam_g, lam_max_g, args):
                                       warn_on_max_iteration=False))
     b.add(f"LiSSA (GN, depth {depth})", "pyDVL LissaInfluence (GN)", mine, t_mine, theirs,
           t_peer, f"scale {scale_g:.3g}; both measured")
-    # the paper's depth: fimoda measured; pyDVL's per-step cost is constant (a full-batch
-    # Gauss-Newton product per step), so its time is extrapolated from the measured run
-    paper_depth = 5000
-    mine, t_mine = b.ours("lissa", risk="mean", damping=lam_g, scale=scale_g, depth=paper_depth)
-    b.add(f"LiSSA (GN, {paper_depth}) EXTRAP", "pyDVL (EXTRAPOLATED time)", mine, t_mine, None,
-          t_peer * paper_depth / depth,
-          f"fimoda measured at depth {paper_depth}; pyDVL {t_peer:.1f}s at depth {depth} "
-          f"x {paper_depth / depth:g} (not run); same truncated series as the row above")
+    paper_depth_row(b, "LiSSA (GN, 5000) EXTRAP", "lissa",
+                    dict(risk="mean", damping=lam_g, scale=scale_g), t_peer, depth)
 
 
 def kronfluence_row(b: Bench, lam, tmp):
