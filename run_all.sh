@@ -45,15 +45,21 @@ setup() {
   # Reinstall only when the dependency list changed.
   local stamp; stamp=$(cat pyproject.toml | sha256sum | cut -c1-16)
   if [ "$(cat .venv/.fimoda-stamp 2>/dev/null)" != "$stamp" ]; then
-    echo "== installing fimoda and its dependencies into .venv"
-    .venv/bin/python -m pip install -q --upgrade pip
-    # torch is pinned and installed first: a bare 'torch' requirement pulls CUDA packages.
-    .venv/bin/python -m pip install -q "torch==2.13.0"
-    .venv/bin/python -m pip install -q -e ".[dev]"
+    echo "== installing fimoda and its dependencies into .venv (log: .venv/install.log)"
+    local t0=$SECONDS
+    # pip's own output goes to the log; on failure its end is shown. torch is pinned and
+    # installed first: a bare 'torch' requirement pulls CUDA packages.
+    if ! { .venv/bin/python -m pip install --upgrade pip &&
+           .venv/bin/python -m pip install "torch==2.13.0" &&
+           .venv/bin/python -m pip install -e ".[dev]"; } > .venv/install.log 2>&1; then
+      echo "run_all.sh: installing into .venv failed; the end of .venv/install.log:" >&2
+      grep -v "^WARNING: Location '.*' is ignored" .venv/install.log | tail -n 40 >&2
+      exit 1
+    fi
     echo "$stamp" > .venv/.fimoda-stamp
+    echo "== installed in $((SECONDS - t0)) s"
   fi
 }
-
 setup
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 export TRANSFORMERS_OFFLINE=${TRANSFORMERS_OFFLINE:-1}

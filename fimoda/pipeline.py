@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,6 +58,22 @@ def plan(profile: str, datasets: list[str]):
     return steps
 
 
+def ipc_kernel_manager(socket_dir: str):
+    """A kernel manager whose kernel talks over Unix sockets in ``socket_dir`` instead of TCP on
+    localhost: the kernel and papermill share this machine, and ipykernel warns at every start of a
+    TCP kernel without transport encryption. The socket path must be absolute (the kernel runs in
+    notebooks/, papermill elsewhere)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            kwargs.setdefault("ip", os.path.join(socket_dir, "kernel"))
+            super().__init__(**kwargs)
+
+    return IPCKernelManager
+
+
 def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "python3",
         only: list[str] | None = None) -> None:
     import papermill as pm
@@ -65,25 +83,41 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
     steps = plan(profile, datasets)
     if only:
         steps = [s for s in steps if any(s[0].startswith(o) for o in only)]
+        if not steps:
+            raise SystemExit(f"--only {','.join(only)} matches no notebook of this run; "
+                             f"notebooks: {', '.join(sorted({nb for nb, _, _ in plan(profile, datasets)}))}")
     print(f"fimoda pipeline: profile={profile} datasets={','.join(datasets)} device={device} "
           f"({len(steps)} notebooks)", flush=True)
     t_all = time.perf_counter()
-    for k, (nb, params, path) in enumerate(steps, 1):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        params = {**params, "device": device}
-        label = nb + (f" [{params['dataset']}]" if "dataset" in params else "")
-        print(f"[{k}/{len(steps)}] {label} ...", flush=True)
-        t0 = time.perf_counter()
-        try:
-            pm.execute_notebook(str(NB / nb), str(path), parameters=params, kernel_name=kernel,
-                                cwd=str(NB), progress_bar=False, log_output=False)
-        except pm.PapermillExecutionError as e:
-            raise SystemExit(f"notebook {label} failed ({e.ename}: {e.evalue}); "
-                             f"see the executed copy at {path}") from None
-        print(f"    done in {time.perf_counter() - t0:.1f}s -> {path}", flush=True)
+    socket_dir = tempfile.mkdtemp(prefix="fimoda-kernel-")
+    try:
+        for k, (nb, params, path) in enumerate(steps, 1):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            params = {**params, "device": device}
+            label = nb.removesuffix(".ipynb") + (f" [{params['dataset']}]" if "dataset" in params else "")
+            t0 = time.perf_counter()
+            try:
+                pm.execute_notebook(str(NB / nb), str(path), parameters=params, kernel_name=kernel,
+                                    cwd=str(NB), progress_bar=False, log_output=False,
+                                    kernel_manager_class=ipc_kernel_manager(socket_dir))
+            except pm.PapermillExecutionError as e:
+                raise SystemExit(f"notebook {label} failed ({e.ename}: {e.evalue}); "
+                                 f"see the executed copy at {path}") from None
+            print(f"[{k:>2}/{len(steps)}] {label:<40} {_clock(time.perf_counter() - t0):>8}",
+                  flush=True)
+    finally:
+        shutil.rmtree(socket_dir, ignore_errors=True)
     from .io import figures_dir, results_dir
-    print(f"all notebooks done in {(time.perf_counter() - t_all) / 60:.1f} min; figures in "
-          f"{figures_dir(profile)}, results in {results_dir(profile, '').parent}", flush=True)
+    print(f"all {len(steps)} notebooks done in {_clock(time.perf_counter() - t_all)}; executed "
+          f"copies in {steps[0][2].parent}, figures in {figures_dir(profile)}, results in "
+          f"{results_dir(profile, '').parent}", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    """Wall time as m:ss (or h:mm:ss)."""
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
 """The notebooks, executed end to end by papermill on the smoke profile (as run_all.sh does)."""
 import json
+import re
 
 import pytest
 
@@ -30,9 +31,21 @@ def test_unknown_dataset_is_a_clear_error():
         pipeline.run("smoke", ["mnist"])
 
 
-def test_smoke_pipeline_runs_every_notebook(isolated):
+def test_only_matching_no_notebook_is_an_error():
+    with pytest.raises(SystemExit, match="matches no notebook"):
+        pipeline.run("smoke", ["concrete"], only=["99"])
+
+
+def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
     require_file("concrete/Concrete_Data.xls")
     pipeline.run("smoke", ["concrete"])
+    out, err = capfd.readouterr()
+    # one line per notebook with its wall time, then the total; nothing from the kernels
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 + 7 + 1, out
+    assert all(re.search(r"^\[ ?\d/7\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
+    assert lines[-1].startswith("all 7 notebooks done in ")
+    assert "without encryption" not in err and "TCP" not in err, err
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
     assert len(executed) == 7
     for nb in executed:
