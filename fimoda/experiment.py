@@ -120,10 +120,13 @@ def smallest_hessian_eigenvalue(att, n_iter: int = 60, seed: int = 0) -> float:
     an upper bound that is tight for the extreme eigenvalues after a few dozen steps)."""
     from .influence.arnoldi import arnoldi_eig
     from .influence.inverse import block_products
-    p = att.problem
-    mv = lambda v: block_products(p, p.X, p.Y, v[:, None], "true")[:, 0] / att.n_train
-    mu, _ = arnoldi_eig(mv, p.n_params, n_iter, seed, p.dtype, p.device, progress=False)
-    return float(mu.min())
+    key = ("lambda_min(H/n)", n_iter, seed)
+    if key not in att.shared:                  # computed once per model: Prop. 1 and eq. 16
+        p = att.problem
+        mv = lambda v: block_products(p, p.X, p.Y, v[:, None], "true")[:, 0] / att.n_train
+        mu, _ = arnoldi_eig(mv, p.n_params, n_iter, seed, p.dtype, p.device, progress=False)
+        att.shared[key] = float(mu.min())
+    return att.shared[key]
 
 
 def assumption1_damping(att, cfg: ExperimentConfig, margin: float = 1.2) -> float:

@@ -67,7 +67,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
 from .io import load_json, load_npz, save_json, save_npz
-from .models import MLP, per_example_loss
+from .models import linear_relu_layers, per_example_loss
 
 log = logging.getLogger(__name__)
 
@@ -482,32 +482,6 @@ def _torch_optimizer(cfg: GoldConfig, params):
 
 
 # ----------------------------------------------------------------------------- engines
-def _linear_relu_layers(model: nn.Module):
-    """The Linear layers of a pure Linear-ReLU-...-Linear stack (``fimoda.models.MLP`` or an
-    ``nn.Sequential``), or None."""
-    if type(model) is MLP:
-        layers = list(model.hidden) + [model.out]
-    elif type(model) is nn.Sequential:
-        mods = list(model)
-        if len(mods) % 2 == 0:
-            return None
-        for k, m in enumerate(mods):
-            want = nn.Linear if k % 2 == 0 else nn.ReLU
-            if type(m) is not want:
-                return None
-        layers = mods[0::2]
-    else:
-        return None
-    if not all(type(m) is nn.Linear for m in layers):
-        return None
-    own = {id(p) for m in layers for p in m.parameters()}
-    if any(id(p) not in own for p in model.parameters()) or any(True for _ in model.buffers()):
-        return None
-    if not all(p.requires_grad for p in model.parameters()):
-        return None
-    return layers
-
-
 def _relu_backward_(grad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """grad * [out > 0] in place (the kernel of ReLU's backward; half the time of the
     out-of-place op, which allocates)."""
@@ -692,7 +666,7 @@ def _vmappable(engine: _FuncEngine, X, Y) -> bool:
 def _make_engine(model: nn.Module, task: str, cfg: GoldConfig, X, Y):
     """``mlp`` for Linear/ReLU stacks, else ``func`` (vmap), else ``loop`` (auto)."""
     if cfg.engine in ("auto", "mlp"):
-        layers = _linear_relu_layers(model)
+        layers = linear_relu_layers(model)
         eng = _MLPEngine(layers, task) if layers is not None else None
         if eng is not None and eng.supports():
             return eng

@@ -43,6 +43,32 @@ class MLP(nn.Module):
         return self.out(x)
 
 
+def linear_relu_layers(model: nn.Module, require_grad: bool = True):
+    """The Linear layers of a pure Linear-ReLU-...-Linear stack (``fimoda.models.MLP`` or an
+    ``nn.Sequential``), or None (also when ``require_grad`` and a parameter is frozen)."""
+    if type(model) is MLP:
+        layers = list(model.hidden) + [model.out]
+    elif type(model) is nn.Sequential:
+        mods = list(model)
+        if len(mods) % 2 == 0:
+            return None
+        for k, m in enumerate(mods):
+            want = nn.Linear if k % 2 == 0 else nn.ReLU
+            if type(m) is not want:
+                return None
+        layers = mods[0::2]
+    else:
+        return None
+    if not all(type(m) is nn.Linear for m in layers):
+        return None
+    own = {id(p) for m in layers for p in m.parameters()}
+    if any(id(p) not in own for p in model.parameters()) or any(True for _ in model.buffers()):
+        return None
+    if require_grad and not all(p.requires_grad for p in model.parameters()):
+        return None
+    return layers
+
+
 def _conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
     layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
               nn.ReLU(inplace=False)]

@@ -46,6 +46,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from ..gradients import block_slices, gn_output, loss_derivatives
+from ..config import MethodConfig
 from .common import Attributor, damping_value
 
 DAMPING_MODES = ("lambda_G", "heuristic")
@@ -55,8 +56,8 @@ _FITTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 @dataclass(frozen=True)
 class EkfacConfig:
-    damping_grid: tuple = (0.1, 1.0, 10.0, 100.0)  # lambda = lambda_G * damping_grid[index]
-    damping_index: int = 1
+    damping_grid: tuple = MethodConfig.damping_grid   # lambda = lambda_G x grid[index]
+    damping_index: int = MethodConfig.damping_index   # the paper's: the largest
     damping: Optional[float] = None   # absolute lambda; overrides the grid.
     #  kronfluence's default (damping_factor=1e-8 on MEAN factors) is damping=1e-8, risk="mean".
     damping_mode: str = "lambda_G"    # lambda_G: as above | heuristic: 0.1 mean(Lambda_l) per layer

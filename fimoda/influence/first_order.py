@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..config import MethodConfig
 from .common import Attributor, damping_value
 
 
@@ -25,8 +26,8 @@ from .common import Attributor, damping_value
 class GradDotConfig:
     """``scale``: multiply by 1/lambda, lambda = ``damping`` or lambda_G x grid[index]."""
     scale: bool = False
-    damping_grid: tuple = (0.1, 1.0, 10.0, 100.0)
-    damping_index: int = 1
+    damping_grid: tuple = MethodConfig.damping_grid   # lambda = lambda_G x grid[index]
+    damping_index: int = MethodConfig.damping_index   # the paper's: the largest
     damping: Optional[float] = None
 
 

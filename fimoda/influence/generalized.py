@@ -51,11 +51,17 @@ class Eq16Config(Prop1Config):
 
 
 def _solver(A: DampedHessian, cfg: Prop1Config) -> Callable:
+    """B -> A^{-1} B with the configured solver, shared with the other generalized methods on
+    the same A (their Newton step and test-side solve are the same linear systems)."""
     if cfg.solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {cfg.solver!r}")
     if cfg.solver == "dense":
-        return A.solve
-    return lambda B: cg_inverse(A, B, cfg.tol, cfg.max_iter)[0]
+        solve = A.solve
+    else:
+        solve = lambda B: cg_inverse(A, B, cfg.tol, cfg.max_iter)[0]      # noqa: E731
+    key = ("generalized", A.hessian, A.lam, A.c, A.materialized, cfg.solver, cfg.tol,
+           cfg.max_iter, cfg.memory_gb)
+    return A.att.shared_solve(key, solve)
 
 
 def newton_step(A: DampedHessian, solve: Callable) -> torch.Tensor:

@@ -37,20 +37,20 @@ Conventions
   (identical iterates, residuals and norms in exact arithmetic, O((r + k) k) per iteration
   instead of O(n P k)) and LiSSA's series is diagonal. Otherwise (and always for
   the true Hessian) a block of right-hand sides is multiplied by :func:`block_products`: per data
-  chunk, the autograd graph of the gradient is built once and differentiated once per column
-  (reverse-over-reverse; on a Concrete MLP on one CPU thread: 5.9 ms per product, against
-  12.8 ms for a loop of forward-over-reverse HVPs and 15 ms for them vmapped).
+  chunk, the autograd graph of the gradient is built once and differentiated for a block of
+  columns at once (reverse-over-reverse, the backward pass batched over the columns; cheaper
+  than forward-over-reverse HVPs, looped or vmapped: ``benchmarks/``).
 * **Full-batch LiSSA through products** (the true Hessian, or a Gauss-Newton matrix too large to
   materialise): the same truncated series is evaluated in a block Krylov subspace
   (:func:`krylov_lissa_solve`): exact once the subspace holds it, otherwise converged like CG, so
-  the paper's depth 5000 costs a dozen block products instead of 5000 (true Hessian of a
-  Concrete MLP, 100 right-hand sides, one thread: 12 blocks, 11 s instead of ~45 min).
+  the paper's depth 5000 costs a few dozen block products instead of 5000 (on the true Hessian
+  of a Concrete MLP with 100 right-hand sides, a dozen blocks).
   ``full_batch="recurrence"`` keeps the plain recurrence (the reference).
 * **Block CG.** By default (``cg_block=True``) CG solves all k right-hand sides together
   (O'Leary 1980, in the breakdown-free form of Ji & Li 2017): one block Krylov space shared by
   the k columns, so each step's k products serve every column and far fewer steps are needed
-  than by k independent CG runs (true Hessian of a Concrete MLP, k = 100, tol 1e-8: 8 steps and
-  805 products instead of 42 and 4,173). ``cg_block=False`` runs k independent CG recurrences
+  than by k independent CG runs (true Hessian of a Concrete MLP, k = 100, tol 1e-8: 8 steps
+  instead of 42). ``cg_block=False`` runs k independent CG recurrences
   (the textbook method, kept as the reference).
 """
 from __future__ import annotations
@@ -65,7 +65,9 @@ import torch
 from tqdm import tqdm
 
 from ..gradients import Problem, loss_derivatives
+from ..config import MethodConfig
 from .common import Attributor, damping_value
+from .rop import LinearReluHessian
 
 HESSIANS = ("gn", "true")
 RISKS = ("mean", "sum")
@@ -95,8 +97,8 @@ class DampedConfig:
     "never" (Gauss-Newton only); ``memory_gb``: budget for the materialised Phi and its
     eigen-decomposition (and for dense P x P matrices).
     """
-    damping_grid: tuple = (0.1, 1.0, 10.0, 100.0)
-    damping_index: int = 1
+    damping_grid: tuple = MethodConfig.damping_grid   # lambda = lambda_G x grid[index]
+    damping_index: int = MethodConfig.damping_index   # the paper's: the largest
     damping: Optional[float] = None
     risk: str = "mean"
     materialize: str = "auto"
@@ -171,15 +173,50 @@ def check_damped(cfg: DampedConfig, hessian: str) -> None:
 
 
 def block_products(problem: Problem, X: torch.Tensor, Y: torch.Tensor, V: torch.Tensor,
-                   hessian: str) -> torch.Tensor:
+                   hessian: str, autograd: bool = False) -> torch.Tensor:
     """M V for a (P, k) block, M = sum over the rows of (X, Y) of the per-example Hessian:
     "true": grad^2 L(z) (column j: the gradient of grad L . v_j, reverse over reverse);
     "gn": l''(f) grad f grad f^T (J v_j as the derivative in u of J^T u, then J^T (l'' J v_j)).
-    Chunks of ``problem.batch_size`` rows; one graph per chunk, one backward pass per column."""
+    A Linear-ReLU stack's true Hessian is applied by the hand-written R-operator
+    (:class:`~fimoda.influence.rop.LinearReluHessian`); other models by autograd:
+    chunks of ``problem.batch_size`` rows; one graph per chunk, differentiated for
+    ``BATCHED_COLUMNS`` columns at once (``is_grads_batched``: the backward pass vmapped over the
+    columns, batched matmuls instead of a Python loop of small ones), or one backward pass per
+    column for models that cannot run under vmap (``problem.vmap_ok``) -- the same sums.
+    ``autograd=True``: autograd for every model (the reference of the R-operator)."""
+    if hessian == "true" and not autograd:
+        rop = LinearReluHessian.build(problem)
+        if rop is not None:                  # a Linear-ReLU stack: the R-operator by hand
+            out = torch.zeros_like(V)
+            for s in range(0, len(X), problem.batch_size):
+                x, y = X[s:s + problem.batch_size], Y[s:s + problem.batch_size]
+                for c in range(0, V.shape[1], BATCHED_COLUMNS):
+                    out[:, c:c + BATCHED_COLUMNS] += rop(x, y, V[:, c:c + BATCHED_COLUMNS])
+            return out
     params = {n: t.detach().requires_grad_(True) for n, t in problem.params.items()}
     plist = [params[n] for n in problem.names]
-    flat = lambda gs: torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1)
-                                 for g, q in zip(gs, plist)])
+    sizes = [q.numel() for q in plist]
+
+    def flat(gs, k=None):          # gradients -> (P,) or, batched over k columns, (P, k)
+        if k is None:
+            return torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1)
+                              for g, q in zip(gs, plist)])
+        return torch.cat([V.new_zeros(k, m) if g is None else g.reshape(k, m)
+                          for g, m in zip(gs, sizes)], dim=1).T
+
+    def columns():                 # column blocks: all at once under vmap, else one by one
+        step = BATCHED_COLUMNS if problem.vmap_ok else 1
+        return [slice(c, min(c + step, V.shape[1])) for c in range(0, V.shape[1], step)]
+
+    def backward(out_, grad_outputs):
+        """sum of grad_outputs[c] . d out_ / d theta for each column block c: (P, kc)."""
+        if problem.vmap_ok:
+            return flat(torch.autograd.grad(out_, plist, grad_outputs=grad_outputs,
+                                            retain_graph=True, allow_unused=True,
+                                            is_grads_batched=True), len(grad_outputs))
+        return flat(torch.autograd.grad(out_, plist, grad_outputs=grad_outputs[0],
+                                        retain_graph=True, allow_unused=True))[:, None]
+
     out = torch.zeros_like(V)
     for s in range(0, len(X), problem.batch_size):
         x, y = X[s:s + problem.batch_size], Y[s:s + problem.batch_size]
@@ -187,20 +224,29 @@ def block_products(problem: Problem, X: torch.Tensor, Y: torch.Tensor, V: torch.
             if hessian == "true":
                 loss = problem.loss(params, x, y).sum()
                 g = flat(torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True))
-                for j in range(V.shape[1]):
-                    out[:, j] += flat(torch.autograd.grad(g, plist, grad_outputs=V[:, j],
-                                                          retain_graph=True, allow_unused=True))
+                for cols in columns():
+                    out[:, cols] += backward(g, V[:, cols].T.contiguous())
             else:
                 f = problem.f(params, x, y)
                 _, d2 = loss_derivatives(f.detach(), y, problem.task)
                 u = torch.zeros_like(f, requires_grad=True)
                 jtu = flat(torch.autograd.grad(f, plist, grad_outputs=u, create_graph=True,
                                                allow_unused=True))
-                for j in range(V.shape[1]):
-                    jv = torch.autograd.grad(jtu, u, grad_outputs=V[:, j], retain_graph=True)[0]
-                    out[:, j] += flat(torch.autograd.grad(f, plist, grad_outputs=d2 * jv,
-                                                          retain_graph=True, allow_unused=True))
+                for cols in columns():
+                    Vc = V[:, cols].T.contiguous()                        # (kc, P)
+                    if problem.vmap_ok:
+                        jv = torch.autograd.grad(jtu, u, grad_outputs=Vc, retain_graph=True,
+                                                 is_grads_batched=True)[0]
+                    else:
+                        jv = torch.autograd.grad(jtu, u, grad_outputs=Vc[0],
+                                                 retain_graph=True)[0][None]
+                    out[:, cols] += backward(f, d2 * jv)
     return out
+
+
+# columns differentiated together by one batched backward pass in block_products: its memory is
+# this many copies of a chunk's autograd graph
+BATCHED_COLUMNS = 64
 
 
 @dataclass
@@ -567,7 +613,10 @@ def cg_solve(matmat: Callable, B: torch.Tensor, tol: float = 1e-8, max_iter: int
     R = B.clone()
     it = products = 0
     run = _cg_block if block else _cg_columns
-    bar = tqdm(total=max_iter, desc=desc, leave=False, disable=not progress)
+    # CG stops when the residual does, usually long before max_iter: the bar counts steps and
+    # shows their rate, with no total (max_iter as a total would give a meaningless ETA)
+    bar = tqdm(desc=f"{desc} ({k} right-hand sides)", unit="step", leave=False,
+               disable=not progress)
     try:
         rnorm = norm(R)                       # X = 0: R = B exactly, the estimate suffices
         while True:
@@ -915,15 +964,22 @@ def _lissa_solve(A: DampedHessian, B: torch.Tensor, cfg: LissaConfig, stochastic
                  progress: bool, desc: str) -> torch.Tensor:
     """A^{-1} B by LiSSA with the settings of ``cfg`` (see :class:`LissaConfig`)."""
     if not stochastic:                          # deterministic: every repeat is identical
+        krylov = cfg.full_batch == "krylov" and cfg.depth >= KRYLOV_MIN_DEPTH
+        # basis columns: at most half the memory budget, and 4000 (T's eigh stays cheap)
+        item = torch.finfo(A.dtype).bits // 8
+        cap = int(min(4000, cfg.memory_gb * 2 ** 30 / 2 / (A.P * item)))
         if A.kernel is not None:
+            if krylov and kernel_eig_costlier(A, B.shape[1]):
+                # the same series in a Krylov subspace of the kernel's cheap products
+                X = krylov_lissa_solve(A.matmat, B, cfg.scale, cfg.depth, cfg.divergence_factor,
+                                       cfg.krylov_tol, cap, progress, desc)
+                if X is not None:
+                    return X
             return lissa_kernel(A, B, cfg.scale, cfg.depth, cfg.divergence_factor)
         if A.spectral is not None:
             Z, diag, decode = A.coords(B)
             return decode(lissa_diagonal(diag, Z, cfg.scale, cfg.depth, cfg.divergence_factor))
-        if cfg.full_batch == "krylov" and cfg.depth >= KRYLOV_MIN_DEPTH:
-            # basis columns: at most half the memory budget, and 4000 (T's eigh stays cheap)
-            item = torch.finfo(A.dtype).bits // 8
-            cap = int(min(4000, cfg.memory_gb * 2 ** 30 / 2 / (A.P * item)))
+        if krylov:
             X = krylov_lissa_solve(A.matmat, B, cfg.scale, cfg.depth, cfg.divergence_factor,
                                    cfg.krylov_tol, cap, progress, desc)
             if X is not None:
@@ -933,6 +989,7 @@ def _lissa_solve(A: DampedHessian, B: torch.Tensor, cfg: LissaConfig, stochastic
                           f"products per column)")
         return lissa_solve(lambda t, W: A.matmat(W), B, cfg.scale, cfg.depth,
                            cfg.divergence_factor, progress=progress, desc=desc)
+
     total = torch.zeros_like(B)
     for r in range(cfg.repeat):
         gen = torch.Generator().manual_seed(cfg.seed + r)
@@ -951,6 +1008,28 @@ def _lissa_solve(A: DampedHessian, B: torch.Tensor, cfg: LissaConfig, stochastic
         total += lissa_solve(matmat, B, cfg.scale, cfg.depth, cfg.divergence_factor,
                              stochastic=True, lam=A.lam, progress=progress, desc=desc)
     return total / cfg.repeat
+
+
+# Cost model of the two exact evaluations of full-batch LiSSA on the materialised kernel, in
+# matmul-equivalent flops: a symmetric eigen-decomposition with eigenvectors is ~9 n^3 flops run
+# at a fraction of the matmul rate (tridiagonal reduction is memory-bound), counted as 5x; a
+# Krylov block costs the product a^T (a V): 4 n P k flops, and the series at the paper's dampings
+# needs a few dozen blocks (KRYLOV_BLOCKS_EXPECTED), plus the orthogonalisation against the basis.
+EIGH_FLOP_FACTOR = 9 * 5
+KRYLOV_BLOCKS_EXPECTED = 30
+
+
+def kernel_eig_costlier(A: "DampedHessian", k: int) -> bool:
+    """True when K's eigen-decomposition (not yet computed) is expected to cost more than a
+    Krylov evaluation of the series for k right-hand sides (see the cost model above)."""
+    kern = A.kernel
+    if kern is None or kern._eig is not None:
+        return False
+    n, P = kern.a.shape
+    eig = EIGH_FLOP_FACTOR * float(n) ** 3
+    m = KRYLOV_BLOCKS_EXPECTED * k                      # basis columns
+    krylov = KRYLOV_BLOCKS_EXPECTED * 4.0 * n * P * k + 4.0 * P * m * m
+    return eig > krylov
 
 
 def lissa_kernel(A: DampedHessian, B: torch.Tensor, scale: float, depth: int,
