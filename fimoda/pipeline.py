@@ -58,11 +58,13 @@ def plan(profile: str, datasets: list[str]):
     return steps
 
 
-def ipc_kernel_manager(socket_dir: str):
+def ipc_kernel_manager(socket_dir: str, log_path: Path):
     """A kernel manager whose kernel talks over Unix sockets in ``socket_dir`` instead of TCP on
-    localhost: the kernel and papermill share this machine, and ipykernel warns at every start of a
-    TCP kernel without transport encryption. The socket path must be absolute (the kernel runs in
-    notebooks/, papermill elsewhere)."""
+    localhost (the kernel and papermill share this machine, and ipykernel warns at every start of
+    a TCP kernel without transport encryption; the socket path must be absolute: the kernel runs
+    in notebooks/, papermill elsewhere), and whose own stderr -- kernel-level log lines such as
+    the interrupt at shutdown, never a cell's output or error, which the executed notebook holds
+    -- is appended to ``log_path`` instead of the console."""
     from jupyter_client.manager import AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
@@ -70,6 +72,11 @@ def ipc_kernel_manager(socket_dir: str):
             kwargs.setdefault("transport", "ipc")
             kwargs.setdefault("ip", os.path.join(socket_dir, "kernel"))
             super().__init__(**kwargs)
+
+        async def start_kernel(self, **kw):
+            with open(log_path, "ab") as log:        # the child keeps its own descriptor
+                kw.setdefault("stderr", log)
+                return await super().start_kernel(**kw)
 
     return IPCKernelManager
 
@@ -90,6 +97,8 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
           f"({len(steps)} notebooks)", flush=True)
     t_all = time.perf_counter()
     socket_dir = tempfile.mkdtemp(prefix="fimoda-kernel-")
+    log = steps[0][2].parent / "kernels.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     try:
         for k, (nb, params, path) in enumerate(steps, 1):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,10 +108,12 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
             try:
                 pm.execute_notebook(str(NB / nb), str(path), parameters=params, kernel_name=kernel,
                                     cwd=str(NB), progress_bar=False, log_output=False,
-                                    kernel_manager_class=ipc_kernel_manager(socket_dir))
+                                    kernel_manager_class=ipc_kernel_manager(socket_dir, log))
             except pm.PapermillExecutionError as e:
                 raise SystemExit(f"notebook {label} failed ({e.ename}: {e.evalue}); "
                                  f"see the executed copy at {path}") from None
+            except RuntimeError as e:                   # e.g. the kernel died
+                raise SystemExit(f"notebook {label} failed ({e}); kernel log: {log}") from None
             print(f"[{k:>2}/{len(steps)}] {label:<40} {_clock(time.perf_counter() - t0):>8}",
                   flush=True)
     finally:
