@@ -43,9 +43,9 @@ class MLP(nn.Module):
         return self.out(x)
 
 
-def linear_relu_layers(model: nn.Module, require_grad: bool = True):
+def linear_relu_layers(model: nn.Module):
     """The Linear layers of a pure Linear-ReLU-...-Linear stack (``fimoda.models.MLP`` or an
-    ``nn.Sequential``), or None (also when ``require_grad`` and a parameter is frozen)."""
+    ``nn.Sequential``), or None."""
     if type(model) is MLP:
         layers = list(model.hidden) + [model.out]
     elif type(model) is nn.Sequential:
@@ -64,7 +64,7 @@ def linear_relu_layers(model: nn.Module, require_grad: bool = True):
     own = {id(p) for m in layers for p in m.parameters()}
     if any(id(p) not in own for p in model.parameters()) or any(True for _ in model.buffers()):
         return None
-    if require_grad and not all(p.requires_grad for p in model.parameters()):
+    if not all(p.requires_grad for p in model.parameters()):
         return None
     return layers
 

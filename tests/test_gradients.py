@@ -5,7 +5,6 @@ import torch.nn.functional as F
 
 from fimoda.gradients import Problem, gn_output, loss_derivatives, loss_from_f, param_names
 from fimoda.models import MLP
-from tolerances import gamma
 
 
 def _setup(task, n_out, vmap_ok=True):
@@ -74,59 +73,3 @@ def test_parameter_selection_by_name_or_module_prefix():
     X, Y = torch.randn(5, 3), torch.randn(5)
     pb = Problem(m, X, Y, "regression", names=["out"], progress=False)
     assert pb.loss_grads(X, Y).shape == (5, 5)
-
-
-def _dense_hessian(task, model, X, Y, names):
-    """The Hessian of the summed loss in the parameters ``names`` (others fixed), by
-    torch.autograd.functional.hessian: independent of fimoda's product code."""
-    full = dict(model.named_parameters())
-    params = tuple(full[n].detach().clone() for n in names)
-    fixed = {n: p.detach() for n, p in full.items() if n not in names}
-    R = lambda *ps: _loss(task, torch.func.functional_call(model, {**fixed, **dict(zip(names, ps))},
-                                                           (X,)), Y)
-    blocks = torch.autograd.functional.hessian(R, params)
-    return torch.cat([torch.cat([blocks[i][j].reshape(params[i].numel(), params[j].numel())
-                                 for j in range(len(params))], 1) for i in range(len(params))])
-
-
-@pytest.mark.parametrize("task,n_out", [("regression", 1), ("classification", 2),
-                                        ("classification", 3)])
-@pytest.mark.parametrize("kind", ["mlp", "sequential"])
-@pytest.mark.parametrize("names", [None, ["hidden.1", "out.weight"]])
-def test_linear_relu_r_operator_is_the_true_hessian(task, n_out, kind, names):
-    """The hand-written R-operator (taken by block_products for Linear-ReLU stacks) applies the
-    exact Hessian of the summed loss, over all or a subset of the parameters, on several data
-    chunks and column blocks; autograd (the path of every other model) gives the same."""
-    from fimoda.influence import inverse
-    from fimoda.influence.rop import LinearReluHessian
-    torch.manual_seed(1)
-    if kind == "mlp":
-        m = MLP(4, n_out, hidden=6).double()
-    else:
-        m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 5),
-                                torch.nn.ReLU(), torch.nn.Linear(5, n_out)).double()
-        names = None if names is None else ["2", "4.weight"]
-    X = torch.randn(30, 4, dtype=torch.float64)
-    Y = torch.randn(30, dtype=torch.float64) if task == "regression" else torch.randint(0, n_out, (30,))
-    pb = Problem(m, X, Y, task, names=names, batch_size=7, progress=False)
-    assert LinearReluHessian.build(pb) is not None
-    H = _dense_hessian(task, m, X, Y, pb.names)
-    V = torch.randn(pb.n_params, inverse.BATCHED_COLUMNS + 3, dtype=torch.float64)
-    want = H @ V
-    scale = float(want.abs().max())
-    got = inverse.block_products(pb, X, Y, V, "true")
-    # each entry of either side is a sum over the n rows of chains of length-P products:
-    # gamma_{nP} of the largest entry bounds the round-off of both (Higham eq. 3.5)
-    tol = gamma(len(X) * pb.n_params) * scale
-    assert float((got - want).abs().max()) <= tol
-    auto = inverse.block_products(pb, X, Y, V, "true", autograd=True)
-    assert float((auto - want).abs().max()) <= tol
-
-
-def test_r_operator_only_for_linear_relu_stacks():
-    from fimoda.influence.rop import LinearReluHessian
-    X, Y = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
-    tanh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).double()
-    assert LinearReluHessian.build(Problem(tanh, X, Y, "regression", progress=False)) is None
-    two = MLP(4, 2, hidden=3).double()                 # two outputs cannot be a regression
-    assert LinearReluHessian.build(Problem(two, X, Y, "regression", progress=False)) is None

@@ -37,9 +37,9 @@ Conventions
   (identical iterates, residuals and norms in exact arithmetic, O((r + k) k) per iteration
   instead of O(n P k)) and LiSSA's series is diagonal. Otherwise (and always for
   the true Hessian) a block of right-hand sides is multiplied by :func:`block_products`: per data
-  chunk, the autograd graph of the gradient is built once and differentiated for a block of
-  columns at once (reverse-over-reverse, the backward pass batched over the columns; cheaper
-  than forward-over-reverse HVPs, looped or vmapped: ``benchmarks/``).
+  chunk, the autograd graph of the gradient is built once and differentiated once per column
+  (reverse-over-reverse; cheaper than forward-over-reverse HVPs, looped or vmapped, and than the
+  backward pass batched over the columns: ``benchmarks/hessian_products.py``).
 * **Full-batch LiSSA through products** (the true Hessian, or a Gauss-Newton matrix too large to
   materialise): the same truncated series is evaluated in a block Krylov subspace
   (:func:`krylov_lissa_solve`): exact once the subspace holds it, otherwise converged like CG, so
@@ -67,7 +67,6 @@ from tqdm import tqdm
 from ..gradients import Problem, loss_derivatives
 from ..config import MethodConfig
 from .common import Attributor, damping_value
-from .rop import LinearReluHessian
 
 HESSIANS = ("gn", "true")
 RISKS = ("mean", "sum")
@@ -173,50 +172,15 @@ def check_damped(cfg: DampedConfig, hessian: str) -> None:
 
 
 def block_products(problem: Problem, X: torch.Tensor, Y: torch.Tensor, V: torch.Tensor,
-                   hessian: str, autograd: bool = False) -> torch.Tensor:
+                   hessian: str) -> torch.Tensor:
     """M V for a (P, k) block, M = sum over the rows of (X, Y) of the per-example Hessian:
     "true": grad^2 L(z) (column j: the gradient of grad L . v_j, reverse over reverse);
     "gn": l''(f) grad f grad f^T (J v_j as the derivative in u of J^T u, then J^T (l'' J v_j)).
-    A Linear-ReLU stack's true Hessian is applied by the hand-written R-operator
-    (:class:`~fimoda.influence.rop.LinearReluHessian`); other models by autograd:
-    chunks of ``problem.batch_size`` rows; one graph per chunk, differentiated for
-    ``BATCHED_COLUMNS`` columns at once (``is_grads_batched``: the backward pass vmapped over the
-    columns, batched matmuls instead of a Python loop of small ones), or one backward pass per
-    column for models that cannot run under vmap (``problem.vmap_ok``) -- the same sums.
-    ``autograd=True``: autograd for every model (the reference of the R-operator)."""
-    if hessian == "true" and not autograd:
-        rop = LinearReluHessian.build(problem)
-        if rop is not None:                  # a Linear-ReLU stack: the R-operator by hand
-            out = torch.zeros_like(V)
-            for s in range(0, len(X), problem.batch_size):
-                x, y = X[s:s + problem.batch_size], Y[s:s + problem.batch_size]
-                for c in range(0, V.shape[1], BATCHED_COLUMNS):
-                    out[:, c:c + BATCHED_COLUMNS] += rop(x, y, V[:, c:c + BATCHED_COLUMNS])
-            return out
+    Chunks of ``problem.batch_size`` rows; one graph per chunk, one backward pass per column."""
     params = {n: t.detach().requires_grad_(True) for n, t in problem.params.items()}
     plist = [params[n] for n in problem.names]
-    sizes = [q.numel() for q in plist]
-
-    def flat(gs, k=None):          # gradients -> (P,) or, batched over k columns, (P, k)
-        if k is None:
-            return torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1)
-                              for g, q in zip(gs, plist)])
-        return torch.cat([V.new_zeros(k, m) if g is None else g.reshape(k, m)
-                          for g, m in zip(gs, sizes)], dim=1).T
-
-    def columns():                 # column blocks: all at once under vmap, else one by one
-        step = BATCHED_COLUMNS if problem.vmap_ok else 1
-        return [slice(c, min(c + step, V.shape[1])) for c in range(0, V.shape[1], step)]
-
-    def backward(out_, grad_outputs):
-        """sum of grad_outputs[c] . d out_ / d theta for each column block c: (P, kc)."""
-        if problem.vmap_ok:
-            return flat(torch.autograd.grad(out_, plist, grad_outputs=grad_outputs,
-                                            retain_graph=True, allow_unused=True,
-                                            is_grads_batched=True), len(grad_outputs))
-        return flat(torch.autograd.grad(out_, plist, grad_outputs=grad_outputs[0],
-                                        retain_graph=True, allow_unused=True))[:, None]
-
+    flat = lambda gs: torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1)
+                                 for g, q in zip(gs, plist)])
     out = torch.zeros_like(V)
     for s in range(0, len(X), problem.batch_size):
         x, y = X[s:s + problem.batch_size], Y[s:s + problem.batch_size]
@@ -224,29 +188,20 @@ def block_products(problem: Problem, X: torch.Tensor, Y: torch.Tensor, V: torch.
             if hessian == "true":
                 loss = problem.loss(params, x, y).sum()
                 g = flat(torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True))
-                for cols in columns():
-                    out[:, cols] += backward(g, V[:, cols].T.contiguous())
+                for j in range(V.shape[1]):
+                    out[:, j] += flat(torch.autograd.grad(g, plist, grad_outputs=V[:, j],
+                                                          retain_graph=True, allow_unused=True))
             else:
                 f = problem.f(params, x, y)
                 _, d2 = loss_derivatives(f.detach(), y, problem.task)
                 u = torch.zeros_like(f, requires_grad=True)
                 jtu = flat(torch.autograd.grad(f, plist, grad_outputs=u, create_graph=True,
                                                allow_unused=True))
-                for cols in columns():
-                    Vc = V[:, cols].T.contiguous()                        # (kc, P)
-                    if problem.vmap_ok:
-                        jv = torch.autograd.grad(jtu, u, grad_outputs=Vc, retain_graph=True,
-                                                 is_grads_batched=True)[0]
-                    else:
-                        jv = torch.autograd.grad(jtu, u, grad_outputs=Vc[0],
-                                                 retain_graph=True)[0][None]
-                    out[:, cols] += backward(f, d2 * jv)
+                for j in range(V.shape[1]):
+                    jv = torch.autograd.grad(jtu, u, grad_outputs=V[:, j], retain_graph=True)[0]
+                    out[:, j] += flat(torch.autograd.grad(f, plist, grad_outputs=d2 * jv,
+                                                          retain_graph=True, allow_unused=True))
     return out
-
-
-# columns differentiated together by one batched backward pass in block_products: its memory is
-# this many copies of a chunk's autograd graph
-BATCHED_COLUMNS = 64
 
 
 @dataclass
