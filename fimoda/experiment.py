@@ -83,9 +83,10 @@ def method_config(name: str, cfg: ExperimentConfig, **overrides):
         damping_grid=m.damping_grid, damping_index=m.damping_index,
         depth=m.lissa_h_depth if name == "lissa_h" else m.lissa_depth, repeat=m.lissa_repeat,
         scale=scale, scale_grid=tuple(s for s in m.lissa_scale_grid if s >= scale),
-        batch_size=m.lissa_h_batch_size if name == "lissa_h" else None,
+        batch_size=m.lissa_h_batch_size if name == "lissa_h" else m.lissa_batch_size,
         proj_dim=m.trak_proj_dim, c_grid=m.datainf_c_grid, c_index=m.datainf_index,
-        rank=m.arnoldi_rank, memory_gb=m.memory_gb,
+        n_samples=m.datainf_samples, rank=m.arnoldi_rank, n_iter=m.arnoldi_iter,
+        memory_gb=m.memory_gb,
     )
     if name == "ekfac":
         candidates.pop("batch_size")
@@ -97,15 +98,32 @@ def method_config(name: str, cfg: ExperimentConfig, **overrides):
     return cls(**kwargs)
 
 
+def fit_rows(cfg: ExperimentConfig, n_train: int, loo_idx) -> np.ndarray:
+    """The training rows the methods' training-set-wide quantities are estimated on: all of
+    them, or (``cfg.methods.fit_rows = m``) the left-out rows plus a seed-0 random sample of the
+    others, m in all, sorted. Mean-risk operators over them are unbiased estimates of the full
+    set's."""
+    m = cfg.methods.fit_rows
+    if m is None or m >= n_train:
+        return np.arange(n_train, dtype=np.int64)
+    loo = np.unique(np.asarray(loo_idx, dtype=np.int64))
+    if m < len(loo):
+        raise ValueError(f"methods.fit_rows={m} is smaller than the {len(loo)} left-out rows")
+    others = np.setdiff1d(np.arange(n_train, dtype=np.int64), loo)
+    extra = np.random.RandomState(0).choice(others, m - len(loo), replace=False)
+    return np.sort(np.concatenate([loo, extra]))
+
+
 def make_attributor(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, device="cpu",
                     names: Optional[Iterable[str]] = None, progress: bool = True):
-    """The compute-once state of every method: theta^f, the full training set for Hessian
-    operators, the left-out and test instances."""
+    """The compute-once state of every method: theta^f, the training set for Hessian
+    operators (:func:`fit_rows` of it), the left-out and test instances."""
     from .gradients import Problem
     from .influence import Attributor
     Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
-    problem = Problem(model, Xtr, ytr, cfg.task, names=names, chunk=cfg.methods.grad_chunk,
-                      progress=progress)
+    rows = torch.as_tensor(fit_rows(cfg, len(Xtr), loo_idx))
+    problem = Problem(model, Xtr[rows], ytr[rows], cfg.task, names=names,
+                      chunk=cfg.methods.grad_chunk, progress=progress)
     loo, test = torch.as_tensor(loo_idx), torch.as_tensor(test_idx)
     return Attributor(problem, Xtr[loo], ytr[loo], Xte[test], yte[test])
 
@@ -205,7 +223,19 @@ def load_scores(cfg: ExperimentConfig, methods: Iterable[str], directory=None) -
     return out
 
 
-def load_gold(cfg: ExperimentConfig, optimizer: str, mechanism: str, directory=None) -> dict:
+def gold_settings(cfg: ExperimentConfig, optimizer: Optional[str] = None,
+                  mechanism: Optional[str] = None) -> tuple[str, str]:
+    """(optimizer, leave-out mechanism) of the gold standard: the ones given, else the
+    dataset's (``cfg.further``): SGD for the tabular sets and images, AdamW for SST-2; ``remove``
+    for the tabular sets (what the reference code that produced the paper's tabular figures did:
+    z_i taken out of each epoch's sampler order), ``subtract`` for images and text (paper
+    App. D.3 and its SST-2 code)."""
+    return optimizer or cfg.further.optimizer, mechanism or cfg.further.mechanism
+
+
+def load_gold(cfg: ExperimentConfig, optimizer: Optional[str] = None,
+              mechanism: Optional[str] = None, directory=None) -> dict:
+    optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
     d = Path(directory or out_dir(cfg))
     p = d / f"gold_{optimizer}_{mechanism}.npz"
     if not p.exists():
@@ -225,11 +255,17 @@ def load_data(cfg: ExperimentConfig, data_dir=None):
 def final_model(cfg: ExperimentConfig, device="cpu", data_dir=None, directory=None):
     """(theta^f, its training data): the saved final model of notebook 01 and the dataset
     restricted to the rows it was trained on (reduced profiles train on a subset; SST-2 holds out
-    validation rows), which the gold standard and every method attribute over."""
-    from .train import load_final_model, training_dataset
+    validation rows), which the gold standard and every method attribute over. A text config with
+    ``trainable_layers`` gets the top layers (:class:`fimoda.models.TextTop`) and the dataset
+    as features of the frozen trunk below them."""
+    from .train import frozen_trunk, load_final_model, training_dataset
     ds = load_data(cfg, data_dir)
-    model = load_final_model(cfg, ds, directory or out_dir(cfg), device=device)
-    return model, training_dataset(cfg, ds)
+    d = directory or out_dir(cfg)
+    model = load_final_model(cfg, ds, d, device=device)
+    ds = training_dataset(cfg, ds)
+    if cfg.trainable_layers is not None:     # the top layers on the frozen trunk's features
+        return frozen_trunk(cfg, model, ds, d)
+    return model, ds
 
 
 def dataset_summary(ds) -> dict:
@@ -247,11 +283,12 @@ def dataset_summary(ds) -> dict:
 
 
 # ----------------------------------------------------------------------------- gold standard
-def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: str = "sgd",
-             mechanism: str = "subtract", device="cpu", directory=None, **overrides) -> dict:
+def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: Optional[str] = None,
+             mechanism: Optional[str] = None, device="cpu", directory=None, **overrides) -> dict:
     """Further training from theta^f for the full set and every left-out set, all seeds
     (``gold_<optimizer>_<mechanism>.npz``); resumes from ``work_gold_*`` if interrupted."""
     from .further_training import GoldConfig, further_train, save_gold
+    optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
     d = Path(directory or out_dir(cfg))
     path = d / f"gold_{optimizer}_{mechanism}.npz"
     gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
@@ -371,18 +408,26 @@ def evaluation_gold(gold: dict, adjust: str = "mean"):
     return a, t
 
 
-def summary(profile: str, datasets, optimizer: str = "sgd", mechanism: str = "subtract",
-            adjust: str = "mean", methods=None):
-    """Figure 2 as a grid over the datasets with results, and the max-cosine table."""
+def summary(profile: str, datasets, optimizer: Optional[str] = None,
+            mechanism: Optional[str] = None, adjust: str = "mean", methods=None):
+    """Figure 2 as a grid over the datasets with results, and the max-cosine table. Each panel
+    uses its dataset's gold standard (:func:`gold_settings`; None = the dataset's default).
+
+    Panels follow the paper's order (:func:`fimoda.plots.fig2_order`: concrete, energy, fico,
+    folktables/adult, cifar10/fashion_mnist, sst2), lettered (a), (b), ... over the panels drawn,
+    up to three per row; the x-axis is in epochs for datasets whose further training is
+    evaluated per epoch (tabular) and in steps where the config sets ``further.max_steps`` or
+    ``further.eval_every`` (image, text). One legend for the whole figure. The table's columns
+    are the datasets in panel order."""
     import matplotlib.pyplot as plt
     import pandas as pd
     from .config import get_config
     from .influence import METHODS
     from .metrics import curve
-    from .plots import curves, label
+    from .plots import curves, fig2_order, grid_shape, label, panel_letter
     methods = list(methods or [m for m in METHODS if m != "dense"])
     have = []
-    for ds in datasets:
+    for ds in fig2_order(datasets):
         cfg = get_config(ds, profile)
         try:
             gold = load_gold(cfg, optimizer, mechanism)
@@ -391,16 +436,28 @@ def summary(profile: str, datasets, optimizer: str = "sgd", mechanism: str = "su
         have.append((cfg, gold, load_scores(cfg, methods)))
     if not have:
         raise FileNotFoundError(f"no gold results for {list(datasets)} in the {profile} profile")
-    fig, axes = plt.subplots(1, len(have), figsize=(4.6 * len(have), 3.8), squeeze=False)
+    nrows, ncols = grid_shape(len(have))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
+    flat = axes.ravel()
     rows = {}
-    for ax, (cfg, gold, scores) in zip(axes[0], have):
+    handles = {}
+    for k, (ax, (cfg, gold, scores)) in enumerate(zip(flat, have)):
         a, t = evaluation_gold(gold, adjust)
         res = {m: curve(a, s) for m, s in scores.items()}
         name = cfg.dataset + (f" (stand-in for {cfg.stand_in_for})" if cfg.stand_in_for else "")
-        curves(ax, t, res, title=name)
+        opt, mech = gold_settings(cfg, optimizer, mechanism)
+        curves(ax, t, res, title=f"{panel_letter(k)} {name}\n({opt}, {mech})")
+        steps = cfg.further.max_steps is not None or cfg.further.eval_every is not None
+        ax.set_xlabel("further training (steps)" if steps else "further training (epochs)")
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
         rows[name] = {label(m): float(np.max(v[0])) for m, v in res.items()}
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    for ax in flat[len(have):]:      # the unused cells of the last row
+        ax.remove()
     fig.tight_layout()
+    if handles:
+        fig.legend(list(handles.values()), list(handles), fontsize=8, loc="center left",
+                   bbox_to_anchor=(1.0, 0.5), frameon=False)
     return fig, pd.DataFrame(rows)
 
 
@@ -437,8 +494,18 @@ def influential_examples(ds, gold: dict, a: np.ndarray, scores: dict, j: int, t:
 MISLABEL_TRIALS = {"smoke": 1, "cpu": 2, "paper": 40}
 
 
-def mislabel_detection(cfg: ExperimentConfig, optimizer: str = "sgd",
-                       mechanism: str = "subtract", device="cpu", trials=None, frac: float = 0.2,
+def mislabel_applies(cfg: ExperimentConfig) -> tuple[bool, str]:
+    """(whether notebook 06 runs mislabelled-example detection for ``cfg``, why not)."""
+    if cfg.task != "classification":
+        return False, "mislabelled-example detection applies to the classification datasets"
+    if cfg.model == "resnet9":
+        return False, ("the paper ran mislabelled-example detection on the tabular classifiers "
+                       "and SST-2, not on images")
+    return True, ""
+
+
+def mislabel_detection(cfg: ExperimentConfig, optimizer: Optional[str] = None,
+                       mechanism: Optional[str] = None, device="cpu", trials=None, frac: float = 0.2,
                        directory=None):
     """Mislabelled-example detection (App. E.2): flip the labels of a random ``frac`` of the
     left-out set, further train theta^f for one epoch on the flipped data (all seeds), and take
@@ -451,23 +518,25 @@ def mislabel_detection(cfg: ExperimentConfig, optimizer: str = "sgd",
     if cfg.task != "classification":
         raise ValueError("mislabelled-example detection needs a classification dataset")
     trials = trials or MISLABEL_TRIALS[cfg.profile]
+    optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
     d = Path(directory or out_dir(cfg))
     model, ds = final_model(cfg, device=device, directory=d)
     loo_idx = select_loo_indices(cfg, len(ds.X_train))
     test_idx = select_test_indices(cfg, len(ds.X_test))
     gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
-                                      device=device, epochs=1, max_steps=None)
+                                      device=device, epochs=1, max_steps=cfg.further.max_steps)
     # theta^f and the clean data, shared by every trial; a trial only changes labels
     base = make_attributor(model, ds, cfg, loo_idx, test_idx, device=device, progress=False)
+    Xtr, ytr, _, _ = tensors(ds, cfg, device)     # the whole training set (not fit_rows)
     loo = torch.as_tensor(loo_idx)
     aucs = {"further training (gold)": [], "Grad-Dot": []}
     for trial in range(trials):
         rng = np.random.RandomState(1000 + trial)
         flip = np.sort(rng.choice(len(loo_idx), int(round(frac * len(loo_idx))), replace=False))
-        y = base.problem.Y.clone()
+        y = ytr.clone()
         src = torch.as_tensor(loo_idx[flip])
         y[src] = (y[src] + torch.as_tensor(rng.randint(1, ds.n_classes, len(flip)))) % ds.n_classes
-        res = further_train(model, cfg.task, base.problem.X, y, base.X_test, base.Y_test, loo,
+        res = further_train(model, cfg.task, Xtr, y, base.X_test, base.Y_test, loo,
                             gcfg, workdir=d / f"work_mislabel_{trial}")
         a = gold_scores(res.loss_full, res.loss_loo, adjust="mean")[:, -1, :].mean(1)
         is_flipped = np.zeros(len(loo_idx), bool)
@@ -485,7 +554,11 @@ def run_methods(methods, att, cfg: ExperimentConfig, loo_idx, test_idx, director
     "ok" or the reason a method broke down). Loaded results take ~0 s."""
     import pandas as pd
     scores, status = {}, {}
+    skip = dict(cfg.methods.skip)
     for m in methods:
+        if m in skip:
+            status[m] = {"seconds": 0.0, "status": f"skipped: {skip[m]}"}
+            continue
         t0 = time.perf_counter()
         try:
             scores[m] = run_method(m, att, cfg, loo_idx, test_idx, directory=directory)

@@ -67,7 +67,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
 from .io import load_json, load_npz, save_json, save_npz
-from .models import linear_relu_layers, per_example_loss
+from .models import input_trimmer, linear_relu_layers, per_example_loss
 
 log = logging.getLogger(__name__)
 
@@ -379,15 +379,6 @@ class _AugmentStream:
             del self.views[e]
 
 
-def _trim_text(x: torch.Tensor) -> torch.Tensor:
-    """Text inputs (..., 2, L) of ids + attention mask: drop trailing columns masked everywhere
-    (the outputs are unchanged up to summation order). Other inputs pass through."""
-    if x.dtype != torch.int64 or x.ndim < 3 or x.shape[-2] != 2:
-        return x
-    used = x[..., 1, :].reshape(-1, x.shape[-1]).ne(0).any(0).nonzero()
-    return x[..., :int(used.max()) + 1 if len(used) else 1]
-
-
 # ----------------------------------------------------------------------------- optimizers
 class _StackedOptimizer:
     """SGD / Adam / AdamW on tensors with a leading run dimension, with exactly the per-element
@@ -567,7 +558,7 @@ def _used_parameters(model: nn.Module, task: str, X, Y) -> list[str]:
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     with torch.enable_grad():
-        loss = per_example_loss(task)(model(_trim_text(X[:2])), Y[:2]).sum()
+        loss = per_example_loss(task)(model(input_trimmer(model)(X[:2])), Y[:2]).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [n for n, g in zip(names, grads) if g is not None]
 
@@ -582,6 +573,7 @@ class _FuncEngine:
     def __init__(self, model: nn.Module, task: str, used: list, eval_batch: int = 256):
         self.model, self.task, self.eval_batch = model, task, eval_batch
         self.loss_fn = per_example_loss(task)
+        self.trim = input_trimmer(model)
         self.names = list(used)
         self.start = [p.detach().clone() for n, p in model.named_parameters() if n in used]
         fixed = {n: p.detach() for n, p in model.named_parameters() if n not in used}
@@ -607,10 +599,10 @@ class _FuncEngine:
         return [p.unsqueeze(0).repeat(R, *([1] * p.dim())) for p in self.start]
 
     def grads(self, P, x, y, w):
-        return list(self._grads(tuple(P), _trim_text(x), y, w))
+        return list(self._grads(tuple(P), self.trim(x), y, w))
 
     def test_losses(self, P, Xt, yt):
-        outs = [self._test(tuple(P), _trim_text(Xt[a:a + self.eval_batch]),
+        outs = [self._test(tuple(P), self.trim(Xt[a:a + self.eval_batch]),
                            yt[a:a + self.eval_batch])
                 for a in range(0, len(Xt), self.eval_batch)]
         return torch.cat(outs, 1)
@@ -625,7 +617,7 @@ class _LoopEngine(_FuncEngine):
     name = "loop"
 
     def grads(self, P, x, y, w):
-        x = _trim_text(x)
+        x = self.trim(x)
         out = [torch.empty_like(p) for p in P]
         with torch.enable_grad():
             for r in range(P[0].shape[0]):
@@ -643,7 +635,7 @@ class _LoopEngine(_FuncEngine):
             params = {**dict(zip(self.names, [p[r] for p in P])), **self.fixed}
             rows.append(torch.cat([
                 self.loss_fn(functional_call(self.model, params,
-                                             (_trim_text(Xt[a:a + self.eval_batch]),)),
+                                             (self.trim(Xt[a:a + self.eval_batch]),)),
                              yt[a:a + self.eval_batch])
                 for a in range(0, len(Xt), self.eval_batch)]))
         return torch.stack(rows)
@@ -700,7 +692,7 @@ def _activation_elems(model: nn.Module, x1: torch.Tensor) -> int:
     hs = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            model(_trim_text(x1))
+            model(input_trimmer(model)(x1))
     finally:
         for h in hs:
             h.remove()
@@ -1045,6 +1037,7 @@ def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_tes
     for si, seed in enumerate(seeds):
         for r, i in enumerate([None] + loo.tolist()):
             m = copy.deepcopy(model).eval()
+            trim = input_trimmer(m)
             params = [p for p in m.parameters() if p.requires_grad]
             start = [p.detach().clone() for p in params]
             opt = _torch_optimizer(cfg, params)
@@ -1055,7 +1048,7 @@ def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_tes
 
             def record(t):
                 with torch.no_grad():
-                    out_loss[si, r, t] = loss_fn(m(_trim_text(Xt)), Yt).double().cpu().numpy()
+                    out_loss[si, r, t] = loss_fn(m(trim(Xt)), Yt).double().cpu().numpy()
                     out_dist[si, r, t] = float(torch.sqrt(sum(
                         ((p.detach() - p0).double() ** 2).sum() for p, p0 in zip(params, start))))
 
@@ -1068,9 +1061,9 @@ def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_tes
                 for batch in order.split(B):
                     batch = batch.to(X.device)
                     xb = X[batch] if stream is None else stream.get(epoch, batch)
-                    loss = loss_fn(m(_trim_text(xb)), Y[batch]).mean()
+                    loss = loss_fn(m(trim(xb)), Y[batch]).mean()
                     if cfg.mechanism == "subtract" and i is not None:
-                        loss = loss - loss_fn(m(_trim_text(X[i:i + 1])), Y[i:i + 1]).sum() / n
+                        loss = loss - loss_fn(m(trim(X[i:i + 1])), Y[i:i + 1]).sum() / n
                     opt.zero_grad()
                     loss.backward()
                     if cfg.grad_clip is not None:

@@ -19,6 +19,8 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from tqdm import tqdm
 
+from .models import input_trimmer
+
 
 # ----------------------------------------------------------------------------- parameters
 def param_names(model: torch.nn.Module, names: Optional[Sequence[str]] = None) -> list[str]:
@@ -124,6 +126,9 @@ class Problem:
         # Models whose forward cannot run under vmap (e.g. transformers' mask utilities branch on
         # data) say so with ``supports_vmap = False``; per-example work then loops.
         self.vmap_ok = getattr(self.model, "supports_vmap", True)
+        # text batches are padded to the longest sentence of the whole set; each chunk is cut to
+        # its own longest (fimoda.models.input_trimmer)
+        self.trim = input_trimmer(self.model)
 
     # -- the functional model
     def out(self, params: dict, x: torch.Tensor) -> torch.Tensor:
@@ -149,7 +154,7 @@ class Problem:
         g = vmap(grad(single), in_dims=(None, 0, 0)) if self.vmap_ok else _looped(grad(single))
         out = torch.empty(len(X), self.n_params, dtype=self.dtype, device=self.device)
         for s in self._chunks(len(X), self.chunk, desc):
-            grads, col = g(params, X[s], Y[s]), 0
+            grads, col = g(params, self.trim(X[s]), Y[s]), 0
             for name in self.names:             # written in place: the flatten order, one copy
                 t = grads[name].detach()
                 k = t[0].numel()
@@ -168,7 +173,7 @@ class Problem:
     @torch.no_grad()
     def f_values(self, X, Y, params: Optional[dict] = None) -> torch.Tensor:
         params = self.params if params is None else params
-        return torch.cat([self.f(params, X[s], Y[s])
+        return torch.cat([self.f(params, self.trim(X[s]), Y[s])
                           for s in self._chunks(len(X), self.batch_size, None)])
 
     def gn_pieces(self, X, Y, desc="Gauss-Newton pieces"):
@@ -188,7 +193,7 @@ class Problem:
         total = torch.zeros(self.n_params, dtype=self.dtype, device=self.device)
         for s in range(0, len(self.X), self.batch_size):
             sl = slice(s, s + self.batch_size)
-            total += flatten(grad(self._risk)(params, self.X[sl], self.Y[sl]), self.names)
+            total += flatten(grad(self._risk)(params, self.trim(self.X[sl]), self.Y[sl]), self.names)
         return total
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
@@ -197,7 +202,7 @@ class Problem:
         total = torch.zeros_like(v)
         for s in range(0, len(self.X), self.batch_size):
             sl = slice(s, s + self.batch_size)
-            gfun = lambda p: grad(self._risk)(p, self.X[sl], self.Y[sl])
+            gfun = lambda p: grad(self._risk)(p, self.trim(self.X[sl]), self.Y[sl])
             _, hv = jvp(gfun, (self.params,), (vd,))
             total += flatten(hv, self.names)
         return total
@@ -207,7 +212,7 @@ class Problem:
         vd = unflatten(v, self.params, self.names)
         total = torch.zeros_like(v)
         for s in range(0, len(self.X), self.batch_size):
-            x, y = self.X[s:s + self.batch_size], self.Y[s:s + self.batch_size]
+            x, y = self.trim(self.X[s:s + self.batch_size]), self.Y[s:s + self.batch_size]
             fx = lambda p: self.f(p, x, y)
             f, jv = jvp(fx, (self.params,), (vd,))
             _, d2 = loss_derivatives(f.detach(), y, self.task)
@@ -226,7 +231,7 @@ class Problem:
         g = vmap(one) if self.vmap_ok else _looped(lambda p, x, y: one(x, y))
         rows = []
         for s in self._chunks(len(X), self.chunk, desc):
-            out = g(X[s], Y[s]) if self.vmap_ok else g(None, X[s], Y[s])
+            out = g(self.trim(X[s]), Y[s]) if self.vmap_ok else g(None, self.trim(X[s]), Y[s])
             rows.append(flatten(out, self.names, batched=True).detach())
         return torch.cat(rows)
 

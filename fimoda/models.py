@@ -134,6 +134,107 @@ class TextClassifier(nn.Module):
         h = self.encoder(input_ids=ids, attention_mask=additive).last_hidden_state[:, 0]
         return self.head(h)
 
+    @classmethod
+    def from_encoder(cls, encoder: nn.Module, n_classes: int = 2) -> "TextClassifier":
+        """A classifier around a given encoder (e.g. one built offline from a config, for tests)
+        with a fresh linear head of the encoder's dtype; nothing is loaded."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.encoder = encoder
+        ref = next(encoder.parameters())
+        self.head = nn.Linear(encoder.config.hidden_size, n_classes).to(ref.device, ref.dtype)
+        return self
+
+    @staticmethod
+    def trim_inputs(x: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., 2, L) without the trailing token columns that are padding in every row:
+        the outputs are the same (masked positions get zero attention weight) up to summation
+        order, and the cost falls with L -- batches are padded only to their longest sentence."""
+        used = x[..., 1, :].reshape(-1, x.shape[-1]).ne(0).any(0).nonzero()
+        return x[..., :int(used.max()) + 1 if len(used) else 1]
+
+    def blocks(self) -> nn.ModuleList:
+        """The encoder's transformer layers, bottom first (BERT layout: ``encoder.encoder.layer``)."""
+        try:
+            return self.encoder.encoder.layer
+        except AttributeError:
+            raise ValueError(f"{type(self.encoder).__name__} has no BERT-layout layer list "
+                             f"(encoder.encoder.layer); trainable_layers needs one") from None
+
+    @torch.no_grad()
+    def trunk_features(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """The input of the top ``k`` layers for token inputs ``x`` (B, 2, L), with the attention
+        mask appended as a last channel: (B, L, H + 1), what :class:`TextTop` takes. The frozen
+        trunk (embeddings and the layers below) runs once, here, in eval mode."""
+        ids, mask = x[:, 0], x[:, 1]
+        dtype = self.head.weight.dtype
+        additive = (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+        hidden = self.encoder(input_ids=ids, attention_mask=additive,
+                              output_hidden_states=True).hidden_states
+        depth = len(self.blocks())
+        if not 1 <= k <= depth:
+            raise ValueError(f"trainable_layers must be in 1..{depth}, got {k}")
+        return torch.cat([hidden[depth - k], mask[..., None].to(dtype)], dim=-1)
+
+
+class TextTop(nn.Module):
+    """The top ``k`` transformer layers and the head of a :class:`TextClassifier`, as a model of
+    their own whose input is :meth:`TextClassifier.trunk_features` (B, L, H + 1): hidden states
+    entering layer n - k, attention mask in the last channel. Its parameters ARE the
+    classifier's (shared modules), so training or attributing it is training or attributing the
+    classifier's top layers with the trunk frozen; its outputs equal the classifier's. Its last
+    layer runs for the [CLS] position only (:func:`_cls_output`)."""
+
+    def __init__(self, clf: TextClassifier, k: int):
+        super().__init__()
+        blocks = clf.blocks()
+        if not 1 <= k <= len(blocks):
+            raise ValueError(f"trainable_layers must be in 1..{len(blocks)}, got {k}")
+        self.layers = nn.ModuleList(blocks[len(blocks) - k:])
+        self.head = clf.head
+        self.first = len(blocks) - k     # index of the first trained layer in the classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, mask = x[..., :-1], x[..., -1]
+        additive = (1.0 - mask[:, None, None, :]) * torch.finfo(h.dtype).min
+        for layer in self.layers[:-1]:
+            h = layer(h, attention_mask=additive)
+            h = h[0] if isinstance(h, tuple) else h
+        return self.head(_cls_output(self.layers[-1], h, additive))
+
+
+    @staticmethod
+    def trim_inputs(x: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., L, H + 1) without the trailing positions that are padding in every row."""
+        used = x[..., -1].reshape(-1, x.shape[-2]).ne(0).any(0).nonzero()
+        return x[..., :int(used.max()) + 1 if len(used) else 1, :]
+
+
+def _cls_output(layer: nn.Module, h: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
+    """A BERT layer's output at the first ([CLS]) position only, (B, H): the head reads nothing
+    else, so the last layer needs keys and values of every token but queries, attention output
+    and feed-forward for one, a fraction 1/L of the rest. The same arithmetic as the layer's
+    own forward (eager attention; dropout where the layer is in train mode)."""
+    att, sa = layer.attention, layer.attention.self
+    B, L, _ = h.shape
+    heads, d = sa.num_attention_heads, sa.attention_head_size
+    q = sa.query(h[:, :1]).view(B, 1, heads, d).transpose(1, 2)          # (B, heads, 1, d)
+    k = sa.key(h).view(B, L, heads, d).transpose(1, 2)                   # (B, heads, L, d)
+    v = sa.value(h).view(B, L, heads, d).transpose(1, 2)
+    w = torch.matmul(q, k.transpose(2, 3)) * sa.scaling + additive
+    w = F.dropout(F.softmax(w, dim=-1), p=sa.dropout.p, training=sa.training)
+    ctx = torch.matmul(w, v).transpose(1, 2).reshape(B, 1, heads * d)
+    a = att.output(ctx, h[:, :1])                        # dense, dropout, LayerNorm(+ input)
+    return layer.output(layer.intermediate(a), a)[:, 0]  # feed-forward, LayerNorm(+ a)
+
+
+def input_trimmer(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """How to drop a batch's padding before ``model`` sees it: the model's own ``trim_inputs``
+    (text models, whose batches are padded only to their longest sentence), else nothing. A model
+    of the user's opts in by defining ``trim_inputs(x) -> x'`` with ``model(x')`` equal to
+    ``model(x)`` row by row."""
+    return getattr(model, "trim_inputs", None) or (lambda x: x)
+
 
 def resolve_encoder(name: str) -> str:
     """Where to load an encoder from: the offline all-MiniLM-L6-v2 package when it is asked for
@@ -161,7 +262,7 @@ def build_model(cfg, n_features: int | None = None, in_channels: int = 3,
                              f"got {n_features!r}")
         model = MLP(n_features, n_out)
     elif cfg.model == "resnet9":
-        model = ResNet9(in_channels, n_out)
+        model = ResNet9(in_channels, n_out, width=cfg.width)
     elif cfg.model == "text":
         model = TextClassifier(cfg.encoder, n_out)
     else:

@@ -24,11 +24,11 @@ NB = ROOT / "notebooks"
 STEPS = [
     ("00_data.ipynb", False, None),
     ("01_final_models.ipynb", True, None),
-    ("02_gold_further_training.ipynb", True, TABULAR),
-    ("03_attribution_methods.ipynb", True, TABULAR),
-    ("04_evaluation.ipynb", True, TABULAR),
+    ("02_gold_further_training.ipynb", True, None),
+    ("03_attribution_methods.ipynb", True, None),
+    ("04_evaluation.ipynb", True, None),
     ("05_summary_figures.ipynb", False, None),
-    ("06_qualitative.ipynb", True, TABULAR),
+    ("06_qualitative.ipynb", True, None),
 ]
 
 

@@ -25,17 +25,46 @@ STYLE = {  # first-order methods solid, influence functions dashed, the paper's 
 }
 
 
+# The datasets of the paper's Figure 2 in its panel order; a stand-in takes its original's place.
+FIG2_ORDER = ("concrete", "energy", "fico", "folktables", "adult", "cifar10", "fashion_mnist",
+              "sst2")
+
+
+def fig2_order(datasets) -> list:
+    """``datasets`` (duplicates dropped) in the panel order of the paper's Figure 2: (a) concrete,
+    (b) energy, (c) fico, (d) folktables / adult, (e) cifar10 / fashion_mnist, (f) sst2; any other
+    name after these, in the order given."""
+    seen = list(dict.fromkeys(datasets))
+    rank = {d: k for k, d in enumerate(FIG2_ORDER)}
+    return sorted(seen, key=lambda d: (rank.get(d, len(rank)), seen.index(d)))
+
+
+def panel_letter(k: int) -> str:
+    return f"({'abcdefghijklmnopqrstuvwxyz'[k]})" if k < 26 else f"({k + 1})"
+
+
+def grid_shape(n: int, max_cols: int = 3) -> tuple:
+    """(rows, cols) for n panels: one row up to ``max_cols``, 2 x 2 for four, then rows of 3."""
+    if n < 1:
+        raise ValueError("no panels")
+    cols = n if n <= max_cols else (2 if n == 4 else max_cols)
+    return -(-n // cols), cols
+
+
 def label(method: str) -> str:
     return LABELS.get(method, method)
 
 
-def savefig(fig, path) -> Path:
-    """Save ``fig`` as PNG (tmp file + rename, so no half-written figure is left)."""
+def savefig(fig, path, pdf: bool = False) -> Path:
+    """Save ``fig`` as PNG (tmp file + rename, so no half-written figure is left); with
+    ``pdf=True`` also as a vector PDF of the same name next to it. Returns the PNG's path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    tmp.replace(path)
+    targets = [(path, "png")] + ([(path.with_suffix(".pdf"), "pdf")] if pdf else [])
+    for target, fmt in targets:
+        tmp = target.with_name("." + target.name + f".tmp.{fmt}")
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=fmt)
+        tmp.replace(target)
     return path
 
 
@@ -80,7 +109,8 @@ def seeds_figure(ks, results: dict, title: str):
 
 def sorted_gold_figure(gold: np.ndarray, eval_points, test_j: int = 0, n_lines: int = 6,
                        title: str = ""):
-    """Gold scores a[:, t, j] sorted by value, for a few eval points t (paper Fig. 10)."""
+    """Gold scores a[:, t, j] of ONE test instance j sorted by value, one line per eval point t
+    (a look at a single instance; the paper's Fig. 10 is :func:`sorted_scores_figure`)."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
     T = gold.shape[1]
     ts = np.unique(np.linspace(1 if T > 1 else 0, T - 1, n_lines).astype(int))
@@ -92,6 +122,100 @@ def sorted_gold_figure(gold: np.ndarray, eval_points, test_j: int = 0, n_lines: 
     ax.set_ylabel("gold attribution score")
     ax.set_title(title or f"sorted gold scores, test instance {test_j}")
     ax.legend(fontsize=7)
+    return fig
+
+
+NORMALISATIONS = ("maxabs", "l2", "none")
+
+
+def sorted_average(scores, normalize: str = "maxabs"):
+    """Sort every test instance's scores over the left-out set and average over test instances
+    (paper Fig. 10). ``scores``: (test, left-out) -- a method's ``s[j, i]``, or a gold slice
+    ``a[:, t, :].T``. Each row is sorted in increasing order, then normalised on its own:
+    ``"maxabs"`` divides it by its largest absolute value (so every sorted curve spans at most
+    [-1, 1] and touches -1 or +1 at an end), ``"l2"`` by its Euclidean norm (the scale the
+    cosine similarity of Fig. 2 ignores), ``"none"`` leaves it; an all-zero row stays zero. The
+    normalisation is per test instance, before averaging, so that test instances with large
+    scores do not dominate the mean and methods on different scales (Grad-Dot vs Grad-Cos vs
+    gold) can be compared by shape. Returns (mean, se) over test instances, each (left-out,):
+    position k is the average k-th smallest normalised score."""
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 2 or s.shape[0] == 0 or s.shape[1] == 0:
+        raise ValueError(f"scores must be a non-empty (test, left-out) array, got {s.shape}")
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores contain NaN or inf")
+    s = np.sort(s, axis=1)
+    if normalize == "maxabs":
+        scale = np.abs(s).max(axis=1, keepdims=True)
+    elif normalize == "l2":
+        scale = np.linalg.norm(s, axis=1, keepdims=True)
+    elif normalize == "none":
+        scale = np.ones((s.shape[0], 1))
+    else:
+        raise ValueError(f"unknown normalize {normalize!r}; choose from {NORMALISATIONS}")
+    s = s / np.where(scale > 0, scale, 1.0)
+    n = s.shape[0]
+    se = s.std(axis=0, ddof=1) / np.sqrt(n) if n > 1 else np.zeros(s.shape[1])
+    return s.mean(axis=0), se
+
+
+def fig10_eval_indices(n_eval: int) -> list:
+    """The eval-point indices Fig. 10 draws: the first after theta^f and the last (one if equal).
+    Indices into gold scores from which t = 0 was already dropped (``evaluation_gold``)."""
+    if n_eval < 1:
+        raise ValueError("no evaluation points")
+    return [0] if n_eval == 1 else [0, n_eval - 1]
+
+
+def sorted_scores_curves(gold: np.ndarray, scores: dict, t_indices, normalize: str = "maxabs"):
+    """{t: {"gold": (mean, se), method: (mean, se), ...}} for every eval-point index t of
+    ``t_indices``: the sorted, normalised, test-averaged curves of :func:`sorted_average` for the
+    gold scores a[:, t, :] (left-out x eval point x test) and every method's s[j, i] (the methods
+    do not depend on t; they are repeated for each panel)."""
+    gold = np.asarray(gold, dtype=np.float64)
+    if gold.ndim != 3:
+        raise ValueError(f"gold scores must be (left-out, eval points, test), got {gold.shape}")
+    meth = {}
+    for m, s in scores.items():
+        if np.shape(s) != (gold.shape[2], gold.shape[0]):
+            raise ValueError(f"{m}: scores must be (test, left-out) = "
+                             f"{(gold.shape[2], gold.shape[0])}, got {np.shape(s)}")
+        meth[m] = sorted_average(s, normalize)
+    return {int(t): {"gold": sorted_average(gold[:, t, :].T, normalize), **meth}
+            for t in t_indices}
+
+
+def sorted_scores_figure(gold: np.ndarray, eval_points, scores: dict, t_indices=None,
+                         normalize: str = "maxabs", unit: str = "epoch", title: str = ""):
+    """Paper Fig. 10: one panel per eval-point index in ``t_indices`` (default: the first after
+    theta^f and the last, :func:`fig10_eval_indices`) with the gold curve (eq. 13, black) and the
+    methods' curves (e.g. Grad-Dot, Grad-Cos) from :func:`sorted_scores_curves`, mean +- 1 SE
+    over test instances. ``eval_points`` label the panels ("after k <unit>s"; ``unit``: epoch |
+    step)."""
+    gold = np.asarray(gold)
+    t_indices = fig10_eval_indices(gold.shape[1]) if t_indices is None else list(t_indices)
+    cur = sorted_scores_curves(gold, scores, t_indices, normalize)
+    fig, axes = plt.subplots(1, len(t_indices), figsize=(4.6 * len(t_indices), 3.6),
+                             squeeze=False, sharey=True)
+    x = np.arange(1, gold.shape[0] + 1)
+    for ax, t in zip(axes[0], t_indices):
+        for name, (mean, se) in cur[int(t)].items():
+            kw = dict(color="k", lw=2.0, label="further training (eq. 13)") if name == "gold" \
+                else dict(ls=STYLE.get(name, "-"), lw=1.6, label=label(name))
+            line, = ax.plot(x, mean, **kw)
+            ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2, lw=0)
+        ax.axhline(0, color="k", lw=0.5)
+        k = eval_points[t]
+        ax.set_title(f"after {k} {unit}{'' if k == 1 else 's'} of further training", fontsize=10)
+        ax.set_xlabel("left-out instances, sorted per test instance")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    norm = {"maxabs": "score / max |score|", "l2": "score / ||scores||",
+            "none": "score"}[normalize]
+    axes[0][0].set_ylabel(f"sorted {norm}\n(mean over test instances)")
+    axes[0][-1].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
     return fig
 
 

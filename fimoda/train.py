@@ -49,7 +49,8 @@ from tqdm import tqdm
 
 from .config import ExperimentConfig
 from .io import load_json, save_json, sha256_file, _atomic
-from .models import build_model, n_params, per_example_loss, resolve_dtype
+from .models import (TextTop, build_model, input_trimmer, n_params, per_example_loss,
+                     resolve_dtype)
 
 MODEL_FILE = "final_model.pt"
 RECORD_FILE = "final_model.json"
@@ -160,17 +161,6 @@ def _as_y(a, task, dtype, device) -> torch.Tensor:
     return (t.to(dtype) if task == "regression" else t.long()).to(device)
 
 
-def trim_padding(x: torch.Tensor) -> torch.Tensor:
-    """Text batches ``(B, 2, L)`` (ids, attention mask): drop the trailing columns where every
-    mask is 0. The outputs are the same (masked positions get zero attention weight) up to
-    floating-point summation order, and CPU cost falls with L. Other inputs pass through."""
-    if x.dtype != torch.int64 or x.ndim != 3 or x.shape[1] != 2:
-        return x
-    used = x[:, 1].ne(0).any(0).nonzero()
-    length = int(used.max()) + 1 if len(used) else 1
-    return x[..., :length]
-
-
 def _hash_arrays(*arrays) -> str:
     h = hashlib.sha256()
     for a in arrays:
@@ -192,12 +182,13 @@ def evaluate(model: torch.nn.Module, X, y, task: str, batch_size: Optional[int] 
         raise ValueError(f"X and y must be non-empty with equal lengths, got {len(X)}, {len(y)}")
     loss_fn = per_example_loss(task)
     bs = len(X) if batch_size is None else int(batch_size)
+    trim = input_trimmer(model)
     was_training = model.training
     model.eval()
     try:
         losses, preds = [], []
         for k in range(0, len(X), bs):
-            out = model(trim_padding(X[k:k + bs]))
+            out = model(trim(X[k:k + bs]))
             losses.append(loss_fn(out, y[k:k + bs]))
             preds.append(out.reshape(-1) if task == "regression" else out.argmax(1))
     finally:
@@ -256,6 +247,7 @@ def _fit(model, cfg: ExperimentConfig, Xtr, ytr, Xte, yte, Xval, yval, progress:
     n, bs = len(Xtr), tc.batch_size
     n_batches = math.ceil(n / bs)
     params = [p for p in model.parameters() if p.requires_grad]
+    trim = input_trimmer(model)
     plain_sgd = (tc.optimizer == "sgd" and proc.get("momentum", 0.0) == 0.0
                  and tc.weight_decay == 0.0 and tc.grad_clip is None
                  and proc["schedule"] == "constant")
@@ -290,7 +282,7 @@ def _fit(model, cfg: ExperimentConfig, Xtr, ytr, Xte, yte, Xval, yval, progress:
             xb, yb = Xtr[idx], ytr[idx]
             if augment is not None:
                 xb = augment(xb)
-            loss = loss_fn(model(trim_padding(xb)), yb).mean()
+            loss = loss_fn(model(trim(xb)), yb).mean()
             if plain_sgd:
                 grads = torch.autograd.grad(loss, params)
                 with torch.no_grad():
@@ -344,8 +336,8 @@ def _key(cfg: ExperimentConfig, ds) -> dict:
     theta^f (dataset, task, model, dtype, encoder, training; not the settings of further training
     or of the methods, which are downstream of it), the procedure, the data."""
     full = cfg.to_dict()
-    defining = {k: full[k] for k in ("dataset", "task", "model", "dtype", "encoder", "train",
-                                     "stand_in_for")}
+    defining = {k: full[k] for k in ("dataset", "task", "model", "dtype", "encoder", "width",
+                                     "trainable_layers", "train", "stand_in_for")}
     return json.loads(json.dumps({
         "config": defining, "procedure": procedure(cfg),
         "data_files": dict(getattr(ds, "files", None) or {}),
@@ -474,18 +466,28 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
         yval = _as_y(np.asarray(ds.y_train)[val], cfg.task, dtype, device)
 
     model = _build(cfg, ds, device)
+    fitted = model
+    if cfg.trainable_layers is not None:     # frozen trunk: fit the top on its features
+        fitted = TextTop(model, cfg.trainable_layers)
+        Xtr, Xte = (trunk_features(model, cfg.trainable_layers, a, progress=progress)
+                    for a in (Xtr, Xte))
+        if Xval is not None:
+            Xval = trunk_features(model, cfg.trainable_layers, Xval, progress=progress)
+        print(f"final model: encoder layers below {fitted.first} and the embeddings frozen "
+              f"(pretrained); training the top {cfg.trainable_layers} layer(s) and the head")
     with _num_threads(PROCEDURE[cfg.model].get("threads")):
         threads = torch.get_num_threads()
         t0 = time.perf_counter()
-        curves, best_epoch = _fit(model, cfg, Xtr, ytr, Xte, yte, Xval, yval, progress,
+        curves, best_epoch = _fit(fitted, cfg, Xtr, ytr, Xte, yte, Xval, yval, progress,
                                   pad_value=(getattr(ds, "extra", None) or {}).get("pad_value"))
+        model.eval()                      # the whole model, frozen trunk included
         wall = time.perf_counter() - t0
         eval_bs = None if cfg.model == "mlp" else cfg.train.batch_size
         r, t = (torch.as_tensor(_eval_rows(len(a), max_eval_rows)).to(device) for a in (Xtr, Xte))
-        metrics = {"train": evaluate(model, Xtr[r], ytr[r], cfg.task, eval_bs),
-                   "test": evaluate(model, Xte[t], yte[t], cfg.task, eval_bs)}
+        metrics = {"train": evaluate(fitted, Xtr[r], ytr[r], cfg.task, eval_bs),
+                   "test": evaluate(fitted, Xte[t], yte[t], cfg.task, eval_bs)}
         if Xval is not None:
-            metrics["val"] = evaluate(model, Xval, yval, cfg.task, eval_bs)
+            metrics["val"] = evaluate(fitted, Xval, yval, cfg.task, eval_bs)
 
     buf = _io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -494,7 +496,7 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
     record.update(
         dataset=cfg.dataset, profile=cfg.profile, model=cfg.model, dtype=cfg.dtype,
         stand_in_for=getattr(ds, "stand_in_for", None) or cfg.stand_in_for,
-        n_params=n_params(model), n_train_total=len(ds.X_train), n_train_used=len(rows),
+        n_params=n_params(model), n_params_trained=n_params(fitted), n_train_total=len(ds.X_train), n_train_used=len(rows),
         train_rows=None if len(rows) == len(ds.X_train) else rows.tolist(),
         val_rows=val.tolist() if len(val) else None,
         best_epoch=best_epoch + 1, epochs=cfg.train.epochs, metrics=metrics, curves=curves,
@@ -506,3 +508,100 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
         _atomic(out_dir / MODEL_FILE, lambda fh: fh.write(blob))
         save_json(out_dir / RECORD_FILE, record)  # written last: the commit marker
     return model, record
+
+
+# ----------------------------------------------------------------------------- frozen trunk
+TRUNK_FILE = "trunk_features.npz"
+TRUNK_BATCH = 64
+
+
+def trunk_features(clf, k: int, X: torch.Tensor, batch: int = TRUNK_BATCH,
+                   progress: bool = True) -> torch.Tensor:
+    """:meth:`~fimoda.models.TextClassifier.trunk_features` of every row of ``X`` (N, 2, L),
+    in batches each cut to its longest sentence, padded back to the longest of all: (N, L', H+1)
+    with L' the longest sentence of ``X``."""
+    trim = input_trimmer(clf)
+    was = clf.training
+    clf.eval()
+    # batches of similar length (sorted), so little of each is padding; rows go back in order
+    order = torch.argsort(X[:, 1].ne(0).sum(1), stable=True)
+    try:
+        length = trim(X).shape[-1]
+        out = None
+        it = range(0, len(X), batch)
+        for s in tqdm(it, desc="frozen trunk", leave=False, disable=not progress or len(X) <= batch):
+            rows = order[s:s + batch].to(X.device)
+            f = clf.trunk_features(trim(X[rows]), k)
+            if out is None:
+                out = f.new_zeros((len(X), length, f.shape[-1]))
+            out[rows, :f.shape[1]] = f
+    finally:
+        clf.train(was)
+    return out
+
+
+def _trunk_sha(clf, k: int) -> str:
+    """sha256 of the frozen parameters (every encoder parameter outside the top k layers)."""
+    top = {id(p) for p in TextTop(clf, k).parameters()}
+    h = hashlib.sha256()
+    for name, p in clf.encoder.named_parameters():
+        if id(p) not in top:
+            h.update(name.encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def frozen_trunk(cfg: ExperimentConfig, clf, ds, directory=None, progress: bool = True):
+    """(the top model, ``ds`` with token inputs replaced by trunk features) for a text config
+    with ``trainable_layers``: what the gold standard and every method then work on. The features
+    of the training and test rows are cached in ``<directory>/trunk_features.npz`` (only the
+    real tokens of each sentence), keyed by the frozen parameters and the token arrays."""
+    k = cfg.trainable_layers
+    key = {"k": k, "dtype": cfg.dtype, "trunk_sha256": _trunk_sha(clf, k),
+           "tokens_sha256": _hash_arrays(ds.X_train, ds.X_test)}
+    path = None if directory is None else Path(directory) / TRUNK_FILE
+    feats = None
+    if path is not None and path.exists():
+        from .io import load_npz
+        z = load_npz(path)
+        if str(z["key"]) == json.dumps(key, sort_keys=True):
+            feats = [_unpack(z[f"{part}_tokens"], z[f"{part}_lengths"]) for part in ("train", "test")]
+    if feats is None:
+        p = next(clf.parameters())
+        feats = [trunk_features(clf, k, _as_x(a, p.dtype, p.device), progress=progress)
+                 for a in (ds.X_train, ds.X_test)]
+        if path is not None:
+            from .io import save_npz
+            packed = {}
+            for part, f in zip(("train", "test"), feats):
+                packed[f"{part}_tokens"], packed[f"{part}_lengths"] = _pack(f)
+            save_npz(path, key=np.asarray(json.dumps(key, sort_keys=True)), **packed)
+    top = TextTop(clf, k).eval()
+    X_train, X_test = (f.cpu().numpy() for f in feats)
+    changes = dict(X_train=X_train, X_test=X_test,
+                   feature_names=[f"layer {top.first} input"] * (X_train.shape[-1] - 1)
+                   + ["attention_mask"])
+    if dataclasses.is_dataclass(ds):
+        return top, dataclasses.replace(ds, **changes)
+    out = copy.copy(ds)
+    for name, v in changes.items():
+        setattr(out, name, v)
+    return top, out
+
+
+def _pack(f: torch.Tensor):
+    """(real-token rows (sum of lengths, H+1), lengths (N,)) of padded features (N, L, H+1)."""
+    keep = f[..., -1].ne(0)
+    lengths = keep.sum(1)
+    if not torch.equal(keep, torch.arange(f.shape[1], device=f.device)[None] < lengths[:, None]):
+        raise ValueError("trunk features: the attention mask is not a prefix of ones (the "
+                         "tokenizer padded on the left?); cannot store them compactly")
+    return f[keep].cpu().numpy(), lengths.cpu().numpy()
+
+
+def _unpack(tokens, lengths) -> torch.Tensor:
+    lengths = np.asarray(lengths)
+    out = np.zeros((len(lengths), int(lengths.max()), tokens.shape[-1]), dtype=tokens.dtype)
+    keep = np.arange(out.shape[1])[None, :] < lengths[:, None]
+    out[keep] = tokens
+    return torch.from_numpy(out)

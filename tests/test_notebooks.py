@@ -16,12 +16,15 @@ def isolated(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_plan_orders_notebooks_and_skips_non_tabular_steps():
-    steps = pipeline.plan("smoke", ["concrete", "sst2"])
+def test_plan_runs_every_notebook_for_every_dataset_in_order():
+    steps = pipeline.plan("smoke", ["concrete", "fashion_mnist", "sst2"])
     names = [(nb, p.get("dataset")) for nb, p, _ in steps]
     assert names[0] == ("00_data.ipynb", None)
-    assert ("01_final_models.ipynb", "sst2") in names
-    assert ("02_gold_further_training.ipynb", "sst2") not in names
+    for ds in ("concrete", "fashion_mnist", "sst2"):     # images and text: the same notebooks
+        for nb in ("01_final_models", "02_gold_further_training", "03_attribution_methods",
+                   "04_evaluation", "06_qualitative"):
+            assert (nb + ".ipynb", ds) in names
+    assert ("05_summary_figures.ipynb", None) in names
     order = [nb for nb, _ in names]
     assert order == sorted(order)
 
@@ -53,12 +56,12 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, nb.name
     res = isolated / "results" / "smoke" / "concrete"
-    for name in ("final_model.pt", "final_model.json", "gold_sgd_subtract.npz",
-                 "scores_grad_dot.npz", "scores_cg.npz", "evaluation_sgd_subtract_eq13.csv",
+    for name in ("final_model.pt", "final_model.json", "gold_sgd_remove.npz",
+                 "scores_grad_dot.npz", "scores_cg.npz", "evaluation_sgd_remove_eq13.csv",
                  "retrain_remove.npz"):
         assert (res / name).exists(), name
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
-    assert "concrete_cosine_sgd_subtract_eq13.png" in figs and "figure2_sgd_subtract.png" in figs
+    assert "concrete_cosine_sgd_remove_eq13.png" in figs and "figure2.png" in figs
 
 
 def test_mislabel_detection_runs_on_a_classification_dataset(isolated):
@@ -68,3 +71,34 @@ def test_mislabel_detection_runs_on_a_classification_dataset(isolated):
     text = "".join("".join(o.get("data", {}).get("text/plain", "")) for c in nb["cells"]
                    for o in c.get("outputs", []))
     assert "further training (gold)" in text and "Grad-Dot" in text and "AUC mean" in text
+
+
+def test_smoke_pipeline_for_images_and_text(isolated):
+    """ResNet-9 on Fashion-MNIST and the encoder on SST-2 through every notebook, and Figure 2
+    with their panels (e) and (f)."""
+    require_file("fashion-mnist/train-images-idx3-ubyte.gz")
+    require_file("sst2/train.tsv")
+    pipeline.run("smoke", ["fashion_mnist", "sst2"])
+    executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
+    assert len(executed) == 1 + 2 * 5 + 1
+    for nb in executed:
+        cells = json.loads(nb.read_text())["cells"]
+        errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, nb.name
+    for ds, gold in (("fashion_mnist", "gold_sgd_subtract.npz"), ("sst2", "gold_adamw_subtract.npz")):
+        res = isolated / "results" / "smoke" / ds
+        for name in ("final_model.pt", "final_model.json", gold,
+                     "scores_grad_dot.npz", "scores_grad_cos.npz", "scores_lissa.npz",
+                     "scores_lissa_h.npz", "scores_trak.npz", "scores_ekfac.npz",
+                     "scores_datainf.npz", "scores_arnoldi.npz"):
+            assert (res / name).exists(), (ds, name)
+        assert not (res / "scores_cg.npz").exists()          # skipped, with the reason printed
+    assert (isolated / "results" / "smoke" / "sst2" / "trunk_features.npz").exists()
+    figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
+    assert {"fashion_mnist_cosine_sgd_subtract_eq13.png", "sst2_cosine_adamw_subtract_eq13.png",
+            "figure2.png", "sst2_fig10_sorted_scores.png"} <= figs, figs
+    nb03 = json.loads((isolated / "executed" / "smoke" / "03_attribution_methods_sst2.ipynb")
+                      .read_text())
+    text = "".join("".join(o.get("data", {}).get("text/plain", "")) + "".join(o.get("text", ""))
+                   for c in nb03["cells"] for o in c.get("outputs", []))
+    assert "skipped: CG needs full-batch Hessian products" in text

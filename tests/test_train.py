@@ -139,7 +139,8 @@ def test_record_json(tmp_path):
     saved = json.loads((tmp_path / T.RECORD_FILE).read_text())
     full = json.loads(json.dumps(cfg.to_dict()))
     assert saved["config"] == {k: full[k] for k in ("dataset", "task", "model", "dtype",
-                                                    "encoder", "train", "stand_in_for")}
+                                                    "encoder", "width", "trainable_layers",
+                                                    "train", "stand_in_for")}
     assert saved["data_files"] == ds.files and len(saved["data_arrays_sha256"]) == 64
     assert saved["n_params"] == n_params(model) == (5 * 128 + 128) + (128 * 128 + 128) + 258
     assert saved["stand_in_for"] == "folktables"

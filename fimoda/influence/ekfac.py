@@ -150,7 +150,7 @@ def _passes(problem, layers, batch_size: int, desc: str):
         it = tqdm(it, desc=desc, total=(n + batch_size - 1) // batch_size, leave=False)
     try:
         for s in it:
-            x, y = problem.X[s:s + batch_size], problem.Y[s:s + batch_size]
+            x, y = problem.trim(problem.X[s:s + batch_size]), problem.Y[s:s + batch_size]
             captured.clear()
             with torch.enable_grad():
                 out = functional_call(problem.model, {**params, **problem.rest}, (x,))

@@ -183,7 +183,7 @@ def block_products(problem: Problem, X: torch.Tensor, Y: torch.Tensor, V: torch.
                                  for g, q in zip(gs, plist)])
     out = torch.zeros_like(V)
     for s in range(0, len(X), problem.batch_size):
-        x, y = X[s:s + problem.batch_size], Y[s:s + problem.batch_size]
+        x, y = problem.trim(X[s:s + problem.batch_size]), Y[s:s + problem.batch_size]
         with torch.enable_grad():
             if hessian == "true":
                 loss = problem.loss(params, x, y).sum()
@@ -386,6 +386,9 @@ class DampedHessian:
 
     def batch_hess(self, V: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Unbiased estimate of (M/c) V from the training rows ``idx``: (n/|B|) M_B V / c."""
+        if self.kernel is not None:       # rows of the materialised a: a_B^T a_B V, exactly
+            a = self.kernel.a[idx]
+            return (a.T @ (a @ V.to(a.dtype))).to(V.dtype) * (self.n / len(idx))
         p = self.problem
         out = block_products(p, p.X[idx], p.Y[idx], V, self.hessian)
         return out * (self.n / (len(idx) * self.c))
