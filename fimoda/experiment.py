@@ -491,9 +491,6 @@ def influential_examples(ds, gold: dict, a: np.ndarray, scores: dict, j: int, t:
     return pd.DataFrame([test_row] + rows)
 
 
-MISLABEL_TRIALS = {"smoke": 1, "cpu": 2, "paper": 40}
-
-
 def mislabel_applies(cfg: ExperimentConfig) -> tuple[bool, str]:
     """(whether notebook 06 runs mislabelled-example detection for ``cfg``, why not)."""
     if cfg.task != "classification":
@@ -517,7 +514,7 @@ def mislabel_detection(cfg: ExperimentConfig, optimizer: Optional[str] = None,
     from .metrics import mean_se, roc_auc
     if cfg.task != "classification":
         raise ValueError("mislabelled-example detection needs a classification dataset")
-    trials = trials or MISLABEL_TRIALS[cfg.profile]
+    trials = trials or cfg.further.mislabel_trials
     optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
     d = Path(directory or out_dir(cfg))
     model, ds = final_model(cfg, device=device, directory=d)

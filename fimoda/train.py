@@ -436,9 +436,8 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
     when a saved one matches. Returns (model in eval mode, record).
 
     ``max_eval_rows``: the final train/test metrics of the record use at most this many rows of
-    each (a seed-0 random sample; ``n`` in the record says how many). A ResNet-9 evaluates about
-    60 images/s on one CPU core, so the 10,000 test images alone take minutes there; None (the
-    default) evaluates everything. It does not change the model."""
+    each (a seed-0 random sample; ``n`` in the record says how many); None takes
+    ``cfg.train.eval_rows``, whose None evaluates everything. It does not change the model."""
     if out_dir is not None and not force:
         try:
             model, record = _load(cfg, ds, out_dir, device)
@@ -483,7 +482,8 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
         model.eval()                      # the whole model, frozen trunk included
         wall = time.perf_counter() - t0
         eval_bs = None if cfg.model == "mlp" else cfg.train.batch_size
-        r, t = (torch.as_tensor(_eval_rows(len(a), max_eval_rows)).to(device) for a in (Xtr, Xte))
+        cap = cfg.train.eval_rows if max_eval_rows is None else max_eval_rows
+        r, t = (torch.as_tensor(_eval_rows(len(a), cap)).to(device) for a in (Xtr, Xte))
         metrics = {"train": evaluate(fitted, Xtr[r], ytr[r], cfg.task, eval_bs),
                    "test": evaluate(fitted, Xte[t], yte[t], cfg.task, eval_bs)}
         if Xval is not None:
