@@ -222,7 +222,7 @@ _SMOKE_LARGE_METHODS = dict(lissa_depth=10, lissa_h_depth=10, lissa_batch_size=3
                             lissa_h_batch_size=32, arnoldi_rank=4, arnoldi_iter=6,
                             trak_proj_dim=128, fit_rows=64, datainf_samples=64)
 _SMOKE_MODEL = {"cifar10": dict(width=8), "fashion_mnist": dict(width=8),
-                "sst2": dict(trainable_layers=1)}
+                "sst2": dict(trainable_layers=2)}
 _SMOKE = {
     "concrete": dict(train=dict(epochs=20), further=dict(mislabel_trials=1, epochs=3, seeds=2, n_loo=8, n_test=6),
                      methods=_SMOKE_METHODS),

@@ -223,6 +223,12 @@ def load_scores(cfg: ExperimentConfig, methods: Iterable[str], directory=None) -
     return out
 
 
+def eval_unit(cfg: ExperimentConfig) -> str:
+    """"epoch" where further training is evaluated after every epoch (tabular), else "step"."""
+    fc = cfg.further
+    return "step" if (fc.max_steps is not None or fc.eval_every is not None) else "epoch"
+
+
 def gold_settings(cfg: ExperimentConfig, optimizer: Optional[str] = None,
                   mechanism: Optional[str] = None) -> tuple[str, str]:
     """(optimizer, leave-out mechanism) of the gold standard: the ones given, else the
@@ -447,8 +453,7 @@ def summary(profile: str, datasets, optimizer: Optional[str] = None,
         name = cfg.dataset + (f" (stand-in for {cfg.stand_in_for})" if cfg.stand_in_for else "")
         opt, mech = gold_settings(cfg, optimizer, mechanism)
         curves(ax, t, res, title=f"{panel_letter(k)} {name}\n({opt}, {mech})")
-        steps = cfg.further.max_steps is not None or cfg.further.eval_every is not None
-        ax.set_xlabel("further training (steps)" if steps else "further training (epochs)")
+        ax.set_xlabel(f"further training ({eval_unit(cfg)}s)")
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
         rows[name] = {label(m): float(np.max(v[0])) for m, v in res.items()}

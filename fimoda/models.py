@@ -120,7 +120,10 @@ class TextClassifier(nn.Module):
         super().__init__()
         from transformers import AutoModel
         path = resolve_encoder(encoder_name)
-        self.encoder = AutoModel.from_pretrained(path)
+        # eager attention: the same arithmetic as the [CLS]-only last layer (_cls_output), and
+        # twice differentiable -- the true-Hessian methods (LiSSA-H, Prop. 1) differentiate the
+        # gradient again, which CPU scaled-dot-product attention kernels do not support
+        self.encoder = AutoModel.from_pretrained(path, attn_implementation="eager")
         self.head = nn.Linear(self.encoder.config.hidden_size, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

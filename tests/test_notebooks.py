@@ -102,3 +102,17 @@ def test_smoke_pipeline_for_images_and_text(isolated):
     text = "".join("".join(o.get("data", {}).get("text/plain", "")) + "".join(o.get("text", ""))
                    for c in nb03["cells"] for o in c.get("outputs", []))
     assert "skipped: CG needs full-batch Hessian products" in text
+
+
+def test_notebooks_are_valid_and_have_a_parameters_cell():
+    """Every notebook validates against its nbformat schema (cell ids included: a missing one is
+    a warning at every papermill run) and has exactly one cell tagged ``parameters``."""
+    import warnings
+    import nbformat
+    for path in sorted(pipeline.NB.glob("*.ipynb")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            nb = nbformat.read(path, as_version=4)
+            nbformat.validate(nb)
+        tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, path.name
