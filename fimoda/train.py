@@ -134,6 +134,11 @@ def training_dataset(cfg: ExperimentConfig, ds):
         if k.endswith("_train") and hasattr(v, "__len__") and len(v) == len(ds.X_train):
             extra[k] = [v[i] for i in rows] if isinstance(v, list) else np.asarray(v)[rows]
     changes["extra"] = extra
+    return _replaced(ds, changes)
+
+
+def _replaced(ds, changes: dict):
+    """A shallow copy of ``ds`` (a dataclass or any object) with ``changes`` applied."""
     if dataclasses.is_dataclass(ds):
         return dataclasses.replace(ds, **changes)
     out = copy.copy(ds)
@@ -467,9 +472,9 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
     model = _build(cfg, ds, device)
     fitted = model
     if cfg.trainable_layers is not None:     # frozen trunk: fit the top on its features
-        fitted = TextTop(model, cfg.trainable_layers)
-        Xtr, Xte = (trunk_features(model, cfg.trainable_layers, a, progress=progress)
-                    for a in (Xtr, Xte))
+        # the features every later step loads (frozen_trunk's cache in out_dir): computed once
+        fitted, fds = frozen_trunk(cfg, model, training_dataset(cfg, ds), out_dir, progress)
+        Xtr, Xte = (_as_x(a, dtype, device) for a in (fds.X_train, fds.X_test))
         if Xval is not None:
             Xval = trunk_features(model, cfg.trainable_layers, Xval, progress=progress)
         print(f"final model: encoder layers below {fitted.first} and the embeddings frozen "
@@ -496,7 +501,8 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
     record.update(
         dataset=cfg.dataset, profile=cfg.profile, model=cfg.model, dtype=cfg.dtype,
         stand_in_for=getattr(ds, "stand_in_for", None) or cfg.stand_in_for,
-        n_params=n_params(model), n_params_trained=n_params(fitted), n_train_total=len(ds.X_train), n_train_used=len(rows),
+        n_params=n_params(model), n_params_trained=n_params(fitted),
+        n_train_total=len(ds.X_train), n_train_used=len(rows),
         train_rows=None if len(rows) == len(ds.X_train) else rows.tolist(),
         val_rows=val.tolist() if len(val) else None,
         best_epoch=best_epoch + 1, epochs=cfg.train.epochs, metrics=metrics, curves=curves,
@@ -581,12 +587,7 @@ def frozen_trunk(cfg: ExperimentConfig, clf, ds, directory=None, progress: bool 
     changes = dict(X_train=X_train, X_test=X_test,
                    feature_names=[f"layer {top.first} input"] * (X_train.shape[-1] - 1)
                    + ["attention_mask"])
-    if dataclasses.is_dataclass(ds):
-        return top, dataclasses.replace(ds, **changes)
-    out = copy.copy(ds)
-    for name, v in changes.items():
-        setattr(out, name, v)
-    return top, out
+    return top, _replaced(ds, changes)
 
 
 def _pack(f: torch.Tensor):
