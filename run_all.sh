@@ -4,6 +4,7 @@
 #   ./run_all.sh                         # cpu profile (default), its default datasets
 #   ./run_all.sh --profile smoke         # seconds per notebook
 #   ./run_all.sh --profile paper --datasets concrete,energy --device cuda
+#   ./run_all.sh --jobs 1                # one notebook at a time (default on cpu: 2 datasets at once)
 #   ./run_all.sh --test                  # set up, then the default test suite
 #   ./run_all.sh --test-slow             # the slow tests (marked @pytest.mark.slow)
 #   ./run_all.sh --test-peers            # cross-checks against pyDVL/dattri/kronfluence/traker
@@ -15,6 +16,7 @@ cd "$(dirname "$0")"
 PROFILE=cpu
 DATASETS=""
 DEVICE=cpu
+JOBS=""
 MODE=run
 PYTHON=${PYTHON:-python3}
 
@@ -28,6 +30,8 @@ while [ $# -gt 0 ]; do
     --datasets=*) DATASETS=${1#*=}; shift ;;
     --device) DEVICE=$2; shift 2 ;;
     --device=*) DEVICE=${1#*=}; shift ;;
+    --jobs) JOBS=$2; shift 2 ;;
+    --jobs=*) JOBS=${1#*=}; shift ;;
     --test) MODE=test; shift ;;
     --test-slow) MODE=test-slow; shift ;;
     --test-peers) MODE=test-peers; shift ;;
@@ -77,4 +81,4 @@ esac
 if [ -z "$DATASETS" ]; then
   DATASETS=$($PY -c "from fimoda.config import PROFILE_DATASETS as P; print(','.join(P['$PROFILE']))")
 fi
-exec $PY -m fimoda.pipeline --profile "$PROFILE" --datasets "$DATASETS" --device "$DEVICE"
+exec $PY -m fimoda.pipeline --profile "$PROFILE" --datasets "$DATASETS" --device "$DEVICE" ${JOBS:+--jobs "$JOBS"}

@@ -133,27 +133,48 @@ def make_attributor(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, device=
 ASSUMPTION1_METHODS = ("prop1", "eq16")
 
 
-def smallest_hessian_eigenvalue(att, n_iter: int = 60, seed: int = 0) -> float:
+def smallest_hessian_eigenvalue(att, n_iter: int = 60, seed: int = 0, path=None,
+                                key: Optional[dict] = None) -> float:
     """lambda_min of the mean-loss Hessian H/n at theta^f, by Lanczos (the smallest Ritz value:
-    an upper bound that is tight for the extreme eigenvalues after a few dozen steps)."""
+    an upper bound that is tight for the extreme eigenvalues after a few dozen steps). Computed
+    once per model (Prop. 1 and eq. 16 share it); with ``path`` it is also kept on disk under
+    ``key`` (what it depends on), so a rerun whose scores are cached does not recompute it."""
     from .influence.arnoldi import arnoldi_eig
     from .influence.inverse import block_products
-    key = ("lambda_min(H/n)", n_iter, seed)
-    if key not in att.shared:                  # computed once per model: Prop. 1 and eq. 16
+    mem = ("lambda_min(H/n)", n_iter, seed)
+    if mem not in att.shared:
+        record = _canon({"n_iter": n_iter, "seed": seed, "n_train": att.n_train, **(key or {})})
+        if path is not None and Path(path).exists() and load_json(path).get("key") == record:
+            att.shared[mem] = float(load_json(path)["lambda_min"])
+            return att.shared[mem]
         p = att.problem
         mv = lambda v: block_products(p, p.X, p.Y, v[:, None], "true")[:, 0] / att.n_train
         mu, _ = arnoldi_eig(mv, p.n_params, n_iter, seed, p.dtype, p.device, progress=False)
-        att.shared[key] = float(mu.min())
-    return att.shared[key]
+        att.shared[mem] = float(mu.min())
+        if path is not None:
+            save_json(path, {"key": record, "lambda_min": att.shared[mem]})
+    return att.shared[mem]
 
 
-def assumption1_damping(att, cfg: ExperimentConfig, margin: float = 1.2) -> float:
+def assumption1_damping(att, cfg: ExperimentConfig, margin: float = 1.2, directory=None) -> float:
     """max(lambda_G x grid[index], margin x (-lambda_min(H/n))): the configured damping, raised
-    just enough for H/n + lambda I to be positive definite (Assumption 1)."""
+    just enough for H/n + lambda I to be positive definite (Assumption 1). With ``directory``,
+    lambda_min is kept there (``hessian_lambda_min.json``)."""
     from .influence import damping_value
     m = cfg.methods
     lam = damping_value(att, m.damping_grid, m.damping_index)
-    return max(lam, margin * max(0.0, -smallest_hessian_eigenvalue(att)))
+    path = None if directory is None else Path(directory) / "hessian_lambda_min.json"
+    key = None if path is None else {"problem": _fingerprint(att.problem)}
+    return max(lam, margin * max(0.0, -smallest_hessian_eigenvalue(att, path=path, key=key)))
+
+
+def _fingerprint(problem) -> str:
+    """sha256 of what a training-set operator depends on: the rows, the labels and theta^f."""
+    import hashlib
+    h = hashlib.sha256()
+    for t in [problem.X, problem.Y] + [problem.params[n] for n in problem.names]:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class MethodFailed(RuntimeError):
@@ -168,7 +189,8 @@ def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directo
     from .influence import compute_scores
     if name in ASSUMPTION1_METHODS and "damping" not in overrides \
             and getattr(method_config(name, cfg), "hessian", "true") == "true":
-        overrides = {**overrides, "damping": assumption1_damping(att, cfg)}
+        overrides = {**overrides, "damping": assumption1_damping(
+            att, cfg, directory=Path(directory or out_dir(cfg)))}
     mcfg = method_config(name, cfg, **overrides)
     record = {"method": name, "method_config": dataclasses.asdict(mcfg),
               "experiment": _without(cfg, "further", "methods")}

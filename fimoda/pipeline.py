@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -58,22 +59,27 @@ def plan(profile: str, datasets: list[str]):
     return steps
 
 
-def ipc_kernel_manager(socket_dir: str, log_path: Path):
+def ipc_kernel_manager(socket_dir: str, log_path: Path, threads: int | None = None):
     """A kernel manager whose kernel talks over Unix sockets in ``socket_dir`` instead of TCP on
     localhost (the kernel and papermill share this machine, and ipykernel warns at every start of
     a TCP kernel without transport encryption; the socket path must be absolute: the kernel runs
     in notebooks/, papermill elsewhere), and whose own stderr -- kernel-level log lines such as
     the interrupt at shutdown, never a cell's output or error, which the executed notebook holds
-    -- is appended to ``log_path`` instead of the console."""
+    -- is appended to ``log_path`` instead of the console. ``threads``: the kernel's intra-op
+    thread count (its OMP/MKL environment), None to inherit."""
     from jupyter_client.manager import AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
         def __init__(self, **kwargs):
             kwargs.setdefault("transport", "ipc")
-            kwargs.setdefault("ip", os.path.join(socket_dir, "kernel"))
+            # a fresh prefix per kernel: kernels started at once must not pick the same sockets
+            kwargs.setdefault("ip", tempfile.mkdtemp(dir=socket_dir) + "/kernel")
             super().__init__(**kwargs)
 
         async def start_kernel(self, **kw):
+            if threads is not None:
+                kw["env"] = {**os.environ, **kw.get("env", {}),
+                             "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
             with open(log_path, "ab") as log:        # the child keeps its own descriptor
                 kw.setdefault("stderr", log)
                 return await super().start_kernel(**kw)
@@ -81,41 +87,113 @@ def ipc_kernel_manager(socket_dir: str, log_path: Path):
     return IPCKernelManager
 
 
+def chains(steps):
+    """``steps`` split into (head, per-dataset chains, tail): the notebooks before the first
+    per-dataset one, each dataset's notebooks in order (independent of every other dataset's),
+    and the other all-dataset notebooks (the summary, which reads every dataset's results), run
+    after every chain."""
+    first = next((k for k, s in enumerate(steps) if "dataset" in s[1]), len(steps))
+    by_ds: dict[str, list] = {}
+    tail = []
+    for s in steps[first:]:
+        if "dataset" in s[1]:
+            by_ds.setdefault(s[1]["dataset"], []).append(s)
+        else:
+            tail.append(s)
+    return steps[:first], list(by_ds.values()), tail
+
+
+# Datasets by their cost in the cpu profile, most expensive first: with several jobs the longest
+# chains start first, so no job is left running one alone at the end.
+COST_ORDER = ("sst2", "cifar10", "fashion_mnist", "fico", "folktables", "concrete", "adult",
+              "energy")
+
+
 def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "python3",
-        only: list[str] | None = None) -> None:
+        only: list[str] | None = None, jobs: int = 1) -> None:
+    """Execute the notebooks of ``profile`` for ``datasets``. With ``jobs`` > 1 that many
+    datasets' notebook chains run at once, each kernel with ``cpu_count // jobs`` intra-op threads
+    (small models use one thread better than two: the gold engine already runs its own blocks
+    in parallel, and the methods' many small ops wait on each other), longest chain first."""
     import papermill as pm
     for ds in datasets:
         if ds not in DATASETS:
             raise SystemExit(f"unknown dataset {ds!r}; choose from {', '.join(DATASETS)}")
+    if jobs < 1:
+        raise SystemExit(f"--jobs must be at least 1 (got {jobs})")
     steps = plan(profile, datasets)
     if only:
         steps = [s for s in steps if any(s[0].startswith(o) for o in only)]
         if not steps:
             raise SystemExit(f"--only {','.join(only)} matches no notebook of this run; "
                              f"notebooks: {', '.join(sorted({nb for nb, _, _ in plan(profile, datasets)}))}")
+    head, per_ds, tail = chains(steps)
+    jobs = min(jobs, max(1, len(per_ds)))
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     print(f"fimoda pipeline: profile={profile} datasets={','.join(datasets)} device={device} "
-          f"({len(steps)} notebooks)", flush=True)
+          f"({len(steps)} notebooks" + (f", {jobs} at a time" if jobs > 1 else "") + ")",
+          flush=True)
     t_all = time.perf_counter()
     socket_dir = tempfile.mkdtemp(prefix="fimoda-kernel-")
     log = steps[0][2].parent / "kernels.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        for k, (nb, params, path) in enumerate(steps, 1):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            params = {**params, "device": device}
-            label = nb.removesuffix(".ipynb") + (f" [{params['dataset']}]" if "dataset" in params else "")
-            t0 = time.perf_counter()
-            try:
-                pm.execute_notebook(str(NB / nb), str(path), parameters=params, kernel_name=kernel,
-                                    cwd=str(NB), progress_bar=False, log_output=False,
-                                    kernel_manager_class=ipc_kernel_manager(socket_dir, log))
-            except pm.PapermillExecutionError as e:
-                raise SystemExit(f"notebook {label} failed ({e.ename}: {e.evalue}); "
-                                 f"see the executed copy at {path}") from None
-            except RuntimeError as e:                   # e.g. the kernel died
-                raise SystemExit(f"notebook {label} failed ({e}); kernel log: {log}") from None
-            print(f"[{k:>2}/{len(steps)}] {label:<40} {_clock(time.perf_counter() - t0):>8}",
+    done = [0]
+    lock = threading.Lock()
+
+    def execute(nb, params, path, threads=None):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        params = {**params, "device": device}
+        label = nb.removesuffix(".ipynb") + (f" [{params['dataset']}]" if "dataset" in params else "")
+        t0 = time.perf_counter()
+        try:
+            pm.execute_notebook(str(NB / nb), str(path), parameters=params, kernel_name=kernel,
+                                cwd=str(NB), progress_bar=False, log_output=False,
+                                kernel_manager_class=ipc_kernel_manager(socket_dir, log, threads))
+        except pm.PapermillExecutionError as e:
+            raise SystemExit(f"notebook {label} failed ({e.ename}: {e.evalue}); "
+                             f"see the executed copy at {path}") from None
+        except RuntimeError as e:                   # e.g. the kernel died
+            raise SystemExit(f"notebook {label} failed ({e}); kernel log: {log}") from None
+        with lock:
+            done[0] += 1
+            print(f"[{done[0]:>2}/{len(steps)}] {label:<40} {_clock(time.perf_counter() - t0):>8}",
                   flush=True)
+
+    try:
+        for s in head:
+            execute(*s)
+        if jobs == 1:
+            for chain in per_ds:
+                for s in chain:
+                    execute(*s)
+        else:
+            rank = {d: k for k, d in enumerate(COST_ORDER)}
+            queue = sorted(per_ds, key=lambda c: rank.get(c[0][1]["dataset"], -1))
+            failed: list[BaseException] = []
+
+            def worker():
+                while True:
+                    with lock:
+                        if failed or not queue:
+                            return
+                        chain = queue.pop(0)
+                    try:
+                        for s in chain:
+                            execute(*s, threads=threads)
+                    except BaseException as e:       # SystemExit from execute
+                        with lock:
+                            failed.append(e)
+                        return
+
+            pool = [threading.Thread(target=worker, daemon=True) for _ in range(jobs)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+            if failed:
+                raise failed[0]
+        for s in tail:
+            execute(*s)
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
     from .io import figures_dir, results_dir
@@ -138,6 +216,8 @@ def main(argv=None):
                     help="comma-separated; default: the profile's datasets")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default=None, help="comma-separated notebook prefixes, e.g. 00,01")
+    ap.add_argument("--jobs", type=int, default=None,
+                    help="datasets run at once (default: the number of cores, at most 2)")
     a = ap.parse_args(argv)
     from .config import PROFILE_DATASETS
     datasets = a.datasets.split(",") if a.datasets else list(PROFILE_DATASETS[a.profile])
@@ -150,7 +230,8 @@ def main(argv=None):
             os.environ[var] = os.path.abspath(os.environ[var])
     # progress bars inside executed notebooks: update every 10 s rather than filling the output
     os.environ.setdefault("TQDM_MININTERVAL", "10")
-    run(a.profile, datasets, a.device, only=a.only.split(",") if a.only else None)
+    jobs = a.jobs if a.jobs is not None else (min(2, os.cpu_count() or 1) if a.device == "cpu" else 1)
+    run(a.profile, datasets, a.device, only=a.only.split(",") if a.only else None, jobs=jobs)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,35 @@ def test_smallest_eigenvalue_and_assumption1_damping(att):
     assert float(torch.linalg.eigvalsh(H + lam * torch.eye(len(H), dtype=H.dtype)).min()) > 0
 
 
+def test_lambda_min_is_kept_on_disk_for_the_same_problem_only(att, tmp_path, monkeypatch):
+    cfg = get_config("concrete", "smoke")
+    lam = ex.assumption1_damping(att, cfg, directory=tmp_path)
+    assert (tmp_path / "hessian_lambda_min.json").exists()
+    import fimoda.influence.arnoldi as arn
+    real = arn.arnoldi_eig
+
+    def forbidden(*a, **k):
+        raise AssertionError("lambda_min recomputed although it is on disk for this problem")
+
+    monkeypatch.setattr(arn, "arnoldi_eig", forbidden)
+    p = att.problem                                        # a new model object, same numbers
+    again = Attributor(Problem(p.model, p.X, p.Y, "regression", progress=False), *att_rows(att))
+    assert ex.assumption1_damping(again, cfg, directory=tmp_path) == lam
+    monkeypatch.setattr(arn, "arnoldi_eig", real)
+    X2 = p.X.clone()
+    X2[0] += 1.0                                           # another training set: recomputed
+    other = Attributor(Problem(p.model, X2, p.Y, "regression", progress=False), *att_rows(att))
+    ex.assumption1_damping(other, cfg, directory=tmp_path)
+    H2 = other.problem.dense_hessian() / other.n_train
+    want = float(torch.linalg.eigvalsh(H2).min())
+    assert ex.load_json(tmp_path / "hessian_lambda_min.json")["lambda_min"] == pytest.approx(
+        want, abs=1e-3 * abs(want) + 1e-8)
+
+
+def att_rows(att):
+    return att.X_loo, att.Y_loo, att.X_test, att.Y_test
+
+
 def test_run_method_saves_loads_and_invalidates(att, tmp_path):
     cfg = get_config("concrete", "smoke")
     loo, test = np.arange(8), np.arange(30, 34)

@@ -29,6 +29,25 @@ def test_plan_runs_every_notebook_for_every_dataset_in_order():
     assert order == sorted(order)
 
 
+def test_chains_split_the_plan_into_independent_dataset_chains():
+    steps = pipeline.plan("smoke", ["concrete", "sst2"])
+    head, per_ds, tail = pipeline.chains(steps)
+    assert [nb for nb, _, _ in head] == ["00_data.ipynb"]
+    assert [nb for nb, _, _ in tail] == ["05_summary_figures.ipynb"]
+    assert [c[0][1]["dataset"] for c in per_ds] == ["concrete", "sst2"]
+    for chain in per_ds:                     # each dataset's notebooks, in order, nothing else
+        assert len({p["dataset"] for _, p, _ in chain}) == 1
+        assert [nb[:2] for nb, _, _ in chain] == ["01", "02", "03", "04", "06"]
+    assert sum(map(len, per_ds)) + len(head) + len(tail) == len(steps)
+    only_02 = [s for s in steps if s[0].startswith("02")]
+    assert pipeline.chains(only_02)[0] == [] and pipeline.chains(only_02)[2] == []
+
+
+def test_jobs_must_be_positive():
+    with pytest.raises(SystemExit, match="--jobs must be at least 1"):
+        pipeline.run("smoke", ["concrete"], jobs=0)
+
+
 def test_unknown_dataset_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown dataset"):
         pipeline.run("smoke", ["mnist"])
@@ -73,12 +92,17 @@ def test_mislabel_detection_runs_on_a_classification_dataset(isolated):
     assert "further training (gold)" in text and "Grad-Dot" in text and "AUC mean" in text
 
 
-def test_smoke_pipeline_for_images_and_text(isolated):
-    """ResNet-9 on Fashion-MNIST and the encoder on SST-2 through every notebook, and Figure 2
-    with their panels (e) and (f)."""
+def test_smoke_pipeline_for_images_and_text(isolated, capfd):
+    """ResNet-9 on Fashion-MNIST and the encoder on SST-2 through every notebook, the two
+    datasets' chains at once (two jobs), and Figure 2 with their panels (e) and (f)."""
     require_file("fashion-mnist/train-images-idx3-ubyte.gz")
     require_file("sst2/train.tsv")
-    pipeline.run("smoke", ["fashion_mnist", "sst2"])
+    pipeline.run("smoke", ["fashion_mnist", "sst2"], jobs=2)
+    lines = capfd.readouterr().out.strip().splitlines()
+    assert "2 at a time" in lines[0]
+    counters = [int(re.match(r"^\[ ?(\d+)/12\] ", ln).group(1)) for ln in lines[1:-1]]
+    assert counters == list(range(1, 13)), lines
+    assert lines[-2].split()[1] == "05_summary_figures"     # after both chains
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
     assert len(executed) == 1 + 2 * 5 + 1
     for nb in executed:
