@@ -19,7 +19,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from tqdm import tqdm
 
-from .models import input_trimmer
+from .models import input_trimmer, row_groups
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -147,13 +147,21 @@ class Problem:
             it = tqdm(it, desc=desc, total=(n + size - 1) // size, leave=False)
         return (slice(s, s + size) for s in it)
 
+    def groups(self, X, size: int, desc: Optional[str] = None):
+        """Row groups for per-row work (:func:`fimoda.models.row_groups`: by length for text),
+        with a progress bar when there are several."""
+        gs = row_groups(self.model, X, size)
+        if desc and self.progress and len(gs) > 1:
+            return tqdm(gs, desc=desc, leave=False)
+        return gs
+
     # -- per-example gradients
     def _per_example(self, fn: Callable, X, Y, params: Optional[dict], desc) -> torch.Tensor:
         params = self.params if params is None else params
         single = lambda p, x, y: fn(p, x.unsqueeze(0), y.unsqueeze(0)).squeeze(0)
         g = vmap(grad(single), in_dims=(None, 0, 0)) if self.vmap_ok else _looped(grad(single))
         out = torch.empty(len(X), self.n_params, dtype=self.dtype, device=self.device)
-        for s in self._chunks(len(X), self.chunk, desc):
+        for s in self.groups(X, self.chunk, desc):
             grads, col = g(params, self.trim(X[s]), Y[s]), 0
             for name in self.names:             # written in place: the flatten order, one copy
                 t = grads[name].detach()

@@ -149,6 +149,11 @@ class TextClassifier(nn.Module):
         return self
 
     @staticmethod
+    def input_lengths(x: torch.Tensor) -> torch.Tensor:
+        """Tokens per row of ``x`` (B, 2, L) up to its last real one: what a row costs."""
+        return _last_used(x[:, 1, :])
+
+    @staticmethod
     def trim_inputs(x: torch.Tensor) -> torch.Tensor:
         """``x`` (..., 2, L) without the trailing token columns that are padding in every row:
         the outputs are the same (masked positions get zero attention weight) up to summation
@@ -207,10 +212,21 @@ class TextTop(nn.Module):
 
 
     @staticmethod
+    def input_lengths(x: torch.Tensor) -> torch.Tensor:
+        """Positions per row of ``x`` (B, L, H + 1) up to its last real token."""
+        return _last_used(x[..., -1])
+
+    @staticmethod
     def trim_inputs(x: torch.Tensor) -> torch.Tensor:
         """``x`` (..., L, H + 1) without the trailing positions that are padding in every row."""
         used = x[..., -1].reshape(-1, x.shape[-2]).ne(0).any(0).nonzero()
         return x[..., :int(used.max()) + 1 if len(used) else 1, :]
+
+
+def _last_used(mask: torch.Tensor) -> torch.Tensor:
+    """1 + the index of the last nonzero entry of each row of a (B, L) mask (0 for none)."""
+    pos = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
+    return (mask.ne(0) * pos).amax(-1)
 
 
 def _cls_output(layer: nn.Module, h: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
@@ -237,6 +253,21 @@ def input_trimmer(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     of the user's opts in by defining ``trim_inputs(x) -> x'`` with ``model(x')`` equal to
     ``model(x)`` row by row."""
     return getattr(model, "trim_inputs", None) or (lambda x: x)
+
+
+def row_groups(model: nn.Module, X: torch.Tensor, size: int, text_group: int = 16):
+    """Index groups covering the rows of ``X`` for per-row work of ``model`` (per-example
+    gradients, sums of per-row Hessian products): slices of ``size`` rows, or -- for a model with
+    ``input_lengths`` (padded text) -- groups of at most ``text_group`` rows of similar length,
+    shortest first, so each group is trimmed to nearly its own rows' length instead of the
+    longest sentence among ``size`` rows. Per-row results are the same; sums differ only in
+    their order."""
+    lengths = getattr(model, "input_lengths", None)
+    if lengths is None or len(X) <= 1:
+        return [slice(s, s + size) for s in range(0, len(X), size)]
+    order = torch.argsort(lengths(X).cpu(), stable=True).to(X.device)
+    step = max(1, min(size, text_group))
+    return [order[s:s + step] for s in range(0, len(X), step)]
 
 
 def resolve_encoder(name: str) -> str:

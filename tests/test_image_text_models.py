@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fimoda.further_training import GoldConfig, further_train, reference_further_train
 from fimoda.gradients import Problem
-from fimoda.models import ResNet9, TextClassifier
+from fimoda.models import ResNet9, TextClassifier, row_groups
 from test_further_training import flip_augment
 
 GRAD_RTOL = 1e-10      # per-example gradients: relative to the largest reference entry
@@ -129,9 +129,10 @@ def test_text_classifier_per_example_gradients_equal_an_autograd_loop(subset):
     x, y = text_data(4)
     x, y = x[[0, 3, 1, 2]], y[[0, 3, 1, 2]]
     lengths = x[:, 1].sum(1)
-    # chunks of 2: the first holds the two unpadded sentences, the second only padded ones (it is
-    # cut to its longest sentence before the model sees it)
+    # groups of 2 by length (fimoda.models.row_groups): rows 3 and 2 (the padded sentences, cut
+    # to 6 tokens before the model sees them), then rows 0 and 1 -- the rows come back in order
     assert lengths.tolist() == [10, 10, 6, 3] and set(y.tolist()) == {0, 1}
+    assert [g.tolist() for g in row_groups(m, x, 2)] == [[3, 2], [0, 1]]
     names = ["encoder.encoder.layer.1", "head"] if subset else None
     pb = Problem(m, x, y, "classification", names=names, chunk=2, progress=False)
     assert pb.vmap_ok
@@ -154,6 +155,20 @@ def test_text_classifier_per_example_gradients_equal_an_autograd_loop(subset):
 
     ref = autograd_rows(loss_of, chosen, len(x))
     assert_grads_close(G, ref)
+
+
+def test_row_groups_cover_every_row_once_by_length():
+    m = tiny_text_model()
+    x, _ = text_data(40)
+    lengths = m.input_lengths(x)
+    assert torch.equal(lengths, x[:, 1].sum(1))                # masks are 1s then 0s
+    groups = row_groups(m, x, size=64, text_group=16)
+    assert [len(g) for g in groups] == [16, 16, 8]
+    order = torch.cat(groups)
+    assert sorted(order.tolist()) == list(range(40))
+    assert torch.all(lengths[order][1:] >= lengths[order][:-1])   # shortest first
+    assert row_groups(torch.nn.Linear(3, 1), torch.zeros(5, 3), 2) == [slice(0, 2), slice(2, 4),
+                                                                      slice(4, 6)]
 
 
 # ----------------------------------------------------------------------------- further training

@@ -176,14 +176,15 @@ def block_products(problem: Problem, X: torch.Tensor, Y: torch.Tensor, V: torch.
     """M V for a (P, k) block, M = sum over the rows of (X, Y) of the per-example Hessian:
     "true": grad^2 L(z) (column j: the gradient of grad L . v_j, reverse over reverse);
     "gn": l''(f) grad f grad f^T (J v_j as the derivative in u of J^T u, then J^T (l'' J v_j)).
-    Chunks of ``problem.batch_size`` rows; one graph per chunk, one backward pass per column."""
+    Chunks of ``problem.batch_size`` rows (text: groups of similar length); one graph per chunk,
+    one backward pass per column."""
     params = {n: t.detach().requires_grad_(True) for n, t in problem.params.items()}
     plist = [params[n] for n in problem.names]
     flat = lambda gs: torch.cat([(torch.zeros_like(q) if g is None else g).reshape(-1)
                                  for g, q in zip(gs, plist)])
     out = torch.zeros_like(V)
-    for s in range(0, len(X), problem.batch_size):
-        x, y = problem.trim(X[s:s + problem.batch_size]), Y[s:s + problem.batch_size]
+    for s in problem.groups(X, problem.batch_size):
+        x, y = problem.trim(X[s]), Y[s]
         with torch.enable_grad():
             if hessian == "true":
                 loss = problem.loss(params, x, y).sum()
