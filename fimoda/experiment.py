@@ -125,7 +125,8 @@ def make_attributor(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, device=
     problem = Problem(model, Xtr[rows], ytr[rows], cfg.task, names=names,
                       chunk=cfg.methods.grad_chunk, progress=progress)
     loo, test = torch.as_tensor(loo_idx), torch.as_tensor(test_idx)
-    return Attributor(problem, Xtr[loo], ytr[loo], Xte[test], yte[test])
+    return Attributor(problem, Xtr[loo], ytr[loo], Xte[test], yte[test],
+                      loo_rows=torch.searchsorted(rows, loo))
 
 
 # Methods whose damped TRUE Hessian must be positive definite for their linear solve: their

@@ -117,3 +117,26 @@ def test_retrain_comparison_uses_eq17_at_the_final_epoch(tmp_path):
     table = ex.retrain_comparison(cfg, {"grad_dot": effect.T, "cg": -effect.T}, directory=tmp_path)
     assert table.loc["Grad-Dot", "cosine to re-training"] == pytest.approx(1.0)
     assert table.loc["CG", "cosine to re-training"] == pytest.approx(-1.0)
+
+
+def test_fit_rows_keep_the_left_out_rows_and_the_attributor_knows_where():
+    import types
+    cfg = get_config("concrete", "smoke")
+    loo = np.array([30, 2, 17])
+    assert np.array_equal(ex.fit_rows(cfg, 50, loo), np.arange(50))          # None: every row
+    cfg = dataclasses.replace(cfg, methods=dataclasses.replace(cfg.methods, fit_rows=10))
+    rows = ex.fit_rows(cfg, 50, loo)
+    assert len(rows) == 10 and set(loo) <= set(rows.tolist()) and np.all(np.diff(rows) > 0)
+    assert np.array_equal(rows, ex.fit_rows(cfg, 50, loo))                   # seeded
+    with pytest.raises(ValueError, match="smaller than the 3 left-out rows"):
+        ex.fit_rows(dataclasses.replace(cfg, methods=dataclasses.replace(cfg.methods, fit_rows=2)),
+                    50, loo)
+    rng = np.random.default_rng(0)
+    ds = types.SimpleNamespace(X_train=rng.normal(size=(50, 3)), y_train=rng.normal(size=50),
+                               X_test=rng.normal(size=(4, 3)), y_test=rng.normal(size=4))
+    att = ex.make_attributor(MLP(3, 1, hidden=4).double(), ds, cfg, loo, np.arange(4),
+                             progress=False)
+    assert att.n_train == 10
+    # the left-out instances are the problem's rows at loo_rows
+    assert torch.equal(att.problem.X[att.loo_rows], att.X_loo)
+    assert torch.equal(att.X_loo, torch.as_tensor(ds.X_train[loo]))

@@ -1,4 +1,6 @@
 """TRAK_{M=1}, EK-FAC and DataInf against dense float64 references on tiny models."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -335,6 +337,13 @@ def test_trak_projected_is_deterministic_and_matches_numpy(proj_type):
     b = trak(att, TrakConfig(proj_dim=k, proj_type=proj_type, seed=5, block_elems=4 * k,
                              cache_bytes=0, chunk=3))     # other chunks: other rounding only
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10 * np.abs(a).max())
+    # the default chunk: every row that fits in grad_bytes (here all 50), at least problem.chunk
+    from fimoda.influence.trak import _projected_rows
+    row = p * 8
+    assert _projected_rows(att.problem, TrakConfig(grad_bytes=50 * row)) == max(50, att.problem.chunk)
+    small = dataclasses.replace(att.problem, chunk=4)
+    assert _projected_rows(small, TrakConfig(grad_bytes=1)) == 4
+    assert _projected_rows(small, TrakConfig(grad_bytes=9 * row + 1)) == 9
     c = trak(att, TrakConfig(proj_dim=k, proj_type=proj_type, seed=6, block_elems=4 * k))
     assert np.abs(a - c).max() > 1e-3 * np.abs(a).max()
     proj = Projector(p, k, proj_type, 5, DT, "cpu", block_elems=4 * k)
@@ -386,7 +395,7 @@ def test_trak_sign_agrees_with_gauss_newton_influence():
 def test_trak_bad_inputs():
     att = make_mlp("regression", n=10)
     for bad in (dict(proj_dim=0), dict(proj_dim=2.5), dict(proj_type="sparse"),
-                dict(test_side="grad"), dict(ridge=-1.0)):
+                dict(test_side="grad"), dict(ridge=-1.0), dict(grad_bytes=0)):
         with pytest.raises(ValueError):
             trak(att, TrakConfig(**bad))
 
@@ -423,6 +432,13 @@ def test_datainf_equals_dense_formula(task):
     np.testing.assert_array_equal(datainf(att, cfg), datainf(att, cfg))
     np.testing.assert_allclose(datainf(att, cfg), datainf_dense(att, 10.0, idx), rtol=1e-9,
                                atol=1e-12)
+    # the left-out rows (here rows 0..n'-1 of the training set) are always in the subsample
+    att.loo_rows = torch.arange(len(att.X_loo))
+    kept = datainf_indices(25, cfg, att.loo_rows.numpy())
+    assert len(kept) == 9 and set(range(len(att.X_loo))) <= set(kept.tolist())
+    np.testing.assert_allclose(datainf(att, cfg), datainf_dense(att, 10.0, kept), rtol=1e-9,
+                               atol=1e-12)
+    att.loo_rows = None
     lams = datainf_lambdas(att)
     G = npy(att.problem.loss_grads(att.problem.X, att.problem.Y))
     s = block_slices(att.problem.params, att.problem.names)["out.weight"]

@@ -15,9 +15,13 @@ class Attributor:
     """theta^f plus the instances to attribute: left-out set (X_loo, Y_loo), test set (X_test,
     Y_test). Training-set-wide operators (HVPs, factors) use ``problem.X/Y`` (the full set)."""
 
-    def __init__(self, problem: Problem, X_loo, Y_loo, X_test, Y_test):
+    def __init__(self, problem: Problem, X_loo, Y_loo, X_test, Y_test,
+                 loo_rows: Optional[torch.Tensor] = None):
         self.problem = problem
         self.X_loo, self.Y_loo, self.X_test, self.Y_test = X_loo, Y_loo, X_test, Y_test
+        # where the left-out instances sit among problem.X (None: unknown); subsamples of the
+        # training set that must contain them (DataInf's) use it
+        self.loo_rows = None if loo_rows is None else torch.as_tensor(loo_rows)
         # what several methods compute identically, keyed by what it depends on: linear solves
         # (Prop. 1 and eq. 16 solve the same damped true Hessian for the same right-hand sides),
         # the smallest Hessian eigenvalue behind Assumption 1's damping

@@ -2,7 +2,7 @@
 
 Layer-wise (each parameter tensor of ``problem.names`` is a layer l with d_l elements), with
 g_k = grad_l L(z_k) over the training instances k = 1..m (all n, or a seeded subsample of
-``n_samples``), DataInf replaces the inverse of the mean (G_l / m + lambda_l I) by the mean of the
+``n_samples`` that includes the left-out instances), DataInf replaces the inverse of the mean (G_l / m + lambda_l I) by the mean of the
 rank-one inverses (Sherman-Morrison):
 
     (G_l / m + lambda_l I)^{-1} ~ (1/m) sum_k (1/lambda_l) (I - g_k g_k^T / (lambda_l + ||g_k||^2))
@@ -44,13 +44,26 @@ class DatainfConfig:
     chunk: Optional[int] = None       # training gradients per chunk (None: problem.chunk)
 
 
-def datainf_indices(n: int, cfg: DatainfConfig) -> np.ndarray:
-    """The training instances k of the average: all, or ``n_samples`` drawn without replacement
-    with ``seed`` (sorted)."""
+def datainf_indices(n: int, cfg: DatainfConfig, keep=None) -> np.ndarray:
+    """The training instances k of the average: all, or ``n_samples`` of them drawn without
+    replacement with ``seed`` -- the rows ``keep`` (the left-out instances, where known) always
+    among them, the rest drawn from the others -- sorted."""
     if cfg.n_samples is None or cfg.n_samples >= n:
         return np.arange(n)
+    keep = np.unique(np.asarray([] if keep is None else keep, dtype=np.int64))
+    if len(keep) >= cfg.n_samples:
+        return keep
+    others = np.setdiff1d(np.arange(n), keep)
     rng = np.random.default_rng(cfg.seed)
-    return np.sort(rng.choice(n, size=cfg.n_samples, replace=False))
+    drawn = rng.choice(others, size=cfg.n_samples - len(keep), replace=False)
+    return np.sort(np.concatenate([keep, drawn]))
+
+
+def _sample(att: Attributor, cfg: DatainfConfig) -> torch.Tensor:
+    """:func:`datainf_indices` of the attributor's training rows, its left-out rows kept."""
+    keep = None if att.loo_rows is None else att.loo_rows.cpu().numpy()
+    idx = datainf_indices(len(att.problem.X), cfg, keep)
+    return torch.as_tensor(idx, device=att.problem.X.device)
 
 
 def _check(cfg: DatainfConfig) -> float:
@@ -73,7 +86,7 @@ def datainf(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> np.ndarray
     n = len(problem.X)
     if n == 0:
         raise ValueError("DataInf: the training set is empty")
-    idx = torch.as_tensor(datainf_indices(n, cfg), device=problem.X.device)
+    idx = _sample(att, cfg)
     m = len(idx)
     sl = block_slices(problem.params, problem.names)
     layers = list(problem.names)
@@ -120,7 +133,7 @@ def datainf_lambdas(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> di
     over the instances of :func:`datainf_indices`, divided by c."""
     c = _check(cfg)
     problem = att.problem
-    idx = torch.as_tensor(datainf_indices(len(problem.X), cfg), device=problem.X.device)
+    idx = _sample(att, cfg)
     sl = block_slices(problem.params, problem.names)
     tot = {l: 0.0 for l in problem.names}
     chunk = cfg.chunk or problem.chunk

@@ -53,7 +53,10 @@ class TrakConfig:
     ridge_rel: float = 1e-10           # automatic ridge = ridge_rel * largest eigenvalue, used only
     max_cond: float = 1e12             # ... if k > n or cond(Phi_p^T Phi_p) > max_cond
     test_side: str = "loss"            # loss: grad g = l'(z) grad f (our sign) | output: TRAK's tau
-    chunk: Optional[int] = None        # training instances per gradient chunk (None: problem.chunk)
+    # instances projected at once (None: as many gradient rows as fit in grad_bytes, at least
+    # problem.chunk): a P too large to keep is regenerated once per projected chunk
+    chunk: Optional[int] = None
+    grad_bytes: int = 2 ** 31          # budget of one projected chunk of gradient rows
     block_elems: int = 2 ** 24         # elements of P generated at once (rows * k)
     cache_bytes: int = 2 ** 29         # keep P in memory if it is at most this large
 
@@ -73,6 +76,8 @@ def _check(cfg: TrakConfig) -> None:
                          f"{cfg.max_cond!r}")
     if cfg.chunk is not None and cfg.chunk < 1:
         raise ValueError(f"TRAK chunk must be >= 1 or None, got {cfg.chunk!r}")
+    if cfg.grad_bytes < 1:
+        raise ValueError(f"TRAK grad_bytes must be >= 1, got {cfg.grad_bytes!r}")
     if cfg.block_elems < 1:
         raise ValueError(f"TRAK block_elems must be >= 1, got {cfg.block_elems!r}")
 
@@ -113,6 +118,14 @@ class Projector:
         return out
 
 
+def _projected_rows(problem, cfg: TrakConfig) -> int:
+    """Gradient rows projected at once: as many as fit in ``cfg.grad_bytes`` (the random blocks
+    of an uncached P are generated once per chunk, so the chunk should be large), at least
+    ``problem.chunk`` (the per-example gradients are computed in chunks of that size anyway)."""
+    row = problem.n_params * torch.empty((), dtype=problem.dtype).element_size()
+    return max(problem.chunk, int(cfg.grad_bytes // row))
+
+
 def _features(problem, X, Y, project, chunk, desc):
     """Projected output gradients phi = P^T grad f (rows, float64) and l'(f) of (X, Y)."""
     rows = []
@@ -136,7 +149,7 @@ def trak_kernel(att: Attributor, cfg: TrakConfig):
     else:
         project = Projector(p, k, cfg.proj_type, cfg.seed, problem.dtype, problem.device,
                             cfg.block_elems, cfg.cache_bytes)
-    chunk = cfg.chunk or problem.chunk
+    chunk = cfg.chunk or _projected_rows(problem, cfg)
     n = len(problem.X)
     XtX = torch.zeros(k, k, dtype=torch.float64, device=problem.device)
     it = range(0, n, chunk)
@@ -174,7 +187,7 @@ def trak(att: Attributor, cfg: TrakConfig = TrakConfig()) -> np.ndarray:
     _check(cfg)
     problem = att.problem
     evals, evecs, ridge, project = trak_kernel(att, cfg)
-    chunk = cfg.chunk or problem.chunk
+    chunk = cfg.chunk or _projected_rows(problem, cfg)
     phi_tr, d1_tr = _features(problem, att.X_loo, att.Y_loo, project, chunk,
                               "TRAK: left-out features")
     phi_te, d1_te = _features(problem, att.X_test, att.Y_test, project, chunk,
