@@ -198,10 +198,11 @@ _CPU_LARGE_METHODS = dict(lissa_depth=50, lissa_h_depth=20, lissa_batch_size=64,
 # 64 sentences costs about as much as a training epoch of 20 steps, per column, so LiSSA-H (one
 # column per test point at every step) is skipped as the paper skipped it; its Gauss-Newton
 # LiSSA runs 30 steps on half-size batches, its scale grid starting at 20 (10 diverged on this
-# profile's theta^f), and every training-set-wide quantity comes from 128 rows.
+# profile's theta^f), TRAK projects to 256 dimensions (its random 5.3 M x k matrix is generated
+# anew for each chunk of rows), and every training-set-wide quantity comes from 128 rows.
 _CPU_TEXT_METHODS = dict(
     _CPU_LARGE_METHODS, fit_rows=128, datainf_samples=128, lissa_batch_size=32, lissa_depth=30,
-    lissa_scale=20.0,
+    lissa_scale=20.0, trak_proj_dim=256,
     skip=_SKIP_LARGE + (("lissa_h", "true-Hessian products on the encoder cost one double "
                          "backward pass per test point per step (the paper ran out of GPU "
                          "memory; on 2 CPU cores it would outlast the whole profile)"),))

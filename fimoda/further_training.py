@@ -67,7 +67,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm import tqdm
 
 from .io import load_json, load_npz, save_json, save_npz
-from .models import input_trimmer, linear_relu_layers, per_example_loss
+from .models import TEXT_GROUP, input_trimmer, linear_relu_layers, per_example_loss
 
 log = logging.getLogger(__name__)
 
@@ -598,8 +598,28 @@ class _FuncEngine:
     def stack(self, R: int) -> list:
         return [p.unsqueeze(0).repeat(R, *([1] * p.dim())) for p in self.start]
 
+    def column_groups(self, x):
+        """Batch positions (dim 1 of the runs' batches ``x``, (R, B, ...)) in groups of similar
+        length for a padded-text model (:func:`fimoda.models.row_groups` on each position's
+        longest row over the runs), None for any other model: a run's gradient is a sum over its
+        rows, so summing it group by group, each group trimmed to its own longest row, is the same
+        gradient at a fraction of the padded tokens."""
+        lengths = getattr(self.model, "input_lengths", None)
+        if lengths is None or x.shape[1] <= TEXT_GROUP:
+            return None
+        longest = lengths(x.flatten(0, 1)).view(x.shape[0], x.shape[1]).amax(0)
+        order = torch.argsort(longest.cpu(), stable=True).to(x.device)
+        return [order[s:s + TEXT_GROUP] for s in range(0, len(order), TEXT_GROUP)]
+
     def grads(self, P, x, y, w):
-        return list(self._grads(tuple(P), self.trim(x), y, w))
+        groups = self.column_groups(x)
+        if groups is None:
+            return list(self._grads(tuple(P), self.trim(x), y, w))
+        total = None
+        for g in groups:
+            part = self._grads(tuple(P), self.trim(x[:, g]), y[:, g], w[:, g])
+            total = list(part) if total is None else [t.add_(q) for t, q in zip(total, part)]
+        return total
 
     def test_losses(self, P, Xt, yt):
         outs = [self._test(tuple(P), self.trim(Xt[a:a + self.eval_batch]),
@@ -617,14 +637,15 @@ class _LoopEngine(_FuncEngine):
     name = "loop"
 
     def grads(self, P, x, y, w):
-        x = self.trim(x)
+        groups = self.column_groups(x) or [slice(None)]
         out = [torch.empty_like(p) for p in P]
         with torch.enable_grad():
             for r in range(P[0].shape[0]):
                 pr = [p[r].detach().requires_grad_() for p in P]
-                pred = functional_call(self.model, {**dict(zip(self.names, pr)), **self.fixed},
-                                       (x[r],))
-                loss = (w[r] * self.loss_fn(pred, y[r])).sum()
+                params = {**dict(zip(self.names, pr)), **self.fixed}
+                loss = sum((w[r, g] * self.loss_fn(functional_call(self.model, params,
+                                                                   (self.trim(x[r, g]),)),
+                                                   y[r, g])).sum() for g in groups)
                 for o, g in zip(out, torch.autograd.grad(loss, pr)):
                     o[r] = g
         return out

@@ -255,7 +255,11 @@ def input_trimmer(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return getattr(model, "trim_inputs", None) or (lambda x: x)
 
 
-def row_groups(model: nn.Module, X: torch.Tensor, size: int, text_group: int = 16):
+# rows of similar length processed together by per-row work on padded text (row_groups)
+TEXT_GROUP = 16
+
+
+def row_groups(model: nn.Module, X: torch.Tensor, size: int, text_group: int = TEXT_GROUP):
     """Index groups covering the rows of ``X`` for per-row work of ``model`` (per-example
     gradients, sums of per-row Hessian products): slices of ``size`` rows, or -- for a model with
     ``input_lengths`` (padded text) -- groups of at most ``text_group`` rows of similar length,

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from .config import ExperimentConfig
 from .io import load_json, save_json, sha256_file, _atomic
 from .models import (TextTop, build_model, input_trimmer, n_params, per_example_loss,
-                     resolve_dtype)
+                     resolve_dtype, row_groups)
 
 MODEL_FILE = "final_model.pt"
 RECORD_FILE = "final_model.json"
@@ -287,7 +287,11 @@ def _fit(model, cfg: ExperimentConfig, Xtr, ytr, Xte, yte, Xval, yval, progress:
             xb, yb = Xtr[idx], ytr[idx]
             if augment is not None:
                 xb = augment(xb)
-            loss = loss_fn(model(trim(xb)), yb).mean()
+            groups = row_groups(model, xb, len(xb))
+            if len(groups) == 1:
+                loss = loss_fn(model(trim(xb)), yb).mean()
+            else:   # padded text: the batch mean summed over groups of similar length
+                loss = sum(loss_fn(model(trim(xb[g])), yb[g]).sum() for g in groups) / len(xb)
             if plain_sgd:
                 grads = torch.autograd.grad(loss, params)
                 with torch.no_grad():

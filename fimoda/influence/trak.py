@@ -56,7 +56,7 @@ class TrakConfig:
     # instances projected at once (None: as many gradient rows as fit in grad_bytes, at least
     # problem.chunk): a P too large to keep is regenerated once per projected chunk
     chunk: Optional[int] = None
-    grad_bytes: int = 2 ** 31          # budget of one projected chunk of gradient rows
+    grad_bytes: int = 2 ** 32          # budget of one projected chunk of gradient rows
     block_elems: int = 2 ** 24         # elements of P generated at once (rows * k)
     cache_bytes: int = 2 ** 29         # keep P in memory if it is at most this large
 
