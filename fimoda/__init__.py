@@ -1,8 +1,19 @@
 """fimoda: final-model-only data attribution (Wei et al., NeurIPS 2025).
 
+The front door (:mod:`fimoda.api`): :func:`attribute` a trained model's test losses to its
+training instances with any of the paper's gradient-based methods, and compute the
+further-training :func:`gold_standard` they approximate, both as ``scores[test, left_out]``;
+:func:`cosine_to_gold` compares them as the paper does.
+
 Modules follow the paper's concepts: ``config`` (datasets, profiles), ``data`` (loaders),
 ``models``, ``train`` (final models), ``further_training`` (the gold standard),
 ``gradients`` (the shared base of every approximation), ``influence`` (the methods),
-``metrics``, ``plots``.
+``metrics``, ``plots``, ``report`` (figure index and summary), ``experiment`` and ``pipeline``
+(the notebooks' runs).
 """
+from .api import TASKS, attribute, attributor, cosine_to_gold, gold_standard
+from .influence import METHODS
+
 __version__ = "0.1.0"
+__all__ = ["attribute", "attributor", "gold_standard", "cosine_to_gold", "METHODS", "TASKS",
+           "__version__"]

@@ -88,6 +88,9 @@ class MethodConfig:
     fit_rows: Optional[int] = None
     # methods not run, with the reason the notebooks print: ((name, reason), ...)
     skip: tuple = ()
+    # methods also run at every damping of the grid (notebook 03), for the damping-sweep figure
+    # of notebook 04 (the paper, Sec. 7: damping moves a method between first- and second-order)
+    damping_sweep: tuple = ("cg",)
 
 
 @dataclass(frozen=True)

@@ -184,9 +184,10 @@ class MethodFailed(RuntimeError):
 
 
 def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None,
-               force: bool = False, **overrides) -> np.ndarray:
-    """Compute (or load) ``scores_<name>.npz`` for the experiment. Numerical breakdowns are
-    raised as :class:`MethodFailed` with the reason (nothing is written for that method)."""
+               force: bool = False, file: Optional[str] = None, **overrides) -> np.ndarray:
+    """Compute (or load) ``scores_<name>.npz`` (or ``file``) for the experiment. Numerical
+    breakdowns are raised as :class:`MethodFailed` with the reason (nothing is written for that
+    method)."""
     from .influence import compute_scores
     if name in ASSUMPTION1_METHODS and "damping" not in overrides \
             and getattr(method_config(name, cfg), "hessian", "true") == "true":
@@ -195,7 +196,7 @@ def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directo
     mcfg = method_config(name, cfg, **overrides)
     record = {"method": name, "method_config": dataclasses.asdict(mcfg),
               "experiment": _without(cfg, "further", "methods")}
-    path = Path(directory or out_dir(cfg)) / f"scores_{name}.npz"
+    path = Path(directory or out_dir(cfg)) / (file or f"scores_{name}.npz")
     if path.exists() and not force:
         z = load_npz(path)
         if (str(z.get("config")) == _canon(record)
@@ -219,6 +220,44 @@ def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directo
              test_indices=np.asarray(test_idx), config=np.asarray(_canon(record)),
              wall_time=np.asarray(wall))
     return scores
+
+
+def damping_sweep(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None):
+    """{lambda_G multiple: scores} of method ``name`` at every damping of the config's grid
+    (``scores_<name>.npz`` at the configured index, ``scores_<name>_damping<k>.npz`` at the
+    others); a damping at which the method breaks down is left out."""
+    grid = cfg.methods.damping_grid
+    out = {}
+    for k, g in enumerate(grid):
+        default = k == cfg.methods.damping_index % len(grid)
+        try:
+            out[float(g)] = run_method(name, att, cfg, loo_idx, test_idx, directory,
+                                       file=None if default else f"scores_{name}_damping{k}.npz",
+                                       damping_index=k)
+        except MethodFailed:
+            continue
+    return out
+
+
+def damping_sweeps(att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None) -> dict:
+    """{method: :func:`damping_sweep`} for the config's ``methods.damping_sweep`` (the skipped
+    methods left out)."""
+    skip = dict(cfg.methods.skip)
+    return {m: damping_sweep(m, att, cfg, loo_idx, test_idx, directory)
+            for m in cfg.methods.damping_sweep if m not in skip}
+
+
+def load_damping_sweep(cfg: ExperimentConfig, name: str, directory=None) -> dict:
+    """What :func:`damping_sweep` saved: {lambda_G multiple: scores} for the files present."""
+    d = Path(directory or out_dir(cfg))
+    grid = cfg.methods.damping_grid
+    out = {}
+    for k, g in enumerate(grid):
+        default = k == cfg.methods.damping_index % len(grid)
+        p = d / (f"scores_{name}.npz" if default else f"scores_{name}_damping{k}.npz")
+        if p.exists():
+            out[float(g)] = load_npz(p)["scores"]
+    return out
 
 
 def _without(cfg: ExperimentConfig, *parts) -> dict:
@@ -414,7 +453,7 @@ def evaluation_table(eval_points, cos: dict, sp: dict):
     for m, (mean, se) in cos.items():
         t = int(np.argmax(mean))
         rows.append({"method": label(m), "max cosine": mean[t], "se": se[t],
-                     "at": eval_points[t], "cosine first": mean[0 if len(mean) == 1 else 1],
+                     "at": eval_points[t], "cosine first": mean[0],
                      "cosine last": mean[-1], "max Spearman": float(np.max(sp[m][0]))})
     return pd.DataFrame(rows).set_index("method").sort_values("max cosine", ascending=False)
 

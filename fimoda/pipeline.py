@@ -143,7 +143,9 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
     def execute(nb, params, path, threads=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         params = {**params, "device": device}
-        label = nb.removesuffix(".ipynb") + (f" [{params['dataset']}]" if "dataset" in params else "")
+        label = nb.removesuffix(".ipynb")
+        if "dataset" in params:
+            label += f" [{params['dataset']}]"
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(str(NB / nb), str(path), parameters=params, kernel_name=kernel,
@@ -230,7 +232,9 @@ def main(argv=None):
             os.environ[var] = os.path.abspath(os.environ[var])
     # progress bars inside executed notebooks: update every 10 s rather than filling the output
     os.environ.setdefault("TQDM_MININTERVAL", "10")
-    jobs = a.jobs if a.jobs is not None else (min(2, os.cpu_count() or 1) if a.device == "cpu" else 1)
+    jobs = a.jobs
+    if jobs is None:                 # a CPU's cores: two datasets at once; one GPU: one at a time
+        jobs = min(2, os.cpu_count() or 1) if a.device == "cpu" else 1
     run(a.profile, datasets, a.device, only=a.only.split(",") if a.only else None, jobs=jobs)
 
 

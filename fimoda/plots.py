@@ -55,9 +55,9 @@ def label(method: str) -> str:
     return LABELS.get(method, method)
 
 
-def savefig(fig, path, pdf: bool = False) -> Path:
-    """Save ``fig`` as PNG (tmp file + rename, so no half-written figure is left); with
-    ``pdf=True`` also as a vector PDF of the same name next to it. Returns the PNG's path."""
+def savefig(fig, path, pdf: bool = True) -> Path:
+    """Save ``fig`` as PNG (tmp file + rename, so no half-written figure is left) and, unless
+    ``pdf=False``, as a vector PDF of the same name next to it. Returns the PNG's path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     targets = [(path, "png")] + ([(path.with_suffix(".pdf"), "pdf")] if pdf else [])

@@ -140,3 +140,27 @@ def test_fit_rows_keep_the_left_out_rows_and_the_attributor_knows_where():
     # the left-out instances are the problem's rows at loo_rows
     assert torch.equal(att.problem.X[att.loo_rows], att.X_loo)
     assert torch.equal(att.X_loo, torch.as_tensor(ds.X_train[loo]))
+
+
+def test_damping_sweep_runs_the_whole_grid_and_reuses_the_default(att, tmp_path):
+    cfg = get_config("concrete", "smoke")
+    loo, test = np.arange(8), np.arange(30, 34)
+    m = cfg.methods
+    assert m.damping_sweep == ("cg",) and m.damping_index == len(m.damping_grid) - 1
+    main = ex.run_method("cg", att, cfg, loo, test, directory=tmp_path)
+    sweeps = ex.damping_sweeps(att, cfg, loo, test, directory=tmp_path)
+    assert list(sweeps) == ["cg"] and sorted(sweeps["cg"]) == sorted(map(float, m.damping_grid))
+    np.testing.assert_array_equal(sweeps["cg"][float(m.damping_grid[-1])], main)
+    names = sorted(p.name for p in tmp_path.glob("scores_cg*.npz"))
+    assert names == ["scores_cg.npz"] + [f"scores_cg_damping{k}.npz"
+                                         for k in range(len(m.damping_grid) - 1)]
+    for k, g in enumerate(m.damping_grid):     # each file is CG at its own damping
+        want = ex.run_method("cg", att, cfg, loo, test, directory=tmp_path / "fresh",
+                             file=f"{k}.npz", damping_index=k)
+        np.testing.assert_allclose(sweeps["cg"][float(g)], want, rtol=1e-12)
+    small, large = sweeps["cg"][float(m.damping_grid[0])], sweeps["cg"][float(m.damping_grid[-1])]
+    assert np.abs(small - large).max() > 1e-3 * np.abs(large).max()     # the damping matters
+    loaded = ex.load_damping_sweep(cfg, "cg", directory=tmp_path)
+    assert all(np.array_equal(loaded[g], sweeps["cg"][g]) for g in sweeps["cg"])
+    big = dataclasses.replace(cfg, methods=dataclasses.replace(m, skip=(("cg", "why"),)))
+    assert ex.damping_sweeps(att, big, loo, test, directory=tmp_path) == {}

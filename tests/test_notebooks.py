@@ -81,6 +81,36 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
         assert (res / name).exists(), name
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
     assert "concrete_cosine_sgd_remove_eq13.png" in figs and "figure2.png" in figs
+    check_report(isolated, "concrete", retrain=True)
+
+
+def check_report(isolated, ds, retrain=False):
+    """INDEX.md lists only files that exist, with the paper's numbers; summary.md has a finite
+    row per method and the paper column only where PAPER_VALUES has the setting."""
+    import numpy as np
+    from fimoda import report
+    figdir = isolated / "figures" / "smoke"
+    index = (figdir / "INDEX.md").read_text()
+    listed = re.findall(r"`([^`]+\.(?:png|csv))`", index)
+    assert listed and all((figdir / f).exists() for f in listed), listed
+    for num in ("Fig. 2", "Fig. 6 (panel)", "Figs. 3, 7", "Fig. 10", "Table 2"):
+        assert f"| {num} |" in index, num
+    if retrain:
+        assert "| Fig. 11 |" in index
+    for f in (figdir / "figure2.png", figdir / f"{ds}_fig10_sorted_scores.png"):
+        assert f.with_suffix(".pdf").exists(), f
+    text = (isolated / "results" / "smoke" / "summary.md").read_text()
+    assert "## eq. 13" in text and "## eq. 17" in text and "| Grad-Dot |" in text
+    rows = report.summary_rows("smoke", [ds])
+    nums = rows[["cos first", "cos max", "cos last", "sp first", "sp max", "sp last"]].to_numpy()
+    assert len(rows) >= 8 and np.isfinite(nums).all()
+    assert rows[["paper first", "paper last"]].isna().all().all()       # no paper value here
+    import pytest
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(report.PAPER_VALUES, ds, {("sgd", 13, "cosine"): {"grad_dot": (0.9, 0.5)}})
+        rows = report.summary_rows("smoke", [ds]).set_index("method")
+    assert tuple(rows.loc["Grad-Dot", ["paper first", "paper last"]]) == (0.9, 0.5)
+    assert rows.drop("Grad-Dot")["paper first"].isna().all()
 
 
 def test_mislabel_detection_runs_on_a_classification_dataset(isolated):
@@ -90,6 +120,8 @@ def test_mislabel_detection_runs_on_a_classification_dataset(isolated):
     text = "".join("".join(o.get("data", {}).get("text/plain", "")) for c in nb["cells"]
                    for o in c.get("outputs", []))
     assert "further training (gold)" in text and "Grad-Dot" in text and "AUC mean" in text
+    auc = (isolated / "figures" / "smoke" / "fico_mislabel_auc_sgd_remove.csv").read_text()
+    assert auc.splitlines()[0] == ",AUC mean,se,trials" and len(auc.splitlines()) == 3
 
 
 def test_smoke_pipeline_for_images_and_text(isolated, capfd):

@@ -2,7 +2,8 @@
 
 Layer-wise (each parameter tensor of ``problem.names`` is a layer l with d_l elements), with
 g_k = grad_l L(z_k) over the training instances k = 1..m (all n, or a seeded subsample of
-``n_samples`` that includes the left-out instances), DataInf replaces the inverse of the mean (G_l / m + lambda_l I) by the mean of the
+``n_samples`` that includes the left-out instances), DataInf replaces the inverse of the mean
+(G_l / m + lambda_l I) by the mean of the
 rank-one inverses (Sherman-Morrison):
 
     (G_l / m + lambda_l I)^{-1} ~ (1/m) sum_k (1/lambda_l) (I - g_k g_k^T / (lambda_l + ||g_k||^2))

@@ -125,7 +125,8 @@ class LissaConfig(DampedConfig):
     stochastic LiSSA with one seeded random batch of the training set per step. ``divergence_factor``:
     see :func:`lissa_solve`. ``scale_grid``: if non-empty and LiSSA diverges at ``scale``, retry with
     the larger values of the grid in increasing order (the paper's choice: the smallest scale
-    that did not diverge); a warning names the scale used. Empty (default): raise instead.
+    that did not diverge; default: the paper's grid 10, 20, 50, ..., 500); a warning names the
+    scale used. Empty: raise instead.
     ``full_batch``: how a full-batch run through Hessian-vector products is evaluated (the
     materialised Gauss-Newton matrix always runs the recurrence in its exact spectral
     coordinates): "krylov" (default) computes the same truncated series in a block Krylov
@@ -136,7 +137,7 @@ class LissaConfig(DampedConfig):
     depth: int = 5000
     repeat: int = 1
     scale: float = 10.0
-    scale_grid: tuple = ()
+    scale_grid: tuple = MethodConfig.lissa_scale_grid
     batch_size: Optional[int] = None
     seed: int = 0
     divergence_factor: float = 100.0
@@ -392,7 +393,8 @@ class DampedHessian:
             return (a.T @ (a @ V.to(a.dtype))).to(V.dtype) * (self.n / len(idx))
         p = self.problem
         item = torch.finfo(self.dtype).bits // 8
-        if self.hessian == "gn" and V.shape[1] > 2 and len(idx) * self.P * item <= self.memory_gb * 2 ** 30:
+        fits = len(idx) * self.P * item <= self.memory_gb * 2 ** 30
+        if self.hessian == "gn" and V.shape[1] > 2 and fits:
             # the batch's own rows of a: one per-example pass instead of two backward passes per
             # column of V (k test points: 2k passes)
             phi, _, _, d2 = p.gn_pieces(p.X[idx], p.Y[idx], desc=None)
@@ -607,6 +609,15 @@ def cg_solve(matmat: Callable, B: torch.Tensor, tol: float = 1e-8, max_iter: int
                "columns": k, "block": block}
 
 
+def _diverged(where: str, scale: float) -> str:
+    """The message of a LiSSA divergence: what to change."""
+    return (f"LiSSA diverged {where} with scale={scale:g}: increase `scale` or give a "
+            f"`scale_grid` of larger scales to try (the scale must exceed half the largest "
+            f"eigenvalue of the damped Hessian; the paper took the smallest of 10, 20, 50, 100, "
+            f"200, ... that did not diverge), or the damping if the damped Hessian is not "
+            f"positive definite")
+
+
 def lissa_solve(matmat: Callable, B: torch.Tensor, scale: float, depth: int,
                 divergence_factor: float = 100.0, stochastic: bool = False,
                 lam: Optional[float] = None, progress: bool = True, desc: str = "LiSSA"):
@@ -641,11 +652,7 @@ def lissa_solve(matmat: Callable, B: torch.Tensor, scale: float, depth: int,
         elif not bad and bound is not None:
             bad = bool((Vn.norm(dim=0) > bound).any())
         if bad:
-            raise LissaDivergedError(
-                f"LiSSA diverged at step {t + 1}/{depth} with scale={scale:g}: increase `scale` "
-                f"(it must exceed half the largest eigenvalue of the damped Hessian; the paper "
-                f"took the smallest of 10, 20, 50, 100, 200, ... that did not diverge), or the "
-                f"damping if the damped Hessian is not positive definite")
+            raise LissaDivergedError(_diverged(f"at step {t + 1}/{depth}", scale))
         V = Vn
     return V / scale
 
@@ -685,11 +692,7 @@ def lissa_polynomial(theta: torch.Tensor, scale: float, depth: int, Z: torch.Ten
         p = torch.where(pos, p_pos, p_neg)
         p = torch.where(theta == 0, torch.full_like(theta, (depth + 1) / scale), p)
     if bad or not bool(torch.isfinite(p).all()):
-        raise LissaDivergedError(
-            f"LiSSA diverged within {depth} steps with scale={scale:g}: increase `scale` "
-            f"(it must exceed half the largest eigenvalue of the damped Hessian; the paper "
-            f"took the smallest of 10, 20, 50, 100, 200, ... that did not diverge), or the "
-            f"damping if the damped Hessian is not positive definite")
+        raise LissaDivergedError(_diverged(f"within {depth} steps", scale))
     return p
 
 

@@ -1,0 +1,168 @@
+"""The front door: attribute a model of your own, and compute its gold standard, in one call each.
+
+Both take the same arguments in the same order -- the model, its training data, the indices of the
+training instances to attribute, the test data -- and return ``scores[test, left_out]`` with the
+same sign: positive means the test loss rises when the training instance is left out.
+
+    scores = fimoda.attribute(model, X, y, left_out, X_test, y_test, task="regression",
+                              method="cg")
+    gold = fimoda.gold_standard(model, X, y, left_out, X_test, y_test, task="regression")
+    fimoda.cosine_to_gold(gold, scores)        # one cosine per test point
+
+Inputs may be numpy arrays or tensors; they are converted to the model's dtype and device
+(integer inputs such as token ids stay integer; class labels become int64). The caller's model is
+left as it was: its train/eval mode and which parameters require gradients are restored, and the
+gold standard trains copies.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+TASKS = ("regression", "classification")
+
+
+def _check_task(task: str) -> None:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
+def _model_dtype_device(model: torch.nn.Module):
+    p = next(model.parameters(), None)
+    if p is None:
+        raise ValueError("the model has no parameters to attribute")
+    return p.dtype, p.device
+
+
+def as_inputs(model: torch.nn.Module, X) -> torch.Tensor:
+    """``X`` as a tensor on the model's device: floating inputs in the model's dtype, integer
+    inputs (token ids, masks) unchanged."""
+    dtype, device = _model_dtype_device(model)
+    t = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
+    return (t.to(dtype) if t.is_floating_point() else t).to(device)
+
+
+def as_targets(model: torch.nn.Module, y, task: str) -> torch.Tensor:
+    """``y`` as targets: regression -> the model's dtype, shape (N,) (an (N, 1) column is
+    accepted); classification -> int64 class labels (float labels must be whole numbers)."""
+    _check_task(task)
+    dtype, device = _model_dtype_device(model)
+    t = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+    if t.dim() == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    if t.dim() != 1:
+        raise ValueError(f"targets must have shape (N,) or (N, 1), got {tuple(t.shape)}")
+    if task == "regression":
+        return t.to(dtype).to(device)
+    if t.is_floating_point():
+        if not bool(torch.all(t == t.round())):
+            raise ValueError("classification labels must be whole numbers (class indices)")
+    return t.long().to(device)
+
+
+@contextlib.contextmanager
+def _model_left_as_it_was(model: torch.nn.Module):
+    """Run the block with the model in eval mode (attribution is of theta^f as a function:
+    no dropout, BatchNorm on its running statistics), then restore its train/eval mode (every
+    submodule) and requires_grad flags."""
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.train(mode)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def _rows(left_out, n: int) -> torch.Tensor:
+    idx = torch.as_tensor(np.asarray(left_out, dtype=np.int64))
+    if idx.dim() != 1 or len(idx) == 0:
+        raise ValueError("left_out must be a non-empty 1-D sequence of training indices")
+    if int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise ValueError(f"left_out indices must lie in [0, {n}); got {int(idx.min())}.."
+                         f"{int(idx.max())}")
+    if len(torch.unique(idx)) != len(idx):
+        raise ValueError("left_out indices must be distinct")
+    return idx
+
+
+def _prepare(model, X_train, y_train, left_out, X_test, y_test, task):
+    _check_task(task)
+    X, y = as_inputs(model, X_train), as_targets(model, y_train, task)
+    Xt, yt = as_inputs(model, X_test), as_targets(model, y_test, task)
+    if len(X) != len(y) or len(Xt) != len(yt):
+        raise ValueError(f"inputs and targets differ in length: train {len(X)} vs {len(y)}, "
+                         f"test {len(Xt)} vs {len(yt)}")
+    return X, y, _rows(left_out, len(X)), Xt, yt
+
+
+def attributor(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
+               names: Optional[Sequence[str]] = None, chunk: int = 256, progress: bool = False):
+    """The compute-once state of every method (:class:`fimoda.influence.Attributor`): theta^f
+    with its whole training set, the left-out rows ``left_out`` and the test set. Reuse it to run
+    several methods on the same per-example gradients."""
+    from .gradients import Problem
+    from .influence import Attributor
+    X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test, task)
+    with _model_left_as_it_was(model):
+        problem = Problem(model, X, y, task, names=names, chunk=chunk, progress=progress)
+    return Attributor(problem, X[idx], y[idx], Xt, yt, loo_rows=idx)
+
+
+def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
+              method: str = "grad_dot", names: Optional[Sequence[str]] = None, att=None,
+              **options) -> np.ndarray:
+    """``scores[j, i]`` (float64) of ``method`` (see :data:`fimoda.influence.METHODS`) for test
+    point j and training instance ``left_out[i]``; ``options`` are the method's config fields
+    (e.g. ``damping_index``, ``depth``, ``rank``). ``att``: an :func:`attributor` to reuse."""
+    from .influence import METHODS, compute_scores
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if att is None:
+        att = attributor(model, X_train, y_train, left_out, X_test, y_test, task=task,
+                         names=names)
+    with _model_left_as_it_was(model):
+        return np.asarray(compute_scores(method, att, **options), dtype=np.float64)
+
+
+def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
+                  epochs: int = 5, seeds: int = 5, lr: float = 1e-2, optimizer: str = "sgd",
+                  batch_size: int = 128, mechanism: str = "remove", adjust: str = "mean",
+                  at: Optional[int] = -1, **gold_options):
+    """The further-training gold standard (eq. 13, ``adjust="full"``: eq. 17) as
+    ``scores[j, i]``, the layout of :func:`attribute`: further-train copies of the model on the
+    full training set and without each ``left_out[i]``, ``seeds`` batch orders, ``epochs`` epochs.
+    ``at``: the evaluation point (index into the eval points, 0 = theta^f itself, where every
+    score is 0; -1 the last); None returns (scores[t, j, i], eval points) for every point.
+    ``gold_options``: other :class:`fimoda.further_training.GoldConfig` fields
+    (``weight_decay``, ``max_steps``, ...).
+
+    The defaults are a first look (5 seeds x 5 epochs); the paper used 100 seeds and its
+    datasets' epochs (``fimoda.config``)."""
+    from .further_training import GoldConfig, further_train, gold_scores
+    X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test, task)
+    gcfg = GoldConfig(optimizer=optimizer, lr=lr, epochs=epochs, seeds=seeds,
+                      batch_size=batch_size, mechanism=mechanism,
+                      **{"progress": False, **gold_options})
+    with _model_left_as_it_was(model):
+        res = further_train(model, task, X, y, Xt, yt, idx.numpy(), gcfg)
+    a = gold_scores(res.loss_full, res.loss_loo, adjust=adjust)      # a[i, t, j]
+    if at is None:
+        return a.transpose(1, 2, 0), np.asarray(res.eval_points)
+    return np.ascontiguousarray(a[:, at, :].T)
+
+
+def cosine_to_gold(gold: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Cosine between the gold and a method's score vectors over the left-out set, one per test
+    point (both ``scores[test, left_out]``); the paper's evaluation metric."""
+    from .metrics import cosine
+    g, s = np.asarray(gold, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    if g.shape != s.shape:
+        raise ValueError(f"gold {g.shape} and scores {s.shape} differ in shape")
+    return cosine(g.T[:, None, :], s)[0]

@@ -1,0 +1,217 @@
+"""The reproduction report: every figure by the paper's number (``figures/<profile>/INDEX.md``) and
+the numbers behind them (``results/<profile>/summary.md``), with the paper's own values beside
+ours where its notebooks printed one for the same setting.
+
+Both are written by notebook 05 from what the other notebooks saved; nothing here computes a
+score. A figure's settings are read from its file name, which the notebooks build as
+``<dataset>_<kind>_<optimizer>_<mechanism>_eq<13|17>.png``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .io import _atomic, figures_dir, results_dir
+
+# The paper's values where its reference notebooks (IBM/fimoda) printed them: mean cosine between
+# each method and the gold standard (SGD, eq. 13, 100 seeds) at the first and the last epoch of
+# further training. Keyed by dataset, (optimizer, eq, metric); values: {method: (first, last)}.
+PAPER_VALUES = {
+    "folktables": {
+        ("sgd", 13, "cosine"): {
+            "epochs": (1, 25),
+            "grad_dot": (0.949, 0.540), "grad_cos": (0.592, 0.355), "datainf": (0.960, 0.660),
+            "cg": (0.380, 0.720), "lissa": (0.161, 0.300), "lissa_h": (0.065, 0.113),
+            "ekfac": (0.184, 0.277), "trak": (0.036, 0.102),
+        },
+    },
+}
+
+# file-name pattern -> (paper figure, what it shows); {opt}/{eq} pick the figure number
+_KINDS = [
+    (r"^figure2(?:_(?P<opt>\w+?)_(?P<mech>remove|subtract))?\.png$", "fig2grid",
+     "cosine (gold vs method) against further training, every dataset, one panel each"),
+    (r"^max_cosine(?:_(?P<opt>\w+?)_(?P<mech>remove|subtract))?\.csv$", "table-max",
+     "each method's maximum mean cosine per dataset (the numbers of the grid)"),
+    (r"^(?P<ds>\w+?)_cosine_(?P<opt>\w+?)_(?P<mech>remove|subtract)_eq(?P<eq>13|17)\.png$",
+     "cosine", "cosine against further training, mean +- SE over test points"),
+    (r"^(?P<ds>\w+?)_spearman_(?P<opt>\w+?)_(?P<mech>remove|subtract)_eq(?P<eq>13|17)\.png$",
+     "spearman", "Spearman correlation against further training"),
+    (r"^(?P<ds>\w+?)_seeds_(?P<opt>\w+?)_(?P<mech>remove|subtract)_eq(?P<eq>13|17)\.png$",
+     "seeds", "maximum cosine against the number of seeds averaged in the gold standard"),
+    (r"^(?P<ds>\w+?)_fig10_sorted_scores\.png$", "fig10",
+     "gold scores sorted per test point and averaged (with Grad-Dot, Grad-Cos), normalised"),
+    (r"^(?P<ds>\w+?)_sorted_gold_(?P<opt>\w+?)_(?P<mech>remove|subtract)\.png$", "sorted1",
+     "sorted gold scores of one test point at several amounts of further training"),
+    (r"^(?P<ds>\w+?)_table2_(?P<opt>\w+?)_(?P<mech>remove|subtract)\.csv$", "table2",
+     "most helpful / most harmful training instances for the first test points"),
+    (r"^(?P<ds>\w+?)_mislabel_auc_(?P<opt>\w+?)_(?P<mech>remove|subtract)\.csv$", "mislabel",
+     "mislabelled-example detection AUC, mean +- SE over trials"),
+    (r"^(?P<ds>\w+?)_retrain_cosine\.csv$", "fig11",
+     "cosine to LOO re-training from scratch"),
+    (r"^(?P<ds>\w+?)_damping_sweep_(?P<m>[a-z0-9]+)_(?P<opt>\w+?)_(?P<mech>remove|subtract)_eq"
+     r"(?P<eq>13|17)\.png$", "sweep",
+     "cosine of one method at every damping of its grid (beyond the paper, Sec. 7), with "
+     "Grad-Dot for reference"),
+    (r"^(?P<ds>\w+?)_param_distance_(?P<opt>\w+?)\.png$", "dist",
+     "distance of further-trained parameters from theta^f"),
+    (r"^(?P<ds>\w+?)_final_training\.png$", "final", "training curves of the final model"),
+    (r"^(?P<ds>\w+?)_method_agreement\.png$", "agree", "cosine between every pair of methods"),
+]
+
+
+def paper_figure(kind: str, opt: Optional[str], eq: Optional[str]) -> str:
+    """The paper's figure or table number for a file of ``kind`` at these settings ("" if the
+    paper has none)."""
+    adam = opt == "adam"
+    eq17 = eq == "17"
+    if kind in ("fig2grid", "table-max"):
+        return "Fig. 4" if adam else "Fig. 2"
+    if kind == "cosine":
+        return "Fig. 5 (panel)" if eq17 else ("Fig. 4 (panel)" if adam else "Fig. 2 (panel)")
+    if kind == "spearman":
+        return "Fig. 6 (panel)" if not (adam or eq17) else ""
+    if kind == "seeds":
+        return "Fig. 9" if eq17 else ("Fig. 8" if adam else "Figs. 3, 7")
+    return {"fig10": "Fig. 10", "sorted1": "Fig. 10 (one test point)", "table2": "Table 2",
+            "mislabel": "App. E.2.1", "fig11": "Fig. 11"}.get(kind, "")
+
+
+def figure_index(profile: str, directory=None) -> list[dict]:
+    """One row per file in ``figures/<profile>/`` the notebooks wrote: paper figure, file, what
+    it shows, settings (dataset, gold optimizer, leave-out mechanism, eq.). PDFs are listed with
+    their PNG."""
+    d = Path(directory) if directory is not None else figures_dir(profile)
+    rows = []
+    for path in sorted(d.glob("*")):
+        if path.suffix not in (".png", ".csv") or path.name.startswith("."):
+            continue
+        for pattern, kind, what in _KINDS:
+            m = re.match(pattern, path.name)
+            if m:
+                g = {k: v for k, v in m.groupdict().items() if v}
+                settings = [f"{k}={g[k]}" for k in ("ds", "m", "opt", "mech") if k in g]
+                if "eq" in g:
+                    settings.append(f"eq. {g['eq']}")
+                if kind in ("fig2grid", "table-max") and "opt" not in g:
+                    settings.append("each dataset's default gold standard")
+                pdf = path.with_suffix(".pdf")
+                rows.append({"paper": paper_figure(kind, g.get("opt"), g.get("eq")),
+                             "file": path.name + (f" (+ {pdf.name})" if pdf.exists() else ""),
+                             "shows": what, "settings": ", ".join(settings)})
+                break
+    return rows
+
+
+def write_figure_index(profile: str, directory=None) -> Path:
+    """``INDEX.md`` in the profile's figures folder: :func:`figure_index` as a table, figures
+    with a paper number first, in the paper's order."""
+    d = Path(directory) if directory is not None else figures_dir(profile)
+    rows = figure_index(profile, d)
+
+    def order(r):
+        num = re.search(r"\d+", r["paper"])
+        return (0 if r["paper"].startswith("Fig") else 1 if r["paper"] else 2,
+                int(num.group()) if num else 99, r["file"])
+
+    lines = [f"# Figures of the `{profile}` profile", "",
+             "Written by `notebooks/05_summary_figures.ipynb`; every file here is regenerated by "
+             "`./run_all.sh`" + ("" if profile == "cpu" else f" --profile {profile}") + ".", "",
+             "| paper | file | shows | settings |", "|---|---|---|---|"]
+    lines += [f"| {r['paper'] or '—'} | `{r['file']}` | {r['shows']} | {r['settings']} |"
+              for r in sorted(rows, key=order)]
+    path = d / "INDEX.md"
+    _atomic(path, lambda fh: fh.write(("\n".join(lines) + "\n").encode()))
+    return path
+
+
+# ----------------------------------------------------------------------------- summary.md
+def summary_rows(profile: str, datasets, optimizer: Optional[str] = None,
+                 mechanism: Optional[str] = None, adjust: str = "mean", methods=None):
+    """Per dataset with results and method: cosine at the first evaluation point after theta^f,
+    its maximum and where, the last; Spearman likewise; and the paper's first/last cosine where
+    :data:`PAPER_VALUES` has the same dataset and setting (never for a stand-in)."""
+    import pandas as pd
+    from .config import get_config
+    from .experiment import eval_unit, evaluation_gold, gold_settings, load_gold, load_scores
+    from .influence import METHODS
+    from .metrics import curve
+    from .plots import fig2_order, label
+    methods = list(methods or [m for m in METHODS if m != "dense"])
+    eq = 13 if adjust == "mean" else 17
+    rows = []
+    for ds in fig2_order(datasets):
+        cfg = get_config(ds, profile)
+        try:
+            gold = load_gold(cfg, optimizer, mechanism)
+        except FileNotFoundError:
+            continue
+        opt, mech = gold_settings(cfg, optimizer, mechanism)
+        a, t = evaluation_gold(gold, adjust)
+        paper = {} if cfg.stand_in_for else PAPER_VALUES.get(ds, {}).get((opt, eq, "cosine"), {})
+        for m, s in load_scores(cfg, methods).items():
+            cos, sp = curve(a, s, "cosine")[0], curve(a, s, "spearman")[0]
+            kc, ks = int(np.argmax(cos)), int(np.argmax(sp))
+            row = {"dataset": ds + (f" ({cfg.stand_in_for} stand-in)" if cfg.stand_in_for else ""),
+                   "gold": f"{opt}, {mech}, eq. {eq}", "unit": eval_unit(cfg), "method": label(m),
+                   "cos first": cos[0], "cos max": cos[kc], "cos max at": int(t[kc]),
+                   "cos last": cos[-1], "last at": int(t[-1]), "sp first": sp[0],
+                   "sp max": sp[ks], "sp max at": int(t[ks]), "sp last": sp[-1],
+                   "paper first": np.nan, "paper last": np.nan}
+            if m in paper:
+                row["paper first"], row["paper last"] = paper[m]
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def mislabel_rows(profile: str, datasets, directory=None):
+    """The mislabel-detection AUC tables notebook 06 saved (dataset, detector, mean, se, trials)."""
+    import pandas as pd
+    d = Path(directory) if directory is not None else figures_dir(profile)
+    out = []
+    for ds in datasets:
+        for path in sorted(d.glob(f"{ds}_mislabel_auc_*.csv")):
+            t = pd.read_csv(path, index_col=0)
+            for det, r in t.iterrows():
+                out.append({"dataset": ds, "file": path.name, "detector": det,
+                            "AUC mean": r["AUC mean"], "se": r["se"], "trials": int(r["trials"])})
+    return pd.DataFrame(out)
+
+
+def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
+                  mechanism: Optional[str] = None, path=None, figures=None) -> Path:
+    """``results/<profile>/summary.md``: :func:`summary_rows` for eq. 13 and eq. 17 and
+    :func:`mislabel_rows`, as markdown tables (numbers to 3 decimals; empty where none)."""
+    path = Path(path) if path is not None else results_dir(profile, "") / "summary.md"
+    lines = [f"# Summary of the `{profile}` profile", "",
+             "Cosine and Spearman between each method's scores and the gold standard, mean over "
+             "test points, at the first evaluation point after theta^f, at their maximum (and "
+             "where, in the dataset's unit: epochs for tabular data, steps for images and text) "
+             "and at the last. `paper`: the value the paper's reference notebooks printed for "
+             "the same dataset and setting (none for a stand-in). Written by notebook 05.", ""]
+    for adjust in ("mean", "full"):
+        t = summary_rows(profile, datasets, optimizer, mechanism, adjust)
+        if t.empty:
+            continue
+        lines += [f"## eq. {13 if adjust == 'mean' else 17}", "", _markdown(t), ""]
+    m = mislabel_rows(profile, datasets, figures)
+    if not m.empty:
+        lines += ["## Mislabelled-example detection (App. E.2.1)", "", _markdown(m), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic(path, lambda fh: fh.write("\n".join(lines).encode()))
+    return path
+
+
+def _markdown(df) -> str:
+    """A DataFrame as a GitHub markdown table, floats to 3 decimals, NaN as empty."""
+    def cell(v):
+        if isinstance(v, (float, np.floating)):
+            return "" if np.isnan(v) else f"{v:.3f}"
+        return str(v)
+    head = "| " + " | ".join(df.columns) + " |"
+    rule = "|" + "---|" * len(df.columns)
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join([head, rule] + body)

@@ -1,0 +1,104 @@
+"""The front door (fimoda.api): the README example, input conversion, the caller's model left as
+it was, the common score layout of methods and gold standard."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import fimoda
+from fimoda.further_training import GoldConfig, further_train, gold_scores
+from fimoda.models import MLP
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+@pytest.mark.filterwarnings("ignore:LiSSA.*used scale")
+def test_readme_example_runs_every_method_on_a_residual_model(capsys):
+    text = README.read_text()
+    block = re.search(r"<!-- example: own-model -->\n```python\n(.*?)```", text, re.S).group(1)
+    exec(compile(block, "README example", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines] == list(fimoda.METHODS)
+    cos = {ln.split()[0]: float(ln.split()[-1]) for ln in lines}
+    assert all(np.isfinite(list(cos.values())))
+    assert cos["grad_dot"] > 0.3 and cos["cg"] > 0.3            # they do track the gold standard
+
+
+def test_public_api_is_listed():
+    assert set(fimoda.__all__) >= {"attribute", "attributor", "gold_standard", "cosine_to_gold",
+                                   "METHODS", "TASKS"}
+    for name in fimoda.__all__:
+        assert hasattr(fimoda, name), name
+
+
+@pytest.fixture
+def small():
+    torch.manual_seed(0)
+    model = MLP(3, 1, hidden=8).double()
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3))
+    y = X @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=40)
+    return model, X, y
+
+
+def test_inputs_are_converted_and_the_model_is_left_as_it_was(small):
+    model, X, y = small
+    model.train()
+    model.hidden[0].weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # numpy float32 inputs, y as an (N, 1) column: converted to the model's float64
+    s = fimoda.attribute(model, X.astype(np.float32), y[:, None], [0, 5, 7], X[:4], y[:4],
+                         task="regression", method="grad_dot")
+    assert s.shape == (4, 3) and s.dtype == np.float64
+    assert model.training and not model.hidden[0].weight.requires_grad
+    assert all(p.requires_grad for n, p in model.named_parameters() if n != "hidden.0.weight")
+    g = fimoda.gold_standard(model, X, y, [0, 5, 7], X[:4], y[:4], task="regression",
+                             epochs=1, seeds=2)
+    assert g.shape == (4, 3) and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the same numbers as the lower-level path
+    Xt = torch.as_tensor(X)
+    res = further_train(model, "regression", Xt, torch.as_tensor(y), Xt[:4],
+                        torch.as_tensor(y[:4]), np.array([0, 5, 7]),
+                        GoldConfig(lr=1e-2, epochs=1, seeds=2, mechanism="remove",
+                                   progress=False))
+    np.testing.assert_allclose(g, gold_scores(res.loss_full, res.loss_loo)[:, -1, :].T,
+                               rtol=1e-12, atol=1e-15)
+
+
+def test_bad_inputs_fail_before_any_work(small):
+    model, X, y = small
+    call = lambda **kw: fimoda.attribute(model, **{**dict(X_train=X, y_train=y, left_out=[0, 1],
+                                                          X_test=X[:2], y_test=y[:2],
+                                                          task="regression"), **kw})
+    with pytest.raises(ValueError, match="task must be one of"):
+        call(task="regresion")
+    with pytest.raises(ValueError, match="unknown method"):
+        call(method="influence")
+    with pytest.raises(ValueError, match=r"left_out indices must lie in \[0, 40\)"):
+        call(left_out=[3, 40])
+    with pytest.raises(ValueError, match="distinct"):
+        call(left_out=[3, 3])
+    with pytest.raises(ValueError, match="differ in length"):
+        call(y_train=y[:-1])
+    with pytest.raises(ValueError, match="whole numbers"):
+        fimoda.attribute(MLP(3, 2, hidden=4).double(), X, np.full(40, 0.5), [0], X[:2],
+                         np.zeros(2), task="classification")
+
+
+def test_classification_labels_and_cosine_layout(small):
+    _, X, _ = small
+    torch.manual_seed(1)
+    model = MLP(3, 3, hidden=8).double()
+    y = np.arange(40) % 3
+    s = fimoda.attribute(model, X, y.astype(np.float64), [1, 2, 9], X[:5], y[:5],
+                         task="classification", method="cg")
+    assert s.shape == (5, 3)
+    # cosine_to_gold: one cosine per test point, over the left-out set
+    c = fimoda.cosine_to_gold(s, 2 * s)
+    np.testing.assert_allclose(c, 1.0)
+    np.testing.assert_allclose(fimoda.cosine_to_gold(s, -s), -1.0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        fimoda.cosine_to_gold(s, s.T)
