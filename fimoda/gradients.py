@@ -6,7 +6,7 @@ Everything is functional (``torch.func``): a model is turned into ``f(params, x)
 taken with respect to a chosen subset of parameter tensors (``names``; default: all), and returned
 flattened in the order of ``names`` so that every method works with plain ``(N, P)`` matrices.
 
-Conventions (``../shared/paper/MATH.md``): the empirical risk R(D; theta) is a SUM of per-example
+Conventions (``docs/equations.md``): the empirical risk R(D; theta) is a SUM of per-example
 losses; the Gauss-Newton output f is the prediction for regression and the logit of the true
 class's probability, f = log(p_y / (1 - p_y)), for classification, with l(f) = log(1 + e^{-f}).
 """

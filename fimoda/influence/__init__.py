@@ -5,7 +5,7 @@ Every method is a function ``method(att: Attributor, cfg) -> np.ndarray`` return
 rises when z_i is left out. ``att`` holds what is computed once (per-example gradients, lambda_G,
 Hessian operators); ``cfg`` is the method's small config dataclass.
 
-| name       | module       | equation (../shared/paper/MATH.md)                         |
+| name       | module       | equation (docs/equations.md)                               |
 |------------|--------------|------------------------------------------------------------|
 | grad_dot   | first_order  | (6)                                                        |
 | grad_cos   | first_order  | (6), both gradients normalised                             |

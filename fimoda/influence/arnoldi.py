@@ -7,7 +7,7 @@ Hessian of the mean, or with ``risk="sum"`` the sum, training loss; true by defa
 k of largest |mu_j| (as schioppa2022scalingarnoldi do: their Arnoldi returns the largest-magnitude
 eigenvalues, which for an indefinite H may include negative ones),
 
-    (M + lambda I)^{-1} ~ sum_{j<=k} u_j u_j^T / (mu_j + lambda)                   (MATH.md)
+    (M + lambda I)^{-1} ~ sum_{j<=k} u_j u_j^T / (mu_j + lambda)        (docs/equations.md)
 
     scores[j, i] = sum_l (u_l^T grad g(z_j)) (u_l^T grad L(z_i)) / (mu_l + lambda).
 

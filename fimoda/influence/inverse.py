@@ -12,7 +12,7 @@ Conventions
   loss, H_R / n, as in torch-influence (the implementation the paper used for CG/LiSSA, App. D.4);
   lambda = lambda_G x grid[index] is then on the scale of a per-example curvature, and LiSSA's
   ``scale`` refers to the eigenvalues of H_R/n + lambda I. ``risk="sum"``: M = H_R, the Hessian of
-  the sum R of MATH.md. The two are the same method with lambda_sum = n lambda_mean; scores differ
+  the sum R of docs/equations.md. The two are the same method with lambda_sum = n lambda_mean; scores differ
   by the positive factor n only. (On a Concrete final model, lambda_max(G/n) = 6.6, so the
   paper's LiSSA scale 10 is valid for the mean and would diverge for the sum, ~6100.)
 * **Which side is solved.** (M + lambda I) is symmetric, so
