@@ -18,6 +18,21 @@ from .models import resolve_dtype
 
 
 # ----------------------------------------------------------------------------- instances
+def setup(dataset: str, profile: str, data_dir=None, dtype: Optional[str] = None):
+    """What every per-dataset notebook starts with: ``$FIMODA_DATA_DIR`` set from ``data_dir``
+    (if given), the dataset's config under ``profile`` (``dtype`` overriding the dataset's), its
+    banner printed (stand-ins, gold-standard settings, reductions), and the profile's figures
+    folder. Returns (cfg, figures folder)."""
+    import os
+    from .config import describe, get_config
+    from .io import figures_dir
+    if data_dir:
+        os.environ["FIMODA_DATA_DIR"] = str(data_dir)
+    cfg = get_config(dataset, profile, **({"dtype": dtype} if dtype else {}))
+    print(describe(cfg))
+    return cfg, figures_dir(profile)
+
+
 def select_loo_indices(cfg: ExperimentConfig, n_train: int) -> np.ndarray:
     """The left-out set L (paper §6.1, issue table): every ``loo_stride``-th training index for
     the regression sets (Energy also takes the last index 690, giving 100), otherwise a fixed
