@@ -491,6 +491,28 @@ def evaluation_gold(gold: dict, adjust: str = "mean"):
     return a, t
 
 
+def mechanism_curves(cfg: ExperimentConfig, optimizer: Optional[str], scores: dict,
+                     adjust: str = "mean", methods=("grad_dot", "cg", "lissa")):
+    """(eval points, {mechanism: {method: (mean, se) cosine curve}}) for every leave-out
+    mechanism whose gold standard with ``optimizer`` has been computed (notebook 04's side-by-side
+    comparison of ``remove`` and ``subtract``)."""
+    from .further_training import MECHANISMS
+    from .metrics import curve
+    out, t = {}, None
+    for mech in MECHANISMS:
+        try:
+            gold = load_gold(cfg, optimizer, mech)
+        except FileNotFoundError:
+            continue
+        a, t_m = evaluation_gold(gold, adjust)
+        if t is not None and not np.array_equal(t, t_m):
+            raise ValueError(f"the {mech} gold standard is evaluated at other points than the "
+                             f"{list(out)[0]} one")
+        t = t_m
+        out[mech] = {m: curve(a, scores[m], "cosine") for m in methods if m in scores}
+    return t, out
+
+
 def summary(profile: str, datasets, optimizer: Optional[str] = None,
             mechanism: Optional[str] = None, adjust: str = "mean", methods=None):
     """Figure 2 as a grid over the datasets with results, and the max-cosine table. Each panel

@@ -93,6 +93,19 @@ def cosine_figure(eval_points, results: dict, title: str, xlabel: str = "epochs"
     return fig
 
 
+def mechanisms_figure(eval_points, panels: dict, title: str, xlabel: str = "epochs"):
+    """One panel per leave-out mechanism (``panels[mechanism] = {method: (mean, se)}``), shared
+    y-axis, so the same method can be compared across the two gold standards."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.6), sharey=True,
+                             squeeze=False)
+    for ax, (mech, res) in zip(axes[0], panels.items()):
+        curves(ax, eval_points, res, title=f"{title}\nleave-out: {mech}")
+        ax.set_xlabel(f"further training ({xlabel})")
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def seeds_figure(ks, results: dict, title: str):
     """Max cosine over epochs vs the number of seeds averaged; ``results[m] = (means, ses)``."""
     fig, ax = plt.subplots(figsize=(5, 3.6))

@@ -56,6 +56,9 @@ _KINDS = [
      r"(?P<eq>13|17)\.png$", "sweep",
      "cosine of one method at every damping of its grid (beyond the paper, Sec. 7), with "
      "Grad-Dot for reference"),
+    (r"^(?P<ds>\w+?)_mechanisms_(?P<opt>\w+?)_eq(?P<eq>13|17)\.png$", "mech",
+     "Grad-Dot, CG and LiSSA against the gold standard under each leave-out mechanism "
+     "(remove, subtract), side by side (beyond the paper)"),
     (r"^(?P<ds>\w+?)_param_distance_(?P<opt>\w+?)\.png$", "dist",
      "distance of further-trained parameters from theta^f"),
     (r"^(?P<ds>\w+?)_final_training\.png$", "final", "training curves of the final model"),

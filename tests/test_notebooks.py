@@ -37,7 +37,10 @@ def test_chains_split_the_plan_into_independent_dataset_chains():
     assert [c[0][1]["dataset"] for c in per_ds] == ["concrete", "sst2"]
     for chain in per_ds:                     # each dataset's notebooks, in order, nothing else
         assert len({p["dataset"] for _, p, _ in chain}) == 1
-        assert [nb[:2] for nb, _, _ in chain] == ["01", "02", "03", "04", "06"]
+    # Concrete's gold standard twice in the smoke profile: its default mechanism and subtract
+    assert [nb[:2] for nb, _, _ in per_ds[0]] == ["01", "02", "02", "03", "04", "06"]
+    assert per_ds[0][2][1]["mechanism"] == "subtract"
+    assert [nb[:2] for nb, _, _ in per_ds[1]] == ["01", "02", "03", "04", "06"]
     assert sum(map(len, per_ds)) + len(head) + len(tail) == len(steps)
     only_02 = [s for s in steps if s[0].startswith("02")]
     assert pipeline.chains(only_02)[0] == [] and pipeline.chains(only_02)[2] == []
@@ -64,23 +67,25 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
     out, err = capfd.readouterr()
     # one line per notebook with its wall time, then the total; nothing from the kernels
     lines = out.strip().splitlines()
-    assert len(lines) == 1 + 7 + 1, out
-    assert all(re.search(r"^\[ ?\d/7\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
-    assert lines[-1].startswith("all 7 notebooks done in ")
+    assert len(lines) == 1 + 8 + 1, out
+    assert all(re.search(r"^\[ ?\d/8\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
+    assert lines[-1].startswith("all 8 notebooks done in ")
     assert "without encryption" not in err and "TCP" not in err, err
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
-    assert len(executed) == 7
+    assert len(executed) == 8
     for nb in executed:
         cells = json.loads(nb.read_text())["cells"]
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, nb.name
     res = isolated / "results" / "smoke" / "concrete"
     for name in ("final_model.pt", "final_model.json", "gold_sgd_remove.npz",
+                 "gold_sgd_subtract.npz", "scores_cg_damping0.npz",
                  "scores_grad_dot.npz", "scores_cg.npz", "evaluation_sgd_remove_eq13.csv",
                  "retrain_remove.npz"):
         assert (res / name).exists(), name
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
-    assert "concrete_cosine_sgd_remove_eq13.png" in figs and "figure2.png" in figs
+    assert {"concrete_cosine_sgd_remove_eq13.png", "figure2.png", "concrete_mechanisms_sgd_eq13.png",
+            "concrete_damping_sweep_cg_sgd_remove_eq13.png"} <= figs, figs
     check_report(isolated, "concrete", retrain=True)
 
 
