@@ -120,10 +120,11 @@ COST_ORDER = ("sst2", "fico", "folktables", "cifar10", "fashion_mnist", "concret
 def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "python3",
         only: list[str] | None = None, jobs: int = 1) -> None:
     """Execute the notebooks of ``profile`` for ``datasets``. With ``jobs`` > 1 that many
-    datasets' notebook chains run at once, longest first (:data:`COST_ORDER`); each notebook's
-    kernel gets ``cpu_count // (chains running when it starts)`` intra-op threads: small models
-    use one thread better than two (the gold engine runs its own blocks in parallel, and the
-    methods' many small ops wait on each other), and the last chain gets every core."""
+    datasets' notebook chains run at once, longest first (:data:`COST_ORDER`), each kernel with
+    ``cpu_count // jobs`` intra-op threads: small models use one thread better than two (the gold
+    engine runs its own blocks in parallel, and the methods' many small ops wait on each other).
+    The count is fixed by ``jobs``, not by which chains happen to run together: a model trained
+    with another thread count sums in another order, and reruns must give identical numbers."""
     import papermill as pm
     for ds in datasets:
         if ds not in DATASETS:
@@ -138,7 +139,7 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
                              f"notebooks: {', '.join(sorted({nb for nb, _, _ in plan(profile, datasets)}))}")
     head, per_ds, tail = chains(steps)
     jobs = min(jobs, max(1, len(per_ds)))
-    cores = os.cpu_count() or 1
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     print(f"fimoda pipeline: profile={profile} datasets={','.join(datasets)} device={device} "
           f"({len(steps)} notebooks" + (f", {jobs} at a time" if jobs > 1 else "") + ")",
           flush=True)
@@ -147,14 +148,9 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
     log = steps[0][2].parent / "kernels.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     done = [0]
-    running = [0]               # chains being executed now
     lock = threading.Lock()
 
-    def execute(nb, params, path, share=False):
-        threads = None
-        if share:               # a chain beside others: its share of the cores, fixed at start
-            with lock:
-                threads = max(1, cores // max(1, running[0]))
+    def execute(nb, params, path, threads=None):
         path.parent.mkdir(parents=True, exist_ok=True)
         params = {**params, "device": device}
         label = nb.removesuffix(".ipynb")
@@ -186,7 +182,6 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
             rank = {d: k for k, d in enumerate(COST_ORDER)}
             queue = sorted(per_ds, key=lambda c: rank.get(c[0][1]["dataset"], -1))
             failed: list[BaseException] = []
-            running[0] = jobs
 
             def worker():
                 try:
@@ -196,13 +191,10 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
                                 return
                             chain = queue.pop(0)
                         for s in chain:
-                            execute(*s, share=True)
+                            execute(*s, threads=threads)
                 except BaseException as e:           # SystemExit from execute
                     with lock:
                         failed.append(e)
-                finally:
-                    with lock:
-                        running[0] -= 1
 
             pool = [threading.Thread(target=worker, daemon=True) for _ in range(jobs)]
             for t in pool:
