@@ -194,18 +194,18 @@ def _paper(dataset: str) -> ExperimentConfig:
 # Images and text on 2 cores: ResNet-9 at width 16 (0.41 M parameters) on 10,000 training images;
 # the encoder's top layers only (trainable_layers) on 16,000 sentences; Hessian products,
 # factors and TRAK's kernel from 256 training rows; short LiSSA series on small batches.
-_CPU_LARGE_METHODS = dict(lissa_depth=50, lissa_h_depth=20, lissa_batch_size=64,
-                          lissa_h_batch_size=64, arnoldi_rank=10, arnoldi_iter=20,
+_CPU_LARGE_METHODS = dict(lissa_depth=50, lissa_h_depth=20, lissa_batch_size=32,
+                          lissa_h_batch_size=32, arnoldi_rank=10, arnoldi_iter=12,
                           trak_proj_dim=512, fit_rows=256, datainf_samples=256)
-# The encoder's top 3 layers (5.3 M parameters) on 2 cores: one true-Hessian product on a batch of
-# 64 sentences costs about as much as a training epoch of 20 steps, per column, so LiSSA-H (one
-# column per test point at every step) is skipped as the paper skipped it; its Gauss-Newton
-# LiSSA runs 30 steps on half-size batches, its scale grid starting at 20 (10 diverged on this
-# profile's theta^f), TRAK projects to 256 dimensions (its random 5.3 M x k matrix is generated
-# anew for each chunk of rows), and every training-set-wide quantity comes from 128 rows.
+# The encoder's top 3 layers (5.3 M parameters) on 2 cores: one true-Hessian product on a batch
+# of sentences costs about as much as a training step, per column, so LiSSA-H (one column per
+# test point at every step) is skipped as the paper skipped it; its Gauss-Newton LiSSA runs 20
+# steps, its scale grid starting at 20 (10 diverged on this profile's theta^f); TRAK projects to
+# 256 dimensions (its random 5.3 M x k matrix is generated anew for each chunk of rows); every
+# training-set-wide quantity comes from 128 rows.
 _CPU_TEXT_METHODS = dict(
-    _CPU_LARGE_METHODS, fit_rows=128, datainf_samples=128, lissa_batch_size=32, lissa_depth=30,
-    lissa_scale=20.0, trak_proj_dim=256,
+    _CPU_LARGE_METHODS, fit_rows=128, datainf_samples=128, lissa_depth=20, lissa_scale=20.0,
+    trak_proj_dim=256,
     skip=_SKIP_LARGE + (("lissa_h", "true-Hessian products on the encoder cost one double "
                          "backward pass per test point per step (the paper ran out of GPU "
                          "memory; on 2 CPU cores it would outlast the whole profile)"),))
