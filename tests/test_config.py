@@ -25,6 +25,29 @@ def test_paper_profile_holds_the_papers_numbers():
 
 
 @pytest.mark.parametrize("profile", PROFILES)
+def test_the_papers_method_choices_are_every_profiles_defaults(profile):
+    """IBM/fimoda's notebooks: CG and LiSSA over lambda_G x {0.1, 1, 10, 100} (Energy x10),
+    the largest plotted; LiSSA-H at the largest damping; DataInf with c = 10; LiSSA's scale the
+    smallest of [10, 20, 50, 100, 150, 200, 250, 300, 400, 500] that does not diverge; the
+    leave-out mechanism that produced each figure."""
+    from fimoda.influence.inverse import LissaConfig
+    for ds in DATASETS:
+        c = get_config(ds, profile)
+        m = c.methods
+        grid = (1.0, 10.0, 100.0, 1000.0) if ds == "energy" else (0.1, 1.0, 10.0, 100.0)
+        assert m.damping_grid == grid and m.damping_grid[m.damping_index] == grid[-1]
+        assert m.datainf_c_grid[m.datainf_index] == 10.0
+        assert m.lissa_scale_grid == (10.0, 20.0, 50.0, 100.0, 150.0, 200.0, 250.0, 300.0,
+                                      400.0, 500.0)
+        for name in ("cg", "lissa", "lissa_h"):
+            mc = ex.method_config(name, c)
+            assert mc.damping_grid[mc.damping_index] == grid[-1], (ds, name)
+        tabular = c.model == "mlp"
+        assert c.further.mechanism == ("remove" if tabular else "subtract"), ds
+    assert LissaConfig().scale_grid == get_config("concrete", profile).methods.lissa_scale_grid
+
+
+@pytest.mark.parametrize("profile", PROFILES)
 @pytest.mark.parametrize("dataset", DATASETS)
 def test_every_profile_builds_and_reports_reductions(dataset, profile):
     c = get_config(dataset, profile)
