@@ -377,8 +377,8 @@ def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: Opt
     gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
                                       device=device, **overrides)
     record = {"gold": dataclasses.asdict(gcfg), "experiment": _without(cfg, "methods")}
-    record["gold"].pop("device", None)
-    record["gold"].pop("progress", None)
+    for k in ("device", "progress", "workers"):     # where and how fast, not what
+        record["gold"].pop(k, None)
     if path.exists() and path.with_suffix(".json").exists():
         old = load_json(path.with_suffix(".json"))
         z = load_npz(path)

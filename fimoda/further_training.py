@@ -34,7 +34,7 @@ the model must act on each example independently, as every model in eval mode do
 engines compute the per-run gradients:
 - ``mlp``: Linear/ReLU stacks (the paper's tabular MLPs) by explicit batched matmuls (``bmm``)
   with a hand-written backward pass, in cache-sized blocks of runs (on a CPU spread over
-  ``torch.get_num_threads()`` worker threads);
+  ``GoldConfig.workers`` threads, one per core by default);
 - ``func``: any ``nn.Module`` (in eval mode: BatchNorm uses its running statistics, dropout is
   off) through ``torch.func.functional_call`` + ``vmap(grad(...))``;
 - ``loop``: models ``vmap`` cannot batch (Hugging Face encoders), one run after the other.
@@ -55,6 +55,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,10 @@ class GoldConfig:
     memory_budget_mb: float = 2048.0
     device: str = "cpu"
     progress: bool = True
+    # threads running the mlp engine's blocks on a CPU (None: one per core of the machine). The
+    # blocks cross no barrier, so extra threads only share cores when the machine is busy (e.g.
+    # the pipeline running two datasets at once); results do not depend on the count.
+    workers: Optional[int] = None
 
     def __post_init__(self):
         def bad(msg):
@@ -131,6 +136,8 @@ class GoldConfig:
             bad(f"unknown engine {self.engine!r}; choose from {ENGINES}")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr)):
             bad(f"lr must be a positive number, got {self.lr!r}")
+        if self.workers is not None and not (isinstance(self.workers, int) and self.workers >= 1):
+            bad(f"workers must be None or a positive int, got {self.workers!r}")
         if not self.weight_decay >= 0:
             bad(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -200,7 +207,8 @@ class GoldConfig:
     def numeric(self) -> dict:
         """The fields that determine the numbers (not the seeds, which are stored per file)."""
         d = dataclasses.asdict(self)
-        for k in ("seeds", "progress", "memory_budget_mb", "max_runs_per_chunk", "device"):
+        for k in ("seeds", "progress", "memory_budget_mb", "max_runs_per_chunk", "device",
+                  "workers"):
             d.pop(k)
         return d
 
@@ -720,6 +728,13 @@ def _activation_elems(model: nn.Module, x1: torch.Tensor) -> int:
     return max(total[0], 1)
 
 
+def _cores() -> int:
+    """The CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def _chunk_runs(cfg: GoldConfig, model, X, n_runs: int, slots: int) -> int:
     if cfg.max_runs_per_chunk is not None:
         return min(cfg.max_runs_per_chunk, n_runs)
@@ -956,8 +971,10 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
         block = MLP_RUN_BLOCK_CPU
     else:
         block = chunk
-    # CPU mlp engine: blocks on torch.get_num_threads() worker threads (one intra-op thread each)
-    workers = torch.get_num_threads() if (engine.name == "mlp" and X.device.type == "cpu") else 1
+    # CPU mlp engine: blocks on worker threads (one intra-op thread each), one per core
+    workers = 1
+    if engine.name == "mlp" and X.device.type == "cpu":
+        workers = cfg.workers or _cores()
     seeds = cfg.seed_list
     wd = None
     if workdir is not None:

@@ -256,16 +256,23 @@ def test_chunking_does_not_change_results():
 
 
 def test_worker_threads_do_not_change_results():
-    """The CPU mlp engine runs blocks of runs on torch.get_num_threads() worker threads."""
+    """The CPU mlp engine runs blocks of runs on GoldConfig.workers threads (default: one per
+    core), whatever torch's intra-op setting; the count changes no number."""
+    import dataclasses
     model, X, y, Xt, yt = regression_problem(n=30)
     cfg = GoldConfig(optimizer="adam", lr=3e-3, epochs=2, batch_size=8, seeds=1, run_block=2,
-                     progress=False)
+                     progress=False, workers=1)
     one = further_train(model, "regression", X, y, Xt, yt, [1, 4, 9, 20, 29], cfg)
-    torch.set_num_threads(2)
-    two = further_train(model, "regression", X, y, Xt, yt, [1, 4, 9, 20, 29], cfg)
-    assert torch.get_num_threads() == 2
-    assert np.array_equal(one.loss_loo, two.loss_loo)
-    assert np.array_equal(one.param_dist, two.param_dist)
+    before = torch.get_num_threads()
+    for w in (2, 3, None):
+        other = further_train(model, "regression", X, y, Xt, yt, [1, 4, 9, 20, 29],
+                              dataclasses.replace(cfg, workers=w))
+        assert torch.get_num_threads() == before                      # restored
+        assert np.array_equal(one.loss_loo, other.loss_loo), w
+        assert np.array_equal(one.param_dist, other.param_dist), w
+    assert cfg.numeric() == dataclasses.replace(cfg, workers=3).numeric()   # not in cache keys
+    with pytest.raises(ValueError, match="workers must be None or a positive int"):
+        GoldConfig(workers=0)
 
 
 def test_resume_is_bit_for_bit(tmp_path):
