@@ -56,6 +56,7 @@ class FurtherTrainConfig:
     # from each epoch's sampler order. Each dataset defaults to what produced its figures.
     mechanism: str = "subtract"
     mislabel_trials: int = 40       # mislabelled-example detection (App. E.2.1): trials averaged
+    mislabel_seeds: Optional[int] = None   # seeds of its one-epoch further training (None: seeds)
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,8 @@ _CPU = {
                           methods=_CPU_LARGE_METHODS),
     "sst2": dict(train=dict(lr=2e-4, epochs=1, n_train_subset=16000, select_epoch_by_val=False,
                             eval_rows=2000),
-                 further=dict(max_steps=10, n_loo=10, n_test=20, seeds=2, mislabel_trials=1),
+                 further=dict(max_steps=10, n_loo=10, n_test=20, seeds=2, mislabel_trials=1,
+                              mislabel_seeds=1),
                  methods=_CPU_TEXT_METHODS),
 }
 _SMOKE_METHODS = dict(lissa_depth=300, lissa_h_depth=100, lissa_h_batch_size=128,

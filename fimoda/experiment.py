@@ -625,7 +625,8 @@ def mislabel_detection(cfg: ExperimentConfig, optimizer: Optional[str] = None,
     loo_idx = select_loo_indices(cfg, len(ds.X_train))
     test_idx = select_test_indices(cfg, len(ds.X_test))
     gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
-                                      device=device, epochs=1, max_steps=cfg.further.max_steps)
+                                      device=device, epochs=1, max_steps=cfg.further.max_steps,
+                                      seeds=cfg.further.mislabel_seeds or cfg.further.seeds)
     # theta^f and the clean data, shared by every trial; a trial only changes labels
     base = make_attributor(model, ds, cfg, loo_idx, test_idx, device=device, progress=False)
     Xtr, ytr, _, _ = tensors(ds, cfg, device)     # the whole training set (not fit_rows)
