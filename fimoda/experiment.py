@@ -513,6 +513,25 @@ def mechanism_curves(cfg: ExperimentConfig, optimizer: Optional[str], scores: di
     return t, out
 
 
+def with_results(profile: str, datasets, optimizer: Optional[str] = None,
+                 mechanism: Optional[str] = None, methods=None) -> list:
+    """[(cfg, gold, {method: scores})] for the datasets of ``profile`` whose gold standard
+    (:func:`gold_settings`) has been computed, in the panel order of the paper's Figure 2."""
+    from .config import get_config
+    from .influence import METHODS
+    from .plots import fig2_order
+    methods = list(methods or [m for m in METHODS if m != "dense"])
+    out = []
+    for ds in fig2_order(datasets):
+        cfg = get_config(ds, profile)
+        try:
+            gold = load_gold(cfg, optimizer, mechanism)
+        except FileNotFoundError:
+            continue
+        out.append((cfg, gold, load_scores(cfg, methods)))
+    return out
+
+
 def summary(profile: str, datasets, optimizer: Optional[str] = None,
             mechanism: Optional[str] = None, adjust: str = "mean", methods=None):
     """Figure 2 as a grid over the datasets with results, and the max-cosine table. Each panel
@@ -526,19 +545,9 @@ def summary(profile: str, datasets, optimizer: Optional[str] = None,
     are the datasets in panel order."""
     import matplotlib.pyplot as plt
     import pandas as pd
-    from .config import get_config
-    from .influence import METHODS
     from .metrics import curve
-    from .plots import curves, fig2_order, grid_shape, label, panel_letter
-    methods = list(methods or [m for m in METHODS if m != "dense"])
-    have = []
-    for ds in fig2_order(datasets):
-        cfg = get_config(ds, profile)
-        try:
-            gold = load_gold(cfg, optimizer, mechanism)
-        except FileNotFoundError:
-            continue
-        have.append((cfg, gold, load_scores(cfg, methods)))
+    from .plots import curves, grid_shape, label, panel_letter
+    have = with_results(profile, datasets, optimizer, mechanism, methods)
     if not have:
         raise FileNotFoundError(f"no gold results for {list(datasets)} in the {profile} profile")
     nrows, ncols = grid_shape(len(have))

@@ -138,24 +138,17 @@ def summary_rows(profile: str, datasets, optimizer: Optional[str] = None,
     its maximum and where, the last; Spearman likewise; and the paper's first/last cosine where
     :data:`PAPER_VALUES` has the same dataset and setting (never for a stand-in)."""
     import pandas as pd
-    from .config import get_config
-    from .experiment import eval_unit, evaluation_gold, gold_settings, load_gold, load_scores
-    from .influence import METHODS
+    from .experiment import eval_unit, evaluation_gold, gold_settings, with_results
     from .metrics import curve
-    from .plots import fig2_order, label
-    methods = list(methods or [m for m in METHODS if m != "dense"])
+    from .plots import label
     eq = 13 if adjust == "mean" else 17
     rows = []
-    for ds in fig2_order(datasets):
-        cfg = get_config(ds, profile)
-        try:
-            gold = load_gold(cfg, optimizer, mechanism)
-        except FileNotFoundError:
-            continue
+    for cfg, gold, scores in with_results(profile, datasets, optimizer, mechanism, methods):
+        ds = cfg.dataset
         opt, mech = gold_settings(cfg, optimizer, mechanism)
         a, t = evaluation_gold(gold, adjust)
         paper = {} if cfg.stand_in_for else PAPER_VALUES.get(ds, {}).get((opt, eq, "cosine"), {})
-        for m, s in load_scores(cfg, methods).items():
+        for m, s in scores.items():
             cos, sp = curve(a, s, "cosine")[0], curve(a, s, "spearman")[0]
             kc, ks = int(np.argmax(cos)), int(np.argmax(sp))
             row = {"dataset": ds + (f" ({cfg.stand_in_for} stand-in)" if cfg.stand_in_for else ""),
