@@ -146,21 +146,23 @@ def test_damping_sweep_runs_the_whole_grid_and_reuses_the_default(att, tmp_path)
     cfg = get_config("concrete", "smoke")
     loo, test = np.arange(8), np.arange(30, 34)
     m = cfg.methods
-    assert m.damping_sweep == ("cg",) and m.damping_index == len(m.damping_grid) - 1
-    main = ex.run_method("cg", att, cfg, loo, test, directory=tmp_path)
+    assert m.damping_sweep == ("dense",) and m.damping_index == len(m.damping_grid) - 1
+    assert get_config("fashion_mnist", "cpu").methods.damping_sweep == ()
+    main = ex.run_method("dense", att, cfg, loo, test, directory=tmp_path)
     sweeps = ex.damping_sweeps(att, cfg, loo, test, directory=tmp_path)
-    assert list(sweeps) == ["cg"] and sorted(sweeps["cg"]) == sorted(map(float, m.damping_grid))
-    np.testing.assert_array_equal(sweeps["cg"][float(m.damping_grid[-1])], main)
-    names = sorted(p.name for p in tmp_path.glob("scores_cg*.npz"))
-    assert names == ["scores_cg.npz"] + [f"scores_cg_damping{k}.npz"
-                                         for k in range(len(m.damping_grid) - 1)]
-    for k, g in enumerate(m.damping_grid):     # each file is CG at its own damping
-        want = ex.run_method("cg", att, cfg, loo, test, directory=tmp_path / "fresh",
-                             file=f"{k}.npz", damping_index=k)
-        np.testing.assert_allclose(sweeps["cg"][float(g)], want, rtol=1e-12)
-    small, large = sweeps["cg"][float(m.damping_grid[0])], sweeps["cg"][float(m.damping_grid[-1])]
+    assert list(sweeps) == ["dense"] and sorted(sweeps["dense"]) == sorted(map(float, m.damping_grid))
+    np.testing.assert_array_equal(sweeps["dense"][float(m.damping_grid[-1])], main)
+    names = sorted(p.name for p in tmp_path.glob("scores_dense*.npz"))
+    assert names == ["scores_dense.npz"] + [f"scores_dense_damping{k}.npz"
+                                            for k in range(len(m.damping_grid) - 1)]
+    for k, g in enumerate(m.damping_grid):     # each file is the solve at its own damping, and
+        want = ex.run_method("cg", att, cfg, loo, test, directory=tmp_path / "cg",
+                             file=f"{k}.npz", damping_index=k)          # what CG converges to
+        np.testing.assert_allclose(sweeps["dense"][float(g)], want, rtol=1e-6,
+                                   atol=1e-8 * np.abs(want).max())
+    small, large = sweeps["dense"][float(m.damping_grid[0])], sweeps["dense"][float(m.damping_grid[-1])]
     assert np.abs(small - large).max() > 1e-3 * np.abs(large).max()     # the damping matters
-    loaded = ex.load_damping_sweep(cfg, "cg", directory=tmp_path)
-    assert all(np.array_equal(loaded[g], sweeps["cg"][g]) for g in sweeps["cg"])
-    big = dataclasses.replace(cfg, methods=dataclasses.replace(m, skip=(("cg", "why"),)))
+    loaded = ex.load_damping_sweep(cfg, "dense", directory=tmp_path)
+    assert all(np.array_equal(loaded[g], sweeps["dense"][g]) for g in sweeps["dense"])
+    big = dataclasses.replace(cfg, methods=dataclasses.replace(m, skip=(("dense", "why"),)))
     assert ex.damping_sweeps(att, big, loo, test, directory=tmp_path) == {}

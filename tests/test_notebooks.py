@@ -79,13 +79,13 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
         assert not errors, nb.name
     res = isolated / "results" / "smoke" / "concrete"
     for name in ("final_model.pt", "final_model.json", "gold_sgd_remove.npz",
-                 "gold_sgd_subtract.npz", "scores_cg_damping0.npz",
+                 "gold_sgd_subtract.npz", "scores_dense_damping0.npz",
                  "scores_grad_dot.npz", "scores_cg.npz", "evaluation_sgd_remove_eq13.csv",
                  "retrain_remove.npz"):
         assert (res / name).exists(), name
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
     assert {"concrete_cosine_sgd_remove_eq13.png", "figure2.png", "concrete_mechanisms_sgd_eq13.png",
-            "concrete_damping_sweep_cg_sgd_remove_eq13.png"} <= figs, figs
+            "concrete_damping_sweep_dense_sgd_remove_eq13.png"} <= figs, figs
     check_report(isolated, "concrete", retrain=True)
 
 
