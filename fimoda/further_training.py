@@ -685,7 +685,10 @@ def _vmappable(engine: _FuncEngine, X, Y) -> bool:
 
 
 def _make_engine(model: nn.Module, task: str, cfg: GoldConfig, X, Y):
-    """``mlp`` for Linear/ReLU stacks, else ``func`` (vmap), else ``loop`` (auto)."""
+    """``mlp`` for Linear/ReLU stacks, else ``func`` (vmap), else ``loop`` (auto). On a CPU a
+    convolutional model gets ``loop`` (auto): vmap turns each run's convolution into one grouped
+    convolution, which the CPU kernels run slower than the runs one after the other
+    (benchmarks/gold_speed_large.py)."""
     if cfg.engine in ("auto", "mlp"):
         layers = linear_relu_layers(model)
         eng = _MLPEngine(layers, task) if layers is not None else None
@@ -698,7 +701,9 @@ def _make_engine(model: nn.Module, task: str, cfg: GoldConfig, X, Y):
     used = _used_parameters(model, task, X, Y)
     if not used:
         raise ValueError("the loss does not depend on any trainable parameter of the model")
-    if cfg.engine == "loop":
+    convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    if cfg.engine == "loop" or (cfg.engine == "auto" and convolutional
+                                and X.device.type == "cpu"):
         return _LoopEngine(model, task, used)
     eng = _FuncEngine(model, task, used)
     if _vmappable(eng, X, Y):

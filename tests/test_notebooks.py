@@ -96,7 +96,8 @@ def check_report(isolated, ds, retrain=False):
     from fimoda import report
     figdir = isolated / "figures" / "smoke"
     index = (figdir / "INDEX.md").read_text()
-    listed = re.findall(r"`([^`]+\.(?:png|csv))`", index)
+    listed = re.findall(r"`([^`]+\.(?:png|pdf|csv))`", index)
+    assert any(f.endswith(".pdf") for f in listed) and any(f.endswith(".csv") for f in listed)
     assert listed and all((figdir / f).exists() for f in listed), listed
     for num in ("Fig. 2", "Fig. 6 (panel)", "Figs. 3, 7", "Fig. 10", "Table 2"):
         assert f"| {num} |" in index, num
