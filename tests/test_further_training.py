@@ -164,8 +164,9 @@ def flip_augment(x, generator):
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
+@pytest.mark.parametrize("engine", ["auto", "func"])
 @pytest.mark.parametrize("mechanism", ["remove", "subtract"])
-def test_batchnorm_model_generic_path_with_augmentation(mechanism):
+def test_batchnorm_model_generic_path_with_augmentation(mechanism, engine):
     torch.manual_seed(0)
     net = ConvBN().double()
     net.bn.running_mean.uniform_(-0.5, 0.5)
@@ -177,11 +178,14 @@ def test_batchnorm_model_generic_path_with_augmentation(mechanism):
     Xt = torch.randn(4, 2, 6, 6, generator=g, dtype=torch.float64)
     yt = torch.randint(0, 3, (4,), generator=g)
     cfg = GoldConfig(optimizer="sgd", lr=0.2, epochs=2, max_steps=7, eval_every=2, batch_size=4,
-                     mechanism=mechanism, seeds=2, max_runs_per_chunk=2, progress=False)
+                     mechanism=mechanism, seeds=2, max_runs_per_chunk=2, progress=False,
+                     engine=engine)
     a = further_train(net, "classification", X, y, Xt, yt, [0, 5, 16], cfg, augment=flip_augment)
     b = reference_further_train(net, "classification", X, y, Xt, yt, [0, 5, 16], cfg,
                                 augment=flip_augment)
-    assert a.config["engine"] == "func" and net.training     # the caller's model is untouched
+    # auto: the per-run loop for a convolutional model on a CPU
+    assert a.config["engine"] == ("loop" if engine == "auto" else "func")
+    assert net.training                                      # the caller's model is untouched
     assert_close_and_nontrivial(a, b)
     c = further_train(net, "classification", X, y, Xt, yt, [0, 5, 16], cfg)
     assert np.abs(a.loss_loo - c.loss_loo).max() > 1e-6       # the augmentation is used
