@@ -160,8 +160,9 @@ def smallest_hessian_eigenvalue(att, n_iter: int = 60, seed: int = 0, path=None,
     mem = ("lambda_min(H/n)", n_iter, seed)
     if mem not in att.shared:
         record = _canon({"n_iter": n_iter, "seed": seed, "n_train": att.n_train, **(key or {})})
-        if path is not None and Path(path).exists() and load_json(path).get("key") == record:
-            att.shared[mem] = float(load_json(path)["lambda_min"])
+        kept = load_json(path) if path is not None and Path(path).exists() else {}
+        if kept.get("key") == record:
+            att.shared[mem] = float(kept["lambda_min"])
             return att.shared[mem]
         p = att.problem
         mv = lambda v: block_products(p, p.X, p.Y, v[:, None], "true")[:, 0] / att.n_train
@@ -241,17 +242,22 @@ def damping_sweep(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, dire
     """{lambda_G multiple: scores} of method ``name`` at every damping of the config's grid
     (``scores_<name>.npz`` at the configured index, ``scores_<name>_damping<k>.npz`` at the
     others); a damping at which the method breaks down is left out."""
-    grid = cfg.methods.damping_grid
     out = {}
-    for k, g in enumerate(grid):
-        default = k == cfg.methods.damping_index % len(grid)
+    for k, g in enumerate(cfg.methods.damping_grid):
         try:
             out[float(g)] = run_method(name, att, cfg, loo_idx, test_idx, directory,
-                                       file=None if default else f"scores_{name}_damping{k}.npz",
-                                       damping_index=k)
+                                       file=_sweep_file(cfg, name, k), damping_index=k)
         except MethodFailed:
             continue
     return out
+
+
+def _sweep_file(cfg: ExperimentConfig, name: str, k: int) -> str:
+    """The scores file of ``name`` at damping index k: the method's own at the configured
+    index, ``scores_<name>_damping<k>.npz`` at the others."""
+    m = cfg.methods
+    return f"scores_{name}.npz" if k == m.damping_index % len(m.damping_grid) \
+        else f"scores_{name}_damping{k}.npz"
 
 
 def damping_sweeps(att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None) -> dict:
@@ -265,11 +271,9 @@ def damping_sweeps(att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None
 def load_damping_sweep(cfg: ExperimentConfig, name: str, directory=None) -> dict:
     """What :func:`damping_sweep` saved: {lambda_G multiple: scores} for the files present."""
     d = Path(directory or out_dir(cfg))
-    grid = cfg.methods.damping_grid
     out = {}
-    for k, g in enumerate(grid):
-        default = k == cfg.methods.damping_index % len(grid)
-        p = d / (f"scores_{name}.npz" if default else f"scores_{name}_damping{k}.npz")
+    for k, g in enumerate(cfg.methods.damping_grid):
+        p = d / _sweep_file(cfg, name, k)
         if p.exists():
             out[float(g)] = load_npz(p)["scores"]
     return out
