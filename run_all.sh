@@ -5,6 +5,7 @@
 #   ./run_all.sh --profile smoke         # seconds per notebook
 #   ./run_all.sh --profile paper --datasets concrete,energy --device cuda
 #   ./run_all.sh --jobs 1                # one notebook at a time (default on cpu: 2 datasets at once)
+#   ./run_all.sh --profile paper --datasets concrete,energy --seeds 10   # fewer seeds (printed)
 #   ./run_all.sh --test                  # set up, then the default test suite
 #   ./run_all.sh --test-slow             # the slow tests (marked @pytest.mark.slow)
 #   ./run_all.sh --test-peers            # cross-checks against pyDVL/dattri/kronfluence/traker
@@ -17,10 +18,11 @@ PROFILE=cpu
 DATASETS=""
 DEVICE=cpu
 JOBS=""
+SEEDS=""
 MODE=run
 PYTHON=${PYTHON:-python3}
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -32,6 +34,8 @@ while [ $# -gt 0 ]; do
     --device=*) DEVICE=${1#*=}; shift ;;
     --jobs) JOBS=$2; shift 2 ;;
     --jobs=*) JOBS=${1#*=}; shift ;;
+    --seeds) SEEDS=$2; shift 2 ;;
+    --seeds=*) SEEDS=${1#*=}; shift ;;
     --test) MODE=test; shift ;;
     --test-slow) MODE=test-slow; shift ;;
     --test-peers) MODE=test-peers; shift ;;
@@ -81,4 +85,4 @@ esac
 if [ -z "$DATASETS" ]; then
   DATASETS=$($PY -c "from fimoda.config import PROFILE_DATASETS as P; print(','.join(P['$PROFILE']))")
 fi
-exec $PY -m fimoda.pipeline --profile "$PROFILE" --datasets "$DATASETS" --device "$DEVICE" ${JOBS:+--jobs "$JOBS"}
+exec $PY -m fimoda.pipeline --profile "$PROFILE" --datasets "$DATASETS" --device "$DEVICE" ${JOBS:+--jobs "$JOBS"} ${SEEDS:+--seeds "$SEEDS"}

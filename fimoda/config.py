@@ -39,6 +39,7 @@ class FurtherTrainConfig:
     optimizer: str = "sgd"          # sgd | adam | adamw
     lr: float = 3e-2
     adam_lr: float = 1e-4           # lr used when optimizer == "adam" (App. E.1)
+    adam_epochs: Optional[int] = None  # epochs when optimizer == "adam" (None: ``epochs``)
     epochs: int = 500
     max_steps: Optional[int] = None  # image/text: stop after this many steps
     eval_every: Optional[int] = None  # None: evaluate after every epoch; k: every k steps
@@ -214,11 +215,13 @@ _CPU_TEXT_METHODS = dict(
                          "memory; on 2 CPU cores it would outlast the whole profile)"),))
 _CPU_MODEL = {"cifar10": dict(width=16), "fashion_mnist": dict(width=16),
               "sst2": dict(trainable_layers=3)}
+# The Adam gold standard of App. E.1 (Figs. 4, 8) runs for every tabular dataset too, over half
+# the SGD run's epochs where that is more than a few.
 _CPU = {
-    "concrete": dict(further=dict(epochs=100, seeds=4)),
-    "energy": dict(further=dict(epochs=100, seeds=4)),
-    "fico": dict(train=dict(epochs=200), further=dict(epochs=10, seeds=4, n_test=50,
-                                                      mislabel_trials=2)),
+    "concrete": dict(further=dict(epochs=100, adam_epochs=50, seeds=4)),
+    "energy": dict(further=dict(epochs=100, adam_epochs=50, seeds=4)),
+    "fico": dict(train=dict(epochs=200), further=dict(epochs=10, adam_epochs=5, seeds=4,
+                                                      n_test=50, mislabel_trials=2)),
     "folktables": dict(train=dict(epochs=20, n_train_subset=4000),
                        further=dict(epochs=5, seeds=4, n_test=50, mislabel_trials=2)),
     "adult": dict(train=dict(epochs=20, n_train_subset=4000),

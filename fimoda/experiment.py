@@ -18,17 +18,23 @@ from .models import resolve_dtype
 
 
 # ----------------------------------------------------------------------------- instances
-def setup(dataset: str, profile: str, data_dir=None, dtype: Optional[str] = None):
+def setup(dataset: str, profile: str, data_dir=None, dtype: Optional[str] = None,
+          seeds: Optional[int] = None):
     """What every per-dataset notebook starts with: ``$FIMODA_DATA_DIR`` set from ``data_dir``
-    (if given), the dataset's config under ``profile`` (``dtype`` overriding the dataset's), its
-    banner printed (stand-ins, gold-standard settings, reductions), and the profile's figures
-    folder. Returns (cfg, figures folder)."""
+    (if given), the dataset's config under ``profile`` (``dtype`` overriding the dataset's,
+    ``seeds`` the number of further-training seeds), its banner printed (stand-ins,
+    gold-standard settings, reductions), and the profile's figures folder. Returns (cfg,
+    figures folder)."""
     import os
     from .config import describe, get_config
     from .io import figures_dir
     if data_dir:
         os.environ["FIMODA_DATA_DIR"] = str(data_dir)
     cfg = get_config(dataset, profile, **({"dtype": dtype} if dtype else {}))
+    if seeds is not None:
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+        cfg = dataclasses.replace(cfg, further=dataclasses.replace(cfg.further, seeds=seeds))
     print(describe(cfg))
     return cfg, figures_dir(profile)
 
@@ -378,6 +384,8 @@ def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: Opt
     optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
     d = Path(directory or out_dir(cfg))
     path = d / f"gold_{optimizer}_{mechanism}.npz"
+    if optimizer == "adam" and cfg.further.adam_epochs is not None:
+        overrides = {"epochs": cfg.further.adam_epochs, **overrides}
     gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
                                       device=device, **overrides)
     record = {"gold": dataclasses.asdict(gcfg), "experiment": _without(cfg, "methods")}
@@ -477,6 +485,18 @@ def evaluation_table(eval_points, cos: dict, sp: dict):
     return pd.DataFrame(rows).set_index("method").sort_values("max cosine", ascending=False)
 
 
+def evaluate(gold: dict, scores: dict, adjust: str = "mean"):
+    """(eval points, {method: cosine (mean, se)}, {method: Spearman (mean, se)}, table): every
+    method's scores against the gold standard -- eq. (13) with ``adjust="mean"``, eq. (17) with
+    ``"full"`` -- per test point over the left-out set, averaged over test points, at every
+    evaluation point after theta^f; the table is :func:`evaluation_table` of them."""
+    from .metrics import curve
+    a, t = evaluation_gold(gold, adjust)
+    cos = {m: curve(a, s, "cosine") for m, s in scores.items()}
+    sp = {m: curve(a, s, "spearman") for m, s in scores.items()}
+    return t, cos, sp, evaluation_table(t, cos, sp)
+
+
 def save_table(table, cfg: ExperimentConfig, name: str, directory=None) -> Path:
     """Write a pandas table as CSV (atomically) next to the results."""
     from .io import _atomic
@@ -517,22 +537,32 @@ def mechanism_curves(cfg: ExperimentConfig, optimizer: Optional[str], scores: di
     return t, out
 
 
+def gold_datasets(profile: str, datasets, optimizer: Optional[str] = None,
+                  mechanism: Optional[str] = None) -> list:
+    """The datasets of ``profile`` among ``datasets`` whose gold standard (:func:`gold_settings`)
+    has been computed, in the panel order of the paper's Figure 2."""
+    from .config import get_config
+    from .plots import fig2_order
+    out = []
+    for ds in fig2_order(datasets):
+        cfg = get_config(ds, profile)
+        opt, mech = gold_settings(cfg, optimizer, mechanism)
+        if (out_dir(cfg) / f"gold_{opt}_{mech}.npz").exists():
+            out.append(ds)
+    return out
+
+
 def with_results(profile: str, datasets, optimizer: Optional[str] = None,
                  mechanism: Optional[str] = None, methods=None) -> list:
     """[(cfg, gold, {method: scores})] for the datasets of ``profile`` whose gold standard
     (:func:`gold_settings`) has been computed, in the panel order of the paper's Figure 2."""
     from .config import get_config
     from .influence import METHODS
-    from .plots import fig2_order
     methods = list(methods or [m for m in METHODS if m != "dense"])
     out = []
-    for ds in fig2_order(datasets):
+    for ds in gold_datasets(profile, datasets, optimizer, mechanism):
         cfg = get_config(ds, profile)
-        try:
-            gold = load_gold(cfg, optimizer, mechanism)
-        except FileNotFoundError:
-            continue
-        out.append((cfg, gold, load_scores(cfg, methods)))
+        out.append((cfg, load_gold(cfg, optimizer, mechanism), load_scores(cfg, methods)))
     return out
 
 
@@ -564,7 +594,8 @@ def summary(profile: str, datasets, optimizer: Optional[str] = None,
         res = {m: curve(a, s) for m, s in scores.items()}
         name = cfg.dataset + (f" (stand-in for {cfg.stand_in_for})" if cfg.stand_in_for else "")
         opt, mech = gold_settings(cfg, optimizer, mechanism)
-        curves(ax, t, res, title=f"{panel_letter(k)} {name}\n({opt}, {mech})")
+        eq = "" if adjust == "mean" else ", eq. 17"
+        curves(ax, t, res, title=f"{panel_letter(k)} {name}\n({opt}, {mech}{eq})")
         ax.set_xlabel(f"further training ({eval_unit(cfg)}s)")
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
@@ -576,6 +607,30 @@ def summary(profile: str, datasets, optimizer: Optional[str] = None,
         fig.legend(list(handles.values()), list(handles), fontsize=8, loc="center left",
                    bbox_to_anchor=(1.0, 0.5), frameon=False)
     return fig, pd.DataFrame(rows)
+
+
+def grid_name(optimizer: Optional[str] = None, mechanism: Optional[str] = None,
+              adjust: str = "mean", kind: str = "figure2") -> str:
+    """File stem of a Figure-2-style grid (``kind="figure2"``) or its max-cosine table
+    (``"max_cosine"``): the gold optimizer and mechanism when one was chosen for every panel,
+    ``eq17`` for eq. (17); e.g. ``figure2`` (Fig. 2), ``figure2_adam`` (Fig. 4),
+    ``figure2_eq17`` (Fig. 5)."""
+    return "_".join([kind] + [p for p in (optimizer, mechanism) if p]
+                    + (["eq17"] if adjust == "full" else []))
+
+
+def summary_figure(profile: str, datasets, optimizer: Optional[str] = None,
+                   mechanism: Optional[str] = None, adjust: str = "mean"):
+    """:func:`summary` saved to the profile's figures folder as ``<grid_name>.png`` (+ PDF) and
+    its table as ``max_cosine<...>.csv``; returns (path of the figure, table)."""
+    from .io import figures_dir
+    from .plots import savefig
+    fig, table = summary(profile, datasets, optimizer, mechanism, adjust)
+    d = figures_dir(profile)
+    path = d / f"{grid_name(optimizer, mechanism, adjust)}.png"
+    savefig(fig, path, pdf=True)
+    table.to_csv(d / f"{grid_name(optimizer, mechanism, adjust, kind='max_cosine')}.csv")
+    return path, table
 
 
 def influential_examples(ds, gold: dict, a: np.ndarray, scores: dict, j: int, t: int = 0,

@@ -37,14 +37,21 @@ STEPS = [
 # per left-out instance, so the cpu profile leaves it out (run notebook 02 with retrain=True).
 RETRAIN_DATASETS = ("concrete", "energy")
 RETRAIN_PROFILES = ("smoke", "paper")
-# Concrete's gold standard also under the other leave-out mechanism (subtract), for notebook 04's
-# side-by-side comparison of the two (issue #10): one more gold run, so not in the cpu profile
-MECHANISM_DATASETS = ("concrete",)
-MECHANISM_PROFILES = ("smoke", "paper")
+# A dataset's notebook run again with other parameters, right after its default run:
+# (notebook prefix, datasets, profiles, parameters, suffix of the executed copy)
+VARIANTS = [
+    # Concrete's gold standard also under the other leave-out mechanism, for notebook 04's
+    # side-by-side comparison of the two (one more gold run, so not in the cpu profile)
+    ("02", ("concrete",), ("smoke", "paper"), {"mechanism": "subtract"}, "subtract"),
+    # the Adam gold standard of App. E.1 for every tabular dataset (Figs. 4 and 8), evaluated
+    ("02", TABULAR, PROFILES, {"optimizer": "adam"}, "adam"),
+    ("04", TABULAR, PROFILES, {"optimizer": "adam"}, "adam"),
+]
 
 
-def plan(profile: str, datasets: list[str]):
-    """The (notebook, parameters, output path) triples to execute, in order."""
+def plan(profile: str, datasets: list[str], seeds: int | None = None):
+    """The (notebook, parameters, output path) triples to execute, in order. ``seeds``: the
+    number of further-training seeds of every per-dataset notebook (None: the profile's)."""
     base = Path(os.environ.get("FIMODA_EXECUTED_DIR", ROOT / "notebooks" / "executed"))
     out = base / profile
     steps = []
@@ -57,12 +64,16 @@ def plan(profile: str, datasets: list[str]):
             if only is not None and ds not in only:
                 continue
             params = {"profile": profile, "dataset": ds}
+            if seeds is not None:
+                params["seeds"] = seeds
+            first = dict(params)
             if nb.startswith("02") and ds in RETRAIN_DATASETS and profile in RETRAIN_PROFILES:
-                params["retrain"] = True     # LOO re-training from scratch (paper Fig. 11)
-            steps.append((nb, params, out / nb.replace(".ipynb", f"_{ds}.ipynb")))
-            if nb.startswith("02") and ds in MECHANISM_DATASETS and profile in MECHANISM_PROFILES:
-                other = {"profile": profile, "dataset": ds, "mechanism": "subtract"}
-                steps.append((nb, other, out / nb.replace(".ipynb", f"_{ds}_subtract.ipynb")))
+                first["retrain"] = True     # LOO re-training from scratch (paper Fig. 11)
+            steps.append((nb, first, out / nb.replace(".ipynb", f"_{ds}.ipynb")))
+            for prefix, names, profiles, extra, suffix in VARIANTS:
+                if nb.startswith(prefix) and ds in names and profile in profiles:
+                    steps.append((nb, {**params, **extra},
+                                  out / nb.replace(".ipynb", f"_{ds}_{suffix}.ipynb")))
     return steps
 
 
@@ -118,7 +129,7 @@ COST_ORDER = ("sst2", "fico", "folktables", "cifar10", "fashion_mnist", "concret
 
 
 def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "python3",
-        only: list[str] | None = None, jobs: int = 1) -> None:
+        only: list[str] | None = None, jobs: int = 1, seeds: int | None = None) -> None:
     """Execute the notebooks of ``profile`` for ``datasets``. With ``jobs`` > 1 that many
     datasets' notebook chains run at once, longest first (:data:`COST_ORDER`), each kernel with
     ``cpu_count // jobs`` intra-op threads: small models use one thread better than two (the gold
@@ -131,7 +142,9 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
             raise SystemExit(f"unknown dataset {ds!r}; choose from {', '.join(DATASETS)}")
     if jobs < 1:
         raise SystemExit(f"--jobs must be at least 1 (got {jobs})")
-    steps = plan(profile, datasets)
+    if seeds is not None and seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1 (got {seeds})")
+    steps = plan(profile, datasets, seeds)
     if only:
         steps = [s for s in steps if any(s[0].startswith(o) for o in only)]
         if not steps:
@@ -140,8 +153,9 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
     head, per_ds, tail = chains(steps)
     jobs = min(jobs, max(1, len(per_ds)))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
-    print(f"fimoda pipeline: profile={profile} datasets={','.join(datasets)} device={device} "
-          f"({len(steps)} notebooks" + (f", {jobs} at a time" if jobs > 1 else "") + ")",
+    print(f"fimoda pipeline: profile={profile} datasets={','.join(datasets)} device={device}"
+          + (f" seeds={seeds}" if seeds is not None else "")
+          + f" ({len(steps)} notebooks" + (f", {jobs} at a time" if jobs > 1 else "") + ")",
           flush=True)
     t_all = time.perf_counter()
     socket_dir = tempfile.mkdtemp(prefix="fimoda-kernel-")
@@ -229,6 +243,9 @@ def main(argv=None):
     ap.add_argument("--only", default=None, help="comma-separated notebook prefixes, e.g. 00,01")
     ap.add_argument("--jobs", type=int, default=None,
                     help="datasets run at once (default: the number of cores, at most 2)")
+    ap.add_argument("--seeds", type=int, default=None,
+                    help="further-training seeds of the gold standard (default: the profile's; "
+                         "printed in every banner as a reduction)")
     a = ap.parse_args(argv)
     from .config import PROFILE_DATASETS
     datasets = a.datasets.split(",") if a.datasets else list(PROFILE_DATASETS[a.profile])
@@ -244,7 +261,8 @@ def main(argv=None):
     jobs = a.jobs
     if jobs is None:                 # a CPU's cores: two datasets at once; one GPU: one at a time
         jobs = min(2, os.cpu_count() or 1) if a.device == "cpu" else 1
-    run(a.profile, datasets, a.device, only=a.only.split(",") if a.only else None, jobs=jobs)
+    run(a.profile, datasets, a.device, only=a.only.split(",") if a.only else None, jobs=jobs,
+        seeds=a.seeds)
 
 
 if __name__ == "__main__":

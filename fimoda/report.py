@@ -32,9 +32,11 @@ PAPER_VALUES = {
 
 # file-name pattern -> (paper figure, what it shows); {opt}/{eq} pick the figure number
 _KINDS = [
-    (r"^figure2(?:_(?P<opt>\w+?)_(?P<mech>remove|subtract))?\.png$", "fig2grid",
+    (r"^figure2(?:_(?P<opt>sgd|adam|adamw))?(?:_(?P<mech>remove|subtract))?(?:_eq(?P<eq>17))?"
+     r"\.png$", "fig2grid",
      "cosine (gold vs method) against further training, every dataset, one panel each"),
-    (r"^max_cosine(?:_(?P<opt>\w+?)_(?P<mech>remove|subtract))?\.csv$", "table-max",
+    (r"^max_cosine(?:_(?P<opt>sgd|adam|adamw))?(?:_(?P<mech>remove|subtract))?"
+     r"(?:_eq(?P<eq>17))?\.csv$", "table-max",
      "each method's maximum mean cosine per dataset (the numbers of the grid)"),
     (r"^(?P<ds>\w+?)_cosine_(?P<opt>\w+?)_(?P<mech>remove|subtract)_eq(?P<eq>13|17)\.png$",
      "cosine", "cosine against further training, mean +- SE over test points"),
@@ -42,7 +44,7 @@ _KINDS = [
      "spearman", "Spearman correlation against further training"),
     (r"^(?P<ds>\w+?)_seeds_(?P<opt>\w+?)_(?P<mech>remove|subtract)_eq(?P<eq>13|17)\.png$",
      "seeds", "maximum cosine against the number of seeds averaged in the gold standard"),
-    (r"^(?P<ds>\w+?)_fig10_sorted_scores\.png$", "fig10",
+    (r"^(?P<ds>\w+?)_fig10_sorted_scores_(?P<opt>\w+?)_(?P<mech>remove|subtract)\.png$", "fig10",
      "gold scores sorted per test point and averaged (with Grad-Dot, Grad-Cos), normalised"),
     (r"^(?P<ds>\w+?)_sorted_gold_(?P<opt>\w+?)_(?P<mech>remove|subtract)\.png$", "sorted1",
      "sorted gold scores of one test point at several amounts of further training"),
@@ -72,7 +74,7 @@ def paper_figure(kind: str, opt: Optional[str], eq: Optional[str]) -> str:
     adam = opt == "adam"
     eq17 = eq == "17"
     if kind in ("fig2grid", "table-max"):
-        return "Fig. 4" if adam else "Fig. 2"
+        return "Fig. 5" if eq17 else ("Fig. 4" if adam else "Fig. 2")
     if kind == "cosine":
         return "Fig. 5 (panel)" if eq17 else ("Fig. 4 (panel)" if adam else "Fig. 2 (panel)")
     if kind == "spearman":
@@ -101,6 +103,8 @@ def figure_index(profile: str, directory=None) -> list[dict]:
                     settings.append(f"eq. {g['eq']}")
                 if kind in ("fig2grid", "table-max") and "opt" not in g:
                     settings.append("each dataset's default gold standard")
+                if kind in ("fig2grid", "table-max") and "eq" not in g:
+                    settings.append("eq. 13")
                 pdf = path.with_suffix(".pdf")
                 rows.append({"paper": paper_figure(kind, g.get("opt"), g.get("eq")),
                              "file": f"`{path.name}`" + (f" (+ `{pdf.name}`)" if pdf.exists()
@@ -180,7 +184,9 @@ def mislabel_rows(profile: str, datasets, directory=None):
 
 def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
                   mechanism: Optional[str] = None, path=None, figures=None) -> Path:
-    """``results/<profile>/summary.md``: :func:`summary_rows` for eq. 13 and eq. 17 and
+    """``results/<profile>/summary.md``: :func:`summary_rows` for eq. 13 and eq. 17 -- each
+    dataset's own gold standard (or ``optimizer``/``mechanism`` where given), then, when none
+    was chosen, the Adam gold standard of App. E.1 where it was computed -- and
     :func:`mislabel_rows`, as markdown tables (numbers to 3 decimals; empty where none)."""
     path = Path(path) if path is not None else results_dir(profile, "") / "summary.md"
     lines = [f"# Summary of the `{profile}` profile", "",
@@ -189,11 +195,16 @@ def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
              "where, in the dataset's unit: epochs for tabular data, steps for images and text) "
              "and at the last. `paper`: the value the paper's reference notebooks printed for "
              "the same dataset and setting (none for a stand-in). Written by notebook 05.", ""]
-    for adjust in ("mean", "full"):
-        t = summary_rows(profile, datasets, optimizer, mechanism, adjust)
-        if t.empty:
-            continue
-        lines += [f"## eq. {13 if adjust == 'mean' else 17}", "", _markdown(t), ""]
+    golds = [(optimizer, "each dataset's gold standard" if optimizer is None and mechanism is None
+              else f"gold standard {optimizer or ''} {mechanism or ''}".strip())]
+    if optimizer is None and mechanism is None:
+        golds.append(("adam", "Adam gold standard (App. E.1)"))
+    for opt, title in golds:
+        for adjust in ("mean", "full"):
+            t = summary_rows(profile, datasets, opt, mechanism, adjust)
+            if t.empty:
+                continue
+            lines += [f"## {title}, eq. {13 if adjust == 'mean' else 17}", "", _markdown(t), ""]
     m = mislabel_rows(profile, datasets, figures)
     if not m.empty:
         lines += ["## Mislabelled-example detection (App. E.2.1)", "", _markdown(m), ""]

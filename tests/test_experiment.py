@@ -166,3 +166,41 @@ def test_damping_sweep_runs_the_whole_grid_and_reuses_the_default(att, tmp_path)
     assert all(np.array_equal(loaded[g], sweeps["dense"][g]) for g in sweeps["dense"])
     big = dataclasses.replace(cfg, methods=dataclasses.replace(m, skip=(("dense", "why"),)))
     assert ex.damping_sweeps(att, big, loo, test, directory=tmp_path) == {}
+
+
+def test_seeds_override_reaches_every_per_dataset_notebook_and_the_banner(capsys):
+    from fimoda import pipeline
+    steps = pipeline.plan("smoke", ["concrete"], seeds=3)
+    per_ds = [p for _, p, _ in steps if "dataset" in p]
+    assert per_ds and all(p["seeds"] == 3 for p in per_ds)
+    assert all("seeds" not in p for _, p, _ in steps if "dataset" not in p)   # 00 and 05
+    assert all("seeds" not in p for _, p, _ in pipeline.plan("smoke", ["concrete"]))
+    cfg, _ = ex.setup("concrete", "paper", seeds=10)
+    assert cfg.further.seeds == 10 and get_config("concrete", "paper").further.seeds == 100
+    assert "further.seeds: 100 -> 10" in capsys.readouterr().out
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
+            ex.setup("concrete", "paper", seeds=bad)
+    with pytest.raises(SystemExit, match="--seeds must be at least 1"):
+        pipeline.run("smoke", ["concrete"], seeds=0)
+
+
+def test_adam_gold_runs_its_own_number_of_epochs(tmp_path):
+    """``further.adam_epochs`` sets the Adam gold standard's epochs (the SGD one keeps
+    ``epochs``), and is part of what the saved gold file was computed with."""
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    X, Xt = np.random.RandomState(0).randn(30, 3), np.random.RandomState(1).randn(4, 3)
+    ds = SimpleNamespace(X_train=X, y_train=X @ [1.0, -1.0, 0.5], X_test=Xt, y_test=Xt[:, 0],
+                         extra={})
+    cfg = get_config("concrete", "smoke")
+    cfg = dataclasses.replace(cfg, further=dataclasses.replace(
+        cfg.further, epochs=3, adam_epochs=2, seeds=1, batch_size=8))
+    model = MLP(3, 1, hidden=4).double()
+    loo, test = np.array([0, 5, 9]), np.array([0, 1])
+    sgd = ex.run_gold(model, ds, cfg, loo, test, optimizer="sgd", directory=tmp_path)
+    adam = ex.run_gold(model, ds, cfg, loo, test, optimizer="adam", directory=tmp_path)
+    assert list(sgd["eval_points"]) == [0, 1, 2, 3] and list(adam["eval_points"]) == [0, 1, 2]
+    longer = dataclasses.replace(cfg, further=dataclasses.replace(cfg.further, adam_epochs=3))
+    with pytest.raises(ValueError, match="different configuration .*epochs"):
+        ex.run_gold(model, ds, longer, loo, test, optimizer="adam", directory=tmp_path)   # not the cached 2 epochs

@@ -5,7 +5,8 @@ import re
 import pytest
 
 from conftest import require_file
-from fimoda import pipeline
+from fimoda import experiment as ex, pipeline
+from fimoda.config import get_config
 
 
 @pytest.fixture
@@ -37,9 +38,12 @@ def test_chains_split_the_plan_into_independent_dataset_chains():
     assert [c[0][1]["dataset"] for c in per_ds] == ["concrete", "sst2"]
     for chain in per_ds:                     # each dataset's notebooks, in order, nothing else
         assert len({p["dataset"] for _, p, _ in chain}) == 1
-    # Concrete's gold standard twice in the smoke profile: its default mechanism and subtract
-    assert [nb[:2] for nb, _, _ in per_ds[0]] == ["01", "02", "02", "03", "04", "06"]
-    assert per_ds[0][2][1]["mechanism"] == "subtract"
+    # Concrete's gold standard three times in the smoke profile: its default (SGD, remove),
+    # subtract, and Adam (App. E.1), which notebook 04 evaluates a second time
+    assert [nb[:2] for nb, _, _ in per_ds[0]] == ["01", "02", "02", "02", "03", "04", "04", "06"]
+    assert per_ds[0][2][1]["mechanism"] == "subtract" and "optimizer" not in per_ds[0][2][1]
+    assert per_ds[0][3][1]["optimizer"] == "adam" and per_ds[0][6][1]["optimizer"] == "adam"
+    assert "optimizer" not in per_ds[0][5][1]
     assert [nb[:2] for nb, _, _ in per_ds[1]] == ["01", "02", "03", "04", "06"]
     assert sum(map(len, per_ds)) + len(head) + len(tail) == len(steps)
     only_02 = [s for s in steps if s[0].startswith("02")]
@@ -67,29 +71,32 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
     out, err = capfd.readouterr()
     # one line per notebook with its wall time, then the total; nothing from the kernels
     lines = out.strip().splitlines()
-    assert len(lines) == 1 + 8 + 1, out
-    assert all(re.search(r"^\[ ?\d/8\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
-    assert lines[-1].startswith("all 8 notebooks done in ")
+    assert len(lines) == 1 + 10 + 1, out
+    assert all(re.search(r"^\[ ?\d+/10\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
+    assert lines[-1].startswith("all 10 notebooks done in ")
     assert "without encryption" not in err and "TCP" not in err, err
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
-    assert len(executed) == 8
+    assert len(executed) == 10
     for nb in executed:
         cells = json.loads(nb.read_text())["cells"]
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, nb.name
     res = isolated / "results" / "smoke" / "concrete"
     for name in ("final_model.pt", "final_model.json", "gold_sgd_remove.npz",
-                 "gold_sgd_subtract.npz", "scores_dense_damping0.npz",
+                 "gold_sgd_subtract.npz", "gold_adam_remove.npz", "scores_dense_damping0.npz",
                  "scores_grad_dot.npz", "scores_cg.npz", "evaluation_sgd_remove_eq13.csv",
+                 "evaluation_sgd_remove_eq17.csv", "evaluation_adam_remove_eq13.csv",
                  "retrain_remove.npz"):
         assert (res / name).exists(), name
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
     assert {"concrete_cosine_sgd_remove_eq13.png", "figure2.png", "concrete_mechanisms_sgd_eq13.png",
-            "concrete_damping_sweep_dense_sgd_remove_eq13.png"} <= figs, figs
-    check_report(isolated, "concrete", retrain=True)
+            "concrete_damping_sweep_dense_sgd_remove_eq13.png", "concrete_cosine_sgd_remove_eq17.png",
+            "concrete_seeds_sgd_remove_eq17.png", "concrete_cosine_adam_remove_eq13.png",
+            "concrete_seeds_adam_remove_eq13.png", "figure2_adam.png", "figure2_eq17.png"} <= figs, figs
+    check_report(isolated, "concrete", retrain=True, adam=True)
 
 
-def check_report(isolated, ds, retrain=False):
+def check_report(isolated, ds, retrain=False, adam=False):
     """INDEX.md lists only files that exist, with the paper's numbers; summary.md has a finite
     row per method and the paper column only where PAPER_VALUES has the setting."""
     import numpy as np
@@ -99,14 +106,22 @@ def check_report(isolated, ds, retrain=False):
     listed = re.findall(r"`([^`]+\.(?:png|pdf|csv))`", index)
     assert any(f.endswith(".pdf") for f in listed) and any(f.endswith(".csv") for f in listed)
     assert listed and all((figdir / f).exists() for f in listed), listed
-    for num in ("Fig. 2", "Fig. 6 (panel)", "Figs. 3, 7", "Fig. 10", "Table 2"):
+    for num in ("Fig. 2", "Fig. 6 (panel)", "Figs. 3, 7", "Fig. 10", "Table 2", "Fig. 5",
+                "Fig. 5 (panel)", "Fig. 9"):
         assert f"| {num} |" in index, num
+    if adam:
+        for num in ("Fig. 4", "Fig. 4 (panel)", "Fig. 8"):
+            assert f"| {num} |" in index, num
     if retrain:
         assert "| Fig. 11 |" in index
-    for f in (figdir / "figure2.png", figdir / f"{ds}_fig10_sorted_scores.png"):
+    opt, mech = ex.gold_settings(get_config(ds, "smoke"))
+    for f in (figdir / "figure2.png", figdir / "figure2_eq17.png",
+              figdir / f"{ds}_fig10_sorted_scores_{opt}_{mech}.png"):
         assert f.with_suffix(".pdf").exists(), f
     text = (isolated / "results" / "smoke" / "summary.md").read_text()
-    assert "## eq. 13" in text and "## eq. 17" in text and "| Grad-Dot |" in text
+    assert "## each dataset's gold standard, eq. 13" in text and "| Grad-Dot |" in text
+    assert "## each dataset's gold standard, eq. 17" in text
+    assert ("## Adam gold standard (App. E.1), eq. 13" in text) == adam
     rows = report.summary_rows("smoke", [ds])
     nums = rows[["cos first", "cos max", "cos last", "sp first", "sp max", "sp last"]].to_numpy()
     assert len(rows) >= 8 and np.isfinite(nums).all()
@@ -158,7 +173,7 @@ def test_smoke_pipeline_for_images_and_text(isolated, capfd):
     assert (isolated / "results" / "smoke" / "sst2" / "trunk_features.npz").exists()
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
     assert {"fashion_mnist_cosine_sgd_subtract_eq13.png", "sst2_cosine_adamw_subtract_eq13.png",
-            "figure2.png", "sst2_fig10_sorted_scores.png"} <= figs, figs
+            "figure2.png", "sst2_fig10_sorted_scores_adamw_subtract.png"} <= figs, figs
     nb03 = json.loads((isolated / "executed" / "smoke" / "03_attribution_methods_sst2.ipynb")
                       .read_text())
     text = "".join("".join(o.get("data", {}).get("text/plain", "")) + "".join(o.get("text", ""))
