@@ -20,13 +20,12 @@ from .schedule import _AugmentStream, draw_permutation, make_schedule
 
 
 def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
-                            loo_indices, cfg: GoldConfig, workdir=None,
+                            loo_indices, cfg: GoldConfig,
                             augment: Optional[Callable] = None, test_indices=None) -> GoldResult:
     """The same gold standard as :func:`further_train`, one model at a time: ``nn.Module`` in
     eval mode + ``torch.optim``, each run drawing its own epoch orders from a fresh generator
     seeded with s and cutting ``perm`` (``remove``: ``perm[perm != i]``) into batches of B; for
-    ``subtract`` the loss is ``mean(batch losses) - L(z_i) / n``. Slow; for tests. ``workdir``
-    is accepted for signature compatibility and not used."""
+    ``subtract`` the loss is ``mean(batch losses) - L(z_i) / n``. Slow; for tests."""
     t_start = time.perf_counter()
     model, X, Y, Xt, Yt, loo = _prepare(model, task, X_train, y_train, X_test, y_test,
                                         loo_indices, cfg)
