@@ -4,7 +4,7 @@ On identical work (Concrete, or same-shaped synthetic data when the data layer i
 2x128 ReLU MLP, float64, batch 128, n' left-out runs + the full run, a few seeds and epochs,
 ``--mechanism`` subtract (default) or remove, SGD), in one process:
 
-- vectorised: ``fimoda.further_training.further_train`` (best of ``--repeats``);
+- vectorised: ``fimoda.gold.further_train`` (best of ``--repeats``);
 - reference: ``reference_further_train`` (nn.Module + torch.optim, one run at a time);
 - paper-style: a loop written the way the paper's code is (nn.Module, TensorDataset, DataLoader
   with a seeded RandomSampler, torch.optim.SGD, per-epoch test evaluation through a sequential
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from fimoda.further_training import GoldConfig, further_train, reference_further_train  # noqa
+from fimoda.gold import GoldConfig, further_train, reference_further_train  # noqa
 from fimoda.models import MLP  # noqa
 
 

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from fimoda.further_training import GoldConfig, further_train, reference_further_train  # noqa
+from fimoda.gold import GoldConfig, further_train, reference_further_train  # noqa
 from fimoda.models import ResNet9, input_trimmer, per_example_loss, row_groups  # noqa
 
 

@@ -6,10 +6,9 @@ further-training :func:`gold_standard` they approximate, both as ``scores[test, 
 :func:`cosine_to_gold` compares them as the paper does.
 
 Modules follow the paper's concepts: ``config`` (datasets, profiles), ``data`` (loaders),
-``models``, ``train`` (final models), ``further_training`` (the gold standard),
-``gradients`` (the shared base of every approximation), ``influence`` (the methods),
-``metrics``, ``plots``, ``report`` (figure index and summary), ``experiment`` and ``pipeline``
-(the notebooks' runs).
+``models``, ``train`` (final models), ``gold`` (the gold standard), ``gradients`` (the
+shared base of every approximation), ``influence`` (the methods), ``metrics``, ``plots``,
+``report`` (figure index and summary), ``experiment`` and ``pipeline`` (the notebooks' runs).
 """
 from .api import TASKS, attribute, attributor, cosine_to_gold, gold_standard
 from .influence import METHODS

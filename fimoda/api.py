@@ -140,12 +140,12 @@ def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: st
     full training set and without each ``left_out[i]``, ``seeds`` batch orders, ``epochs`` epochs.
     ``at``: the evaluation point (index into the eval points, 0 = theta^f itself, where every
     score is 0; -1 the last); None returns (scores[t, j, i], eval points) for every point.
-    ``gold_options``: other :class:`fimoda.further_training.GoldConfig` fields
+    ``gold_options``: other :class:`fimoda.gold.GoldConfig` fields
     (``weight_decay``, ``max_steps``, ...).
 
     The defaults are a first look (5 seeds x 5 epochs); the paper used 100 seeds and its
     datasets' epochs (``fimoda.config``)."""
-    from .further_training import GoldConfig, further_train, gold_scores
+    from .gold import GoldConfig, further_train, gold_scores
     X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test, task)
     gcfg = GoldConfig(optimizer=optimizer, lr=lr, epochs=epochs, seeds=seeds,
                       batch_size=batch_size, mechanism=mechanism,

@@ -52,7 +52,7 @@ class FurtherTrainConfig:
     n_test: Optional[int] = None    # None: all test points
     test_selection: str = "first"   # first | random
     seeds: int = 100
-    # how z_i is left out (fimoda.further_training): the paper's text (App. D.3) and its SST-2
+    # how z_i is left out (fimoda.gold): the paper's text (App. D.3) and its SST-2
     # code subtract a scaled loss term; the reference code behind its tabular figures removes z_i
     # from each epoch's sampler order. Each dataset defaults to what produced its figures.
     mechanism: str = "subtract"

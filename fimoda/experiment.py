@@ -380,7 +380,7 @@ def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: Opt
              mechanism: Optional[str] = None, device="cpu", directory=None, **overrides) -> dict:
     """Further training from theta^f for the full set and every left-out set, all seeds
     (``gold_<optimizer>_<mechanism>.npz``); resumes from ``work_gold_*`` if interrupted."""
-    from .further_training import GoldConfig, further_train, save_gold
+    from .gold import GoldConfig, further_train, save_gold
     optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
     d = Path(directory or out_dir(cfg))
     path = d / f"gold_{optimizer}_{mechanism}.npz"
@@ -418,7 +418,7 @@ def run_retrain(ds, cfg: ExperimentConfig, loo_idx, test_idx, device="cpu", dire
                 seeds: int = 1) -> dict:
     """LOO re-training from scratch (paper Fig. 11): the final model's algorithm from its
     init, with each left-out instance removed; ``retrain_remove.npz``."""
-    from .further_training import retrain_loo
+    from .gold import retrain_loo
     from .models import build_model
     d = Path(directory or out_dir(cfg))
     path = d / "retrain_remove.npz"
@@ -441,7 +441,7 @@ def run_retrain(ds, cfg: ExperimentConfig, loo_idx, test_idx, device="cpu", dire
 def seed_reliability(loss_full, loss_loo, adjust: str = "mean"):
     """[(k, mean cosine between the gold scores of two disjoint groups of k seeds)] at the
     last eval point, for k = 1, 2, 4, ... up to half the seeds."""
-    from .further_training import seed_group_scores
+    from .gold import seed_group_scores
     S = loss_full.shape[0]
     rows, k = [], 1
     while 2 * k <= S:
@@ -456,7 +456,7 @@ def seed_reliability(loss_full, loss_loo, adjust: str = "mean"):
 def seeds_study(gold: dict, scores: dict, adjust: str = "mean", metric: str = "cosine"):
     """Max over eval points of the mean metric vs the number k of seeds averaged (App. E.1):
     returns (ks, {method: (means, ses)})."""
-    from .further_training import seed_group_scores
+    from .gold import seed_group_scores
     from .metrics import seeds_study as study
     S = gold["loss_full"].shape[0]
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 100) if k <= S]
@@ -507,7 +507,7 @@ def save_table(table, cfg: ExperimentConfig, name: str, directory=None) -> Path:
 def evaluation_gold(gold: dict, adjust: str = "mean"):
     """(gold scores a[i, t, j], eval points) without the t = 0 point, where every run is still
     theta^f and all scores are zero."""
-    from .further_training import gold_scores
+    from .gold import gold_scores
     a = gold_scores(gold["loss_full"], gold["loss_loo"], adjust=adjust)
     t = np.asarray(gold["eval_points"])
     if t[0] == 0 and len(t) > 1:
@@ -520,7 +520,7 @@ def mechanism_curves(cfg: ExperimentConfig, optimizer: Optional[str], scores: di
     """(eval points, {mechanism: {method: (mean, se) cosine curve}}) for every leave-out
     mechanism whose gold standard with ``optimizer`` has been computed (notebook 04's side-by-side
     comparison of ``remove`` and ``subtract``)."""
-    from .further_training import MECHANISMS
+    from .gold import MECHANISMS
     from .metrics import curve
     out, t = {}, None
     for mech in MECHANISMS:
@@ -681,7 +681,7 @@ def mislabel_detection(cfg: ExperimentConfig, optimizer: Optional[str] = None,
     the AUC-ROC of minus the test-averaged gold score (eq. 13) for the flipped indicator; the
     same with Grad-Dot on the flipped labels. Mean and standard error over ``trials``."""
     import pandas as pd
-    from .further_training import GoldConfig, further_train, gold_scores
+    from .gold import GoldConfig, further_train, gold_scores
     from .influence import Attributor, compute_scores
     from .metrics import mean_se, roc_auc
     if cfg.task != "classification":
@@ -743,7 +743,7 @@ def retrain_comparison(cfg: ExperimentConfig, scores: dict, directory=None):
     re-training from scratch (eq. 17 after the final epoch, paper Fig. 11); None when notebook 02
     has not been run with ``retrain=True``."""
     import pandas as pd
-    from .further_training import gold_scores
+    from .gold import gold_scores
     from .metrics import cosine, mean_se
     from .plots import label
     p = Path(directory or out_dir(cfg)) / "retrain_remove.npz"

@@ -2,7 +2,7 @@
 App. D.5, E.1).
 
 Shapes: gold scores ``a[i, t, j]`` (left-out i, evaluation point t, test j) from
-:func:`fimoda.further_training.gold_scores`; method scores ``s[j, i]`` (test x left-out).
+:func:`fimoda.gold.gold_scores`; method scores ``s[j, i]`` (test x left-out).
 Per test point j the cosine similarity is taken over the left-out instances i; curves are the
 mean +- standard error over test points as a function of t.
 """
@@ -64,7 +64,7 @@ def curve(gold: np.ndarray, scores: np.ndarray, metric: str = "cosine"):
 def seeds_study(group_gold: np.ndarray, scores: np.ndarray, metric: str = "cosine"):
     """Max over eval points of the mean metric, with gold from groups of k seeds (App. E.1).
 
-    ``group_gold``: (groups, i, t, j) from :func:`fimoda.further_training.seed_group_scores`.
+    ``group_gold``: (groups, i, t, j) from :func:`fimoda.gold.seed_group_scores`.
     The metric is computed per group and test point, averaged over both (mean, se), then the
     maximum over eval points is taken. Returns (max mean, se at the argmax, argmax t).
     """

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fimoda
-from fimoda.further_training import GoldConfig, further_train, gold_scores
+from fimoda.gold import GoldConfig, further_train, gold_scores
 from fimoda.models import MLP
 
 README = Path(__file__).resolve().parent.parent / "README.md"

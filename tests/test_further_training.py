@@ -10,9 +10,10 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from fimoda.config import get_config
-from fimoda.further_training import (GoldConfig, _StackedOptimizer, further_train, gold_scores,
-                                     load_gold, make_schedule, reference_further_train,
-                                     retrain_loo, run_batches, save_gold, seed_group_scores)
+from fimoda.gold import (GoldConfig, further_train, gold_scores, load_gold, make_schedule,
+                         reference_further_train, retrain_loo, run_batches, save_gold,
+                         seed_group_scores)
+from fimoda.gold.optim import _StackedOptimizer
 from fimoda.io import load_json, load_npz
 from fimoda.models import MLP
 from tolerances import gamma

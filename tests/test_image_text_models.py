@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fimoda.further_training import GoldConfig, further_train, reference_further_train
+from fimoda.gold import GoldConfig, further_train, reference_further_train
 from fimoda.gradients import Problem
 from fimoda.models import ResNet9, TextClassifier, row_groups
 from test_further_training import flip_augment
@@ -217,7 +217,7 @@ def test_text_classifier_further_training_equals_reference(mechanism, engine, mo
     """The SST-2 further-training algorithm (AdamW, gradient clipping at 1.0, evaluation every
     k steps) on the tiny encoder; ``auto`` picks the vmap engine. The engines sum each batch's
     gradient over groups of 3 sentences of similar length (the reference over the whole batch)."""
-    import fimoda.further_training as ft
+    import fimoda.gold.engines as ft
     monkeypatch.setattr(ft, "TEXT_GROUP", 3)
     m = tiny_text_model()
     x, y = text_data(27)

@@ -6,7 +6,7 @@ import pytest
 from fimoda import experiment as ex
 from fimoda import plots
 from fimoda.config import get_config
-from fimoda.further_training import GoldResult, save_gold
+from fimoda.gold import GoldResult, save_gold
 from fimoda.io import results_dir, save_npz
 
 # Two test instances (rows) x three left-out instances. Each row sorted on its own:

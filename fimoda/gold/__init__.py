@@ -1,0 +1,31 @@
+"""Further training from theta^f: the gold standard of final-model-only attribution (paper §3).
+
+For a final model theta^f, seeds s = 1..S (the batch order xi_s) and left-out instances i in L,
+every seed runs the further-training algorithm A' once on the full set D and once per D_{-i}, all
+from theta^f and all with the same batch order, and records the loss g(z_j; theta) of every test
+instance after every epoch (or every k steps), including t = 0 (theta^f itself):
+
+    loss_full[s, t, j] = g(z_j; theta_{D,s,t})        loss_loo[s, i, t, j] = g(z_j; theta_{-i,s,t})
+
+The attribution scores (:func:`gold_scores`) are then
+
+    (17)  a[i, t, j] = (1/S) sum_s ( loss_loo[s, i, t, j] - loss_full[s, t, j] )
+    (13)  a[i, t, j] = (1/S) sum_s ( loss_loo[s, i, t, j] - (1/n') sum_i' loss_loo[s, i', t, j] )
+
+Modules: ``config`` (:class:`GoldConfig`, :class:`GoldResult`), ``schedule`` (batch orders, how
+z_i is left out, augmentation), ``optim`` (SGD/Adam/AdamW on stacked runs), ``engines`` (per-run
+gradients: mlp, func, loop), ``runner`` (:func:`further_train`, chunks and the resumable work
+directory), ``scores`` (eqs. 13 and 17), ``reference`` (the one-model loop the tests compare
+against; LOO re-training from scratch) and ``store`` (results on disk).
+"""
+from .config import ENGINES, MECHANISMS, OPTIMIZERS, SHUFFLES, GoldConfig, GoldResult
+from .reference import reference_further_train, retrain_loo
+from .runner import further_train
+from .schedule import Schedule, epoch_permutations, make_schedule, run_batches
+from .scores import ADJUSTMENTS, gold_scores, seed_group_scores
+from .store import load_gold, save_gold
+
+__all__ = ["GoldConfig", "GoldResult", "further_train", "gold_scores", "seed_group_scores",
+           "save_gold", "load_gold", "reference_further_train", "retrain_loo", "make_schedule",
+           "run_batches", "epoch_permutations", "Schedule", "OPTIMIZERS", "MECHANISMS",
+           "SHUFFLES", "ENGINES", "ADJUSTMENTS"]

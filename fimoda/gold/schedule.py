@@ -1,0 +1,202 @@
+"""When and on what each further-training run steps: the epoch orders of a seed, the
+:class:`Schedule` of steps and evaluations, the padded index batches of all runs at once
+(:func:`batch_plan`), and the augmented views shared by the runs of a seed.
+
+Batch order (paper App. D.3): a ``torch.Generator`` seeded with s drives the shuffling exactly as a
+``DataLoader(sampler=RandomSampler(generator=g))`` does: every epoch ``RandomSampler`` draws
+``torch.randperm(n, generator=g)`` and then one more (discarded) ``randperm(n)[:0]`` for the
+``num_samples % n`` remainder; batches of B are taken in that order, the last one smaller.
+``shuffle="randperm"`` draws one permutation per epoch instead (the convention of
+``fimoda.train``, used by :func:`fimoda.gold.retrain_loo` so that its full run is the final
+model's training).
+
+Leaving out z_i (``mechanism``):
+- ``remove``: z_i is taken out of each epoch's order, ``order_i = perm[perm != i]``, which is then
+  cut into batches of B; the batches of run i shift by one instance after i's position. When
+  (n - 1) % B == 0 run i has one batch fewer per epoch: in epoch units it idles for that step.
+- ``subtract`` (§6.1, App. D.3): every run sees the full set's batches and run i minimises
+  ``mean_{z in batch} L(z) - (1/n) L(z_i)`` at every step; the full run subtracts nothing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .config import GoldConfig
+
+AUGMENT_SEED_OFFSET = 1     # augmentation generator seed = s + 1 (as fimoda.train)
+
+
+# ----------------------------------------------------------------------------- batch order
+def draw_permutation(generator: torch.Generator, n: int, shuffle: str = "sampler") -> torch.Tensor:
+    """One epoch's order: ``randperm(n)`` from ``generator``; with ``shuffle="sampler"`` a second
+    ``randperm(n)`` is drawn and discarded, as ``RandomSampler.__iter__`` does for its
+    ``num_samples % n`` (= 0) remainder."""
+    perm = torch.randperm(n, generator=generator)
+    if shuffle == "sampler":
+        torch.randperm(n, generator=generator)
+    return perm
+
+
+def epoch_permutations(n: int, seed: int, n_epochs: int, shuffle: str = "sampler") -> torch.Tensor:
+    """(n_epochs, n) int64: the order of every epoch for seed ``seed`` (CPU generator)."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.stack([draw_permutation(g, n, shuffle) for _ in range(n_epochs)])
+
+
+@dataclass
+class Schedule:
+    """When each run steps and when it is evaluated.
+
+    Epoch units (``eval_every`` None): global steps s = 0..epochs*K-1 with K = ceil(n/B); step s
+    is batch s % K of epoch s // K for every run; a run with K_r < K batches idles at batch K-1.
+    Step units: every run takes ``total`` steps, its step s being batch s % K_r of its epoch
+    s // K_r (the next epoch's permutation is drawn when its epoch ends).
+    """
+    n: int
+    batch_size: int
+    mechanism: str
+    by_epoch: bool
+    total: int                 # global steps
+    k_full: int                # batches per epoch, full set
+    k_loo: int                 # batches per epoch, D_{-i}
+    eval_steps: np.ndarray     # global steps after which to evaluate (starts with 0)
+    eval_points: np.ndarray    # the same in epochs or steps
+    n_epochs: int              # permutations needed
+
+    @property
+    def slots(self) -> int:
+        return self.batch_size + (self.mechanism == "subtract")
+
+
+def make_schedule(n: int, cfg: GoldConfig) -> Schedule:
+    B = cfg.batch_size
+    k_full = math.ceil(n / B)
+    k_loo = math.ceil((n - 1) / B) if cfg.mechanism == "remove" else k_full
+    if cfg.eval_every is None:
+        total = cfg.epochs * k_full
+        steps = k_full * np.arange(cfg.epochs + 1)
+        return Schedule(n, B, cfg.mechanism, True, total, k_full, k_loo, steps,
+                        np.arange(cfg.epochs + 1), cfg.epochs)
+    total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * k_full
+    steps = np.unique(np.concatenate([np.arange(0, total + 1, cfg.eval_every), [total]]))
+    return Schedule(n, B, cfg.mechanism, False, total, k_full, k_loo, steps, steps.copy(),
+                    math.ceil(total / k_loo))
+
+
+def batch_plan(sched: Schedule, perms: torch.Tensor, inv: torch.Tensor, left: torch.Tensor,
+               s0: int, s1: int):
+    """Padded index batches of global steps s0..s1-1 for the runs ``left`` (-1 = full run).
+
+    Returns ``idx`` (S, R, M) int64 into the training set, ``w`` (S, R, M) float64 per-slot loss
+    weights, ``epoch`` (S, R) int64 and ``active`` (S, R) bool (False: the run idles).
+
+    ``remove``: run r's batch b of epoch e covers positions q = bB..bB+B-1 of its own order,
+    i.e. positions q + [q >= p_r] of ``perm_e`` (p_r: where i_r sits in ``perm_e``), valid while
+    q < n - 1. ``subtract``: the full batch plus one slot holding i_r with weight -1/n.
+    """
+    n, B = sched.n, sched.batch_size
+    R = len(left)
+    s = torch.arange(s0, s1)[:, None]                                    # (S, 1)
+    loo = left >= 0
+    k_r = torch.where(loo, sched.k_loo, sched.k_full)                    # (R,)
+    if sched.by_epoch:
+        e, b = (s // sched.k_full).expand(-1, R), (s % sched.k_full).expand(-1, R)
+    else:
+        e, b = s // k_r, s % k_r
+    q = b[..., None] * B + torch.arange(B)                               # (S, R, B)
+    if sched.mechanism == "remove":
+        valid = q < (n - loo.long())[None, :, None]
+        p = torch.where(loo, inv[e, left.clamp(min=0)], n)               # (S, R)
+        pos = q + (q >= p[..., None]).long()
+    else:
+        valid = q < n
+        pos = q
+    idx = perms[e[..., None], pos.clamp(max=n - 1)]
+    cnt = valid.sum(-1)
+    w = valid.double() / cnt.clamp(min=1)[..., None].double()
+    if sched.mechanism == "subtract":
+        extra = left.clamp(min=0).expand(len(s), R)[..., None]
+        wx = torch.where(loo, torch.tensor(-1.0 / n, dtype=torch.float64),
+                         torch.tensor(0.0, dtype=torch.float64)).expand(len(s), R)[..., None]
+        idx, w = torch.cat([idx, extra], -1), torch.cat([w, wx], -1)
+    return idx, w, e, cnt > 0
+
+
+def run_batches(n: int, cfg: GoldConfig, seed: int, leave_out: Optional[int] = None) -> list:
+    """The index batches one run takes, in order (idle steps skipped), from the same plan the
+    vectorised engine uses; for ``subtract`` the subtracted instance is not listed."""
+    sched = make_schedule(n, cfg)
+    perms = epoch_permutations(n, seed, sched.n_epochs, cfg.shuffle)
+    inv = torch.argsort(perms, dim=1)
+    left = torch.tensor([-1 if leave_out is None else int(leave_out)])
+    idx, w, _, active = batch_plan(sched, perms, inv, left, 0, sched.total)
+    out = []
+    for k in range(sched.total):
+        if active[k, 0]:
+            keep = w[k, 0, :cfg.batch_size] > 0
+            out.append(idx[k, 0, :cfg.batch_size][keep])
+    return out
+
+
+# ----------------------------------------------------------------------------- augmentation
+class _AugmentStream:
+    """The augmented view of every training instance in every epoch, shared by all runs of a seed.
+
+    Definition: one generator seeded with ``seed + AUGMENT_SEED_OFFSET`` augments the full set's
+    batches in order, epoch by epoch, ``view_e[perm_e[bB:(b+1)B]] = augment(X[...], generator)``;
+    a run of any mechanism uses ``view_e[j]`` for instance j in epoch e, so full and LOO runs see
+    identical augmentations. Views are computed lazily in that order (requesting epoch e first
+    completes the earlier epochs), so the result does not depend on the order of requests. The
+    instance subtracted by the ``subtract`` mechanism is used un-augmented.
+    """
+
+    def __init__(self, augment: Callable, X: torch.Tensor, batch_size: int, seed: int, perm_of):
+        self.augment, self.X, self.B, self.perm_of = augment, X, batch_size, perm_of
+        self.g = torch.Generator(device=X.device).manual_seed(int(seed) + AUGMENT_SEED_OFFSET)
+        self.views: dict = {}      # epoch -> (views, inverse permutation, permutation)
+        self.epoch, self.done = -1, 0  # epoch being filled, batches of it filled
+        self.k = math.ceil(len(X) / batch_size)
+
+    def _advance(self):
+        if self.epoch < 0 or self.done == self.k:
+            self.epoch, self.done = self.epoch + 1, 0
+            perm = self.perm_of(self.epoch).to(self.X.device)
+            self.views[self.epoch] = (torch.empty_like(self.X), torch.argsort(perm), perm)
+        buf, _, perm = self.views[self.epoch]
+        ids = perm[self.done * self.B:(self.done + 1) * self.B]
+        buf[ids] = self.augment(self.X[ids], self.g).to(buf.dtype)
+        self.done += 1
+
+    def get(self, epoch: int, ids: torch.Tensor) -> torch.Tensor:
+        """Views of instances ``ids`` (any shape) in ``epoch``."""
+        while self.epoch < epoch:
+            self._advance()
+        if epoch == self.epoch:
+            need = int(self.views[epoch][1][ids].max()) // self.B
+            while self.done <= need:
+                self._advance()
+        return self.views[epoch][0][ids]
+
+    def release_before(self, epoch: int):
+        for e in [e for e in self.views if e < epoch and e != self.epoch]:
+            del self.views[e]
+
+
+def _stream_gather(stream: _AugmentStream, epochs: torch.Tensor, idx: torch.Tensor):
+    """Augmented views for rows of ``idx`` (G, M), row r in epoch ``epochs[r]``."""
+    es = epochs.unique()
+    if len(es) == 1:
+        return stream.get(int(es[0]), idx)
+    out = None
+    for e in es.tolist():
+        rows = (epochs == e).nonzero().reshape(-1).to(idx.device)
+        v = stream.get(e, idx[rows])
+        if out is None:
+            out = v.new_empty((idx.shape[0],) + tuple(v.shape[1:]))
+        out[rows] = v
+    return out
