@@ -45,7 +45,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from . import io as fio
+from .. import io as fio
 
 CACHE_FORMAT = 1          # bump when a builder changes: every cache is then rebuilt
 VAL_SIZE = 1000           # images: fixed validation subset of the test set (paper App. D.1)
@@ -699,7 +699,7 @@ def _tokenizer(encoder: str):
     ``HF_HUB_OFFLINE=1`` unless set otherwise."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoTokenizer
-    from .models import resolve_encoder
+    from ..models import resolve_encoder
     return AutoTokenizer.from_pretrained(resolve_encoder(encoder))
 
 
@@ -914,7 +914,7 @@ def _write_cache(npz: Path, js: Path, key: dict, arrays: dict, meta: dict) -> No
 
 def _tokenizer_key(encoder: str) -> dict:
     """sha256 of the tokenizer files of ``encoder`` (a changed tokenizer invalidates the cache)."""
-    from .models import resolve_encoder
+    from ..models import resolve_encoder
     p = Path(resolve_encoder(encoder))
     files = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json")
     return {f: fio.sha256_file(p / f) for f in files if (p / f).is_file()} or {"name": encoder}
@@ -943,7 +943,7 @@ def load_dataset(name: str, data_dir=None, cache_dir=None, download: Optional[bo
         raise ValueError(f"{name}: unknown keyword argument(s) {sorted(bad)}; "
                          f"accepted: {list(spec.kwargs) or 'none'}")
     if name == "sst2":
-        from .config import DEFAULT_ENCODER
+        from ..config import DEFAULT_ENCODER
         kw["encoder"] = kw.get("encoder") or DEFAULT_ENCODER
         if kw.get("limit") is not None and (int(kw["limit"]) != kw["limit"] or kw["limit"] < 1):
             raise ValueError(f"sst2: limit must be a positive integer, got {kw['limit']!r}")
