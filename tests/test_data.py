@@ -24,6 +24,7 @@ import pytest
 import torch
 
 import fimoda.data as fd
+import fimoda.data.files as fd_files
 from fimoda.config import DEFAULT_ENCODER
 from fimoda.data import ChecksumError, DataFileError, augment_images, load_dataset
 
@@ -40,7 +41,7 @@ def need(*rels):
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     """No network in tests: every host counts as unreachable."""
-    monkeypatch.setattr(fd, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(fd_files, "_online", lambda *a, **k: False)
 
 
 @pytest.fixture
@@ -313,21 +314,21 @@ def test_missing_file_offline_names_file_path_and_source(tmp_path, cache):
 def test_download_false_never_checks_the_network(tmp_path, cache, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("network checked")
-    monkeypatch.setattr(fd, "_online", boom)
+    monkeypatch.setattr(fd_files, "_online", boom)
     with pytest.raises(DataFileError, match="download=False"):
         load_dataset("adult", data_dir=tmp_path, cache_dir=cache, download=False)
 
 
 def test_online_check_does_not_hang():
     t = time.time()
-    fd._online("unresolvable.invalid", timeout=1.0)
+    fd_files._online("unresolvable.invalid", timeout=1.0)
     assert time.time() - t < 2.0
 
 
 def test_download_is_atomic_and_verified(tmp_path, cache, monkeypatch):
     rel = "energy/ENB2012_data.xlsx"
     need(rel)
-    monkeypatch.setattr(fd, "_online", lambda *a, **k: True)
+    monkeypatch.setattr(fd_files, "_online", lambda *a, **k: True)
     monkeypatch.setitem(fd.SOURCES, rel, replace(fd.SOURCES[rel], url=(DATA / rel).as_uri()))
     root = tmp_path / "raw"
     d = load_dataset("energy", data_dir=root, cache_dir=cache)
