@@ -1,4 +1,4 @@
-"""Tests of the data layer (fimoda/data.py).
+"""Tests of the data layer (the fimoda.data package).
 
 Real files are read from ``FIMODA_DATA_DIR`` (else ``<repo>/data/raw``); a test whose file is
 absent is skipped with the reason. Folktables and CIFAR-10 cannot be had offline: their loaders
@@ -24,7 +24,10 @@ import pytest
 import torch
 
 import fimoda.data as fd
+from fimoda import io as fio
 from fimoda.config import DEFAULT_ENCODER
+from fimoda.data import dataset as fd_dataset, fico as fd_fico, files as fd_files
+from fimoda.data import income as fd_income, sst2 as fd_sst2
 from fimoda.data import ChecksumError, DataFileError, augment_images, load_dataset
 
 DATA = fd.data_dir()
@@ -40,7 +43,7 @@ def need(*rels):
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     """No network in tests: every host counts as unreachable."""
-    monkeypatch.setattr(fd, "_online", lambda *a, **k: False)
+    monkeypatch.setattr(fd_files, "_online", lambda *a, **k: False)
 
 
 @pytest.fixture
@@ -152,7 +155,7 @@ def test_fico_recoding_matches_reference():
     need("heloc/heloc_dataset_v1.csv")
     raw = pd.read_csv(DATA / "heloc/heloc_dataset_v1.csv").drop(columns="RiskPerformance")
     raw = raw[(raw > -9).any(axis=1)]
-    ours = fd._fico_features(raw, np.arange(len(raw)))      # "training split" = all rows
+    ours = fd_fico._fico_features(raw, np.arange(len(raw)))      # "training split" = all rows
     pd.testing.assert_frame_equal(ours, reference_fico(raw), check_exact=False, rtol=1e-12)
 
 
@@ -165,7 +168,7 @@ def test_adult(cache):
     assert_standardized(d.X_train, [0, 1])
     dummies = np.concatenate([d.X_train, d.X_test])[:, 2:]
     assert set(np.unique(dummies)) == {0.0, 1.0}
-    for c in fd.ADULT_CATEGORICAL:            # exactly one level per categorical column
+    for c in fd_income.ADULT_CATEGORICAL:            # exactly one level per categorical column
         cols = [i for i, f in enumerate(d.feature_names) if f.startswith(c + "_")]
         assert np.all(np.concatenate([d.X_train, d.X_test])[:, cols].sum(1) == 1), c
     assert np.array_equal(d.y_test, (d.raw_test["income"] == ">50K").to_numpy())
@@ -175,7 +178,7 @@ def test_adult(cache):
 
 
 def test_fashion_mnist(cache):
-    need(*fd._FMNIST_FILES)
+    need(*fd_dataset._FMNIST_FILES)
     t = time.time()
     d = load_dataset("fashion_mnist", cache_dir=cache)
     assert time.time() - t < 30
@@ -195,7 +198,7 @@ def test_fashion_mnist(cache):
 
 def test_sst2_sizes_and_tokenization(cache):
     need("sst2/train.tsv", "sst2/dev.tsv")
-    tr, dev = fd._read_sst2(DATA / "sst2/train.tsv"), fd._read_sst2(DATA / "sst2/dev.tsv")
+    tr, dev = fd_sst2._read_sst2(DATA / "sst2/train.tsv"), fd_sst2._read_sst2(DATA / "sst2/dev.tsv")
     assert (len(tr), len(dev)) == (67349, 872)
     assert tr.label.sum() == 37569 and dev.label.sum() == 444
     d = load_dataset("sst2", cache_dir=cache, limit=40)
@@ -204,7 +207,7 @@ def test_sst2_sizes_and_tokenization(cache):
     assert d.extra["sentences_train"] == tr.sentence.tolist()[:40]
     assert d.extra["sentences_test"] == dev.sentence.tolist()[:40]
     assert np.array_equal(d.y_test, dev.label.to_numpy()[:40])
-    tok = fd._tokenizer(DEFAULT_ENCODER)
+    tok = fd_sst2._tokenizer(DEFAULT_ENCODER)
     enc = tok(dev.sentence.tolist()[:40], padding="max_length", truncation=True, max_length=128)
     assert np.array_equal(d.X_test[:, 0], enc["input_ids"])
     assert np.array_equal(d.X_test[:, 1], enc["attention_mask"])
@@ -241,7 +244,7 @@ def test_corrupted_file_is_rejected(tmp_path, cache):
     with pytest.raises(ChecksumError) as e:
         load_dataset("energy", data_dir=root, cache_dir=cache)
     msg = str(e.value)
-    assert rel in msg and fd.SOURCES[rel].sha256 in msg and fd.fio.sha256_file(root / rel) in msg
+    assert rel in msg and fd.SOURCES[rel].sha256 in msg and fio.sha256_file(root / rel) in msg
     assert not cache.exists() or not list(cache.iterdir())
 
 
@@ -255,11 +258,11 @@ def test_concrete_checked_by_cell_values(tmp_path, cache):
     assert i > 0
     b[i + 8] = ord("X") if b[i + 8] != ord("X") else ord("Y")
     (root / rel).write_bytes(bytes(b))
-    assert fd.fio.sha256_file(root / rel) != fd.SOURCES[rel].sha256
+    assert fio.sha256_file(root / rel) != fd.SOURCES[rel].sha256
     d = load_dataset("concrete", data_dir=root, cache_dir=cache)
     assert d.X_train.shape == (927, 8)
     # a copy whose values differ is rejected with the two fingerprints
-    a = fd._read_excel(DATA / rel).to_numpy(np.float64)
+    a = fd_files._read_excel(DATA / rel).to_numpy(np.float64)
     cell = struct_double_offset(b, a[0, 8])          # a strength value (a NUMBER record)
     b[cell:cell + 8] = np.float64(a[0, 8] + 1).tobytes()
     (root / rel).write_bytes(bytes(b))
@@ -290,7 +293,7 @@ def test_truncated_files_are_rejected(tmp_path, cache):
     # an intact re-gzipped copy (other gzip header, same content) is accepted
     gz.write_bytes(gzip.compress(gzip.decompress((DATA / "fashion-mnist/t10k-labels-idx1-ubyte.gz")
                                                  .read_bytes()), mtime=0))
-    assert fd.verify_file(gz) == fd.fio.sha256_file(gz)
+    assert fd.verify_file(gz) == fio.sha256_file(gz)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,25 +316,25 @@ def test_missing_file_offline_names_file_path_and_source(tmp_path, cache):
 def test_download_false_never_checks_the_network(tmp_path, cache, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("network checked")
-    monkeypatch.setattr(fd, "_online", boom)
+    monkeypatch.setattr(fd_files, "_online", boom)
     with pytest.raises(DataFileError, match="download=False"):
         load_dataset("adult", data_dir=tmp_path, cache_dir=cache, download=False)
 
 
 def test_online_check_does_not_hang():
     t = time.time()
-    fd._online("unresolvable.invalid", timeout=1.0)
+    fd_files._online("unresolvable.invalid", timeout=1.0)
     assert time.time() - t < 2.0
 
 
 def test_download_is_atomic_and_verified(tmp_path, cache, monkeypatch):
     rel = "energy/ENB2012_data.xlsx"
     need(rel)
-    monkeypatch.setattr(fd, "_online", lambda *a, **k: True)
+    monkeypatch.setattr(fd_files, "_online", lambda *a, **k: True)
     monkeypatch.setitem(fd.SOURCES, rel, replace(fd.SOURCES[rel], url=(DATA / rel).as_uri()))
     root = tmp_path / "raw"
     d = load_dataset("energy", data_dir=root, cache_dir=cache)
-    assert d.X_train.shape == (691, 8) and fd.fio.sha256_file(root / rel) == fd.SOURCES[rel].sha256
+    assert d.X_train.shape == (691, 8) and fio.sha256_file(root / rel) == fd.SOURCES[rel].sha256
     assert sorted(p.name for p in (root / "energy").iterdir()) == ["ENB2012_data.xlsx"]
     # a source serving a corrupted file: ChecksumError, nothing left at the destination
     bad = tmp_path / "bad.xlsx"
@@ -354,8 +357,8 @@ def test_download_extracts_archive_members(tmp_path, monkeypatch):
         monkeypatch.setitem(fd.SOURCES, f"sst2/{n}.tsv",
                             replace(fd.SOURCES[f"sst2/{n}.tsv"], url=z.as_uri()))
     root = tmp_path / "raw"
-    paths = fd._ensure(("sst2/train.tsv", "sst2/dev.tsv"), root, True)
-    assert {fd.fio.sha256_file(p) for p in paths.values()} == {
+    paths = fd_files._ensure(("sst2/train.tsv", "sst2/dev.tsv"), root, True)
+    assert {fio.sha256_file(p) for p in paths.values()} == {
         fd.SOURCES["sst2/train.tsv"].sha256, fd.SOURCES["sst2/dev.tsv"].sha256}
     assert sorted(p.name for p in (root / "sst2").iterdir()) == ["dev.tsv", "train.tsv"]
 
@@ -369,13 +372,13 @@ def test_cache_is_rebuilt_when_stale(tmp_path, cache):
     need(rel)
     root = copy_into(tmp_path, rel)
     d = load_dataset("energy", data_dir=root, cache_dir=cache)
-    rec = fd.fio.load_json(cache / "energy.json")
+    rec = fio.load_json(cache / "energy.json")
     assert rec["key"]["sources"] == {rel: fd.SOURCES[rel].sha256} == d.files
     # a cache recorded for other source bytes is not used: rebuilt (new token), same numbers
     rec["key"]["sources"][rel] = "0" * 64
-    fd.fio.save_json(cache / "energy.json", rec)
+    fio.save_json(cache / "energy.json", rec)
     d2 = load_dataset("energy", data_dir=root, cache_dir=cache)
-    assert fd.fio.load_json(cache / "energy.json")["token"] != rec["token"]
+    assert fio.load_json(cache / "energy.json")["token"] != rec["token"]
     assert_same(d, d2)
     # a damaged npz is rebuilt too
     npz = cache / "energy.npz"
@@ -404,7 +407,7 @@ def test_no_partial_cache_on_failure(tmp_path, cache, monkeypatch):
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(fd.fio, "save_json", interrupted)
+    monkeypatch.setattr(fio, "save_json", interrupted)
     with pytest.raises(KeyboardInterrupt):
         load_dataset("concrete", cache_dir=cache)
     assert list(cache.iterdir()) == []
@@ -431,7 +434,7 @@ def write_pums(root: Path, n: int = 120, seed: int = 0) -> pd.DataFrame:
         "RAC1P": rng.choice([1, 2, 6], n),
         "PINCP": rng.choice([50.0, 20000.0, 50000.0, 50001.0, 120000.0], n),
     })
-    p = root / fd.FOLKTABLES_PUMS
+    p = root / fd_files.FOLKTABLES_PUMS
     p.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(p, index=False)
     return df
@@ -447,7 +450,7 @@ def test_folktables_on_tiny_pums_file(tmp_path, cache):
     check_split(d, n - n_test, n_test, n)
     assert set(np.concatenate([d.ids_train, d.ids_test])) == set(keep.index)
     assert d.feature_names[:2] == ["AGEP", "WKHP"]
-    n_levels = sum(keep[c].nunique() for c in fd.ACS_CATEGORICAL)
+    n_levels = sum(keep[c].nunique() for c in fd_income.ACS_CATEGORICAL)
     assert d.X_train.shape[1] == 2 + n_levels
     assert "OCCP_9300" in d.feature_names and "COW_6" in d.feature_names
     assert_standardized(d.X_train, [0, 1])
@@ -460,10 +463,10 @@ def test_folktables_on_tiny_pums_file(tmp_path, cache):
     assert_same(d, load_dataset("folktables", data_dir=root, cache_dir=cache))
     # with the census data dictionary present, raw tables show the category names
     rows = [["VAL", c, "C", 1, str(v), str(v), f"{c} level {v}"]
-            for c in fd.ACS_CATEGORICAL for v in sorted(df[c].dropna().unique().astype(int))]
-    pd.DataFrame(rows).to_csv(root / fd.FOLKTABLES_DEFS, header=False, index=False)
+            for c in fd_income.ACS_CATEGORICAL for v in sorted(df[c].dropna().unique().astype(int))]
+    pd.DataFrame(rows).to_csv(root / fd_files.FOLKTABLES_DEFS, header=False, index=False)
     d2 = load_dataset("folktables", data_dir=root, cache_dir=cache)
-    assert fd.FOLKTABLES_DEFS in d2.files
+    assert fd_files.FOLKTABLES_DEFS in d2.files
     assert np.array_equal(d2.X_train, d.X_train)
     assert set(d2.raw_train["OCCP"]) <= {"OCCP level 440", "OCCP level 2310", "OCCP level 9300"}
 
@@ -590,5 +593,5 @@ def test_dirs_follow_environment(monkeypatch, tmp_path):
     assert fd.data_dir() == tmp_path / "d" and fd.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("FIMODA_DATA_DIR")
     monkeypatch.delenv("FIMODA_CACHE_DIR")
-    assert fd.data_dir() == fd.fio.REPO_ROOT / "data" / "raw"
-    assert fd.cache_dir() == fd.fio.REPO_ROOT / "data" / "cache"
+    assert fd.data_dir() == fio.REPO_ROOT / "data" / "raw"
+    assert fd.cache_dir() == fio.REPO_ROOT / "data" / "cache"
