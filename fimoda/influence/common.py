@@ -1,6 +1,7 @@
 """What every method computes once (kronfluence-style split): the :class:`Attributor` caches the
-per-example gradients of the left-out and test sets at theta^f, lambda_G, and exposes the Hessian
-operators of the shared base; methods then compute only their own per-query part."""
+per-example gradients of the left-out and test sets at theta^f, lambda_G, and holds what is
+fitted once per model (the materialised Gauss-Newton kernel and spectrum, EK-FAC factors);
+methods then compute only their own per-query part."""
 from __future__ import annotations
 
 from functools import cached_property
@@ -26,6 +27,12 @@ class Attributor:
         # (Prop. 1 and eq. 16 solve the same damped true Hessian for the same right-hand sides),
         # the smallest Hessian eigenvalue behind Assumption 1's damping
         self.shared: dict = {}
+        # the fit step: what is computed once per model and reused by every query and damping,
+        # released with the Attributor. Keys, each mapping to {setting: fitted object}:
+        #   "gauss_newton_kernel":   {c: inverse.Kernel}     a and K = a a^T of G/c
+        #   "gauss_newton_spectrum": {c: inverse.Spectral}   the eigen-decomposition of G/c
+        #   "ekfac":                 {batch_size: ekfac.EkfacFactors}
+        self.fitted: dict = {}
 
     def shared_solve(self, key, solve):
         """``solve`` (B -> A^{-1} B) remembering its results under ``key`` (which must name A

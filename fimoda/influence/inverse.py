@@ -22,7 +22,7 @@ Conventions
   p(A) is also symmetric; stochastic LiSSA only in expectation).
 * **Operators.** The Gauss-Newton matrix is "materialised" when the full-training-set output-
   gradient matrix Phi (n x P) fits in ``memory_gb`` (``materialize="auto"``): with
-  a = diag(sqrt(l''/c)) Phi, G/c = a^T a, and (computed once per model, :func:`gauss_newton_kernel`)
+  a = diag(sqrt(l''/c)) Phi, G/c = a^T a, and (fitted once per model, :func:`gauss_newton_kernel`)
   its n x n Gram matrix K = a a^T. For n <= P, CG runs on the equivalent n-dimensional system
   (K + lambda I) Y = a B, X = (B - a^T Y) / lambda (Woodbury), stopping on the exact residual
   of X in R^P (:func:`cg_dual`), and the exact solve is the Woodbury formula with a Cholesky
@@ -55,7 +55,6 @@ Conventions
 """
 from __future__ import annotations
 
-import weakref
 import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -213,9 +212,6 @@ class Spectral:
     eig: torch.Tensor
 
 
-_SPECTRAL = weakref.WeakKeyDictionary()   # Attributor -> {c: Spectral}: computed once per model
-
-
 def work_dtype(dtype: torch.dtype, device) -> torch.dtype:
     """float64 for the spectrum wherever the device has it: the Gram matrix squares the
     condition number, which float32 cannot afford (its round-off, ~1e-7 ||G||, exceeds typical
@@ -292,9 +288,6 @@ class Kernel:
         return self._eig
 
 
-_KERNEL = weakref.WeakKeyDictionary()     # Attributor -> {c: Kernel}: computed once per model
-
-
 def gram(a: torch.Tensor) -> torch.Tensor:
     """a a^T for an (n, P) matrix, from the blocks on and below the diagonal only (~2/3 of the
     full product's flops for four row blocks), mirrored: exactly symmetric."""
@@ -309,8 +302,9 @@ def gram(a: torch.Tensor) -> torch.Tensor:
 
 
 def gauss_newton_kernel(att: Attributor, c: float) -> Kernel:
-    """a and K = a a^T of the materialised G/c (cached per Attributor and c)."""
-    cache = _KERNEL.setdefault(att, {})
+    """a and K = a a^T of the materialised G/c (fitted once per Attributor and c, kept in
+    ``att.fitted``)."""
+    cache = att.fitted.setdefault("gauss_newton_kernel", {})
     if c not in cache:
         p = att.problem
         phi, _, _, d2 = p.gn_pieces(p.X, p.Y, desc="materialising Phi")
@@ -325,8 +319,8 @@ def gauss_newton_kernel(att: Attributor, c: float) -> Kernel:
 
 def gauss_newton_spectrum(att: Attributor, c: float) -> Spectral:
     """Exact eigen-decomposition of G/c = a^T a (:func:`gram_spectrum` of the kernel's a and K;
-    computed in :func:`work_dtype`, cached per Attributor)."""
-    cache = _SPECTRAL.setdefault(att, {})
+    computed in :func:`work_dtype`, fitted once per Attributor and c, kept in ``att.fitted``)."""
+    cache = att.fitted.setdefault("gauss_newton_spectrum", {})
     if c not in cache:
         kern = gauss_newton_kernel(att, c)
         sp = gram_spectrum(kern.a, kern.K)
