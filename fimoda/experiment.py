@@ -219,16 +219,12 @@ def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directo
                 and np.array_equal(z["loo_indices"], loo_idx)
                 and np.array_equal(z["test_indices"], test_idx)):
             return z["scores"]
-    from .influence.inverse import LissaDivergedError, NotConvergedError
+    from .influence.errors import MethodBreakdown
     t0 = time.perf_counter()
     try:
         scores = np.asarray(compute_scores(name, att, mcfg), dtype=np.float64)
-    except (LissaDivergedError, NotConvergedError) as e:
+    except MethodBreakdown as e:
         raise MethodFailed(f"{name}: {e}") from e
-    except ValueError as e:
-        if "positive" in str(e) or "GiB" in str(e):
-            raise MethodFailed(f"{name}: {e}") from e
-        raise
     wall = time.perf_counter() - t0
     if scores.shape != (len(test_idx), len(loo_idx)):
         raise RuntimeError(f"{name} returned scores of shape {scores.shape}")

@@ -66,6 +66,8 @@ from tqdm import tqdm
 from ..gradients import Problem, loss_derivatives
 from ..config import MethodConfig
 from .common import Attributor, damping_value
+from .errors import (LissaDivergedError, MemoryBudgetError, NotConvergedError,
+                     NotPositiveDefiniteError)
 
 HESSIANS = ("gn", "true")
 RISKS = ("mean", "sum")
@@ -74,15 +76,6 @@ FULL_BATCH = ("krylov", "recurrence")
 # below this depth the recurrence's depth block products cost less than the Krylov evaluation's
 # up to depth + 1 blocks and its re-orthogonalisation (Concrete MLP, depth 5: 2.8 s vs 4.2 s)
 KRYLOV_MIN_DEPTH = 10
-
-
-class LissaDivergedError(RuntimeError):
-    """LiSSA's recurrence v <- b + (I - A/scale) v blew up: scale <= lambda_max(A)/2, or A is not
-    positive definite (true Hessian with too little damping)."""
-
-
-class NotConvergedError(RuntimeError):
-    """An iterative solver did not reach its tolerance within its iteration budget."""
 
 
 # ----------------------------------------------------------------------------- configs
@@ -402,8 +395,9 @@ class DampedHessian:
         """A as a P x P matrix (small models only)."""
         need = 2 * self.P ** 2 * (torch.finfo(self.dtype).bits // 8)
         if need > self.memory_gb * 2 ** 30:
-            raise ValueError(f"a dense {self.P} x {self.P} Hessian needs {need / 2**30:.1f} GiB > "
-                             f"memory_gb={self.memory_gb}; use an iterative method (cg, lissa)")
+            raise MemoryBudgetError(f"a dense {self.P} x {self.P} Hessian needs "
+                                    f"{need / 2**30:.1f} GiB > memory_gb={self.memory_gb}; "
+                                    f"use an iterative method (cg, lissa)")
         eye = torch.eye(self.P, dtype=self.dtype, device=self.device)
         M = self.hess(eye)
         return 0.5 * (M + M.T) + self.lam * eye
@@ -467,8 +461,9 @@ def block_drop_tol(dtype: torch.dtype) -> float:
 
 
 def _not_pd():
-    return ValueError("CG met a search direction with p^T A p <= 0: the damped Hessian is not "
-                      "positive definite; increase the damping or use a dense solve")
+    return NotPositiveDefiniteError("CG met a search direction with p^T A p <= 0: the damped "
+                                    "Hessian is not positive definite; increase the damping or "
+                                    "use a dense solve")
 
 
 def _cg_columns(matmat, X, R, bnorm, tol, budget, bar, norm=None):
@@ -559,8 +554,9 @@ def cg_solve(matmat: Callable, B: torch.Tensor, tol: float = 1e-8, max_iter: int
     Returns (X, info) with info = {"iterations" (CG steps: products with a block),
     "products" (matrix-vector products, restarts and residual checks included),
     "rel_residual" (per column, numpy), "columns", "block"}.
-    Raises :class:`NotConvergedError` after ``max_iter`` steps and ValueError if A is found not
-    positive definite (p^T A p <= 0, or P^T A P not positive definite in block CG).
+    Raises :class:`NotConvergedError` after ``max_iter`` steps and
+    :class:`NotPositiveDefiniteError` (a ValueError) if A is found not positive definite
+    (p^T A p <= 0, or P^T A P not positive definite in block CG).
     """
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
