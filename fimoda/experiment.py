@@ -156,7 +156,7 @@ def smallest_hessian_eigenvalue(att, n_iter: int = 60, seed: int = 0, path=None,
     once per model (Prop. 1 and eq. 16 share it); with ``path`` it is also kept on disk under
     ``key`` (what it depends on), so a rerun whose scores are cached does not recompute it."""
     from .influence.arnoldi import arnoldi_eig
-    from .influence.inverse import block_products
+    from .influence.operators import block_products
     mem = ("lambda_min(H/n)", n_iter, seed)
     if mem not in att.shared:
         record = _canon({"n_iter": n_iter, "seed": seed, "n_train": att.n_train, **(key or {})})

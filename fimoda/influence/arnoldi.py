@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import Attributor, damping_value
+from .common import Attributor, DampedConfig, damping_value
 from .errors import MemoryBudgetError
-from .inverse import DampedConfig, DampedHessian, check_damped
+from .operators import DampedHessian, check_damped
 
 
 @dataclass(frozen=True)
