@@ -1,5 +1,5 @@
 """Speed of the training-set Hessian products that CG, LiSSA-H and the generalized influence
-functions (Prop. 1, eq. 16) spend their time in: ``fimoda.influence.inverse.block_products``.
+functions (Prop. 1, eq. 16) spend their time in: ``fimoda.influence.operators.block_products``.
 
 On identical work (a 2x128 ReLU MLP of FICO's or Adult's shape, float64, a block of k columns over
 n rows), in one process, best of ``--repeats``:
@@ -30,7 +30,7 @@ from torch.func import grad, jvp, vmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fimoda.gradients import Problem, flatten, unflatten  # noqa: E402
-from fimoda.influence.inverse import block_products  # noqa: E402
+from fimoda.influence.operators import block_products  # noqa: E402
 from fimoda.models import MLP  # noqa: E402
 
 

@@ -35,7 +35,7 @@ test point (min / mean over the T test points):
   CG: block CG to the same relative residual tol of (G/n + lambda I) X = B, run fully (pyDVL:
   on that system, rtol = sqrt(tol), ``--gn-cg-maxiter`` caps it and its iteration count is
   printed in the note; fimoda: on the equivalent n x n dual system, stopping on the exact
-  residual in R^P, see fimoda.influence.inverse.cg_dual). LiSSA: same
+  residual in R^P, see fimoda.influence.solvers.cg.cg_dual). LiSSA: same
   scale 1.1 (lambda_max(G/n) + lambda_G) and same depth ``--gn-lissa-depth`` on both sides, both
   measured; then fimoda at the paper's depth 5000 (measured: it evaluates the same truncated
   series in closed form from the eigen-decomposition of K = a a^T, so its cost hardly depends

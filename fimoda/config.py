@@ -189,7 +189,7 @@ def _paper(dataset: str) -> ExperimentConfig:
 
 # LiSSA-H runs as in the paper (full-batch true-Hessian products, depth 5000) in every profile but
 # smoke: its truncated series is evaluated in a block Krylov subspace
-# (fimoda.influence.inverse.krylov_lissa_solve), a few dozen block products instead of 5000.
+# (fimoda.influence.solvers.lissa.krylov_lissa_solve), a few dozen block products instead of 5000.
 # Reductions applied on top of the paper settings. Each entry is printed by `reductions()`.
 # The gold standard is most of the cpu profile's time on 2 cores: Concrete and Energy keep a fifth
 # of the paper's further training with 4 of its 100 seeds, FICO 10 of 200 epochs with 4 seeds

@@ -162,7 +162,7 @@ def smallest_hessian_eigenvalue(att, n_iter: int = 60, seed: int = 0, path=None,
     once per model (Prop. 1 and eq. 16 share it); with ``path`` it is also kept on disk under
     ``key`` (what it depends on), so a rerun whose scores are cached does not recompute it."""
     from .influence.arnoldi import arnoldi_eig
-    from .influence.inverse import block_products
+    from .influence.operators import block_products
     mem = ("lambda_min(H/n)", n_iter, seed)
     if mem not in att.shared:
         record = _canon({"n_iter": n_iter, "seed": seed, "n_train": att.n_train, **(key or {})})
@@ -225,16 +225,12 @@ def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directo
                 and np.array_equal(z["loo_indices"], loo_idx)
                 and np.array_equal(z["test_indices"], test_idx)):
             return z["scores"]
-    from .influence.inverse import LissaDivergedError, NotConvergedError
+    from .influence.errors import MethodBreakdown
     t0 = time.perf_counter()
     try:
         scores = np.asarray(compute_scores(name, att, mcfg), dtype=np.float64)
-    except (LissaDivergedError, NotConvergedError) as e:
+    except MethodBreakdown as e:
         raise MethodFailed(f"{name}: {e}") from e
-    except ValueError as e:
-        if "positive" in str(e) or "GiB" in str(e):
-            raise MethodFailed(f"{name}: {e}") from e
-        raise
     wall = time.perf_counter() - t0
     if scores.shape != (len(test_idx), len(loo_idx)):
         raise RuntimeError(f"{name} returned scores of shape {scores.shape}")

@@ -30,7 +30,7 @@ def test_the_papers_method_choices_are_every_profiles_defaults(profile):
     the largest plotted; LiSSA-H at the largest damping; DataInf with c = 10; LiSSA's scale the
     smallest of [10, 20, 50, 100, 150, 200, 250, 300, 400, 500] that does not diverge; the
     leave-out mechanism that produced each figure."""
-    from fimoda.influence.inverse import LissaConfig
+    from fimoda.influence.lissa import LissaConfig
     for ds in DATASETS:
         c = get_config(ds, profile)
         m = c.methods

@@ -15,9 +15,10 @@ from fimoda.config import MethodConfig
 from fimoda.gradients import Problem
 from fimoda.influence import Attributor, compute_scores
 from fimoda.influence.arnoldi import arnoldi_eig
-from fimoda.influence.inverse import (DampedHessian, LissaDivergedError, NotConvergedError,
-                                      cg_inverse, cg_solve, gram_spectrum,
-                                      krylov_lissa_solve, lissa_diagonal, lissa_solve)
+from fimoda.influence.errors import LissaDivergedError, NotConvergedError
+from fimoda.influence.operators import DampedHessian, gram_spectrum
+from fimoda.influence.solvers.cg import cg_inverse, cg_solve
+from fimoda.influence.solvers.lissa import krylov_lissa_solve, lissa_diagonal, lissa_solve
 from fimoda.models import MLP
 from tolerances import gamma, residual_roundoff, woodbury_residual_gap
 
@@ -351,7 +352,7 @@ def test_cg_on_the_materialised_gauss_newton(ref):
 
 # ----------------------------------------------------------------------------- G spectrum
 def test_gram_from_lower_blocks():
-    from fimoda.influence.inverse import gram
+    from fimoda.influence.operators import gram
     g = torch.Generator().manual_seed(0)
     for n in (5, 600, 1100):
         a = torch.randn(n, 40, generator=g, dtype=DT)
@@ -492,16 +493,16 @@ def test_gauss_newton_lissa_kernel_and_krylov_agree(ref, monkeypatch):
     Hessian-vector products (materialize="never"), and the Krylov subspace of the materialised
     kernel's products (what large n takes, where K's eigen-decomposition costs more), at the
     paper's depth."""
-    from fimoda.influence import inverse
+    from fimoda.influence.solvers import lissa as lissa_solvers
     lmax = float(torch.linalg.eigvalsh(ref.A("gn", ref.lamG))[-1])
     kw = dict(scale=1.05 * lmax, depth=5000, damping_index=1)
     a = compute_scores("lissa", ref.att, **kw)
     b = compute_scores("lissa", ref.att, materialize="never", **kw)
     assert rel_err(a, b) < 1e-9
     calls = []
-    monkeypatch.setattr(inverse, "krylov_lissa_solve",
+    monkeypatch.setattr(lissa_solvers, "krylov_lissa_solve",
                         lambda *x, **k: calls.append(1) or krylov_lissa_solve(*x, **k))
-    monkeypatch.setattr(inverse, "kernel_eig_costlier", lambda A, k: True)
+    monkeypatch.setattr(lissa_solvers, "kernel_eig_costlier", lambda A, k: True)
     c = compute_scores("lissa", ref.att, **kw)
     assert calls and rel_err(a, c) < 1e-9
 
@@ -509,7 +510,7 @@ def test_gauss_newton_lissa_kernel_and_krylov_agree(ref, monkeypatch):
 
 def test_kernel_lissa_route_follows_the_cost_model(reg):
     """Small n: K's eigen-decomposition is the cheaper exact evaluation; n^2 >> P k: Krylov."""
-    from fimoda.influence.inverse import kernel_eig_costlier
+    from fimoda.influence.solvers.lissa import kernel_eig_costlier
     A = DampedHessian(reg.att, "gn", reg.lamG)
     assert A.kernel is not None and not kernel_eig_costlier(A, 10)
     shape = types.SimpleNamespace(shape=(9000, 20000))              # FICO-sized a: n x P

@@ -1,18 +1,22 @@
-"""Gradient-based approximations of further training (paper §4), one module per family.
+"""Gradient-based approximations of further training (paper §4), one module per method family.
 
 Every method is a function ``method(att: Attributor, cfg) -> np.ndarray`` returning
 ``scores[j, i]`` (test j x left-out i) with the gold standard's sign: positive = the test loss
 rises when z_i is left out. ``att`` holds what is computed once (per-example gradients, lambda_G,
 Hessian operators); ``cfg`` is the method's small config dataclass.
 
+The damped-inverse methods are layered as in pyDVL: :mod:`.operators` (the damped Hessian and
+Gauss-Newton operators), :mod:`.solvers` (CG, LiSSA), and a method module that says which
+operator and solver a method uses; :mod:`.errors` holds the typed numerical breakdowns.
+
 | name       | module       | equation (docs/equations.md)                               |
 |------------|--------------|------------------------------------------------------------|
 | grad_dot   | first_order  | (6)                                                        |
 | grad_cos   | first_order  | (6), both gradients normalised                             |
-| cg         | inverse      | (12) by conjugate gradients on G + lambda I                 |
-| lissa      | inverse      | (12) by LiSSA on G + lambda I                               |
-| lissa_h    | inverse      | (8) by LiSSA on the true H + lambda I                       |
-| dense      | inverse      | (8)/(12) by a dense solve (small models; the reference)     |
+| cg         | cg           | (12) by conjugate gradients on G + lambda I                 |
+| lissa      | lissa        | (12) by LiSSA on G + lambda I                               |
+| lissa_h    | lissa        | (8) by LiSSA on the true H + lambda I                       |
+| dense      | dense        | (8)/(12) by a dense solve (small models; the reference)     |
 | arnoldi    | arnoldi      | (8) in the top-k eigenspace of H                            |
 | trak       | trak         | TRAK_{M=1}                                                  |
 | ekfac      | ekfac        | (12) with layer-block EK-FAC                                |
@@ -29,7 +33,7 @@ from .common import Attributor, damping_value
 
 METHODS = {
     "grad_dot": "first_order", "grad_cos": "first_order",
-    "cg": "inverse", "lissa": "inverse", "lissa_h": "inverse", "dense": "inverse",
+    "cg": "cg", "lissa": "lissa", "lissa_h": "lissa", "dense": "dense",
     "arnoldi": "arnoldi", "trak": "trak", "ekfac": "ekfac", "datainf": "datainf",
     "prop1": "generalized", "cor2": "generalized", "eq16": "generalized",
 }

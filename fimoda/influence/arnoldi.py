@@ -25,8 +25,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .common import Attributor, damping_value
-from .inverse import DampedConfig, DampedHessian, check_damped
+from .common import Attributor, DampedConfig, damping_value
+from .errors import MemoryBudgetError
+from .operators import DampedHessian, check_damped
 
 
 @dataclass(frozen=True)
@@ -95,8 +96,8 @@ def arnoldi(att: Attributor, cfg: ArnoldiConfig = ArnoldiConfig()) -> np.ndarray
     m = min(max(cfg.n_iter, k), P)
     need = 2 * P * m * (torch.finfo(A.dtype).bits // 8)
     if need > cfg.memory_gb * 2 ** 30:
-        raise ValueError(f"the Arnoldi basis (P={P} x m={m}) needs {need / 2**30:.1f} GiB > "
-                         f"memory_gb={cfg.memory_gb}; lower n_iter")
+        raise MemoryBudgetError(f"the Arnoldi basis (P={P} x m={m}) needs {need / 2**30:.1f} "
+                                f"GiB > memory_gb={cfg.memory_gb}; lower n_iter")
     mu, U = arnoldi_eig(lambda v: A.hess(v[:, None])[:, 0], P, m, cfg.seed, A.dtype, A.device,
                         att.problem.progress)
     keep = torch.argsort(mu.abs(), descending=True)[:k]

@@ -34,7 +34,6 @@ expectation), damping 1e-8 on the averaged factors, i.e. ``damping=1e-8 * n`` he
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -50,8 +49,6 @@ from ..config import MethodConfig
 from .common import Attributor, damping_value
 
 DAMPING_MODES = ("lambda_G", "heuristic")
-# factors fitted by ekfac() per Attributor (and batch size): a damping sweep fits them once
-_FITTED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
@@ -226,7 +223,8 @@ def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
 
     V_{i,l} = grad_l L(z_i) as a matrix; lambda = cfg.damping, or lambda_G * damping_grid[index]
     (``damping_mode="lambda_G"``), or 0.1 * mean(Lambda_l) per layer (``"heuristic"``).
-    ``factors``: from :func:`fit_ekfac` (if not given: fitted once per Attributor and reused).
+    ``factors``: from :func:`fit_ekfac` (if not given: fitted once per Attributor and batch size,
+    kept in ``att.fitted["ekfac"]``, and reused: a damping sweep fits them once).
     """
     if cfg.damping_mode not in DAMPING_MODES:
         raise ValueError(f"EK-FAC damping_mode must be one of {DAMPING_MODES}, "
@@ -243,7 +241,7 @@ def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
         if not lam > 0:
             raise ValueError(f"EK-FAC damping must be > 0, got {lam!r}")
     if factors is None:
-        cache = _FITTED.setdefault(att, {})
+        cache = att.fitted.setdefault("ekfac", {})
         if cfg.batch_size not in cache:
             cache[cfg.batch_size] = fit_ekfac(problem, cfg.batch_size)
         factors = cache[cfg.batch_size]

@@ -8,7 +8,7 @@ the parameters by +grad L(z_i)/lambda and the test loss by
 (charpiat2019similarity; TracIn at the final checkpoint only). 1/lambda is a positive scale that
 does not change the cosine with the gold standard; it is applied only when ``scale=True`` (with
 lambda of the damping grid, i.e. the lambda -> infinity limit of the second-order scores of
-``inverse.py`` under ``risk="mean"``).
+``cg.py``, ``lissa.py``, ``dense.py`` under ``risk="mean"``).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The paper's generalised influence functions (§4.2, App. B.3): influence at a final model that
 need not be a stationary point of the training risk.
 
-With A = M + lambda I (M the Hessian of the training risk at theta^f; see ``inverse.py`` for the
+With A = M + lambda I (M the Hessian of the training risk at theta^f; see ``operators.py`` for the
 ``risk`` convention, under which M = H_R/n and the Newton step below is that of R/n) and the
 damped Newton step of the full data
 
@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from ..gradients import flatten, unflatten
-from .common import Attributor
-from .inverse import DampedConfig, DampedHessian, cg_inverse, damped_hessian, scores_with
+from .common import Attributor, DampedConfig, scores_with
+from .operators import DampedHessian, damped_hessian
+from .solvers.cg import cg_inverse
 
 SOLVERS = ("cg", "dense")
 
