@@ -152,10 +152,13 @@ def check_report(isolated, ds, retrain=False, adam=False):
     assert rows[["paper first", "paper last"]].isna().all().all()       # no paper value here
     import pytest
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(report.PAPER_VALUES, ds, {("sgd", 13, "cosine"): {"grad_dot": (0.9, 0.5)}})
+        mp.setitem(report.PAPER_VALUES, ds, {("sgd", 13, "cosine"): {"grad_dot": (0.9, 0.5)},
+                                             ("sgd", 13, "spearman"): {"cg": (0.3, 0.4)}})
         rows = report.summary_rows("smoke", [ds]).set_index("method")
     assert tuple(rows.loc["Grad-Dot", ["paper first", "paper last"]]) == (0.9, 0.5)
     assert rows.drop("Grad-Dot")["paper first"].isna().all()
+    assert tuple(rows.loc["CG", ["paper sp first", "paper sp last"]]) == (0.3, 0.4)
+    assert rows.drop("CG")["paper sp first"].isna().all()
 
 
 def test_mislabel_detection_runs_on_a_classification_dataset(isolated):
