@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .tensors import as_inputs, as_targets, as_tensor
+
 TASKS = ("regression", "classification")
 
 
@@ -37,30 +39,23 @@ def _model_dtype_device(model: torch.nn.Module):
     return p.dtype, p.device
 
 
-def as_inputs(model: torch.nn.Module, X) -> torch.Tensor:
-    """``X`` as a tensor on the model's device: floating inputs in the model's dtype, integer
-    inputs (token ids, masks) unchanged."""
-    dtype, device = _model_dtype_device(model)
-    t = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
-    return (t.to(dtype) if t.is_floating_point() else t).to(device)
+def _inputs(model: torch.nn.Module, X) -> torch.Tensor:
+    """``X`` as the model's inputs (:func:`fimoda.tensors.as_inputs`)."""
+    return as_inputs(X, *_model_dtype_device(model))
 
 
-def as_targets(model: torch.nn.Module, y, task: str) -> torch.Tensor:
-    """``y`` as targets: regression -> the model's dtype, shape (N,) (an (N, 1) column is
-    accepted); classification -> int64 class labels (float labels must be whole numbers)."""
-    _check_task(task)
-    dtype, device = _model_dtype_device(model)
-    t = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+def _targets(model: torch.nn.Module, y, task: str) -> torch.Tensor:
+    """``y`` as targets (:func:`fimoda.tensors.as_targets`) of shape (N,) (an (N, 1) column is
+    accepted); classification labels given as floats must be whole numbers."""
+    t = as_tensor(y)
     if t.dim() == 2 and t.shape[1] == 1:
         t = t[:, 0]
     if t.dim() != 1:
         raise ValueError(f"targets must have shape (N,) or (N, 1), got {tuple(t.shape)}")
-    if task == "regression":
-        return t.to(dtype).to(device)
-    if t.is_floating_point():
+    if task == "classification" and t.is_floating_point():
         if not bool(torch.all(t == t.round())):
             raise ValueError("classification labels must be whole numbers (class indices)")
-    return t.long().to(device)
+    return as_targets(t, task, *_model_dtype_device(model))
 
 
 @contextlib.contextmanager
@@ -94,8 +89,8 @@ def _rows(left_out, n: int) -> torch.Tensor:
 
 def _prepare(model, X_train, y_train, left_out, X_test, y_test, task):
     _check_task(task)
-    X, y = as_inputs(model, X_train), as_targets(model, y_train, task)
-    Xt, yt = as_inputs(model, X_test), as_targets(model, y_test, task)
+    X, y = _inputs(model, X_train), _targets(model, y_train, task)
+    Xt, yt = _inputs(model, X_test), _targets(model, y_test, task)
     if len(X) != len(y) or len(Xt) != len(yt):
         raise ValueError(f"inputs and targets differ in length: train {len(X)} vs {len(y)}, "
                          f"test {len(Xt)} vs {len(yt)}")

@@ -78,6 +78,18 @@ def save_torch(path, obj) -> Path:
     return _atomic(path, lambda fh: torch.save(obj, fh))
 
 
+def sha256_arrays(*arrays) -> str:
+    """sha256 over each array's (or tensor's) dtype, shape and bytes (C order), in turn."""
+    import torch
+    h = hashlib.sha256()
+    for a in arrays:
+        a = a.detach().cpu().numpy() if torch.is_tensor(a) else a
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from ..config import ExperimentConfig
 from ..io import results_dir
 from ..models import resolve_dtype
+from ..tensors import as_inputs, as_targets
 
 
 def setup(dataset: str, profile: str, data_dir=None, dtype: Optional[str] = None,
@@ -49,7 +49,9 @@ def final_model(cfg: ExperimentConfig, device="cpu", data_dir=None, directory=No
     validation rows), which the gold standard and every method attribute over. A text config with
     ``trainable_layers`` gets the top layers (:class:`fimoda.models.TextTop`) and the dataset
     as features of the frozen trunk below them."""
-    from ..train import frozen_trunk, load_final_model, training_dataset
+    from ..text_trunk import frozen_trunk
+    from ..train import load_final_model
+    from ..training_rows import training_dataset
     ds = load_data(cfg, data_dir)
     d = directory or out_dir(cfg)
     model = load_final_model(cfg, ds, d, device=device)
@@ -110,16 +112,8 @@ def tensors(ds, cfg: ExperimentConfig, device="cpu"):
     """(X_train, y_train, X_test, y_test) as tensors in the config's dtype on ``device``
     (integer inputs such as token ids stay integer; class labels are int64)."""
     dtype = resolve_dtype(cfg.dtype)
-
-    def x(a):
-        t = torch.as_tensor(np.asarray(a))
-        return (t.to(dtype) if t.is_floating_point() else t).to(device)
-
-    def y(a):
-        t = torch.as_tensor(np.asarray(a))
-        return (t.to(dtype) if cfg.task == "regression" else t.long()).to(device)
-
-    return x(ds.X_train), y(ds.y_train), x(ds.X_test), y(ds.y_test)
+    return (as_inputs(ds.X_train, dtype, device), as_targets(ds.y_train, cfg.task, dtype, device),
+            as_inputs(ds.X_test, dtype, device), as_targets(ds.y_test, cfg.task, dtype, device))
 
 
 def out_dir(cfg: ExperimentConfig, root=None) -> Path:

@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..io import load_json, load_npz, save_json, save_npz
+from ..io import load_json, load_npz, save_json, save_npz, sha256_arrays
 from ..models import input_trimmer
+from ..tensors import as_inputs, as_targets
 from .config import GoldConfig, GoldResult
 from .engines import _make_engine
 from .optim import _StackedOptimizer, _clip_per_run_
@@ -184,16 +185,8 @@ def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: Go
     dev = torch.device(cfg.device)
     model = copy.deepcopy(model).to(dev).eval()
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-
-    def as_x(a):
-        t = torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a.detach()
-        return (t.to(dtype) if t.is_floating_point() else t).to(dev)
-
-    def as_y(a):
-        t = torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a.detach()
-        return (t.to(dtype) if task == "regression" else t.long()).to(dev)
-
-    X, Y, Xt, Yt = as_x(X_train), as_y(y_train), as_x(X_test), as_y(y_test)
+    X, Y = as_inputs(X_train, dtype, dev), as_targets(y_train, task, dtype, dev)
+    Xt, Yt = as_inputs(X_test, dtype, dev), as_targets(y_test, task, dtype, dev)
     if len(X) != len(Y) or len(X) < 2:
         raise ValueError(f"X_train and y_train need equal lengths >= 2, got {len(X)}, {len(Y)}")
     if len(Xt) != len(Yt) or len(Xt) < 1:
@@ -217,21 +210,12 @@ def _test_indices(test_indices, J: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- work directory
-def _sha(*tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        a = t.detach().cpu().contiguous().numpy() if torch.is_tensor(t) else np.asarray(t)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
 def _fingerprint(model, task, X, Y, Xt, Yt, loo, cfg, engine, chunk, block, augment) -> dict:
     return {"format": FORMAT, "config": cfg.numeric(), "engine": engine.name,
             "chunk_runs": chunk, "run_block": block, "device": torch.device(cfg.device).type,
             "task": task, "model": type(model).__name__,
-            "theta": _sha(*[v for _, v in sorted(model.state_dict().items())]),
-            "train": _sha(X, Y), "test": _sha(Xt, Yt), "loo": loo.tolist(),
+            "theta": sha256_arrays(*[v for _, v in sorted(model.state_dict().items())]),
+            "train": sha256_arrays(X, Y), "test": sha256_arrays(Xt, Yt), "loo": loo.tolist(),
             "augment": None if augment is None else getattr(augment, "__qualname__", repr(augment))}
 
 
