@@ -21,7 +21,9 @@ def results_dir(profile: str, dataset: str, root: str | os.PathLike | None = Non
     return d
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
+    """Call ``write(fh)`` on a temporary file next to ``path`` (binary, flushed and synced), then
+    rename it into place; on any error the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
@@ -40,7 +42,7 @@ def _atomic(path: Path, write) -> Path:
 
 def save_npz(path, **arrays) -> Path:
     """Write ``arrays`` to ``path`` (.npz) atomically."""
-    return _atomic(path, lambda fh: np.savez(fh, **arrays))
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_npz(path) -> dict:
@@ -65,17 +67,12 @@ def _default(o):
 def save_json(path, obj) -> Path:
     """Write ``obj`` as indented JSON atomically."""
     data = json.dumps(obj, indent=2, sort_keys=True, default=_default).encode()
-    return _atomic(path, lambda fh: fh.write(data))
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def load_json(path):
     with open(path) as fh:
         return json.load(fh)
-
-
-def save_torch(path, obj) -> Path:
-    import torch
-    return _atomic(path, lambda fh: torch.save(obj, fh))
 
 
 def sha256_arrays(*arrays) -> str:

