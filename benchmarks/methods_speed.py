@@ -65,7 +65,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")      # the peers' progress bars (fimo
 import torch  # noqa: E402
 
 from fimoda.config import DAMPING_GRID  # noqa: E402
-from fimoda.gradients import Problem, gn_output, loss_derivatives, loss_from_f  # noqa: E402
+from fimoda.gradients import Problem  # noqa: E402
+from fimoda.losses import gn_output, loss_derivatives, loss_from_f  # noqa: E402
 from fimoda.influence import Attributor, compute_scores  # noqa: E402
 from fimoda.influence.arnoldi import arnoldi_eig  # noqa: E402
 from fimoda.models import MLP  # noqa: E402

@@ -19,7 +19,8 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from tqdm import tqdm
 
-from .models import input_trimmer, row_groups
+from .losses import gn_output, loss_derivatives, loss_from_f
+from .models import input_trimmer, row_groups, vmappable
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -71,33 +72,6 @@ def block_slices(template: dict, names: Sequence[str]) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- losses and f
-def gn_output(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """The scalar model output f of the Gauss-Newton framework (per example)."""
-    if task == "regression":
-        return out.reshape(y.shape)
-    # logit of p_y: out_y - logsumexp over the other classes (TRAK §3.3)
-    oy = out.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    is_y = torch.arange(out.shape[-1], device=out.device) == y.unsqueeze(-1)
-    others = out.masked_fill(is_y, float("-inf"))
-    return oy - torch.logsumexp(others, dim=-1)
-
-
-def loss_from_f(f: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """l(f): squared error (f - y)^2 for regression, log(1 + e^{-f}) (= cross-entropy)."""
-    if task == "regression":
-        return (f - y) ** 2
-    return torch.nn.functional.softplus(-f)
-
-
-def loss_derivatives(f: torch.Tensor, y: torch.Tensor, task: str):
-    """(l'(f), l''(f)) per example."""
-    if task == "regression":
-        return 2.0 * (f - y), torch.full_like(f, 2.0)
-    s = torch.sigmoid(f)                  # p_y
-    return -(1.0 - s), s * (1.0 - s)
-
-
 # ----------------------------------------------------------------------------- the base object
 @dataclass
 class Problem:
@@ -123,12 +97,13 @@ class Problem:
         self.n_params = sum(p.numel() for p in self.params.values())
         self.dtype = next(iter(self.params.values())).dtype
         self.device = next(iter(self.params.values())).device
-        # Models whose forward cannot run under vmap (e.g. transformers' mask utilities branch on
-        # data) say so with ``supports_vmap = False``; per-example work then loops.
-        self.vmap_ok = getattr(self.model, "supports_vmap", True)
         # text batches are padded to the longest sentence of the whole set; each chunk is cut to
         # its own longest (fimoda.models.input_trimmer)
         self.trim = input_trimmer(self.model)
+        # Models whose forward cannot run under vmap (e.g. transformers' mask utilities branch on
+        # data) say so with ``supports_vmap = False`` or fail the probe; per-example work then loops.
+        self.vmap_ok = vmappable(self.model, lambda: self._per_example_fn(self.loss, True)(
+            self.params, self.trim(self.X[:2]), self.Y[:2]))
 
     # -- the functional model
     def out(self, params: dict, x: torch.Tensor) -> torch.Tensor:
@@ -156,10 +131,15 @@ class Problem:
         return gs
 
     # -- per-example gradients
+    @staticmethod
+    def _per_example_fn(fn: Callable, vmapped: bool) -> Callable:
+        """(params, X, Y) -> {name: per-row gradients of ``fn``}, vmapped or looped over rows."""
+        single = lambda p, x, y: fn(p, x.unsqueeze(0), y.unsqueeze(0)).squeeze(0)
+        return vmap(grad(single), in_dims=(None, 0, 0)) if vmapped else _looped(grad(single))
+
     def _per_example(self, fn: Callable, X, Y, params: Optional[dict], desc) -> torch.Tensor:
         params = self.params if params is None else params
-        single = lambda p, x, y: fn(p, x.unsqueeze(0), y.unsqueeze(0)).squeeze(0)
-        g = vmap(grad(single), in_dims=(None, 0, 0)) if self.vmap_ok else _looped(grad(single))
+        g = self._per_example_fn(fn, self.vmap_ok)
         out = torch.empty(len(X), self.n_params, dtype=self.dtype, device=self.device)
         for s in self.groups(X, self.chunk, desc):
             grads, col = g(params, self.trim(X[s]), Y[s]), 0

@@ -1,4 +1,4 @@
-"""Models of the paper (App. D.2) and their per-example losses.
+"""Models of the paper (App. D.2) (their per-example losses: :mod:`fimoda.losses`).
 
 - :class:`MLP`: two hidden layers of 128 ReLU units for the tabular datasets; one output + MSE for
   regression, two logits + cross-entropy for classification.
@@ -254,6 +254,23 @@ def input_trimmer(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return getattr(model, "trim_inputs", None) or (lambda x: x)
 
 
+def vmappable(model: nn.Module, probe: Callable[[], object]) -> bool:
+    """Whether ``torch.func.vmap`` can batch per-example work of ``model``: not when the model opts
+    out with ``supports_vmap = False``, else whether ``probe()`` -- that work on a couple of
+    examples -- runs. A RuntimeError from vmap (data-dependent control flow, ``.item()``, as in
+    the attention-mask handling of Hugging Face encoders) means it cannot; any other error is the
+    model's own and is raised."""
+    if not getattr(model, "supports_vmap", True):
+        return False
+    try:
+        probe()
+    except RuntimeError as err:
+        if "vmap" in str(err):
+            return False
+        raise
+    return True
+
+
 # rows of similar length processed together by per-row work on padded text (row_groups)
 TEXT_GROUP = 16
 
@@ -303,16 +320,6 @@ def build_model(cfg, n_features: int | None = None, in_channels: int = 3,
     else:
         raise ValueError(f"unknown model {cfg.model!r}")
     return model.to(resolve_dtype(cfg.dtype))
-
-
-def per_example_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``loss(outputs, targets) -> (B,)``: squared error (the MSE of the paper, per example) for
-    regression, cross-entropy for classification."""
-    if task == "regression":
-        return lambda out, y: (out.reshape(y.shape) - y) ** 2
-    if task == "classification":
-        return lambda out, y: F.cross_entropy(out, y, reduction="none")
-    raise ValueError(f"unknown task {task!r}")
 
 
 def n_params(model: nn.Module) -> int:

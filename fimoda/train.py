@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 from .config import ExperimentConfig
 from .io import atomic_write, load_json, save_json, sha256_arrays, sha256_file
-from .models import (build_model, input_trimmer, n_params, per_example_loss, resolve_dtype,
-                     row_groups)
+from .losses import per_example_loss
+from .models import build_model, input_trimmer, n_params, resolve_dtype, row_groups
 from .tensors import as_inputs, as_targets
 from .text_trunk import frozen_trunk, trunk_features
 from .training_rows import (SUBSET_SEED, VAL_FRACTION, VAL_SEED, VAL_SIZE, train_rows,

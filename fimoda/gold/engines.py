@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
-from ..models import TEXT_GROUP, input_trimmer, linear_relu_layers, per_example_loss
+from ..losses import per_example_loss
+from ..models import TEXT_GROUP, input_trimmer, linear_relu_layers, vmappable
 from .config import GoldConfig
 
 log = logging.getLogger(__name__)
@@ -219,17 +220,12 @@ class _LoopEngine(_FuncEngine):
 
 
 def _vmappable(engine: _FuncEngine, X, Y) -> bool:
-    """Whether ``vmap`` can batch the model's gradient (tried on two examples)."""
+    """Whether ``vmap`` can batch the model's gradient (:func:`fimoda.models.vmappable`, tried on
+    two examples)."""
     P = engine.stack(1)
     x, y = X[:2].unsqueeze(0), Y[:2].unsqueeze(0)
     w = torch.full((1, len(x[0])), 0.5, dtype=P[0].dtype, device=X.device)
-    try:
-        engine.grads(P, x, y, w)
-    except RuntimeError as err:
-        if "vmap" in str(err):
-            return False
-        raise
-    return True
+    return vmappable(engine.model, lambda: engine.grads(P, x, y, w))
 
 
 def _make_engine(model: nn.Module, task: str, cfg: GoldConfig, X, Y):

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm import tqdm
 
-from ..gradients import block_slices, gn_output, loss_derivatives
+from ..gradients import block_slices
+from ..losses import gn_output, loss_derivatives
 from ..config import MethodConfig
 from .common import Attributor, damping_value
 
