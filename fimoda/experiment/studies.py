@@ -35,7 +35,7 @@ def seeds_study(gold: dict, scores: dict, adjust: str = "mean", metric: str = "c
     """Max over eval points of the mean metric vs the number k of seeds averaged (App. E.1):
     returns (ks, {method: (means, ses)})."""
     from ..gold import seed_group_scores
-    from ..metrics import seeds_study as study
+    from ..metrics import peak_over_eval_points
     S = gold["loss_full"].shape[0]
     ks = [k for k in (1, 2, 4, 8, 16, 32, 64, 100) if k <= S]
     if S not in ks:
@@ -44,7 +44,7 @@ def seeds_study(gold: dict, scores: dict, adjust: str = "mean", metric: str = "c
               for k in ks}
     out = {}
     for m, s in scores.items():
-        vals = [study(groups[k], s, metric)[:2] for k in ks]
+        vals = [peak_over_eval_points(groups[k], s, metric)[:2] for k in ks]
         out[m] = (np.array([v[0] for v in vals]), np.array([v[1] for v in vals]))
     return ks, out
 
