@@ -23,6 +23,10 @@ from .losses import gn_output, loss_derivatives, loss_from_f
 from .models import input_trimmer, row_groups, vmappable
 
 
+class CustomLossError(ValueError):
+    """A method needs the Gauss-Newton form of the task's loss, and a custom loss was given."""
+
+
 # ----------------------------------------------------------------------------- parameters
 def param_names(model: torch.nn.Module, names: Optional[Sequence[str]] = None) -> list[str]:
     """The trainable parameter names to differentiate, validated against the model. A name may
@@ -80,6 +84,9 @@ class Problem:
     ``X, Y``: the full training set (needed by Hessian-vector products and factor fits).
     ``task``: "regression" | "classification". ``names``: parameters to attribute with.
     ``batch_size``/``chunk``: sizes of the data chunks for risk HVPs / vmapped per-example work.
+    ``loss_fn``: a per-example loss ``loss_fn(outputs, targets) -> (B,)`` of the user's in place of
+    the task's. Loss gradients and true-Hessian products use it; the Gauss-Newton pieces cannot
+    (they need l convex in one scalar output f) and raise :class:`CustomLossError`.
     """
     model: torch.nn.Module
     X: torch.Tensor
@@ -89,6 +96,7 @@ class Problem:
     batch_size: int = 1024
     chunk: int = 256
     progress: bool = True
+    loss_fn: Optional[Callable] = None
 
     def __post_init__(self):
         self.model.eval()
@@ -111,10 +119,25 @@ class Problem:
 
     def loss(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-example losses of a batch, (B,)."""
+        if self.loss_fn is not None:
+            return self.loss_fn(self.out(params, x), y)
         return loss_from_f(gn_output(self.out(params, x), y, self.task), y, self.task)
 
     def f(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.require_gauss_newton()
         return gn_output(self.out(params, x), y, self.task)
+
+    def require_gauss_newton(self) -> None:
+        """Raise :class:`CustomLossError` when a custom ``loss_fn`` replaces the task's loss: the
+        Gauss-Newton form l(f) of one scalar output f is known for the task's losses only."""
+        if self.loss_fn is not None:
+            raise CustomLossError(
+                "this method uses the Gauss-Newton form of the loss, l(f) convex in one scalar "
+                "output f per example (docs/equations.md), which is known only for the task's "
+                "own loss (squared error / cross-entropy), not for a custom loss. Use a method "
+                "that needs only loss gradients and the true Hessian (grad_dot, grad_cos, "
+                "datainf, lissa_h, arnoldi, prop1, eq16, or cg / dense with hessian='true'), or "
+                "loss=None")
 
     def _chunks(self, n: int, size: int, desc: Optional[str]):
         it = range(0, n, size)

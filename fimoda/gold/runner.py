@@ -210,8 +210,10 @@ def _test_indices(test_indices, J: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- work directory
-def _fingerprint(model, task, X, Y, Xt, Yt, loo, cfg, engine, chunk, block, augment) -> dict:
-    return {"format": FORMAT, "config": cfg.numeric(), "engine": engine.name,
+def _fingerprint(model, task, X, Y, Xt, Yt, loo, cfg, engine, chunk, block, augment,
+                 loss=None) -> dict:
+    custom = {} if loss is None else {"loss": getattr(loss, "__qualname__", repr(loss))}
+    return {**custom, "format": FORMAT, "config": cfg.numeric(), "engine": engine.name,
             "chunk_runs": chunk, "run_block": block, "device": torch.device(cfg.device).type,
             "task": task, "model": type(model).__name__,
             "theta": sha256_arrays(*[v for _, v in sorted(model.state_dict().items())]),
@@ -245,7 +247,8 @@ def _open_workdir(workdir, fp: dict) -> Path:
 # ----------------------------------------------------------------------------- main entry
 def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test, loo_indices,
                   cfg: GoldConfig, workdir=None, augment: Optional[Callable] = None,
-                  test_indices=None, callback: Optional[Callable] = None) -> GoldResult:
+                  test_indices=None, callback: Optional[Callable] = None,
+                  loss: Optional[Callable] = None) -> GoldResult:
     """LOO further training from theta^f (eqs. 2, 3): for every seed, the full run and one run
     per left-out index, all from ``model``'s parameters with the seed's batch order; test losses
     and ||theta_t - theta^f|| at every evaluation point. Vectorised over runs
@@ -254,7 +257,8 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
     ``augment(x_batch, generator)``: optional augmentation of training batches (images), see
     :class:`_AugmentStream`. ``workdir``: resumable storage of finished (seed, chunk) results.
     ``callback(seed, chunk)``: called after each chunk is stored. ``test_indices`` is recorded
-    in the result only (default 0..J-1).
+    in the result only (default 0..J-1). ``loss(outputs, targets) -> (B,)``: a twice
+    differentiable per-example loss in place of the task's (squared error / cross-entropy).
     """
     t_start = time.perf_counter()
     model, X, Y, Xt, Yt, loo = _prepare(model, task, X_train, y_train, X_test, y_test,
@@ -262,7 +266,7 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
     n, J, n_loo = len(X), len(Xt), len(loo)
     test_idx = _test_indices(test_indices, J)
     sched = make_schedule(n, cfg)
-    engine = _make_engine(model, task, cfg, X, Y)
+    engine = _make_engine(model, task, cfg, X, Y, loss)
     runs = np.concatenate([[-1], loo])
     chunk = _chunk_runs(cfg, model, X, len(runs), sched.slots)
     if cfg.run_block is not None:
@@ -279,7 +283,7 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
     wd = None
     if workdir is not None:
         wd = _open_workdir(workdir, _fingerprint(model, task, X, Y, Xt, Yt, loo, cfg, engine,
-                                                 chunk, block, augment))
+                                                 chunk, block, augment, loss))
     T = len(sched.eval_steps)
     loss_full = np.empty((len(seeds), T, J))
     loss_loo = np.empty((len(seeds), n_loo, T, J))

@@ -140,6 +140,7 @@ def _passes(problem, layers, batch_size: int, desc: str):
             return output.clone()   # later in-place ops must not change the captured output
         return fn
 
+    problem.require_gauss_newton()      # the factors are of the Gauss-Newton (Fisher) form
     handles = [mod.register_forward_hook(hook(m)) for m, mod, _, _ in layers]
     params = {k: v.detach().requires_grad_(True) for k, v in problem.params.items()}
     n = len(problem.X)
