@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from .io import _atomic, figures_dir, results_dir
+from .io import atomic_write, figures_dir, results_dir
 
 # The paper's values where its reference notebooks (IBM/fimoda) printed them: mean cosine (or
 # Spearman) over test points between each method and the gold standard (eq. 13, 100 seeds) at
@@ -155,7 +155,7 @@ def write_figure_index(profile: str, directory=None) -> Path:
     lines += [f"| {r['paper'] or '—'} | {r['file']} | {r['shows']} | {r['settings']} |"
               for r in sorted(rows, key=order)]
     path = d / "INDEX.md"
-    _atomic(path, lambda fh: fh.write(("\n".join(lines) + "\n").encode()))
+    atomic_write(path, lambda fh: fh.write(("\n".join(lines) + "\n").encode()))
     return path
 
 
@@ -236,7 +236,7 @@ def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
     if not m.empty:
         lines += ["## Mislabelled-example detection (App. E.2.1)", "", _markdown(m), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(path, lambda fh: fh.write("\n".join(lines).encode()))
+    atomic_write(path, lambda fh: fh.write("\n".join(lines).encode()))
     return path
 
 
