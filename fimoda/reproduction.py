@@ -22,7 +22,7 @@ from typing import Optional
 
 import numpy as np
 
-from .io import _atomic, figures_dir, results_dir
+from .io import atomic_write, figures_dir, results_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "reproduction"
@@ -253,7 +253,7 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
               "(the paper's values where its notebooks printed them); "
               "`<dataset>_evaluation_*.csv`: notebook 04's tables.", ""]
     path = out / "README.md"
-    _atomic(path, lambda fh: fh.write("\n".join(lines).encode()))
+    atomic_write(path, lambda fh: fh.write("\n".join(lines).encode()))
     return path
 
 
