@@ -210,3 +210,4 @@ def test_trajectory_is_a_method_scored_at_the_configured_amount_of_further_train
         compute_scores("trajectory", att, lr=-1.0)
     with pytest.raises(ValueError, match="steps"):
         trajectory_curve(att, TrajectoryConfig(), [1.5])
+

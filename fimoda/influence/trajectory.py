@@ -185,7 +185,7 @@ class SpectralPairs:
         cap = int(min(cfg.krylov_cols,
                       cfg.memory_gb * 2 ** 30 / 2 / (self.A.P * (torch.finfo(B.dtype).bits // 8))))
         X = krylov_lissa_solve(matmat, B, 1.0 / cfg.lr, max(int(depth_hint), 1), math.inf,
-                               cfg.krylov_tol, cap, progress, "trajectory (Krylov blocks)")
+                               cfg.krylov_tol, cap, progress, "trajectory")
         if X is None:
             raise MemoryError(f"trajectory: the Krylov basis would exceed {cap} columns "
                               f"(memory_gb={cfg.memory_gb}, krylov_cols={cfg.krylov_cols})")
