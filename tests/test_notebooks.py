@@ -154,11 +154,11 @@ def test_smoke_pipeline_for_images_and_text(isolated, capfd):
     pipeline.run("smoke", ["fashion_mnist", "sst2"], jobs=2)
     lines = capfd.readouterr().out.strip().splitlines()
     assert "2 at a time" in lines[0]
-    counters = [int(re.match(r"^\[ ?(\d+)/12\] ", ln).group(1)) for ln in lines[1:-1]]
-    assert counters == list(range(1, 13)), lines
+    counters = [int(re.match(r"^\[ ?(\d+)/14\] ", ln).group(1)) for ln in lines[1:-1]]
+    assert counters == list(range(1, 15)), lines
     assert lines[-2].split()[1] == "05_summary_figures"     # after both chains
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
-    assert len(executed) == 1 + 2 * 5 + 1
+    assert len(executed) == 1 + 2 * 6 + 1
     for nb in executed:
         cells = json.loads(nb.read_text())["cells"]
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
