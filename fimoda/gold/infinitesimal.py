@@ -71,17 +71,17 @@ class _Step:
         self.opt = _StackedOptimizer(cfg, [torch.zeros(1)], [slice(0, 1)])
         names, fixed, model, loss_fn = engine.names, engine.fixed, engine.model, engine.loss_fn
 
-        def batch_loss(plist, x, y, w):
-            out = functional_call(model, {**dict(zip(names, plist)), **fixed}, (x,))
-            return (w * loss_fn(out, y)).sum()
+        def forward(plist, x):
+            return functional_call(model, {**dict(zip(names, plist)), **fixed}, (x,))
+
+        def batch_loss(plist, x, y, w):         # sum_m w_m L(z_m): the batch mean
+            return (w * loss_fn(forward(plist, x), y)).sum()
 
         def test_losses(plist, x, y):
-            out = functional_call(model, {**dict(zip(names, plist)), **fixed}, (x,))
-            return loss_fn(out, y)
+            return loss_fn(forward(plist, x), y)
 
-        def one_loss(plist, x, y):
-            out = functional_call(model, {**dict(zip(names, plist)), **fixed}, (x[None],))
-            return loss_fn(out, y[None]).sum()
+        def one_loss(plist, x, y):               # L(z) of one instance
+            return loss_fn(forward(plist, x[None]), y[None]).sum()
 
         self.batch_grad = grad(batch_loss)
         self.test_losses = test_losses
