@@ -232,6 +232,18 @@ def trajectory_config(cfg, optimizer: Optional[str] = None, hessian: str = "gn")
                             epochs=g.epochs, hessian=hessian, memory_gb=cfg.methods.memory_gb)
 
 
+# Materialising the Gauss-Newton kernel costs n^2 P (its Gram matrix); the Krylov route through
+# Gauss-Newton products costs ~3 n P per column per block, and LiSSA's cost model expects ~30
+# blocks (fimoda.influence.solvers.lissa.KRYLOV_BLOCKS_EXPECTED): with k right-hand sides the
+# kernel pays below n ~ 90 k rows (Concrete: 927 rows, kernel; FICO: 8,883 rows, products).
+KERNEL_ROWS_PER_RHS = 90
+
+
+def _kernel_costlier(cfg, k: int) -> bool:
+    n = cfg.train.n_train_subset or len(ex.load_data(cfg).X_train)
+    return n > KERNEL_ROWS_PER_RHS * k
+
+
 def eval_steps(cfg, eval_points, n_train: int, batch_size: int) -> np.ndarray:
     """SGD steps at the gold standard's evaluation points: epochs x ceil(n/B), or the steps
     themselves where it evaluates every k steps."""
@@ -264,6 +276,9 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
     gold = ex.load_gold(cfg, opt, mech, directory=d)
     a, t = ex.evaluation_gold(gold)
     tcfg = trajectory_config(cfg, opt)
+    k = min(len(gold["loo_indices"]), len(gold["test_indices"]))
+    if _kernel_costlier(cfg, k):
+        tcfg = dataclasses.replace(tcfg, materialize="never")
     path = d / f"beyond_trajectory_{opt}.npz"
     record = {"trajectory": dataclasses.asdict(tcfg), "eval_points": t.tolist(),
               "experiment": ex._without(cfg, "further", "methods")}

@@ -18,10 +18,10 @@ from fimoda.influence.trajectory import (SpectralPairs, TrajectoryConfig, dampin
 from fimoda.models import MLP
 
 
-def _data(n, d=3, task="regression", seed=0):
+def _data(n, d=3, task="regression", seed=0, n_test=4):
     rng = np.random.default_rng(seed)
     X = rng.normal(size=(n, d))
-    Xt = rng.normal(size=(4, d))
+    Xt = rng.normal(size=(n_test, d))
     w = np.array([1.0, -2.0, 0.5])[:d]
     if task == "regression":
         return X, np.sin(X @ w), Xt, np.sin(Xt @ w)
@@ -105,7 +105,7 @@ def test_infinitesimal_gold_rejects_the_remove_mechanism_before_any_work():
 
 # ----------------------------------------------------------------------------- trajectory
 def _attributor(n, hidden=6, seed=0):
-    X, y, Xt, yt = _data(n, seed=seed)
+    X, y, Xt, yt = _data(n, seed=seed, n_test=12)   # 12 x 9 pairs: the kernel's eigh pays
     torch.manual_seed(seed)
     model = MLP(3, 1, hidden=hidden).double()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

@@ -26,8 +26,9 @@ The whole curve over t costs about one solve: every p_t is a function of A's spe
 the coordinates of the test and left-out gradients in one eigenbasis --
 * Gauss-Newton, materialised (:class:`.operators.DampedHessian`): the exact eigen-decomposition
   of the kernel K = a a^T (n <= P; for any f, g^T f(A) l = f(wd) g^T l +
-  (U^T a g)^T diag((f(e + wd) - f(wd)) / e) (U^T a l), as :func:`.solvers.lissa.lissa_kernel`)
-  or of G/n (n > P);
+  (U^T a g)^T diag((f(e + wd) - f(wd)) / e) (U^T a l), as :func:`.solvers.lissa.lissa_kernel`;
+  where that eigen-decomposition would cost more than the Krylov route through the kernel's
+  products, :func:`.solvers.lissa.kernel_eig_costlier`, the Krylov route) or of G/n (n > P);
 * the true Hessian (``hessian="true"``; or a Gauss-Newton matrix too large to materialise):
   the block Krylov subspace that :func:`.solvers.lissa.krylov_lissa_solve` builds for the
   longest series, t_max - 1, re-used for every t by Rayleigh-Ritz (exact for every t <= the
@@ -61,7 +62,7 @@ import torch
 
 from .common import Attributor
 from .operators import HESSIANS, MATERIALIZE, DampedHessian
-from .solvers.lissa import krylov_lissa_solve, lissa_polynomial
+from .solvers.lissa import kernel_eig_costlier, krylov_lissa_solve, lissa_polynomial
 
 SOLVERS = ("exact", "cg")
 
@@ -151,14 +152,16 @@ class SpectralPairs:
                           cfg.memory_gb)
         self.A, self.lam = A, float(cfg.weight_decay)
         G, W = att.test_grads, att.train_grads
-        if A.kernel is not None:
+        # the kernel's eigen-decomposition unless it costs more than a Krylov evaluation through
+        # the kernel's cheap products (the cost model of LiSSA's, e.g. FICO's n = 8,400 rows)
+        if A.kernel is not None and not kernel_eig_costlier(A, min(len(G), len(W))):
             a = A.kernel.a
             e, U = A.kernel.eig()
             self.route, self.ritz = "kernel", e + self.lam
             self.e = e
             self.Cg, self.Cl = U.T @ (a @ G.T.to(a.dtype)), U.T @ (a @ W.T.to(a.dtype))
             self.base = (G @ W.T).to(a.dtype)
-        elif A.spectral is not None:
+        elif A.kernel is None and A.spectral is not None:
             V, e = A.spectral.basis, A.spectral.eig
             self.route, self.ritz = "spectral", e + self.lam
             self.Zg, self.Zl = V @ G.T, V @ W.T
