@@ -133,6 +133,8 @@ _SKIP_LARGE = (
               "solves with the summed risk; the paper ran them on the tabular datasets only"),
     ("cor2", "as Prop. 1: tabular datasets only in the paper"),
     ("eq16", "as Prop. 1: tabular datasets only in the paper"),
+    ("trajectory", "beyond the paper: its series needs full-batch Hessian products, as CG's does; "
+                   "notebook 07 runs it per evaluation point on the tabular datasets"),
 )
 
 
