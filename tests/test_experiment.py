@@ -37,6 +37,11 @@ def test_method_config_takes_the_profiles_settings():
     assert ex.method_config("lissa_h", get_config("concrete", "smoke")).batch_size == 128
     assert ex.method_config("trak", get_config("concrete", "smoke")).proj_dim == 256
     assert ex.method_config("cg", cfg, damping_index=3).damping_index == 3
+    tr = ex.method_config("trajectory", get_config("concrete", "cpu"))    # the dataset's further training
+    assert (tr.lr, tr.epochs, tr.steps, tr.batch_size) == (3e-2, 100, None, 128)
+    tr = ex.method_config("trajectory", get_config("sst2", "paper"))
+    assert (tr.lr, tr.steps, tr.batch_size) == (1e-6, None, 64)
+    assert ex.method_config("trajectory", get_config("fashion_mnist", "paper")).steps == 50
 
 
 def test_smallest_eigenvalue_and_assumption1_damping(att):

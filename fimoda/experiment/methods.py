@@ -36,6 +36,10 @@ def method_config(name: str, cfg: ExperimentConfig, **overrides):
     )
     if name == "ekfac":
         candidates.pop("batch_size")
+    if name == "trajectory":   # the dataset's further training, scored at its end
+        f = cfg.further
+        candidates.update(lr=f.lr, epochs=f.epochs, steps=f.max_steps, batch_size=f.batch_size,
+                          weight_decay=f.weight_decay)
     if name not in ("lissa", "lissa_h"):     # e.g. grad_dot's ``scale`` is a flag, not LiSSA's
         candidates.pop("scale")
     fields = {f.name for f in dataclasses.fields(cls)}

@@ -42,6 +42,7 @@ import torch
 from torch.func import functional_call, grad, jvp, vmap
 from tqdm import tqdm
 
+from ..losses import per_example_loss
 from .config import GoldConfig, GoldResult
 from .engines import _FuncEngine, _used_parameters
 from .optim import ADAM_BETAS, ADAM_EPS, _clip_per_run_, _StackedOptimizer
@@ -149,10 +150,11 @@ def infinitesimal_further_train(model: torch.nn.Module, task: str, X_train, y_tr
                                         loo_indices, cfg)
     n, J, n_loo = len(X), len(Xt), len(loo)
     test_idx = _test_indices(test_indices, J)
-    used = _used_parameters(model, task, X, Y)
+    loss_fn = per_example_loss(task)
+    used = _used_parameters(model, loss_fn, X, Y)
     if not used:
         raise ValueError("the loss does not depend on any trainable parameter of the model")
-    engine = _FuncEngine(model, task, used)
+    engine = _FuncEngine(model, loss_fn, used)
     sched = make_schedule(n, cfg)
     seeds = cfg.seed_list
     T = len(sched.eval_steps)
