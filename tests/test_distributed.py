@@ -160,9 +160,47 @@ def test_bad_input_is_an_error_before_any_work(client, problem, tmp_path):
         dd.dask_executor(client, retries=-1)
     with pytest.raises(ValueError, match="block_threads must be an integer >= 1"):
         dd.dask_executor(client, block_threads=0)
+    with pytest.raises(ValueError, match="threads must be an integer >= 1, got 0"):
+        dd.dask_executor(client, threads=0)
     wd = tmp_path / "w"
     with pytest.raises(ValueError, match="loo_indices must be distinct indices"):
         with dd.on_dask(client, progress=False):
             further_train(model, "regression", X, y, Xt, yt, LOO + [10_000], config(),
                           workdir=wd)
     assert not wd.exists()
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores for 2 intra-op threads")
+def test_tasks_run_with_the_clients_thread_count(client, tmp_path):
+    """The intra-op thread count changes the last bits of the 2x128 MLP's sums (checked here);
+    tasks use the submitting process's count, so the cluster equals the serial run at 2
+    threads, and with threads=1 the serial run at 1 thread."""
+    import torch
+    from fimoda.models import MLP
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(927, 8, generator=g, dtype=torch.float64)
+    Xt = torch.randn(20, 8, generator=g, dtype=torch.float64)
+    y, yt = torch.sin(X.sum(1)), torch.sin(Xt.sum(1))
+    torch.manual_seed(0)
+    model = MLP(8, 1).double()
+    cfg = GoldConfig(lr=0.03, epochs=1, batch_size=128, seeds=1, max_runs_per_chunk=10,
+                     progress=False)
+    loo = list(range(0, 180, 9))
+    torch.set_num_threads(1)
+    one = further_train(model, "regression", X, y, Xt, yt, loo, cfg)
+    torch.set_num_threads(2)
+    two = further_train(model, "regression", X, y, Xt, yt, loo, cfg)
+    assert not np.array_equal(one.loss_loo, two.loss_loo)        # the count matters here
+    with dd.on_dask(client, progress=False):
+        assert_same(two, further_train(model, "regression", X, y, Xt, yt, loo, cfg,
+                                       workdir=tmp_path / "a"))
+    with dd.on_dask(client, progress=False, threads=1):
+        assert_same(one, further_train(model, "regression", X, y, Xt, yt, loo, cfg,
+                                       workdir=tmp_path / "b"))
+
+
+def test_workers_keep_glibcs_dynamic_mmap_threshold(client):
+    """Dask's nannies would set MALLOC_TRIM_THRESHOLD_ (pieces 1.8x slower); cluster_client's
+    workers, restarted ones included (the kill test above), run without it."""
+    assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
+    assert len(client.scheduler_info()["workers"]) == 2
