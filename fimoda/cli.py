@@ -275,6 +275,8 @@ def cmd_gold(a):
             stack.enter_context(executing(shard_executor(*a.shard, progress=a.progress)))
         elif a.workers is not None or a.scheduler is not None:
             from .gold import distributed as dd
+            dd.require_dask()             # imports distributed, which sets its loggers' levels
+            logging.getLogger("distributed").setLevel(logging.WARNING)   # its INFO chatter
             client = stack.enter_context(dd.cluster_client(workers=a.workers,
                                                            scheduler=a.scheduler))
             print(f"dask: {len(client.scheduler_info()['workers'])} workers, dashboard "
@@ -459,7 +461,7 @@ def _output(a, program: bool):
     if getattr(a, "progress", None) is None:
         a.progress = sys.stderr.isatty()
     if not a.progress:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,     # others: warnings
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("fimoda").setLevel(logging.INFO)
         if program and "tqdm" not in sys.modules:   # the methods' inner bars: read at import

@@ -200,7 +200,7 @@ def test_tasks_run_with_the_clients_thread_count(client, tmp_path):
 
 
 def test_workers_keep_glibcs_dynamic_mmap_threshold(client):
-    """Dask's nannies would set MALLOC_TRIM_THRESHOLD_ (pieces 1.8x slower); cluster_client's
+    """Dask's nannies would set MALLOC_TRIM_THRESHOLD_ (pieces 1.7x slower); cluster_client's
     workers, restarted ones included (the kill test above), run without it."""
     assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
     assert len(client.scheduler_info()["workers"]) == 2
