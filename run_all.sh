@@ -6,6 +6,7 @@
 #   ./run_all.sh --profile paper --datasets concrete,energy --device cuda
 #   ./run_all.sh --jobs 1                # one notebook at a time (default on cpu: 2 datasets at once)
 #   ./run_all.sh --profile paper --datasets concrete,energy --seeds 10   # fewer seeds (printed)
+#   ./run_all.sh --reproduce             # reproduction/: paper settings, Concrete + Energy, 10 seeds
 #   ./run_all.sh --test                  # set up, then the default test suite
 #   ./run_all.sh --test-slow             # the slow tests (marked @pytest.mark.slow)
 #   ./run_all.sh --test-peers            # cross-checks against pyDVL/dattri/kronfluence/traker
@@ -22,7 +23,7 @@ SEEDS=""
 MODE=run
 PYTHON=${PYTHON:-python3}
 
-usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -36,6 +37,7 @@ while [ $# -gt 0 ]; do
     --jobs=*) JOBS=${1#*=}; shift ;;
     --seeds) SEEDS=$2; shift 2 ;;
     --seeds=*) SEEDS=${1#*=}; shift ;;
+    --reproduce) MODE=reproduce; shift ;;
     --test) MODE=test; shift ;;
     --test-slow) MODE=test-slow; shift ;;
     --test-peers) MODE=test-peers; shift ;;
@@ -80,6 +82,7 @@ case "$MODE" in
   test) exec $PY -m pytest -q -p no:cacheprovider ;;
   test-slow) exec $PY -m pytest -q -p no:cacheprovider -m slow ;;
   test-peers) exec bash tests/peers/run.sh ;;
+  reproduce) exec $PY -m fimoda.reproduction --device "$DEVICE" ${SEEDS:+--seeds "$SEEDS"} ${DATASETS:+--datasets "$DATASETS"} ;;
 esac
 
 if [ -z "$DATASETS" ]; then

@@ -31,7 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from fimoda.gold import GoldConfig, further_train, reference_further_train  # noqa
-from fimoda.models import ResNet9, input_trimmer, per_example_loss, row_groups  # noqa
+from fimoda.losses import per_example_loss  # noqa
+from fimoda.models import ResNet9, input_trimmer, row_groups  # noqa
 
 
 def matmul_rate(size: int = 2048, repeats: int = 5) -> float:

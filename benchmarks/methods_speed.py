@@ -64,7 +64,9 @@ import numpy as np
 os.environ.setdefault("TQDM_DISABLE", "1")      # the peers' progress bars (fimoda's are off)
 import torch  # noqa: E402
 
-from fimoda.gradients import Problem, gn_output, loss_derivatives, loss_from_f  # noqa: E402
+from fimoda.config import DAMPING_GRID  # noqa: E402
+from fimoda.gradients import Problem  # noqa: E402
+from fimoda.losses import gn_output, loss_derivatives, loss_from_f  # noqa: E402
 from fimoda.influence import Attributor, compute_scores  # noqa: E402
 from fimoda.influence.arnoldi import arnoldi_eig  # noqa: E402
 from fimoda.models import MLP  # noqa: E402
@@ -243,7 +245,7 @@ def pydvl_rows(b: Bench, lam_h, lam_max_h, lam_g, lam_max_g, args):
     # 100}). fimoda computes a and K = a a^T of the materialised Gauss-Newton matrix once per
     # model (cached on the Attributor, the "computed once" part) and runs each damping's CG on the
     # n x n dual system; pyDVL refits.
-    grid = (0.1, 1.0, 10.0, 100.0)
+    grid = DAMPING_GRID
     t = time.perf_counter()
     att = b.attributor()
     mine = [compute_scores("cg", att, risk="mean", damping=lam_g * c, tol=tol, max_iter=10_000)

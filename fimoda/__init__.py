@@ -6,13 +6,15 @@ further-training :func:`gold_standard` they approximate, both as ``scores[test, 
 :func:`cosine_to_gold` compares them as the paper does.
 
 Modules follow the paper's concepts: ``config`` (datasets, profiles), ``data`` (loaders),
-``models``, ``train`` (final models), ``gold`` (the gold standard), ``gradients`` (the
+``models``, ``losses`` (the per-example loss, also in Gauss-Newton form), ``tensors`` (input
+conversion), ``train`` (final models), ``gold`` (the gold standard), ``gradients`` (the
 shared base of every approximation), ``influence`` (the methods), ``metrics``, ``plots``,
 ``report`` (figure index and summary), ``experiment`` and ``pipeline`` (the notebooks' runs).
 """
 from .api import TASKS, attribute, attributor, cosine_to_gold, gold_standard
+from .gradients import CustomLossError
 from .influence import METHODS
 
 __version__ = "0.1.0"
 __all__ = ["attribute", "attributor", "gold_standard", "cosine_to_gold", "METHODS", "TASKS",
-           "__version__"]
+           "CustomLossError", "__version__"]

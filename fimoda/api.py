@@ -12,15 +12,18 @@ same sign: positive means the test loss rises when the training instance is left
 Inputs may be numpy arrays or tensors; they are converted to the model's dtype and device
 (integer inputs such as token ids stay integer; class labels become int64). The caller's model is
 left as it was: its train/eval mode and which parameters require gradients are restored, and the
-gold standard trains copies.
+gold standard trains copies. The model must return a tensor (a Hugging Face model's output object
+is refused with the fix); ``loss=`` takes a per-example loss of the user's (:func:`attribute`).
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from .tensors import as_inputs, as_targets, as_tensor
 
 TASKS = ("regression", "classification")
 
@@ -37,30 +40,23 @@ def _model_dtype_device(model: torch.nn.Module):
     return p.dtype, p.device
 
 
-def as_inputs(model: torch.nn.Module, X) -> torch.Tensor:
-    """``X`` as a tensor on the model's device: floating inputs in the model's dtype, integer
-    inputs (token ids, masks) unchanged."""
-    dtype, device = _model_dtype_device(model)
-    t = torch.as_tensor(np.asarray(X) if not isinstance(X, torch.Tensor) else X)
-    return (t.to(dtype) if t.is_floating_point() else t).to(device)
+def _inputs(model: torch.nn.Module, X) -> torch.Tensor:
+    """``X`` as the model's inputs (:func:`fimoda.tensors.as_inputs`)."""
+    return as_inputs(X, *_model_dtype_device(model))
 
 
-def as_targets(model: torch.nn.Module, y, task: str) -> torch.Tensor:
-    """``y`` as targets: regression -> the model's dtype, shape (N,) (an (N, 1) column is
-    accepted); classification -> int64 class labels (float labels must be whole numbers)."""
-    _check_task(task)
-    dtype, device = _model_dtype_device(model)
-    t = torch.as_tensor(np.asarray(y) if not isinstance(y, torch.Tensor) else y)
+def _targets(model: torch.nn.Module, y, task: str) -> torch.Tensor:
+    """``y`` as targets (:func:`fimoda.tensors.as_targets`) of shape (N,) (an (N, 1) column is
+    accepted); classification labels given as floats must be whole numbers."""
+    t = as_tensor(y)
     if t.dim() == 2 and t.shape[1] == 1:
         t = t[:, 0]
     if t.dim() != 1:
         raise ValueError(f"targets must have shape (N,) or (N, 1), got {tuple(t.shape)}")
-    if task == "regression":
-        return t.to(dtype).to(device)
-    if t.is_floating_point():
+    if task == "classification" and t.is_floating_point():
         if not bool(torch.all(t == t.round())):
             raise ValueError("classification labels must be whole numbers (class indices)")
-    return t.long().to(device)
+    return as_targets(t, task, *_model_dtype_device(model))
 
 
 @contextlib.contextmanager
@@ -92,41 +88,74 @@ def _rows(left_out, n: int) -> torch.Tensor:
     return idx
 
 
-def _prepare(model, X_train, y_train, left_out, X_test, y_test, task):
+def _check_model(model, X, y, loss) -> None:
+    """Run the model on two rows: it must return a tensor of outputs (a Hugging Face model
+    returns an object holding ``.logits``: wrap it), and a custom ``loss`` must give one value
+    per row."""
+    with torch.no_grad(), _model_left_as_it_was(model):
+        out = model(X[:2])
+        if not torch.is_tensor(out):
+            fix = ""
+            if hasattr(out, "logits"):
+                fix = ("; it holds .logits, so wrap it in a module whose forward returns them, "
+                       "e.g. forward(self, x): return self.model(x).logits (and give it "
+                       "supports_vmap = False if vmap cannot batch it)")
+            raise TypeError(f"model(x) must return a tensor of outputs, got "
+                            f"{type(out).__name__}{fix}")
+        if loss is not None:
+            value = loss(out, y[:2])
+            if not torch.is_tensor(value) or tuple(value.shape) != (len(out),):
+                raise ValueError(f"loss(outputs, targets) must return one loss per example, "
+                                 f"shape ({len(out)},), got "
+                                 f"{tuple(value.shape) if torch.is_tensor(value) else value!r}")
+
+
+def _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss=None):
     _check_task(task)
-    X, y = as_inputs(model, X_train), as_targets(model, y_train, task)
-    Xt, yt = as_inputs(model, X_test), as_targets(model, y_test, task)
+    X, y = _inputs(model, X_train), _targets(model, y_train, task)
+    Xt, yt = _inputs(model, X_test), _targets(model, y_test, task)
     if len(X) != len(y) or len(Xt) != len(yt):
         raise ValueError(f"inputs and targets differ in length: train {len(X)} vs {len(y)}, "
                          f"test {len(Xt)} vs {len(yt)}")
+    _check_model(model, X, y, loss)
     return X, y, _rows(left_out, len(X)), Xt, yt
 
 
 def attributor(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
-               names: Optional[Sequence[str]] = None, chunk: int = 256, progress: bool = False):
+               names: Optional[Sequence[str]] = None, chunk: int = 256, progress: bool = False,
+               loss: Optional[Callable] = None):
     """The compute-once state of every method (:class:`fimoda.influence.Attributor`): theta^f
     with its whole training set, the left-out rows ``left_out`` and the test set. Reuse it to run
-    several methods on the same per-example gradients."""
+    several methods on the same per-example gradients. ``loss``: see :func:`attribute`."""
     from .gradients import Problem
     from .influence import Attributor
-    X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test, task)
+    X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss)
     with _model_left_as_it_was(model):
-        problem = Problem(model, X, y, task, names=names, chunk=chunk, progress=progress)
+        problem = Problem(model, X, y, task, names=names, chunk=chunk, progress=progress,
+                          loss_fn=loss)
     return Attributor(problem, X[idx], y[idx], Xt, yt, loo_rows=idx)
 
 
 def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
               method: str = "grad_dot", names: Optional[Sequence[str]] = None, att=None,
-              **options) -> np.ndarray:
+              loss: Optional[Callable] = None, **options) -> np.ndarray:
     """``scores[j, i]`` (float64) of ``method`` (see :data:`fimoda.influence.METHODS`) for test
     point j and training instance ``left_out[i]``; ``options`` are the method's config fields
-    (e.g. ``damping_index``, ``depth``, ``rank``). ``att``: an :func:`attributor` to reuse."""
+    (e.g. ``damping_index``, ``depth``, ``rank``). ``att``: an :func:`attributor` to reuse.
+
+    ``loss(outputs, targets) -> (B,)``: the model's per-example training loss when it is not the
+    task's (squared error / cross-entropy), e.g. a Huber loss; it must be twice differentiable.
+    Methods built on loss gradients and the true Hessian use it (grad_dot, grad_cos, datainf,
+    lissa_h, arnoldi, prop1, eq16; cg and dense with ``hessian="true"``). The Gauss-Newton
+    methods (cg, lissa, dense, trak, ekfac, cor2) need the loss as l(f), convex in one scalar
+    output f, which is known for the task's losses only: with a custom loss they raise
+    :class:`fimoda.gradients.CustomLossError`."""
     from .influence import METHODS, compute_scores
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if att is None:
         att = attributor(model, X_train, y_train, left_out, X_test, y_test, task=task,
-                         names=names)
+                         names=names, loss=loss)
     with _model_left_as_it_was(model):
         return np.asarray(compute_scores(method, att, **options), dtype=np.float64)
 
@@ -134,24 +163,25 @@ def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
 def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
                   epochs: int = 5, seeds: int = 5, lr: float = 1e-2, optimizer: str = "sgd",
                   batch_size: int = 128, mechanism: str = "remove", adjust: str = "mean",
-                  at: Optional[int] = -1, **gold_options):
+                  at: Optional[int] = -1, loss: Optional[Callable] = None, **gold_options):
     """The further-training gold standard (eq. 13, ``adjust="full"``: eq. 17) as
     ``scores[j, i]``, the layout of :func:`attribute`: further-train copies of the model on the
     full training set and without each ``left_out[i]``, ``seeds`` batch orders, ``epochs`` epochs.
     ``at``: the evaluation point (index into the eval points, 0 = theta^f itself, where every
     score is 0; -1 the last); None returns (scores[t, j, i], eval points) for every point.
     ``gold_options``: other :class:`fimoda.gold.GoldConfig` fields
-    (``weight_decay``, ``max_steps``, ...).
+    (``weight_decay``, ``max_steps``, ...). ``loss(outputs, targets) -> (B,)``: the per-example
+    loss further training minimises when it is not the task's (any twice differentiable loss).
 
     The defaults are a first look (5 seeds x 5 epochs); the paper used 100 seeds and its
     datasets' epochs (``fimoda.config``)."""
     from .gold import GoldConfig, further_train, gold_scores
-    X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test, task)
+    X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss)
     gcfg = GoldConfig(optimizer=optimizer, lr=lr, epochs=epochs, seeds=seeds,
                       batch_size=batch_size, mechanism=mechanism,
                       **{"progress": False, **gold_options})
     with _model_left_as_it_was(model):
-        res = further_train(model, task, X, y, Xt, yt, idx.numpy(), gcfg)
+        res = further_train(model, task, X, y, Xt, yt, idx.numpy(), gcfg, loss=loss)
     a = gold_scores(res.loss_full, res.loss_loo, adjust=adjust)      # a[i, t, j]
     if at is None:
         return a.transpose(1, 2, 0), np.asarray(res.eval_points)

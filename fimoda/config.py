@@ -60,10 +60,14 @@ class FurtherTrainConfig:
     mislabel_seeds: Optional[int] = None   # seeds of its one-epoch further training (None: seeds)
 
 
+# The damping grid of the paper (App. D.4): multiples of lambda_G (Energy: x10)
+DAMPING_GRID = (0.1, 1.0, 10.0, 100.0)
+
+
 @dataclass(frozen=True)
 class MethodConfig:
     """Settings of the gradient-based approximations (paper App. D.4)."""
-    damping_grid: tuple = (0.1, 1.0, 10.0, 100.0)  # multiples of lambda_G (Energy: x10)
+    damping_grid: tuple = DAMPING_GRID
     # the reference notebooks (IBM/fimoda) compute CG and LiSSA over the whole grid and plot the
     # largest damping (cg[..., 3], lissa[..., 3]); LiSSA-H "with largest damping value"
     damping_index: int = 3
@@ -139,7 +143,7 @@ def _paper(dataset: str) -> ExperimentConfig:
             further=FurtherTrainConfig(lr=3e-2, adam_lr=1e-4, epochs=500, n_loo=100,
                                        loo_selection="stride", mechanism="remove",
                                        loo_stride=9 if dataset == "concrete" else 7),
-            methods=MethodConfig(damping_grid=(0.1, 1.0, 10.0, 100.0) if dataset == "concrete"
+            methods=MethodConfig(damping_grid=DAMPING_GRID if dataset == "concrete"
                                  else (1.0, 10.0, 100.0, 1000.0)),
         )
     if dataset == "fico":

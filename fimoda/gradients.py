@@ -19,7 +19,12 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from tqdm import tqdm
 
-from .models import input_trimmer, row_groups
+from .losses import gn_output, loss_derivatives, loss_from_f
+from .models import input_trimmer, row_groups, vmappable
+
+
+class CustomLossError(ValueError):
+    """A method needs the Gauss-Newton form of the task's loss, and a custom loss was given."""
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -71,33 +76,6 @@ def block_slices(template: dict, names: Sequence[str]) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- losses and f
-def gn_output(out: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """The scalar model output f of the Gauss-Newton framework (per example)."""
-    if task == "regression":
-        return out.reshape(y.shape)
-    # logit of p_y: out_y - logsumexp over the other classes (TRAK §3.3)
-    oy = out.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    is_y = torch.arange(out.shape[-1], device=out.device) == y.unsqueeze(-1)
-    others = out.masked_fill(is_y, float("-inf"))
-    return oy - torch.logsumexp(others, dim=-1)
-
-
-def loss_from_f(f: torch.Tensor, y: torch.Tensor, task: str) -> torch.Tensor:
-    """l(f): squared error (f - y)^2 for regression, log(1 + e^{-f}) (= cross-entropy)."""
-    if task == "regression":
-        return (f - y) ** 2
-    return torch.nn.functional.softplus(-f)
-
-
-def loss_derivatives(f: torch.Tensor, y: torch.Tensor, task: str):
-    """(l'(f), l''(f)) per example."""
-    if task == "regression":
-        return 2.0 * (f - y), torch.full_like(f, 2.0)
-    s = torch.sigmoid(f)                  # p_y
-    return -(1.0 - s), s * (1.0 - s)
-
-
 # ----------------------------------------------------------------------------- the base object
 @dataclass
 class Problem:
@@ -106,6 +84,9 @@ class Problem:
     ``X, Y``: the full training set (needed by Hessian-vector products and factor fits).
     ``task``: "regression" | "classification". ``names``: parameters to attribute with.
     ``batch_size``/``chunk``: sizes of the data chunks for risk HVPs / vmapped per-example work.
+    ``loss_fn``: a per-example loss ``loss_fn(outputs, targets) -> (B,)`` of the user's in place of
+    the task's. Loss gradients and true-Hessian products use it; the Gauss-Newton pieces cannot
+    (they need l convex in one scalar output f) and raise :class:`CustomLossError`.
     """
     model: torch.nn.Module
     X: torch.Tensor
@@ -115,6 +96,7 @@ class Problem:
     batch_size: int = 1024
     chunk: int = 256
     progress: bool = True
+    loss_fn: Optional[Callable] = None
 
     def __post_init__(self):
         self.model.eval()
@@ -123,12 +105,13 @@ class Problem:
         self.n_params = sum(p.numel() for p in self.params.values())
         self.dtype = next(iter(self.params.values())).dtype
         self.device = next(iter(self.params.values())).device
-        # Models whose forward cannot run under vmap (e.g. transformers' mask utilities branch on
-        # data) say so with ``supports_vmap = False``; per-example work then loops.
-        self.vmap_ok = getattr(self.model, "supports_vmap", True)
         # text batches are padded to the longest sentence of the whole set; each chunk is cut to
         # its own longest (fimoda.models.input_trimmer)
         self.trim = input_trimmer(self.model)
+        # Models whose forward cannot run under vmap (e.g. transformers' mask utilities branch on
+        # data) say so with ``supports_vmap = False`` or fail the probe; per-example work then loops.
+        self.vmap_ok = vmappable(self.model, lambda: self._per_example_fn(self.loss, True)(
+            self.params, self.trim(self.X[:2]), self.Y[:2]))
 
     # -- the functional model
     def out(self, params: dict, x: torch.Tensor) -> torch.Tensor:
@@ -136,10 +119,25 @@ class Problem:
 
     def loss(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-example losses of a batch, (B,)."""
+        if self.loss_fn is not None:
+            return self.loss_fn(self.out(params, x), y)
         return loss_from_f(gn_output(self.out(params, x), y, self.task), y, self.task)
 
     def f(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.require_gauss_newton()
         return gn_output(self.out(params, x), y, self.task)
+
+    def require_gauss_newton(self) -> None:
+        """Raise :class:`CustomLossError` when a custom ``loss_fn`` replaces the task's loss: the
+        Gauss-Newton form l(f) of one scalar output f is known for the task's losses only."""
+        if self.loss_fn is not None:
+            raise CustomLossError(
+                "this method uses the Gauss-Newton form of the loss, l(f) convex in one scalar "
+                "output f per example (docs/equations.md), which is known only for the task's "
+                "own loss (squared error / cross-entropy), not for a custom loss. Use a method "
+                "that needs only loss gradients and the true Hessian (grad_dot, grad_cos, "
+                "datainf, lissa_h, arnoldi, prop1, eq16, or cg / dense with hessian='true'), or "
+                "loss=None")
 
     def _chunks(self, n: int, size: int, desc: Optional[str]):
         it = range(0, n, size)
@@ -156,10 +154,15 @@ class Problem:
         return gs
 
     # -- per-example gradients
+    @staticmethod
+    def _per_example_fn(fn: Callable, vmapped: bool) -> Callable:
+        """(params, X, Y) -> {name: per-row gradients of ``fn``}, vmapped or looped over rows."""
+        single = lambda p, x, y: fn(p, x.unsqueeze(0), y.unsqueeze(0)).squeeze(0)
+        return vmap(grad(single), in_dims=(None, 0, 0)) if vmapped else _looped(grad(single))
+
     def _per_example(self, fn: Callable, X, Y, params: Optional[dict], desc) -> torch.Tensor:
         params = self.params if params is None else params
-        single = lambda p, x, y: fn(p, x.unsqueeze(0), y.unsqueeze(0)).squeeze(0)
-        g = vmap(grad(single), in_dims=(None, 0, 0)) if self.vmap_ok else _looped(grad(single))
+        g = self._per_example_fn(fn, self.vmap_ok)
         out = torch.empty(len(X), self.n_params, dtype=self.dtype, device=self.device)
         for s in self.groups(X, self.chunk, desc):
             grads, col = g(params, self.trim(X[s]), Y[s]), 0

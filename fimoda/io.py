@@ -21,7 +21,9 @@ def results_dir(profile: str, dataset: str, root: str | os.PathLike | None = Non
     return d
 
 
-def _atomic(path: Path, write) -> Path:
+def atomic_write(path: Path, write) -> Path:
+    """Call ``write(fh)`` on a temporary file next to ``path`` (binary, flushed and synced), then
+    rename it into place; on any error the temporary file is removed and ``path`` is untouched."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
@@ -40,7 +42,7 @@ def _atomic(path: Path, write) -> Path:
 
 def save_npz(path, **arrays) -> Path:
     """Write ``arrays`` to ``path`` (.npz) atomically."""
-    return _atomic(path, lambda fh: np.savez(fh, **arrays))
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_npz(path) -> dict:
@@ -65,7 +67,7 @@ def _default(o):
 def save_json(path, obj) -> Path:
     """Write ``obj`` as indented JSON atomically."""
     data = json.dumps(obj, indent=2, sort_keys=True, default=_default).encode()
-    return _atomic(path, lambda fh: fh.write(data))
+    return atomic_write(path, lambda fh: fh.write(data))
 
 
 def load_json(path):
@@ -73,9 +75,16 @@ def load_json(path):
         return json.load(fh)
 
 
-def save_torch(path, obj) -> Path:
+def sha256_arrays(*arrays) -> str:
+    """sha256 over each array's (or tensor's) dtype, shape and bytes (C order), in turn."""
     import torch
-    return _atomic(path, lambda fh: torch.save(obj, fh))
+    h = hashlib.sha256()
+    for a in arrays:
+        a = a.detach().cpu().numpy() if torch.is_tensor(a) else a
+        a = np.ascontiguousarray(np.asarray(a))
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def sha256_file(path, chunk: int = 1 << 20) -> str:

@@ -61,7 +61,8 @@ def curve(gold: np.ndarray, scores: np.ndarray, metric: str = "cosine"):
     return mean_se(fn(gold, scores), axis=1)
 
 
-def seeds_study(group_gold: np.ndarray, scores: np.ndarray, metric: str = "cosine"):
+def peak_over_eval_points(group_gold: np.ndarray, scores: np.ndarray,
+                          metric: str = "cosine"):
     """Max over eval points of the mean metric, with gold from groups of k seeds (App. E.1).
 
     ``group_gold``: (groups, i, t, j) from :func:`fimoda.gold.seed_group_scores`.

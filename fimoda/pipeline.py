@@ -49,9 +49,10 @@ VARIANTS = [
 ]
 
 
-def plan(profile: str, datasets: list[str], seeds: int | None = None):
+def plan(profile: str, datasets: list[str], seeds: int | None = None, variants: bool = True):
     """The (notebook, parameters, output path) triples to execute, in order. ``seeds``: the
-    number of further-training seeds of every per-dataset notebook (None: the profile's)."""
+    number of further-training seeds of every per-dataset notebook (None: the profile's);
+    ``variants``: also the :data:`VARIANTS` runs."""
     base = Path(os.environ.get("FIMODA_EXECUTED_DIR", ROOT / "notebooks" / "executed"))
     out = base / profile
     steps = []
@@ -70,7 +71,7 @@ def plan(profile: str, datasets: list[str], seeds: int | None = None):
             if nb.startswith("02") and ds in RETRAIN_DATASETS and profile in RETRAIN_PROFILES:
                 first["retrain"] = True     # LOO re-training from scratch (paper Fig. 11)
             steps.append((nb, first, out / nb.replace(".ipynb", f"_{ds}.ipynb")))
-            for prefix, names, profiles, extra, suffix in VARIANTS:
+            for prefix, names, profiles, extra, suffix in VARIANTS if variants else ():
                 if nb.startswith(prefix) and ds in names and profile in profiles:
                     steps.append((nb, {**params, **extra},
                                   out / nb.replace(".ipynb", f"_{ds}_{suffix}.ipynb")))
@@ -129,7 +130,8 @@ COST_ORDER = ("sst2", "fico", "folktables", "cifar10", "fashion_mnist", "concret
 
 
 def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "python3",
-        only: list[str] | None = None, jobs: int = 1, seeds: int | None = None) -> None:
+        only: list[str] | None = None, jobs: int = 1, seeds: int | None = None,
+        variants: bool = True) -> None:
     """Execute the notebooks of ``profile`` for ``datasets``. With ``jobs`` > 1 that many
     datasets' notebook chains run at once, longest first (:data:`COST_ORDER`), each kernel with
     ``cpu_count // jobs`` intra-op threads: small models use one thread better than two (the gold
@@ -144,7 +146,7 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
         raise SystemExit(f"--jobs must be at least 1 (got {jobs})")
     if seeds is not None and seeds < 1:
         raise SystemExit(f"--seeds must be at least 1 (got {seeds})")
-    steps = plan(profile, datasets, seeds)
+    steps = plan(profile, datasets, seeds, variants)
     if only:
         steps = [s for s in steps if any(s[0].startswith(o) for o in only)]
         if not steps:
@@ -168,8 +170,9 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
         path.parent.mkdir(parents=True, exist_ok=True)
         params = {**params, "device": device}
         label = nb.removesuffix(".ipynb")
-        if "dataset" in params:
-            label += f" [{params['dataset']}]"
+        if "dataset" in params:         # and a variant's parameters (VARIANTS)
+            label += " [" + ", ".join([params["dataset"]] + [
+                str(params[k]) for k in ("optimizer", "mechanism") if k in params]) + "]"
         t0 = time.perf_counter()
         try:
             pm.execute_notebook(str(NB / nb), str(path), parameters=params, kernel_name=kernel,

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .io import atomic_write  # noqa: E402
+
 LABELS = {
     "grad_dot": "Grad-Dot", "grad_cos": "Grad-Cos", "cg": "CG", "lissa": "LiSSA",
     "lissa_h": "LiSSA-H", "trak": "TRAK (M=1)", "ekfac": "EK-FAC", "datainf": "DataInf",
@@ -56,15 +58,13 @@ def label(method: str) -> str:
 
 
 def savefig(fig, path, pdf: bool = True) -> Path:
-    """Save ``fig`` as PNG (tmp file + rename, so no half-written figure is left) and, unless
-    ``pdf=False``, as a vector PDF of the same name next to it. Returns the PNG's path."""
+    """Save ``fig`` as PNG (atomically, :func:`fimoda.io.atomic_write`, so no half-written figure
+    is left) and, unless ``pdf=False``, as a vector PDF of the same name next to it. Returns the
+    PNG's path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     targets = [(path, "png")] + ([(path.with_suffix(".pdf"), "pdf")] if pdf else [])
     for target, fmt in targets:
-        tmp = target.with_name("." + target.name + f".tmp.{fmt}")
-        fig.savefig(tmp, dpi=120, bbox_inches="tight", format=fmt)
-        tmp.replace(target)
+        atomic_write(target, lambda fh: fig.savefig(fh, dpi=120, bbox_inches="tight", format=fmt))
     return path
 
 

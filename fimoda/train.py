@@ -33,8 +33,6 @@ retraining, a different one retrains (never a silent reuse of a mismatched model
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import hashlib
 import io as _io
 import json
@@ -48,9 +46,13 @@ import torch
 from tqdm import tqdm
 
 from .config import ExperimentConfig
-from .io import load_json, save_json, sha256_file, _atomic
-from .models import (TextTop, build_model, input_trimmer, n_params, per_example_loss,
-                     resolve_dtype, row_groups)
+from .io import atomic_write, load_json, save_json, sha256_arrays, sha256_file
+from .losses import per_example_loss
+from .models import build_model, input_trimmer, n_params, resolve_dtype, row_groups
+from .tensors import as_inputs, as_targets
+from .text_trunk import frozen_trunk, trunk_features
+from .training_rows import (SUBSET_SEED, VAL_FRACTION, VAL_SEED, VAL_SIZE, train_rows,
+                            training_dataset)
 
 MODEL_FILE = "final_model.pt"
 RECORD_FILE = "final_model.json"
@@ -67,10 +69,6 @@ PROCEDURE = {
                             "horizontal flip, fimoda.data.augment_images"),
     "text": dict(schedule="constant", dropout="encoder default, active in train mode"),
 }
-VAL_SIZE = 1000        # rows held out of the training set for epoch selection ...
-VAL_FRACTION = 0.2     # ... at most this fraction of it (tiny datasets)
-VAL_SEED = 0
-SUBSET_SEED = 0        # seed of the n_train_subset draw (reduced profiles)
 AUGMENT_SEED_OFFSET = 1  # augmentation generator seed = cfg.train.seed + this
 CURVE_POINTS = 100     # tabular: full-batch train/test loss at most this many epochs (+ the last)
 
@@ -89,92 +87,6 @@ def procedure(cfg: ExperimentConfig) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- rows
-def train_rows(cfg: ExperimentConfig, ds) -> tuple[np.ndarray, np.ndarray]:
-    """(rows theta^f is trained on, validation rows), both sorted indices into ``ds.X_train``.
-
-    Validation (only when ``cfg.train.select_epoch_by_val``): min(1000, 20 %) training rows
-    drawn with seed 0 (``ds.extra["val_indices"]`` of the image datasets are *test* positions
-    and are not used here). Training: the rest, or a seed-0 random subset of
-    ``cfg.train.n_train_subset`` of them (all of them when there are fewer).
-    """
-    n = len(ds.X_train)
-    rows = np.arange(n, dtype=np.int64)
-    val = np.zeros(0, dtype=np.int64)
-    if cfg.train.select_epoch_by_val:
-        k = min(VAL_SIZE, int(VAL_FRACTION * n))
-        if k < 1:
-            raise ValueError(f"{n} training rows are too few to hold out a validation set")
-        val = np.sort(np.random.RandomState(VAL_SEED).choice(n, k, replace=False))
-        rows = np.setdiff1d(rows, val)
-    m = cfg.train.n_train_subset
-    if m is not None:
-        if m < 1:
-            raise ValueError(f"n_train_subset={m} must be >= 1")
-        if m < len(rows):    # a cap: a dataset smaller than it is used whole
-            rows = np.sort(np.random.RandomState(SUBSET_SEED).choice(rows, m, replace=False))
-    return rows, val
-
-
-def training_dataset(cfg: ExperimentConfig, ds):
-    """``ds`` with its training part restricted to the rows theta^f was trained on (a shallow
-    copy; the test part is unchanged). Attribution and further training must use this."""
-    rows, _ = train_rows(cfg, ds)
-    if len(rows) == len(ds.X_train):
-        return ds
-    changes = dict(X_train=ds.X_train[rows], y_train=ds.y_train[rows])
-    for name in ("ids_train",):
-        if getattr(ds, name, None) is not None:
-            changes[name] = np.asarray(getattr(ds, name))[rows]
-    raw = getattr(ds, "raw_train", None)
-    if raw is not None:
-        changes["raw_train"] = raw.iloc[rows]
-    extra = dict(getattr(ds, "extra", None) or {})
-    for k, v in extra.items():  # per-training-row extras, e.g. sst2's sentences_train
-        if k.endswith("_train") and hasattr(v, "__len__") and len(v) == len(ds.X_train):
-            extra[k] = [v[i] for i in rows] if isinstance(v, list) else np.asarray(v)[rows]
-    changes["extra"] = extra
-    return _replaced(ds, changes)
-
-
-def _replaced(ds, changes: dict):
-    """A shallow copy of ``ds`` (a dataclass or any object) with ``changes`` applied."""
-    if dataclasses.is_dataclass(ds):
-        return dataclasses.replace(ds, **changes)
-    out = copy.copy(ds)
-    for k, v in changes.items():
-        setattr(out, k, v)
-    return out
-
-
-# ----------------------------------------------------------------------------- tensors
-def _tensor(a) -> torch.Tensor:
-    """A tensor sharing ``a``'s memory, or a copy when ``a`` is a read-only array (the cached
-    datasets are) that torch must not alias."""
-    if torch.is_tensor(a):
-        return a
-    return torch.from_numpy(np.require(np.asarray(a), requirements=["W"]))
-
-
-def _as_x(a, dtype, device) -> torch.Tensor:
-    t = _tensor(a)
-    return (t.to(dtype) if t.is_floating_point() else t).to(device)
-
-
-def _as_y(a, task, dtype, device) -> torch.Tensor:
-    t = _tensor(a)
-    return (t.to(dtype) if task == "regression" else t.long()).to(device)
-
-
-def _hash_arrays(*arrays) -> str:
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, X, y, task: str, batch_size: Optional[int] = None) -> dict:
@@ -182,7 +94,7 @@ def evaluate(model: torch.nn.Module, X, y, task: str, batch_size: Optional[int] 
     accuracy (classification) or RMSE and R^2 = 1 - SSE / sum (y - mean y)^2 (regression, in the
     units of ``y``). The model's train/eval mode is restored afterwards."""
     p = next(model.parameters())
-    X, y = _as_x(X, p.dtype, p.device), _as_y(y, task, p.dtype, p.device)
+    X, y = as_inputs(X, p.dtype, p.device), as_targets(y, task, p.dtype, p.device)
     if len(X) != len(y) or len(X) == 0:
         raise ValueError(f"X and y must be non-empty with equal lengths, got {len(X)}, {len(y)}")
     loss_fn = per_example_loss(task)
@@ -350,7 +262,7 @@ def _key(cfg: ExperimentConfig, ds) -> dict:
     return json.loads(json.dumps({
         "config": defining, "procedure": procedure(cfg),
         "data_files": dict(getattr(ds, "files", None) or {}),
-        "data_arrays_sha256": _hash_arrays(ds.X_train, ds.y_train, ds.X_test, ds.y_test),
+        "data_arrays_sha256": sha256_arrays(ds.X_train, ds.y_train, ds.X_test, ds.y_test),
     }, default=str))
 
 
@@ -464,21 +376,21 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
               f" ({len(val)} held out for validation, n_train_subset={cfg.train.n_train_subset},"
               f" seed {SUBSET_SEED})")
     dtype = resolve_dtype(cfg.dtype)
-    Xtr = _as_x(np.asarray(ds.X_train)[rows], dtype, device)
-    ytr = _as_y(np.asarray(ds.y_train)[rows], cfg.task, dtype, device)
-    Xte = _as_x(ds.X_test, dtype, device)
-    yte = _as_y(ds.y_test, cfg.task, dtype, device)
+    Xtr = as_inputs(np.asarray(ds.X_train)[rows], dtype, device)
+    ytr = as_targets(np.asarray(ds.y_train)[rows], cfg.task, dtype, device)
+    Xte = as_inputs(ds.X_test, dtype, device)
+    yte = as_targets(ds.y_test, cfg.task, dtype, device)
     Xval = yval = None
     if len(val):
-        Xval = _as_x(np.asarray(ds.X_train)[val], dtype, device)
-        yval = _as_y(np.asarray(ds.y_train)[val], cfg.task, dtype, device)
+        Xval = as_inputs(np.asarray(ds.X_train)[val], dtype, device)
+        yval = as_targets(np.asarray(ds.y_train)[val], cfg.task, dtype, device)
 
     model = _build(cfg, ds, device)
     fitted = model
     if cfg.trainable_layers is not None:     # frozen trunk: fit the top on its features
         # the features every later step loads (frozen_trunk's cache in out_dir): computed once
         fitted, fds = frozen_trunk(cfg, model, training_dataset(cfg, ds), out_dir, progress)
-        Xtr, Xte = (_as_x(a, dtype, device) for a in (fds.X_train, fds.X_test))
+        Xtr, Xte = (as_inputs(a, dtype, device) for a in (fds.X_train, fds.X_test))
         if Xval is not None:
             Xval = trunk_features(model, cfg.trainable_layers, Xval, progress=progress)
         print(f"final model: encoder layers below {fitted.first} and the embeddings frozen "
@@ -515,98 +427,6 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
     )
     if out_dir is not None:
         out_dir = Path(out_dir)
-        _atomic(out_dir / MODEL_FILE, lambda fh: fh.write(blob))
+        atomic_write(out_dir / MODEL_FILE, lambda fh: fh.write(blob))
         save_json(out_dir / RECORD_FILE, record)  # written last: the commit marker
     return model, record
-
-
-# ----------------------------------------------------------------------------- frozen trunk
-TRUNK_FILE = "trunk_features.npz"
-TRUNK_BATCH = 64
-
-
-def trunk_features(clf, k: int, X: torch.Tensor, batch: int = TRUNK_BATCH,
-                   progress: bool = True) -> torch.Tensor:
-    """:meth:`~fimoda.models.TextClassifier.trunk_features` of every row of ``X`` (N, 2, L),
-    in batches each cut to its longest sentence, padded back to the longest of all: (N, L', H+1)
-    with L' the longest sentence of ``X``."""
-    trim = input_trimmer(clf)
-    was = clf.training
-    clf.eval()
-    # batches of similar length (sorted), so little of each is padding; rows go back in order
-    order = torch.argsort(X[:, 1].ne(0).sum(1), stable=True)
-    try:
-        length = trim(X).shape[-1]
-        out = None
-        it = range(0, len(X), batch)
-        for s in tqdm(it, desc="frozen trunk", leave=False, disable=not progress or len(X) <= batch):
-            rows = order[s:s + batch].to(X.device)
-            f = clf.trunk_features(trim(X[rows]), k)
-            if out is None:
-                out = f.new_zeros((len(X), length, f.shape[-1]))
-            out[rows, :f.shape[1]] = f
-    finally:
-        clf.train(was)
-    return out
-
-
-def _trunk_sha(clf, k: int) -> str:
-    """sha256 of the frozen parameters (every encoder parameter outside the top k layers)."""
-    top = {id(p) for p in TextTop(clf, k).parameters()}
-    h = hashlib.sha256()
-    for name, p in clf.encoder.named_parameters():
-        if id(p) not in top:
-            h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def frozen_trunk(cfg: ExperimentConfig, clf, ds, directory=None, progress: bool = True):
-    """(the top model, ``ds`` with token inputs replaced by trunk features) for a text config
-    with ``trainable_layers``: what the gold standard and every method then work on. The features
-    of the training and test rows are cached in ``<directory>/trunk_features.npz`` (only the
-    real tokens of each sentence), keyed by the frozen parameters and the token arrays."""
-    k = cfg.trainable_layers
-    key = {"k": k, "dtype": cfg.dtype, "trunk_sha256": _trunk_sha(clf, k),
-           "tokens_sha256": _hash_arrays(ds.X_train, ds.X_test)}
-    path = None if directory is None else Path(directory) / TRUNK_FILE
-    feats = None
-    if path is not None and path.exists():
-        from .io import load_npz
-        z = load_npz(path)
-        if str(z["key"]) == json.dumps(key, sort_keys=True):
-            feats = [_unpack(z[f"{part}_tokens"], z[f"{part}_lengths"]) for part in ("train", "test")]
-    if feats is None:
-        p = next(clf.parameters())
-        feats = [trunk_features(clf, k, _as_x(a, p.dtype, p.device), progress=progress)
-                 for a in (ds.X_train, ds.X_test)]
-        if path is not None:
-            from .io import save_npz
-            packed = {}
-            for part, f in zip(("train", "test"), feats):
-                packed[f"{part}_tokens"], packed[f"{part}_lengths"] = _pack(f)
-            save_npz(path, key=np.asarray(json.dumps(key, sort_keys=True)), **packed)
-    top = TextTop(clf, k).eval()
-    X_train, X_test = (f.cpu().numpy() for f in feats)
-    changes = dict(X_train=X_train, X_test=X_test,
-                   feature_names=[f"layer {top.first} input"] * (X_train.shape[-1] - 1)
-                   + ["attention_mask"])
-    return top, _replaced(ds, changes)
-
-
-def _pack(f: torch.Tensor):
-    """(real-token rows (sum of lengths, H+1), lengths (N,)) of padded features (N, L, H+1)."""
-    keep = f[..., -1].ne(0)
-    lengths = keep.sum(1)
-    if not torch.equal(keep, torch.arange(f.shape[1], device=f.device)[None] < lengths[:, None]):
-        raise ValueError("trunk features: the attention mask is not a prefix of ones (the "
-                         "tokenizer padded on the left?); cannot store them compactly")
-    return f[keep].cpu().numpy(), lengths.cpu().numpy()
-
-
-def _unpack(tokens, lengths) -> torch.Tensor:
-    lengths = np.asarray(lengths)
-    out = np.zeros((len(lengths), int(lengths.max()), tokens.shape[-1]), dtype=tokens.dtype)
-    keep = np.arange(out.shape[1])[None, :] < lengths[:, None]
-    out[keep] = tokens
-    return torch.from_numpy(out)

@@ -102,3 +102,76 @@ def test_classification_labels_and_cosine_layout(small):
     np.testing.assert_allclose(fimoda.cosine_to_gold(s, -s), -1.0)
     with pytest.raises(ValueError, match="differ in shape"):
         fimoda.cosine_to_gold(s, s.T)
+
+
+def huber(out, y):
+    """A per-example Huber loss (delta 1), twice differentiable almost everywhere; written out,
+    as torch's own huber_loss has no forward-mode derivative (the true-Hessian products)."""
+    r = (out.reshape(y.shape) - y).abs()
+    return torch.where(r <= 1.0, 0.5 * r ** 2, r - 0.5)
+
+
+def mse(out, y):
+    """The task's own regression loss, given as a custom one."""
+    return (out.reshape(y.shape) - y) ** 2
+
+
+GN_METHODS = ("cg", "lissa", "dense", "trak", "ekfac", "cor2")
+LOSS_METHODS = ("grad_dot", "grad_cos", "datainf", "lissa_h", "arnoldi", "prop1", "eq16")
+
+
+def test_a_custom_loss_is_used_where_the_maths_allows_and_refused_by_gauss_newton(small):
+    from fimoda.gradients import CustomLossError
+    model, X, y = small
+    args = (model, X, y, [0, 5, 7, 11], X[30:34], y[30:34])
+    for method in ("grad_dot", "lissa_h"):         # the task's loss given as custom: same scores
+        opts = {"damping": 10.0} if method == "lissa_h" else {}
+        np.testing.assert_allclose(
+            fimoda.attribute(*args, task="regression", method=method, loss=mse, **opts),
+            fimoda.attribute(*args, task="regression", method=method, **opts), rtol=1e-8)
+    att = fimoda.attributor(*args, task="regression", loss=huber)
+    assert not np.allclose(fimoda.attribute(*args, task="regression", att=att),
+                           fimoda.attribute(*args, task="regression"))
+    for method in LOSS_METHODS:
+        s = fimoda.attribute(*args, task="regression", method=method, att=att,
+                             **({"damping": 10.0} if method in ("lissa_h", "prop1", "eq16") else {}))
+        assert s.shape == (4, 4) and np.all(np.isfinite(s)), method
+    s = fimoda.attribute(*args, task="regression", method="cg", att=att, hessian="true",
+                         damping=10.0)
+    assert np.all(np.isfinite(s))
+    for method in GN_METHODS:
+        with pytest.raises(CustomLossError, match="Gauss-Newton"):
+            fimoda.attribute(*args, task="regression", method=method, att=att)
+
+
+def test_the_gold_standard_takes_a_custom_loss(small):
+    model, X, y = small
+    args = (model, X, y, [0, 5, 7], X[30:34], y[30:34])
+    kw = dict(task="regression", epochs=1, seeds=2)
+    np.testing.assert_allclose(fimoda.gold_standard(*args, loss=mse, **kw),
+                               fimoda.gold_standard(*args, **kw), rtol=1e-8, atol=1e-12)
+    g = fimoda.gold_standard(*args, loss=huber, **kw)
+    assert np.all(np.isfinite(g)) and not np.allclose(g, fimoda.gold_standard(*args, **kw))
+    with pytest.raises(ValueError, match="one loss per example"):
+        fimoda.attribute(*args, task="regression", loss=lambda out, t: mse(out, t).mean())
+
+
+class _HFStyle(torch.nn.Module):
+    """A model that returns an output object with ``.logits``, as Hugging Face models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = MLP(3, 2, hidden=8).double()
+
+    def forward(self, x):
+        from types import SimpleNamespace
+        return SimpleNamespace(logits=self.net(x))
+
+
+def test_a_model_returning_an_output_object_is_rejected_early_with_the_fix():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(20, 3)), rng.integers(0, 2, 20)
+    model = _HFStyle()
+    for call in (fimoda.attribute, fimoda.gold_standard):
+        with pytest.raises(TypeError, match=r"SimpleNamespace.*\.logits.*forward"):
+            call(model, X, y, [0, 1], X[:3], y[:3], task="classification")

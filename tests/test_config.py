@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fimoda import experiment as ex
-from fimoda.config import DATASETS, PROFILES, describe, get_config, reductions
+from fimoda.config import DATASETS, PROFILES, STAND_INS, describe, get_config, reductions
 
 
 def test_paper_profile_holds_the_papers_numbers():
@@ -82,3 +82,20 @@ def test_loo_and_test_selection_match_the_paper():
     assert np.array_equal(smoke, idx[:len(smoke)])
     with pytest.raises(ValueError, match="exceeds"):
         ex.select_loo_indices(c, 50)
+
+
+def test_paper_values_name_known_datasets_methods_and_settings():
+    """Every value transcribed from the reference notebooks is keyed by a dataset, gold
+    optimizer, equation and metric fimoda produces, and by one of its methods."""
+    from fimoda.gold import OPTIMIZERS
+    from fimoda.influence import METHODS
+    from fimoda.report import PAPER_VALUES
+    for ds, tables in PAPER_VALUES.items():
+        assert ds in DATASETS and ds not in STAND_INS, ds
+        for (opt, eq, metric), values in tables.items():
+            assert opt in OPTIMIZERS and eq in (13, 17) and metric in ("cosine", "spearman")
+            points = values.get("epochs") or values.get("steps")
+            assert len(points) == 2 and points[0] < points[1]
+            for m, pair in values.items():
+                if m not in ("epochs", "steps"):
+                    assert m in METHODS and len(pair) == 2 and all(-1 <= v <= 1 for v in pair)

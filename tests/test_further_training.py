@@ -10,7 +10,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 from fimoda.config import get_config
-from fimoda.gold import (GoldConfig, further_train, gold_scores, load_gold, make_schedule,
+from fimoda.gold import (GoldConfig, further_train, gold_scores, load_gold_result, make_schedule,
                          reference_further_train, retrain_loo, run_batches, save_gold,
                          seed_group_scores)
 from fimoda.gold.optim import _StackedOptimizer
@@ -428,7 +428,7 @@ def test_save_and_load_gold(tmp_path):
         assert k in z
     assert list(z["test_indices"]) == [5, 6, 7, 8, 9, 10]
     assert load_json(p.with_suffix(".json"))["optimizer"] == "adam"
-    back = load_gold(p)
+    back = load_gold_result(p)
     assert np.array_equal(back.loss_loo, res.loss_loo) and back.eval_unit == "epoch"
     q = save_gold(tmp_path / "x.npz", res, {"record": {"a": 1}})
     assert load_json(q.with_suffix(".json"))["record"] == {"a": 1}

@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fimoda.gradients import Problem, gn_output, loss_derivatives, loss_from_f, param_names
+from fimoda.gradients import Problem, param_names
+from fimoda.losses import gn_output, loss_derivatives, loss_from_f
 from fimoda.models import MLP
 
 

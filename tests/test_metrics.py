@@ -50,7 +50,7 @@ def test_seeds_study_takes_max_over_eval_points():
     s = rng.normal(size=(4, 9))
     groups = rng.normal(size=(3, 9, 5, 4))
     groups[:, :, 2, :] = s.T[None]            # perfect agreement at t = 2
-    best, se, t = metrics.seeds_study(groups, s)
+    best, se, t = metrics.peak_over_eval_points(groups, s)
     assert t == 2 and best == pytest.approx(1.0) and se == pytest.approx(0.0)
 
 

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from fimoda.config import get_config
-from fimoda.models import (MLP, ResNet9, TextClassifier, build_model, n_params,
-                           per_example_loss, resolve_dtype)
+from fimoda.losses import per_example_loss
+from fimoda.models import MLP, ResNet9, TextClassifier, build_model, n_params, resolve_dtype
 
 
 

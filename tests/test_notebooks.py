@@ -94,6 +94,30 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
             "concrete_seeds_sgd_remove_eq17.png", "concrete_cosine_adam_remove_eq13.png",
             "concrete_seeds_adam_remove_eq13.png", "figure2_adam.png", "figure2_eq17.png"} <= figs, figs
     check_report(isolated, "concrete", retrain=True, adam=True)
+    check_reproduction(isolated, "concrete")
+
+
+def check_reproduction(isolated, ds):
+    """The theta^f spread reuses the pipeline's own theta^f (its cosines are notebook 04's) and
+    trains another from init seed 1; the reproduction folder holds what its README lists."""
+    import pandas as pd
+    from fimoda import reproduction as rep
+    spread = rep.theta_spread(ds, "smoke", init_seeds=(0, 1), seeds=2)
+    assert sorted(spread["init seed"].unique()) == [0, 1]
+    table = pd.read_csv(isolated / "results" / "smoke" / ds / "evaluation_sgd_remove_eq13.csv",
+                        index_col=0)
+    gd = spread.set_index(["init seed", "method"])["cos max"]
+    assert gd[(0, "grad_dot")] == pytest.approx(table.loc["Grad-Dot", "max cosine"], abs=1e-12)
+    assert gd[(1, "grad_dot")] != pytest.approx(gd[(0, "grad_dot")], abs=1e-6)   # another theta^f
+    out = isolated / "reproduction"
+    readme = rep.write_folder("smoke", [ds], out=out, spread=spread).read_text()
+    statuses = re.findall(r"^\| " + ds + r" \| [^|]+ \| (reproduced|not reproduced|n/a) \|",
+                          readme, flags=re.M)
+    assert len(statuses) == 8 and "Near-zero cosine to LOO re-training" in readme, readme
+    listed = re.findall(r"\| `([^`]+\.png)` \|", readme)
+    assert "figure2.png" in listed and all((out / f).exists() for f in listed), listed
+    assert (out / "summary.md").exists() and (out / "theta_spread.csv").exists()
+    assert (out / f"{ds}_evaluation_sgd_remove_eq13.csv").exists()
 
 
 def check_report(isolated, ds, retrain=False, adam=False):
@@ -128,10 +152,13 @@ def check_report(isolated, ds, retrain=False, adam=False):
     assert rows[["paper first", "paper last"]].isna().all().all()       # no paper value here
     import pytest
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(report.PAPER_VALUES, ds, {("sgd", 13, "cosine"): {"grad_dot": (0.9, 0.5)}})
+        mp.setitem(report.PAPER_VALUES, ds, {("sgd", 13, "cosine"): {"grad_dot": (0.9, 0.5)},
+                                             ("sgd", 13, "spearman"): {"cg": (0.3, 0.4)}})
         rows = report.summary_rows("smoke", [ds]).set_index("method")
     assert tuple(rows.loc["Grad-Dot", ["paper first", "paper last"]]) == (0.9, 0.5)
     assert rows.drop("Grad-Dot")["paper first"].isna().all()
+    assert tuple(rows.loc["CG", ["paper sp first", "paper sp last"]]) == (0.3, 0.4)
+    assert rows.drop("CG")["paper sp first"].isna().all()
 
 
 def test_mislabel_detection_runs_on_a_classification_dataset(isolated):

@@ -13,7 +13,8 @@ import torch
 from fimoda import train as T
 from fimoda.config import get_config
 from fimoda.data import Dataset
-from fimoda.models import ResNet9, TextClassifier, n_params, per_example_loss
+from fimoda.losses import per_example_loss
+from fimoda.models import ResNet9, TextClassifier, n_params
 
 
 

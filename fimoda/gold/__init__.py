@@ -23,9 +23,9 @@ from .reference import reference_further_train, retrain_loo
 from .runner import further_train
 from .schedule import Schedule, epoch_permutations, make_schedule, run_batches
 from .scores import ADJUSTMENTS, gold_scores, seed_group_scores
-from .store import load_gold, save_gold
+from .store import load_gold_result, save_gold
 
 __all__ = ["GoldConfig", "GoldResult", "further_train", "gold_scores", "seed_group_scores",
-           "save_gold", "load_gold", "reference_further_train", "retrain_loo", "make_schedule",
+           "save_gold", "load_gold_result", "reference_further_train", "retrain_loo", "make_schedule",
            "run_batches", "epoch_permutations", "Schedule", "OPTIMIZERS", "MECHANISMS",
            "SHUFFLES", "ENGINES", "ADJUSTMENTS"]

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
-from ..models import TEXT_GROUP, input_trimmer, linear_relu_layers, per_example_loss
+from ..losses import per_example_loss
+from ..models import TEXT_GROUP, input_trimmer, linear_relu_layers, vmappable
 from .config import GoldConfig
 
 log = logging.getLogger(__name__)
@@ -107,14 +108,14 @@ class _MLPEngine:
         return self.loss_fn(out.reshape(G * J, -1), yt.repeat(G)).reshape(G, J)
 
 
-def _used_parameters(model: nn.Module, task: str, X, Y) -> list[str]:
+def _used_parameters(model: nn.Module, loss_fn, X, Y) -> list[str]:
     """Names of the trainable parameters the loss depends on (tried on two examples). The others
     (e.g. an encoder's unused pooler) get no gradient, and ``torch.optim`` skips them entirely
     (no weight decay either), so they are held fixed here too."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for n, p in model.named_parameters() if p.requires_grad]
     with torch.enable_grad():
-        loss = per_example_loss(task)(model(input_trimmer(model)(X[:2])), Y[:2]).sum()
+        loss = loss_fn(model(input_trimmer(model)(X[:2])), Y[:2]).sum()
         grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [n for n, g in zip(names, grads) if g is not None]
 
@@ -126,9 +127,9 @@ class _FuncEngine:
 
     name = "func"
 
-    def __init__(self, model: nn.Module, task: str, used: list, eval_batch: int = 256):
-        self.model, self.task, self.eval_batch = model, task, eval_batch
-        self.loss_fn = per_example_loss(task)
+    def __init__(self, model: nn.Module, loss_fn, used: list, eval_batch: int = 256):
+        self.model, self.eval_batch = model, eval_batch
+        self.loss_fn = loss_fn
         self.trim = input_trimmer(model)
         self.names = list(used)
         self.start = [p.detach().clone() for n, p in model.named_parameters() if n in used]
@@ -219,25 +220,25 @@ class _LoopEngine(_FuncEngine):
 
 
 def _vmappable(engine: _FuncEngine, X, Y) -> bool:
-    """Whether ``vmap`` can batch the model's gradient (tried on two examples)."""
+    """Whether ``vmap`` can batch the model's gradient (:func:`fimoda.models.vmappable`, tried on
+    two examples)."""
     P = engine.stack(1)
     x, y = X[:2].unsqueeze(0), Y[:2].unsqueeze(0)
     w = torch.full((1, len(x[0])), 0.5, dtype=P[0].dtype, device=X.device)
-    try:
-        engine.grads(P, x, y, w)
-    except RuntimeError as err:
-        if "vmap" in str(err):
-            return False
-        raise
-    return True
+    return vmappable(engine.model, lambda: engine.grads(P, x, y, w))
 
 
-def _make_engine(model: nn.Module, task: str, cfg: GoldConfig, X, Y):
+def _make_engine(model: nn.Module, task: str, cfg: GoldConfig, X, Y, loss=None):
     """``mlp`` for Linear/ReLU stacks, else ``func`` (vmap), else ``loop`` (auto). On a CPU a
     convolutional model gets ``loop`` (auto): vmap turns each run's convolution into one grouped
     convolution, which the CPU kernels run slower than the runs one after the other
-    (benchmarks/gold_speed_large.py)."""
-    if cfg.engine in ("auto", "mlp"):
+    (benchmarks/gold_speed_large.py). ``loss(outputs, targets) -> (B,)``: a per-example loss of
+    the user's in place of the task's (:func:`fimoda.losses.per_example_loss`); the ``mlp``
+    engine differentiates only the task's losses (by hand), so a custom loss takes another."""
+    if loss is not None and cfg.engine == "mlp":
+        raise ValueError("engine='mlp' differentiates only the task's built-in losses; a custom "
+                         "loss needs engine='func', 'loop' or 'auto'")
+    if cfg.engine in ("auto", "mlp") and loss is None:
         layers = linear_relu_layers(model)
         eng = _MLPEngine(layers, task) if layers is not None else None
         if eng is not None and eng.supports():
@@ -246,18 +247,19 @@ def _make_engine(model: nn.Module, task: str, cfg: GoldConfig, X, Y):
             raise ValueError("engine='mlp' needs a Linear/ReLU stack (fimoda.models.MLP or an "
                              "nn.Sequential of Linear, ReLU, ..., Linear) with one output for "
                              "regression or >= 2 logits for classification; use engine='func'")
-    used = _used_parameters(model, task, X, Y)
+    loss_fn = per_example_loss(task) if loss is None else loss
+    used = _used_parameters(model, loss_fn, X, Y)
     if not used:
         raise ValueError("the loss does not depend on any trainable parameter of the model")
     convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     if cfg.engine == "loop" or (cfg.engine == "auto" and convolutional
                                 and X.device.type == "cpu"):
-        return _LoopEngine(model, task, used)
-    eng = _FuncEngine(model, task, used)
+        return _LoopEngine(model, loss_fn, used)
+    eng = _FuncEngine(model, loss_fn, used)
     if _vmappable(eng, X, Y):
         return eng
     if cfg.engine == "func":
         raise ValueError("torch.func.vmap cannot batch this model's gradient (data-dependent "
                          "control flow); use engine='loop' or 'auto'")
     log.info("vmap cannot batch this model; using the per-run loop engine")
-    return _LoopEngine(model, task, used)
+    return _LoopEngine(model, loss_fn, used)

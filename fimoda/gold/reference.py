@@ -12,7 +12,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..models import input_trimmer, per_example_loss
+from ..losses import per_example_loss
+from ..models import input_trimmer
 from .config import GoldConfig, GoldResult
 from .optim import _torch_optimizer
 from .runner import _prepare, _test_indices, further_train

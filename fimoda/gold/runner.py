@@ -27,8 +27,9 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..io import load_json, load_npz, save_json, save_npz
+from ..io import load_json, load_npz, save_json, save_npz, sha256_arrays
 from ..models import input_trimmer
+from ..tensors import as_inputs, as_targets
 from .config import GoldConfig, GoldResult
 from .engines import _make_engine
 from .optim import _StackedOptimizer, _clip_per_run_
@@ -188,16 +189,8 @@ def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: Go
     dev = torch.device(cfg.device)
     model = copy.deepcopy(model).to(dev).eval()
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
-
-    def as_x(a):
-        t = torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a.detach()
-        return (t.to(dtype) if t.is_floating_point() else t).to(dev)
-
-    def as_y(a):
-        t = torch.as_tensor(np.asarray(a)) if not torch.is_tensor(a) else a.detach()
-        return (t.to(dtype) if task == "regression" else t.long()).to(dev)
-
-    X, Y, Xt, Yt = as_x(X_train), as_y(y_train), as_x(X_test), as_y(y_test)
+    X, Y = as_inputs(X_train, dtype, dev), as_targets(y_train, task, dtype, dev)
+    Xt, Yt = as_inputs(X_test, dtype, dev), as_targets(y_test, task, dtype, dev)
     if len(X) != len(Y) or len(X) < 2:
         raise ValueError(f"X_train and y_train need equal lengths >= 2, got {len(X)}, {len(Y)}")
     if len(Xt) != len(Yt) or len(Xt) < 1:
@@ -221,21 +214,14 @@ def _test_indices(test_indices, J: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- work directory
-def _sha(*tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        a = t.detach().cpu().contiguous().numpy() if torch.is_tensor(t) else np.asarray(t)
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(np.ascontiguousarray(a).tobytes())
-    return h.hexdigest()
-
-
-def _fingerprint(model, task, X, Y, Xt, Yt, loo, cfg, engine, chunk, block, augment) -> dict:
-    return {"format": FORMAT, "config": cfg.numeric(), "engine": engine.name,
+def _fingerprint(model, task, X, Y, Xt, Yt, loo, cfg, engine, chunk, block, augment,
+                 loss=None) -> dict:
+    custom = {} if loss is None else {"loss": getattr(loss, "__qualname__", repr(loss))}
+    return {**custom, "format": FORMAT, "config": cfg.numeric(), "engine": engine.name,
             "chunk_runs": chunk, "run_block": block, "device": torch.device(cfg.device).type,
             "task": task, "model": type(model).__name__,
-            "theta": _sha(*[v for _, v in sorted(model.state_dict().items())]),
-            "train": _sha(X, Y), "test": _sha(Xt, Yt), "loo": loo.tolist(),
+            "theta": sha256_arrays(*[v for _, v in sorted(model.state_dict().items())]),
+            "train": sha256_arrays(X, Y), "test": sha256_arrays(Xt, Yt), "loo": loo.tolist(),
             "augment": None if augment is None else getattr(augment, "__qualname__", repr(augment))}
 
 
@@ -285,13 +271,13 @@ class GoldJob:
 
     def __init__(self, model: nn.Module, task: str, X_train, y_train, X_test, y_test,
                  loo_indices, cfg: GoldConfig, workdir=None, augment: Optional[Callable] = None,
-                 test_indices=None):
+                 test_indices=None, loss: Optional[Callable] = None):
         self.model, self.X, self.Y, self.Xt, self.Yt, self.loo = _prepare(
             model, task, X_train, y_train, X_test, y_test, loo_indices, cfg)
-        self.task, self.cfg, self.augment = task, cfg, augment
+        self.task, self.cfg, self.augment, self.loss = task, cfg, augment, loss
         self.test_idx = _test_indices(test_indices, len(self.Xt))
         self.sched = make_schedule(len(self.X), cfg)
-        self._engine = _make_engine(self.model, task, cfg, self.X, self.Y)
+        self._engine = _make_engine(self.model, task, cfg, self.X, self.Y, loss)
         self.runs = np.concatenate([[-1], self.loo])
         self.chunk = _chunk_runs(cfg, self.model, self.X, len(self.runs), self.sched.slots)
         cpu_mlp = self._engine.name == "mlp" and self.X.device.type == "cpu"
@@ -308,7 +294,7 @@ class GoldJob:
         if workdir is not None:
             self.workdir = _open_workdir(workdir, _fingerprint(
                 self.model, task, self.X, self.Y, self.Xt, self.Yt, self.loo, cfg, self._engine,
-                self.chunk, self.block, augment))
+                self.chunk, self.block, augment, loss))
 
     # pickling: tensors travel on the CPU, the engine is rebuilt on arrival
     _TENSORS = ("X", "Y", "Xt", "Yt")
@@ -331,7 +317,8 @@ class GoldJob:
     @property
     def engine(self):
         if self._engine is None:
-            self._engine = _make_engine(self.model, self.task, self.cfg, self.X, self.Y)
+            self._engine = _make_engine(self.model, self.task, self.cfg, self.X, self.Y,
+                                        self.loss)
         return self._engine
 
     def pieces(self) -> list[tuple[int, int]]:
@@ -459,6 +446,7 @@ def assemble_only(job: GoldJob, pieces) -> None:
 def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test, loo_indices,
                   cfg: GoldConfig, workdir=None, augment: Optional[Callable] = None,
                   test_indices=None, callback: Optional[Callable] = None,
+                  loss: Optional[Callable] = None,
                   executor: Optional[Callable] = None) -> GoldResult:
     """LOO further training from theta^f (eqs. 2, 3): for every seed, the full run and one run
     per left-out index, all from ``model``'s parameters with the seed's batch order; test losses
@@ -468,13 +456,15 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
     ``augment(x_batch, generator)``: optional augmentation of training batches (images), see
     :class:`_AugmentStream`. ``workdir``: resumable storage of finished (seed, chunk) results.
     ``callback(seed, chunk)``: called after each chunk is stored. ``test_indices`` is recorded
-    in the result only (default 0..J-1). ``executor(job, pieces)`` (default: the one set by
-    :func:`executing`, else none): computes the missing pieces elsewhere (a Dask cluster, a
-    shard), into ``workdir``; without one, every piece is trained here, in order.
+    in the result only (default 0..J-1). ``loss(outputs, targets) -> (B,)``: a twice
+    differentiable per-example loss in place of the task's (squared error / cross-entropy).
+    ``executor(job, pieces)`` (default: the one set by :func:`executing`, else none): computes
+    the missing pieces elsewhere (a Dask cluster, a shard), into ``workdir``; without one,
+    every piece is trained here, in order.
     """
     t_start = time.perf_counter()
     job = GoldJob(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg, workdir,
-                  augment, test_indices)
+                  augment, test_indices, loss)
     executor = executor if executor is not None else _EXECUTOR.get()
     if executor is not None:
         if job.workdir is None:

@@ -37,7 +37,7 @@ def save_gold(path, result: GoldResult, config=None) -> Path:
     return path
 
 
-def load_gold(path) -> GoldResult:
+def load_gold_result(path) -> GoldResult:
     """Read a file written by :func:`save_gold` back into a :class:`GoldResult`."""
     path = Path(path)
     z = load_npz(path)

@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from tqdm import tqdm
 
-from ..gradients import block_slices, gn_output, loss_derivatives
+from ..gradients import block_slices
+from ..losses import gn_output, loss_derivatives
 from ..config import MethodConfig
 from .common import Attributor, damping_value
 
@@ -139,6 +140,7 @@ def _passes(problem, layers, batch_size: int, desc: str):
             return output.clone()   # later in-place ops must not change the captured output
         return fn
 
+    problem.require_gauss_newton()      # the factors are of the Gauss-Newton (Fisher) form
     handles = [mod.register_forward_hook(hook(m)) for m, mod, _, _ in layers]
     params = {k: v.detach().requires_grad_(True) for k, v in problem.params.items()}
     n = len(problem.X)

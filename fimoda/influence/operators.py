@@ -45,7 +45,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..gradients import Problem, loss_derivatives
+from ..gradients import Problem
+from ..losses import loss_derivatives
 from .common import Attributor, DampedConfig, damping_value
 from .errors import MemoryBudgetError
 

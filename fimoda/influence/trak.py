@@ -36,7 +36,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import MethodConfig
-from ..gradients import loss_derivatives
+from ..losses import loss_derivatives
 from .common import Attributor
 
 PROJ_TYPES = ("normal", "rademacher")

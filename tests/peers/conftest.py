@@ -61,7 +61,7 @@ class Setup:
 
     def loss_mean(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training loss as a batch MEAN (peers' convention): squared error / cross-entropy,
-        the per-example losses of fimoda.models.per_example_loss."""
+        the per-example losses of fimoda.losses.per_example_loss."""
         if self.task == "regression":
             return ((out.reshape(y.shape) - y) ** 2).mean()
         return torch.nn.functional.cross_entropy(out, y.long())

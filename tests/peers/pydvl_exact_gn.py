@@ -16,7 +16,7 @@ from pydvl.influence.torch.batch_operation import ChunkAveraging, GaussNewtonBat
 from pydvl.influence.torch.operator import CgOperator, GaussNewtonOperator, LissaOperator
 from torch.utils.data import DataLoader
 
-from fimoda.gradients import gn_output, loss_derivatives
+from fimoda.losses import gn_output, loss_derivatives
 
 
 def gn_pseudo_loss(task: str):

@@ -27,7 +27,7 @@ from dattri.algorithm.influence_function import (  # noqa: E402
 from dattri.algorithm.trak import TRAKAttributor  # noqa: E402
 from dattri.task import AttributionTask  # noqa: E402
 
-from fimoda.gradients import gn_output, loss_derivatives  # noqa: E402
+from fimoda.losses import gn_output, loss_derivatives  # noqa: E402
 
 
 def _loader(X, Y):

@@ -30,7 +30,7 @@ from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
 from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
 from kronfluence.task import Task  # noqa: E402
 
-from fimoda.gradients import gn_output, loss_derivatives, loss_from_f  # noqa: E402
+from fimoda.losses import gn_output, loss_derivatives, loss_from_f  # noqa: E402
 
 F64 = torch.float64
 

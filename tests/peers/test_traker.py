@@ -30,7 +30,7 @@ from trak import TRAKer  # noqa: E402
 from trak.modelout_functions import AbstractModelOutput  # noqa: E402
 from trak.projectors import NoOpProjector  # noqa: E402
 
-from fimoda.gradients import gn_output, loss_derivatives  # noqa: E402
+from fimoda.losses import gn_output, loss_derivatives  # noqa: E402
 
 RIDGE_REL = 1e-6
 

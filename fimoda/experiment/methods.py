@@ -1,0 +1,145 @@
+"""The approximations as runs of the experiment: each method's config filled from the profile,
+the compute-once :class:`~fimoda.influence.Attributor` of theta^f, and ``scores_<method>.npz``
+computed once and reused while its record (method config, experiment config, instances) matches."""
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import torch
+
+from ..config import ExperimentConfig
+from ..io import load_npz, save_npz
+from .assumption1 import ASSUMPTION1_METHODS, assumption1_damping
+from .records import _canon, _without
+from .setup import out_dir, tensors
+
+
+def method_config(name: str, cfg: ExperimentConfig, **overrides):
+    """The config dataclass of method ``name`` filled from ``cfg.methods`` (the paper's
+    settings for the dataset), then ``overrides``."""
+    from ..influence import get_method
+    _, cls = get_method(name)
+    m = cfg.methods
+    scale = m.lissa_h_scale if name == "lissa_h" else m.lissa_scale
+    candidates = dict(
+        damping_grid=m.damping_grid, damping_index=m.damping_index,
+        depth=m.lissa_h_depth if name == "lissa_h" else m.lissa_depth, repeat=m.lissa_repeat,
+        scale=scale, scale_grid=tuple(s for s in m.lissa_scale_grid if s >= scale),
+        batch_size=m.lissa_h_batch_size if name == "lissa_h" else m.lissa_batch_size,
+        proj_dim=m.trak_proj_dim, c_grid=m.datainf_c_grid, c_index=m.datainf_index,
+        n_samples=m.datainf_samples, rank=m.arnoldi_rank, n_iter=m.arnoldi_iter,
+        memory_gb=m.memory_gb,
+    )
+    if name == "ekfac":
+        candidates.pop("batch_size")
+    if name not in ("lissa", "lissa_h"):     # e.g. grad_dot's ``scale`` is a flag, not LiSSA's
+        candidates.pop("scale")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in candidates.items() if k in fields}
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+def fit_rows(cfg: ExperimentConfig, n_train: int, loo_idx) -> np.ndarray:
+    """The training rows the methods' training-set-wide quantities are estimated on: all of
+    them, or (``cfg.methods.fit_rows = m``) the left-out rows plus a seed-0 random sample of the
+    others, m in all, sorted. Mean-risk operators over them are unbiased estimates of the full
+    set's."""
+    m = cfg.methods.fit_rows
+    if m is None or m >= n_train:
+        return np.arange(n_train, dtype=np.int64)
+    loo = np.unique(np.asarray(loo_idx, dtype=np.int64))
+    if m < len(loo):
+        raise ValueError(f"methods.fit_rows={m} is smaller than the {len(loo)} left-out rows")
+    others = np.setdiff1d(np.arange(n_train, dtype=np.int64), loo)
+    extra = np.random.RandomState(0).choice(others, m - len(loo), replace=False)
+    return np.sort(np.concatenate([loo, extra]))
+
+
+def make_attributor(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, device="cpu",
+                    names: Optional[Iterable[str]] = None, progress: bool = True):
+    """The compute-once state of every method: theta^f, the training set for Hessian
+    operators (:func:`fit_rows` of it), the left-out and test instances."""
+    from ..gradients import Problem
+    from ..influence import Attributor
+    Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
+    rows = torch.as_tensor(fit_rows(cfg, len(Xtr), loo_idx))
+    problem = Problem(model, Xtr[rows], ytr[rows], cfg.task, names=names,
+                      chunk=cfg.methods.grad_chunk, progress=progress)
+    loo, test = torch.as_tensor(loo_idx), torch.as_tensor(test_idx)
+    return Attributor(problem, Xtr[loo], ytr[loo], Xte[test], yte[test],
+                      loo_rows=torch.searchsorted(rows, loo))
+
+
+class MethodFailed(RuntimeError):
+    """A method's numerics broke down at these settings (LiSSA diverged, CG did not converge,
+    or the damped Hessian is not positive definite: Assumption 1 of the paper fails)."""
+
+
+def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None,
+               force: bool = False, file: Optional[str] = None, **overrides) -> np.ndarray:
+    """Compute (or load) ``scores_<name>.npz`` (or ``file``) for the experiment. Numerical
+    breakdowns are raised as :class:`MethodFailed` with the reason (nothing is written for that
+    method)."""
+    from ..influence import compute_scores
+    if name in ASSUMPTION1_METHODS and "damping" not in overrides \
+            and getattr(method_config(name, cfg), "hessian", "true") == "true":
+        overrides = {**overrides, "damping": assumption1_damping(
+            att, cfg, directory=Path(directory or out_dir(cfg)))}
+    mcfg = method_config(name, cfg, **overrides)
+    record = {"method": name, "method_config": dataclasses.asdict(mcfg),
+              "experiment": _without(cfg, "further", "methods")}
+    path = Path(directory or out_dir(cfg)) / (file or f"scores_{name}.npz")
+    if path.exists() and not force:
+        z = load_npz(path)
+        if (str(z.get("config")) == _canon(record)
+                and np.array_equal(z["loo_indices"], loo_idx)
+                and np.array_equal(z["test_indices"], test_idx)):
+            return z["scores"]
+    from ..influence.errors import MethodBreakdown
+    t0 = time.perf_counter()
+    try:
+        scores = np.asarray(compute_scores(name, att, mcfg), dtype=np.float64)
+    except MethodBreakdown as e:
+        raise MethodFailed(f"{name}: {e}") from e
+    wall = time.perf_counter() - t0
+    if scores.shape != (len(test_idx), len(loo_idx)):
+        raise RuntimeError(f"{name} returned scores of shape {scores.shape}")
+    save_npz(path, scores=scores, loo_indices=np.asarray(loo_idx),
+             test_indices=np.asarray(test_idx), config=np.asarray(_canon(record)),
+             wall_time=np.asarray(wall))
+    return scores
+
+
+def run_methods(methods, att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None):
+    """:func:`run_method` for each method: ({method: scores}, status table with seconds and
+    "ok" or the reason a method broke down). Loaded results take ~0 s."""
+    import pandas as pd
+    scores, status = {}, {}
+    skip = dict(cfg.methods.skip)
+    for m in methods:
+        if m in skip:
+            status[m] = {"seconds": 0.0, "status": f"skipped: {skip[m]}"}
+            continue
+        t0 = time.perf_counter()
+        try:
+            scores[m] = run_method(m, att, cfg, loo_idx, test_idx, directory=directory)
+            status[m] = {"seconds": round(time.perf_counter() - t0, 2), "status": "ok"}
+        except MethodFailed as e:
+            status[m] = {"seconds": round(time.perf_counter() - t0, 2), "status": f"failed: {e}"}
+    return scores, pd.DataFrame(status).T
+
+
+def load_scores(cfg: ExperimentConfig, methods: Iterable[str], directory=None) -> dict:
+    """{method: scores} for every method whose file exists."""
+    d = Path(directory or out_dir(cfg))
+    out = {}
+    for m in methods:
+        p = d / f"scores_{m}.npz"
+        if p.exists():
+            out[m] = load_npz(p)["scores"]
+    return out

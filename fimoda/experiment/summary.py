@@ -1,0 +1,109 @@
+"""Figure 2 across datasets: the datasets of a profile whose gold standard has been computed, their
+results, and the grid of cosine curves with its max-cosine table (also Figs. 4 and 5 with another
+gold optimizer or eq. 17)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .evaluation import evaluation_gold
+from .gold_runs import eval_unit, gold_settings, load_gold
+from .methods import load_scores
+from .setup import out_dir
+
+
+def gold_datasets(profile: str, datasets, optimizer: Optional[str] = None,
+                  mechanism: Optional[str] = None) -> list:
+    """The datasets of ``profile`` among ``datasets`` whose gold standard (:func:`gold_settings`)
+    has been computed, in the panel order of the paper's Figure 2."""
+    from ..config import get_config
+    from ..plots import fig2_order
+    out = []
+    for ds in fig2_order(datasets):
+        cfg = get_config(ds, profile)
+        opt, mech = gold_settings(cfg, optimizer, mechanism)
+        if (out_dir(cfg) / f"gold_{opt}_{mech}.npz").exists():
+            out.append(ds)
+    return out
+
+
+def with_results(profile: str, datasets, optimizer: Optional[str] = None,
+                 mechanism: Optional[str] = None, methods=None) -> list:
+    """[(cfg, gold, {method: scores})] for the datasets of ``profile`` whose gold standard
+    (:func:`gold_settings`) has been computed, in the panel order of the paper's Figure 2."""
+    from ..config import get_config
+    from ..influence import METHODS
+    methods = list(methods or [m for m in METHODS if m != "dense"])
+    out = []
+    for ds in gold_datasets(profile, datasets, optimizer, mechanism):
+        cfg = get_config(ds, profile)
+        out.append((cfg, load_gold(cfg, optimizer, mechanism), load_scores(cfg, methods)))
+    return out
+
+
+def summary(profile: str, datasets, optimizer: Optional[str] = None,
+            mechanism: Optional[str] = None, adjust: str = "mean", methods=None):
+    """Figure 2 as a grid over the datasets with results, and the max-cosine table. Each panel
+    uses its dataset's gold standard (:func:`gold_settings`; None = the dataset's default).
+
+    Panels follow the paper's order (:func:`fimoda.plots.fig2_order`: concrete, energy, fico,
+    folktables/adult, cifar10/fashion_mnist, sst2), lettered (a), (b), ... over the panels drawn,
+    up to three per row; the x-axis is in epochs for datasets whose further training is
+    evaluated per epoch (tabular) and in steps where the config sets ``further.max_steps`` or
+    ``further.eval_every`` (image, text). One legend for the whole figure. The table's columns
+    are the datasets in panel order."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from ..metrics import curve
+    from ..plots import curves, grid_shape, label, panel_letter
+    have = with_results(profile, datasets, optimizer, mechanism, methods)
+    if not have:
+        raise FileNotFoundError(f"no gold results for {list(datasets)} in the {profile} profile")
+    nrows, ncols = grid_shape(len(have))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
+    flat = axes.ravel()
+    rows = {}
+    handles = {}
+    for k, (ax, (cfg, gold, scores)) in enumerate(zip(flat, have)):
+        a, t = evaluation_gold(gold, adjust)
+        res = {m: curve(a, s) for m, s in scores.items()}
+        name = cfg.dataset + (f" (stand-in for {cfg.stand_in_for})" if cfg.stand_in_for else "")
+        opt, mech = gold_settings(cfg, optimizer, mechanism)
+        eq = "" if adjust == "mean" else ", eq. 17"
+        curves(ax, t, res, title=f"{panel_letter(k)} {name}\n({opt}, {mech}{eq})")
+        ax.set_xlabel(f"further training ({eval_unit(cfg)}s)")
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+        rows[name] = {label(m): float(np.max(v[0])) for m, v in res.items()}
+    for ax in flat[len(have):]:      # the unused cells of the last row
+        ax.remove()
+    fig.tight_layout()
+    if handles:
+        fig.legend(list(handles.values()), list(handles), fontsize=8, loc="center left",
+                   bbox_to_anchor=(1.0, 0.5), frameon=False)
+    return fig, pd.DataFrame(rows)
+
+
+def grid_name(optimizer: Optional[str] = None, mechanism: Optional[str] = None,
+              adjust: str = "mean", kind: str = "figure2") -> str:
+    """File stem of a Figure-2-style grid (``kind="figure2"``) or its max-cosine table
+    (``"max_cosine"``): the gold optimizer and mechanism when one was chosen for every panel,
+    ``eq17`` for eq. (17); e.g. ``figure2`` (Fig. 2), ``figure2_adam`` (Fig. 4),
+    ``figure2_eq17`` (Fig. 5)."""
+    return "_".join([kind] + [p for p in (optimizer, mechanism) if p]
+                    + (["eq17"] if adjust == "full" else []))
+
+
+def summary_figure(profile: str, datasets, optimizer: Optional[str] = None,
+                   mechanism: Optional[str] = None, adjust: str = "mean"):
+    """:func:`summary` saved to the profile's figures folder as ``<grid_name>.png`` (+ PDF) and
+    its table as ``max_cosine<...>.csv``; returns (path of the figure, table)."""
+    from ..io import figures_dir
+    from ..plots import savefig
+    fig, table = summary(profile, datasets, optimizer, mechanism, adjust)
+    d = figures_dir(profile)
+    path = d / f"{grid_name(optimizer, mechanism, adjust)}.png"
+    savefig(fig, path, pdf=True)
+    table.to_csv(d / f"{grid_name(optimizer, mechanism, adjust, kind='max_cosine')}.csv")
+    return path, table
