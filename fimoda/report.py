@@ -84,6 +84,12 @@ _KINDS = [
     (r"^(?P<ds>\w+?)_mechanisms_(?P<opt>\w+?)_eq(?P<eq>13|17)\.png$", "mech",
      "Grad-Dot, CG and LiSSA against the gold standard under each leave-out mechanism "
      "(remove, subtract), side by side (beyond the paper)"),
+    (r"^(?P<ds>\w+?)_infinitesimal_(?P<opt>\w+?)\.png$", "infinitesimal",
+     "the exact infinitesimal gold standard against the finite subtract gold on identical work, "
+     "and float32 against float64 (beyond the paper, notebook 07)"),
+    (r"^(?P<ds>\w+?)_trajectory_(?P<opt>\w+?)_(?P<mech>remove|subtract)_eq(?P<eq>13|17)\.png$",
+     "trajectory", "trajectory-matched influence and the damping schedule 1/(lr t) at every "
+     "evaluation point, beside the paper's methods (beyond the paper, notebook 07)"),
     (r"^(?P<ds>\w+?)_param_distance_(?P<opt>\w+?)\.png$", "dist",
      "distance of further-trained parameters from theta^f"),
     (r"^(?P<ds>\w+?)_final_training\.png$", "final", "training curves of the final model"),
@@ -209,6 +215,22 @@ def mislabel_rows(profile: str, datasets, directory=None):
     return pd.DataFrame(out)
 
 
+def beyond_rows(profile: str, datasets):
+    """The numbers of notebook 07 (``beyond_summary.csv`` of each dataset): the infinitesimal
+    gold standard's cosines to the finite gold and float32 errors, and the trajectory-matched
+    curves beside the paper's methods (first, smallest and where, last; max and mean over t)."""
+    import pandas as pd
+    out = []
+    for ds in datasets:
+        path = results_dir(profile, ds) / "beyond_summary.csv"
+        if path.exists():
+            out.append(pd.read_csv(path).assign(dataset=ds))
+    if not out:
+        return pd.DataFrame()
+    t = pd.concat(out, ignore_index=True)
+    return t[["dataset"] + [c for c in t.columns if c != "dataset"]]
+
+
 def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
                   mechanism: Optional[str] = None, path=None, figures=None) -> Path:
     """``results/<profile>/summary.md``: :func:`summary_rows` for eq. 13 and eq. 17 -- each
@@ -232,6 +254,13 @@ def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
             if t.empty:
                 continue
             lines += [f"## {title}, eq. {13 if adjust == 'mean' else 17}", "", _markdown(t), ""]
+    b = beyond_rows(profile, datasets)
+    if not b.empty:
+        lines += ["## Beyond the paper (notebook 07)", "",
+                  "Infinitesimal gold standard: cosine to the finite `subtract` gold on identical "
+                  "work (and to notebook 02's), float32 relative errors; trajectory-matched "
+                  "influence and the damping schedule, each scored at every evaluation point, "
+                  "beside the paper's methods (eq. 13).", "", _markdown(b), ""]
     m = mislabel_rows(profile, datasets, figures)
     if not m.empty:
         lines += ["## Mislabelled-example detection (App. E.2.1)", "", _markdown(m), ""]

@@ -204,3 +204,12 @@ def test_adam_gold_runs_its_own_number_of_epochs(tmp_path):
     longer = dataclasses.replace(cfg, further=dataclasses.replace(cfg.further, adam_epochs=3))
     with pytest.raises(ValueError, match="different configuration .*epochs"):
         ex.run_gold(model, ds, longer, loo, test, optimizer="adam", directory=tmp_path)   # not the cached 2 epochs
+
+
+def test_mislabel_detection_runs_where_its_auc_can_mean_something():
+    assert ex.mislabel_applies(get_config("fico", "cpu")) == (True, "")
+    assert ex.mislabel_applies(get_config("sst2", "paper")) == (True, "")
+    applies, why = ex.mislabel_applies(get_config("sst2", "cpu"))
+    assert not applies and "cpu profile" in why and "0, 1/2 or 1" in why
+    assert not ex.mislabel_applies(get_config("fashion_mnist", "cpu"))[0]
+    assert not ex.mislabel_applies(get_config("energy", "paper"))[0]

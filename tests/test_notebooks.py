@@ -23,7 +23,7 @@ def test_plan_runs_every_notebook_for_every_dataset_in_order():
     assert names[0] == ("00_data.ipynb", None)
     for ds in ("concrete", "fashion_mnist", "sst2"):     # images and text: the same notebooks
         for nb in ("01_final_models", "02_gold_further_training", "03_attribution_methods",
-                   "04_evaluation", "06_qualitative"):
+                   "04_evaluation", "06_qualitative", "07_beyond_the_paper"):
             assert (nb + ".ipynb", ds) in names
     assert ("05_summary_figures.ipynb", None) in names
     order = [nb for nb, _ in names]
@@ -40,11 +40,12 @@ def test_chains_split_the_plan_into_independent_dataset_chains():
         assert len({p["dataset"] for _, p, _ in chain}) == 1
     # Concrete's gold standard three times in the smoke profile: its default (SGD, remove),
     # subtract, and Adam (App. E.1), which notebook 04 evaluates a second time
-    assert [nb[:2] for nb, _, _ in per_ds[0]] == ["01", "02", "02", "02", "03", "04", "04", "06"]
+    assert [nb[:2] for nb, _, _ in per_ds[0]] == ["01", "02", "02", "02", "03", "04", "04", "06",
+                                                  "07"]
     assert per_ds[0][2][1]["mechanism"] == "subtract" and "optimizer" not in per_ds[0][2][1]
     assert per_ds[0][3][1]["optimizer"] == "adam" and per_ds[0][6][1]["optimizer"] == "adam"
     assert "optimizer" not in per_ds[0][5][1]
-    assert [nb[:2] for nb, _, _ in per_ds[1]] == ["01", "02", "03", "04", "06"]
+    assert [nb[:2] for nb, _, _ in per_ds[1]] == ["01", "02", "03", "04", "06", "07"]
     assert sum(map(len, per_ds)) + len(head) + len(tail) == len(steps)
     only_02 = [s for s in steps if s[0].startswith("02")]
     assert pipeline.chains(only_02)[0] == [] and pipeline.chains(only_02)[2] == []
@@ -71,12 +72,12 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
     out, err = capfd.readouterr()
     # one line per notebook with its wall time, then the total; nothing from the kernels
     lines = out.strip().splitlines()
-    assert len(lines) == 1 + 10 + 1, out
-    assert all(re.search(r"^\[ ?\d+/10\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
-    assert lines[-1].startswith("all 10 notebooks done in ")
+    assert len(lines) == 1 + 11 + 1, out
+    assert all(re.search(r"^\[ ?\d+/11\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
+    assert lines[-1].startswith("all 11 notebooks done in ")
     assert "without encryption" not in err and "TCP" not in err, err
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
-    assert len(executed) == 10
+    assert len(executed) == 11
     for nb in executed:
         cells = json.loads(nb.read_text())["cells"]
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -180,11 +181,11 @@ def test_smoke_pipeline_for_images_and_text(isolated, capfd):
     pipeline.run("smoke", ["fashion_mnist", "sst2"], jobs=2)
     lines = capfd.readouterr().out.strip().splitlines()
     assert "2 at a time" in lines[0]
-    counters = [int(re.match(r"^\[ ?(\d+)/12\] ", ln).group(1)) for ln in lines[1:-1]]
-    assert counters == list(range(1, 13)), lines
+    counters = [int(re.match(r"^\[ ?(\d+)/14\] ", ln).group(1)) for ln in lines[1:-1]]
+    assert counters == list(range(1, 15)), lines
     assert lines[-2].split()[1] == "05_summary_figures"     # after both chains
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
-    assert len(executed) == 1 + 2 * 5 + 1
+    assert len(executed) == 1 + 2 * 6 + 1
     for nb in executed:
         cells = json.loads(nb.read_text())["cells"]
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -220,3 +221,23 @@ def test_notebooks_are_valid_and_have_a_parameters_cell():
             nbformat.validate(nb)
         tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, path.name
+
+
+def test_notebook_07_runs_on_the_smoke_profile(isolated):
+    import numpy as np
+    from fimoda import report
+    require_file("concrete/Concrete_Data.xls")
+    pipeline.run("smoke", ["concrete"], only=["01", "02", "07"])
+    nb = isolated / "executed" / "smoke" / "07_beyond_the_paper_concrete.ipynb"
+    cells = json.loads(nb.read_text())["cells"]
+    assert not [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
+    assert {"concrete_infinitesimal_sgd.png", "concrete_trajectory_sgd_remove_eq13.png"} <= figs
+    rows = report.beyond_rows("smoke", ["concrete"])
+    inf = rows[rows["what"] == "infinitesimal vs finite (float64)"]
+    assert len(inf) == 1 and float(inf["first"].iloc[0]) > 0.95    # small perturbation: ~ 1
+    traj = rows[rows["part"] == "trajectory"]
+    assert {"trajectory (GN)", "trajectory (true H)", "Grad-Dot", "CG"} <= set(traj["what"])
+    assert np.isfinite(traj[["first", "min", "last"]].to_numpy(dtype=float)).all()
+    index = report.figure_index("smoke")
+    assert any("concrete_trajectory_sgd_remove_eq13.png" in r["file"] for r in index)

@@ -76,6 +76,8 @@ def mislabel_applies(cfg: ExperimentConfig) -> tuple[bool, str]:
     if cfg.model == "resnet9":
         return False, ("the paper ran mislabelled-example detection on the tabular classifiers "
                        "and SST-2, not on images")
+    if cfg.further.mislabel_skip:
+        return False, f"not run in the {cfg.profile} profile: {cfg.further.mislabel_skip}"
     return True, ""
 
 

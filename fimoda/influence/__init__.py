@@ -24,6 +24,7 @@ operator and solver a method uses; :mod:`.errors` holds the typed numerical brea
 | prop1      | generalized  | (7) with Delta-theta(D) of (15)                             |
 | cor2       | generalized  | Cor. 2 (Gauss-Newton form of (7))                           |
 | eq16       | generalized  | (16) near-stationary                                        |
+| trajectory | trajectory   | linearised SGD further training, (eta/n) sum_k (I-eta A)^k  |
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ METHODS = {
     "cg": "cg", "lissa": "lissa", "lissa_h": "lissa", "dense": "dense",
     "arnoldi": "arnoldi", "trak": "trak", "ekfac": "ekfac", "datainf": "datainf",
     "prop1": "generalized", "cor2": "generalized", "eq16": "generalized",
+    "trajectory": "trajectory",
 }
 # The paper's Figure 2 set, in its legend order.
 PAPER_METHODS = ("grad_dot", "grad_cos", "datainf", "cg", "lissa", "lissa_h", "trak", "ekfac")
