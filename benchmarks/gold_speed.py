@@ -18,6 +18,14 @@ matmul rate is measured with a large matmul in the same process. FLOPs per model
 
     6 x B x sum_layers (in x out)      (2 B in out forward, 4 B in out for dW and dX backward)
 
+Then (``--dask-workers``, default 2; 0 skips it) the same gold work, cut into (seed, chunk)
+pieces of ``--dask-chunk`` runs, serially and as tasks of a ``dask.distributed`` LocalCluster of
+that many single-threaded worker processes, in one run: wall times, the ratio, the cluster's
+start-up, the per-task compute time (from the task stream) and the overhead per task,
+``(workers x wall - sum of task compute times) / tasks``; then an EXTRAPOLATION (not a
+measurement) of the paper profile's gold standard for the dataset on N workers (GPUs when run
+with ``--device cuda``) from the measured cost per run-step and per task.
+
 Run:  python benchmarks/gold_speed.py [--threads 2] [--seeds 2] [--epochs 3] [--n-loo 100]
 """
 from __future__ import annotations
@@ -147,6 +155,70 @@ def paper_style_loop(model, X, y, Xt, yt, runs, seed, lr, epochs, batch_size, me
     return out
 
 
+def dask_row(model, X, y, Xt, yt, loo, cfg, args, name):
+    """Serial vs a LocalCluster on the same pieces, and the paper-profile extrapolation."""
+    import dataclasses
+    import tempfile
+    from distributed import get_task_stream
+    from fimoda.config import get_config
+    from fimoda.gold import distributed as dd
+    cfg = dataclasses.replace(cfg, max_runs_per_chunk=args.dask_chunk, device=args.device)
+    runs = len(loo) + 1
+    n_tasks = args.seeds * math.ceil(runs / args.dask_chunk)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)     # serial: blocks on one thread per core; tasks: one thread each
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        ser = further_train(model, "regression", X, y, Xt, yt, loo, cfg, workdir=f"{tmp}/serial")
+        serial_s = time.perf_counter() - t
+        t = time.perf_counter()
+        with dd.cluster_client(workers=args.dask_workers) as client:
+            start_s = time.perf_counter() - t
+            t = time.perf_counter()
+            with get_task_stream(client) as ts, dd.on_dask(client, progress=False, threads=1):
+                res = further_train(model, "regression", X, y, Xt, yt, loo, cfg,
+                                    workdir=f"{tmp}/dask")
+            dask_s = time.perf_counter() - t
+        tasks = [r for r in ts.data if "fimoda-gold" in str(r["key"])]
+        compute = [sum(s["stop"] - s["start"] for s in r["startstops"]
+                       if s["action"] == "compute") for r in tasks]
+    torch.set_num_threads(threads)
+    same = all(np.array_equal(getattr(ser, k), getattr(res, k))
+               for k in ("loss_full", "loss_loo", "param_dist", "param_dist_loo"))
+    task_s = float(np.mean(compute))
+    overhead = (args.dask_workers * dask_s - sum(compute)) / len(compute)
+    print(f"dask: {n_tasks} pieces of {args.dask_chunk} runs ({args.seeds} seeds x "
+          f"{math.ceil(runs / args.dask_chunk)} chunks), device {args.device}: serial "
+          f"{serial_s:.2f} s (one intra-op thread, {os.cpu_count()} block threads), "
+          f"LocalCluster of {args.dask_workers} single-threaded workers {dask_s:.2f} s "
+          f"(+ {start_s:.1f} s to start it) -> {serial_s / dask_s:.2f}x the serial speed; "
+          f"arrays bit-identical: {same}")
+    print(f"dask: per task {task_s:.3f} s compute (mean of {len(compute)}; min "
+          f"{min(compute):.3f}, median {np.median(compute):.3f}, max {max(compute):.3f}; serial "
+          f"{serial_s / n_tasks:.3f} s per piece on {os.cpu_count()} block threads), overhead per task "
+          f"{overhead * 1e3:.0f} ms = (workers x wall - sum of compute) / tasks")
+    steps_epoch = math.ceil(len(X) / cfg.batch_size)
+    run_step_s = sum(compute) / (args.seeds * runs * cfg.epochs * steps_epoch)
+    paper = get_config(args.dataset if name != "synthetic" else "concrete", "paper").further
+    p_runs, chunk = paper.n_loo + 1, args.dask_chunk
+    p_tasks = paper.seeds * math.ceil(p_runs / chunk)
+    p_task_s = chunk * paper.epochs * steps_epoch * run_step_s + max(overhead, 0.0)
+    print(f"EXTRAPOLATION (not measured): the paper profile's gold standard for {name} "
+          f"({paper.seeds} seeds x {p_runs} runs x {paper.epochs} epochs x {steps_epoch} "
+          f"steps) as {p_tasks} pieces of {chunk} runs, each {p_task_s:.1f} s at this run's "
+          f"cost per run-step ({run_step_s * 1e6:.1f} us on one {args.device} worker) plus "
+          f"the overhead per task:")
+    print("  " + "; ".join(f"N={n}: {_clock_h(math.ceil(p_tasks / n) * p_task_s)}"
+                           for n in (1, 2, 4, 8, 16, 64)) +
+          ("  (N workers like this run's; on GPUs rerun with --device cuda on a GPU machine "
+           "to measure their cost per run-step)" if args.device == "cpu" else
+           f"  (N GPUs like this run's {args.device})"))
+
+
+def _clock_h(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dataset", default="concrete")
@@ -164,6 +236,10 @@ def main(argv=None):
                     help="left-out runs (plus the full run) timed in the two loops")
     ap.add_argument("--repeats", type=int, default=3, help="vectorised timing: best of")
     ap.add_argument("--matmul-size", type=int, default=2048)
+    ap.add_argument("--dask-workers", type=int, default=2,
+                    help="LocalCluster workers of the Dask row (0: no Dask row)")
+    ap.add_argument("--dask-chunk", type=int, default=10, help="runs per piece in the Dask row")
+    ap.add_argument("--device", default="cpu", help="device of the Dask row's pieces")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()
@@ -234,6 +310,8 @@ def main(argv=None):
     print(f"ceiling: even at 100% of the measured matmul rate ({floor_ms:.3f} ms per model-step) "
           f"the vectorised path would be at most {pap_ms / floor_ms:.1f}x the paper-style loop "
           f"measured here; 20x would need {need:.0f} GFLOP/s = {need / rate:.0%} of the rate")
+    if args.dask_workers > 0:
+        dask_row(model, X, y, Xt, yt, loo, cfg, args, name)
     load1 = os.getloadavg()
     print(f"load average at start {load0[0]:.2f}, at end {load1[0]:.2f} on {os.cpu_count()} "
           f"cores" + ("  (other processes were running: timings may be disturbed)"

@@ -240,8 +240,8 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The pipeline's options (also ``fimoda run``'s)."""
     ap.add_argument("--profile", default="cpu", choices=PROFILES)
     ap.add_argument("--datasets", default=None,
                     help="comma-separated; default: the profile's datasets")
@@ -252,7 +252,11 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=None,
                     help="further-training seeds of the gold standard (default: the profile's; "
                          "printed in every banner as a reduction)")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def run_args(a: argparse.Namespace) -> None:
+    """:func:`run` with options parsed by :func:`add_arguments`."""
     from .config import PROFILE_DATASETS
     datasets = a.datasets.split(",") if a.datasets else list(PROFILE_DATASETS[a.profile])
     datasets = [d.strip() for d in datasets if d.strip()]
@@ -269,6 +273,11 @@ def main(argv=None):
         jobs = min(2, os.cpu_count() or 1) if a.device == "cpu" else 1
     run(a.profile, datasets, a.device, only=a.only.split(",") if a.only else None, jobs=jobs,
         seeds=a.seeds)
+
+
+def main(argv=None):
+    run_args(add_arguments(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+             .parse_args(argv))
 
 
 if __name__ == "__main__":

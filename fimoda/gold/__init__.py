@@ -15,7 +15,8 @@ The attribution scores (:func:`gold_scores`) are then
 Modules: ``config`` (:class:`GoldConfig`, :class:`GoldResult`), ``schedule`` (batch orders, how
 z_i is left out, augmentation), ``optim`` (SGD/Adam/AdamW on stacked runs), ``engines`` (per-run
 gradients: mlp, func, loop), ``runner`` (:func:`further_train`, chunks and the resumable work
-directory), ``scores`` (eqs. 13 and 17), ``reference`` (the one-model loop the tests compare
+directory, one (seed, chunk) piece at a time for executors), ``distributed`` (the pieces as Dask
+tasks; imported on demand), ``scores`` (eqs. 13 and 17), ``reference`` (the one-model loop the tests compare
 against; LOO re-training from scratch) and ``store`` (results on disk).
 """
 from .config import ENGINES, MECHANISMS, OPTIMIZERS, SHUFFLES, GoldConfig, GoldResult

@@ -3,10 +3,14 @@ by an engine, with a resumable work directory.
 
 Runs are processed in chunks (the full run once per seed, in the first chunk); with a work
 directory each (seed, chunk) is saved atomically as it finishes, so a killed run resumes where it
-stopped and ends with the same arrays, bit for bit.
+stopped and ends with the same arrays, bit for bit. A :class:`GoldJob` is the prepared work;
+:func:`write_piece` computes one (seed, chunk) piece of it, the unit that an executor (a shard of
+a job array, :mod:`fimoda.gold.distributed`'s Dask tasks) runs elsewhere.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import dataclasses
 import hashlib
@@ -244,11 +248,206 @@ def _open_workdir(workdir, fp: dict) -> Path:
     return wd
 
 
+# ----------------------------------------------------------------------------- the pieces
+class MissingPieces(RuntimeError):
+    """(seed, chunk) pieces that an executor left out of the work directory (e.g. other shards'
+    pieces, or a merge before every shard has finished); ``pieces`` lists them, ``paths`` their
+    files."""
+
+    def __init__(self, workdir: Path, pieces: list, paths: list):
+        self.workdir, self.pieces, self.paths = workdir, list(pieces), list(paths)
+        names = ", ".join(p.name for p in self.paths[:12])
+        more = f" and {len(self.paths) - 12} more" if len(self.paths) > 12 else ""
+        super().__init__(f"{len(self.pieces)} of the gold standard's (seed, chunk) pieces are "
+                         f"missing from {workdir}: {names}{more}")
+
+
+class GoldJob:
+    """The further training of :func:`further_train`, prepared: inputs on the device, schedule,
+    engine, the runs and their chunks, and the opened work directory. Any (seed, chunk) piece is
+    computed from it alone (:meth:`compute`, :func:`write_piece`), so pieces can run in other
+    processes: a job pickles with its tensors on the CPU and without its engine, which is built
+    again where it is unpickled."""
+
+    def __init__(self, model: nn.Module, task: str, X_train, y_train, X_test, y_test,
+                 loo_indices, cfg: GoldConfig, workdir=None, augment: Optional[Callable] = None,
+                 test_indices=None, loss: Optional[Callable] = None):
+        self.model, self.X, self.Y, self.Xt, self.Yt, self.loo = _prepare(
+            model, task, X_train, y_train, X_test, y_test, loo_indices, cfg)
+        self.task, self.cfg, self.augment, self.loss = task, cfg, augment, loss
+        self.test_idx = _test_indices(test_indices, len(self.Xt))
+        self.sched = make_schedule(len(self.X), cfg)
+        self._engine = _make_engine(self.model, task, cfg, self.X, self.Y, loss)
+        self.runs = np.concatenate([[-1], self.loo])
+        self.chunk = _chunk_runs(cfg, self.model, self.X, len(self.runs), self.sched.slots)
+        cpu_mlp = self._engine.name == "mlp" and self.X.device.type == "cpu"
+        if cfg.run_block is not None:
+            self.block = cfg.run_block
+        else:
+            self.block = MLP_RUN_BLOCK_CPU if cpu_mlp else self.chunk
+        # CPU mlp engine: blocks on worker threads (one intra-op thread each), one per core
+        self.workers = (cfg.workers or _cores()) if cpu_mlp else 1
+        self.seeds = cfg.seed_list
+        self.T = len(self.sched.eval_steps)
+        self.n_chunks = math.ceil(len(self.runs) / self.chunk)
+        self.workdir = None
+        if workdir is not None:
+            self.workdir = _open_workdir(workdir, _fingerprint(
+                self.model, task, self.X, self.Y, self.Xt, self.Yt, self.loo, cfg, self._engine,
+                self.chunk, self.block, augment, loss))
+
+    # pickling: tensors travel on the CPU, the engine is rebuilt on arrival
+    _TENSORS = ("X", "Y", "Xt", "Yt")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_engine"] = None
+        state["model"] = copy.deepcopy(self.model).cpu()
+        for k in self._TENSORS:
+            state[k] = state[k].cpu()
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        dev = torch.device(self.cfg.device)
+        self.model = self.model.to(dev)
+        for k in self._TENSORS:
+            setattr(self, k, getattr(self, k).to(dev))
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = _make_engine(self.model, self.task, self.cfg, self.X, self.Y,
+                                        self.loss)
+        return self._engine
+
+    def pieces(self) -> list[tuple[int, int]]:
+        """Every (seed, chunk index), seed by seed."""
+        return [(s, c) for s in self.seeds for c in range(self.n_chunks)]
+
+    def bounds(self, c: int) -> tuple[int, int]:
+        """The runs [a, b) of chunk c (run 0 is the full run)."""
+        return c * self.chunk, min(len(self.runs), (c + 1) * self.chunk)
+
+    def path(self, seed: int, c: int) -> Optional[Path]:
+        return None if self.workdir is None else self.workdir / f"seed{seed}_chunk{c:04d}.npz"
+
+    def load(self, seed: int, c: int):
+        """(test losses, distances) of a stored piece, or None when it is not stored."""
+        path = self.path(seed, c)
+        if path is None or not path.exists():
+            return None
+        a, b = self.bounds(c)
+        z = load_npz(path)
+        if not (np.array_equal(z["left"], self.runs[a:b])
+                and z["loss"].shape == (b - a, self.T, len(self.Xt))):
+            raise ValueError(f"{path} does not match this configuration; delete the work "
+                             "directory")
+        return z["loss"], z["dist"]
+
+    def missing(self) -> list[tuple[int, int]]:
+        """The pieces not yet in the work directory (all of them without one)."""
+        return [p for p in self.pieces() if self.path(*p) is None or not self.path(*p).exists()]
+
+    def compute(self, seed: int, c: int, perms=None, bar=None, workers: Optional[int] = None):
+        """Train chunk c of ``seed`` and store it (with a work directory, atomically); returns
+        (test losses (R, T, J), distances (R, T)). ``perms``: the seed's epoch permutations and
+        their inverses when already drawn; ``workers``: block threads (no effect on the
+        numbers; default :attr:`workers`)."""
+        cfg, n = self.cfg, len(self.X)
+        if perms is None:
+            perms = epoch_permutations(n, seed, self.sched.n_epochs, cfg.shuffle)
+            perms = (perms, torch.argsort(perms, dim=1))
+        p, inv = perms
+        stream = None
+        if self.augment is not None:   # every chunk replays the seed's views
+            stream = _AugmentStream(self.augment, self.X, cfg.batch_size, seed,
+                                    lambda e, p=p: p[e])
+        a, b = self.bounds(c)
+        t0 = time.perf_counter()
+        done0 = None if bar is None else bar.n
+        Lt, Dt = _train_chunk(self.engine, cfg, self.sched, p, inv,
+                              torch.as_tensor(self.runs[a:b]), self.X, self.Y, self.Xt, self.Yt,
+                              stream, self.block, workers or self.workers, bar)
+        if bar is not None:
+            bar.update(done0 + (b - a) - bar.n)
+        L, D = Lt.numpy(), Dt.numpy()
+        dt = time.perf_counter() - t0
+        log.info("seed %d chunk %d/%d: %d runs x %d steps in %.2f s (%.2f runs/s, "
+                 "%.0f model-steps/s, engine %s)", seed, c + 1, self.n_chunks, b - a,
+                 self.sched.total, dt, (b - a) / dt, (b - a) / dt * self.sched.total,
+                 self.engine.name)
+        if self.workdir is not None:
+            save_npz(self.path(seed, c), loss=L, dist=D, left=self.runs[a:b])
+        return L, D
+
+
+def write_piece(job: GoldJob, seed: int, c: int, block_threads: Optional[int] = None,
+                threads: Optional[int] = None) -> str:
+    """Compute piece (``seed``, chunk ``c``) of ``job`` and write it atomically into the job's
+    work directory, unless it is there already; returns the file's path. The unit of work of a
+    distributed or sharded gold standard. ``block_threads``: of the CPU mlp engine;
+    ``threads``: torch intra-op threads while it runs (None: as they are). Neither changes the
+    numbers of the mlp engine."""
+    path = job.path(seed, c)
+    if path is None:
+        raise ValueError("write_piece needs a job with a work directory")
+    if job.load(seed, c) is None:
+        before = torch.get_num_threads()
+        try:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            job.compute(seed, c, workers=block_threads)
+        finally:
+            torch.set_num_threads(before)
+    return str(path)
+
+
+# An executor computes pieces elsewhere: ``executor(job, pieces)`` writes the given pieces into
+# the job's work directory (or some of them: a shard); further_train then loads them.
+_EXECUTOR: contextvars.ContextVar = contextvars.ContextVar("fimoda_gold_executor", default=None)
+
+
+@contextlib.contextmanager
+def executing(executor: Callable):
+    """Within the block, :func:`further_train` (also through ``experiment.run_gold``) hands the
+    pieces missing from its work directory to ``executor(job, pieces)`` (e.g.
+    :func:`fimoda.gold.distributed.dask_executor`) instead of training them itself, then
+    assembles the result from the work directory; :class:`MissingPieces` if the executor
+    left some out."""
+    token = _EXECUTOR.set(executor)
+    try:
+        yield executor
+    finally:
+        _EXECUTOR.reset(token)
+
+
+def shard_executor(k: int, n: int, progress: bool = True) -> Callable:
+    """An executor that computes, in this process, only shard ``k`` of ``n`` (1-based): the
+    pieces whose index in :meth:`GoldJob.pieces` is k-1 modulo n (a job array's task k)."""
+    if not (isinstance(k, int) and isinstance(n, int) and 1 <= k <= n):
+        raise ValueError(f"shard must be k/N with 1 <= k <= N, got {k}/{n}")
+
+    def run(job: GoldJob, pieces):
+        mine = set(job.pieces()[k - 1::n])
+        todo = [p for p in pieces if p in mine]
+        for s, c in tqdm(todo, desc=f"gold shard {k}/{n}", unit="piece", disable=not progress):
+            write_piece(job, s, c)
+        log.info("gold shard %d/%d: %d piece(s) written to %s", k, n, len(todo), job.workdir)
+    return run
+
+
+def assemble_only(job: GoldJob, pieces) -> None:
+    """An executor that computes nothing: the result is assembled from pieces already written
+    (``fimoda merge``); any missing piece is a :class:`MissingPieces` error."""
+
+
 # ----------------------------------------------------------------------------- main entry
 def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test, loo_indices,
                   cfg: GoldConfig, workdir=None, augment: Optional[Callable] = None,
                   test_indices=None, callback: Optional[Callable] = None,
-                  loss: Optional[Callable] = None) -> GoldResult:
+                  loss: Optional[Callable] = None,
+                  executor: Optional[Callable] = None) -> GoldResult:
     """LOO further training from theta^f (eqs. 2, 3): for every seed, the full run and one run
     per left-out index, all from ``model``'s parameters with the seed's batch order; test losses
     and ||theta_t - theta^f|| at every evaluation point. Vectorised over runs
@@ -259,37 +458,29 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
     ``callback(seed, chunk)``: called after each chunk is stored. ``test_indices`` is recorded
     in the result only (default 0..J-1). ``loss(outputs, targets) -> (B,)``: a twice
     differentiable per-example loss in place of the task's (squared error / cross-entropy).
+    ``executor(job, pieces)`` (default: the one set by :func:`executing`, else none): computes
+    the missing pieces elsewhere (a Dask cluster, a shard), into ``workdir``; without one,
+    every piece is trained here, in order.
     """
     t_start = time.perf_counter()
-    model, X, Y, Xt, Yt, loo = _prepare(model, task, X_train, y_train, X_test, y_test,
-                                        loo_indices, cfg)
-    n, J, n_loo = len(X), len(Xt), len(loo)
-    test_idx = _test_indices(test_indices, J)
-    sched = make_schedule(n, cfg)
-    engine = _make_engine(model, task, cfg, X, Y, loss)
-    runs = np.concatenate([[-1], loo])
-    chunk = _chunk_runs(cfg, model, X, len(runs), sched.slots)
-    if cfg.run_block is not None:
-        block = cfg.run_block
-    elif engine.name == "mlp" and X.device.type == "cpu":
-        block = MLP_RUN_BLOCK_CPU
-    else:
-        block = chunk
-    # CPU mlp engine: blocks on worker threads (one intra-op thread each), one per core
-    workers = 1
-    if engine.name == "mlp" and X.device.type == "cpu":
-        workers = cfg.workers or _cores()
-    seeds = cfg.seed_list
-    wd = None
-    if workdir is not None:
-        wd = _open_workdir(workdir, _fingerprint(model, task, X, Y, Xt, Yt, loo, cfg, engine,
-                                                 chunk, block, augment, loss))
-    T = len(sched.eval_steps)
+    job = GoldJob(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg, workdir,
+                  augment, test_indices, loss)
+    executor = executor if executor is not None else _EXECUTOR.get()
+    if executor is not None:
+        if job.workdir is None:
+            raise ValueError("a gold-standard executor writes its pieces into a work directory: "
+                             "give workdir")
+        todo = job.missing()
+        if todo:
+            executor(job, todo)
+        left = job.missing()
+        if left:
+            raise MissingPieces(job.workdir, left, [job.path(*p) for p in left])
+    seeds, runs, T, J, n_loo = job.seeds, job.runs, job.T, len(job.Xt), len(job.loo)
     loss_full = np.empty((len(seeds), T, J))
     loss_loo = np.empty((len(seeds), n_loo, T, J))
     dist_full = np.empty((len(seeds), T))
     dist_loo = np.empty((len(seeds), n_loo, T))
-    n_chunks = math.ceil(len(runs) / chunk)
     threads = torch.get_num_threads()   # worker threads set their own; restored at the end
     bar = tqdm(total=len(seeds) * len(runs), unit="run", disable=not cfg.progress,
                desc=f"further training ({cfg.optimizer}, {cfg.mechanism})",
@@ -298,42 +489,22 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
     computed_runs, computed_s = 0, 0.0
     try:
         for si, seed in enumerate(seeds):
-            perms = inv = stream = None
-            for c in range(n_chunks):
-                a, b = c * chunk, min(len(runs), (c + 1) * chunk)
-                path = None if wd is None else wd / f"seed{seed}_chunk{c:04d}.npz"
-                if path is not None and path.exists():
-                    z = load_npz(path)
-                    if not (np.array_equal(z["left"], runs[a:b])
-                            and z["loss"].shape == (b - a, T, J)):
-                        raise ValueError(f"{path} does not match this configuration; delete "
-                                         "the work directory")
-                    L, D = z["loss"], z["dist"]
+            perms = None
+            for c in range(job.n_chunks):
+                a, b = job.bounds(c)
+                stored = job.load(seed, c)
+                if stored is not None:
+                    L, D = stored
                     bar.update(b - a)
                 else:
                     if perms is None:
-                        perms = epoch_permutations(n, seed, sched.n_epochs, cfg.shuffle)
-                        inv = torch.argsort(perms, dim=1)
-                    if augment is not None:   # every chunk replays the seed's views
-                        stream = _AugmentStream(augment, X, cfg.batch_size, seed,
-                                                lambda e, p=perms: p[e])
+                        p = epoch_permutations(len(job.X), seed, job.sched.n_epochs, cfg.shuffle)
+                        perms = (p, torch.argsort(p, dim=1))
                     t0 = time.perf_counter()
-                    done0 = bar.n
-                    Lt, Dt = _train_chunk(engine, cfg, sched, perms, inv,
-                                          torch.as_tensor(runs[a:b]), X, Y, Xt, Yt, stream,
-                                          block, workers, bar)
-                    bar.update(done0 + (b - a) - bar.n)
-                    L, D = Lt.numpy(), Dt.numpy()
+                    L, D = job.compute(seed, c, perms, bar)
                     dt = time.perf_counter() - t0
                     computed_runs, computed_s = computed_runs + (b - a), computed_s + dt
-                    rate = (b - a) / dt
-                    bar.set_postfix_str(f"last chunk {rate:.2f} runs/s")
-                    log.info("seed %d chunk %d/%d: %d runs x %d steps in %.2f s (%.2f runs/s, "
-                             "%.0f model-steps/s, engine %s)", seed, c + 1, n_chunks, b - a,
-                             sched.total, dt, rate, rate * sched.total, engine.name)
-                    if path is not None:
-                        save_npz(path, loss=L, dist=D, left=runs[a:b])
-                    stream = None
+                    bar.set_postfix_str(f"last chunk {(b - a) / dt:.2f} runs/s")
                 for r in range(a, b):
                     if runs[r] < 0:
                         loss_full[si], dist_full[si] = L[r - a], D[r - a]
@@ -349,7 +520,7 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
         log.info("further training done: %d runs computed in %.1f s (%.2f runs/s)",
                  computed_runs, computed_s, computed_runs / computed_s)
     config = dataclasses.asdict(cfg)
-    config.update(engine=engine.name, chunk_runs=chunk, run_block=block)
-    return GoldResult(loss_full, loss_loo, dist_full, dist_loo, sched.eval_points,
-                      "epoch" if sched.by_epoch else "step", np.asarray(seeds), loo, test_idx,
-                      config, total_s)
+    config.update(engine=job.engine.name, chunk_runs=job.chunk, run_block=job.block)
+    return GoldResult(loss_full, loss_loo, dist_full, dist_loo, job.sched.eval_points,
+                      "epoch" if job.sched.by_epoch else "step", np.asarray(seeds), job.loo,
+                      job.test_idx, config, total_s)
