@@ -211,3 +211,15 @@ def test_trajectory_is_a_method_scored_at_the_configured_amount_of_further_train
     with pytest.raises(ValueError, match="steps"):
         trajectory_curve(att, TrajectoryConfig(), [1.5])
 
+
+
+def test_the_infinitesimal_study_runs_where_the_profile_says():
+    from fimoda import beyond
+    from fimoda.config import get_config
+    assert beyond.infinitesimal_applies(get_config("concrete", "cpu")) == (True, "")
+    assert beyond.infinitesimal_applies(get_config("fico", "cpu")) == (True, "")
+    runs, why = beyond.infinitesimal_applies(get_config("energy", "cpu"))
+    assert not runs and "concrete and fico" in why and "profile='paper'" in why
+    assert beyond.infinitesimal_applies(get_config("energy", "smoke"))[0]
+    assert beyond.infinitesimal_applies(get_config("energy", "paper"))[0]
+    assert not beyond.infinitesimal_applies(get_config("sst2", "paper"))[0]
