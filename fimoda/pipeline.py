@@ -188,7 +188,7 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
             raise SystemExit(f"notebook {label} failed ({e}); kernel log: {log}") from None
         with lock:
             done[0] += 1
-            print(f"[{done[0]:>2}/{len(steps)}] {label:<40} {_clock(time.perf_counter() - t0):>8}",
+            print(f"[{done[0]:>2}/{len(steps)}] {label:<52} {_clock(time.perf_counter() - t0):>8}",
                   flush=True)
 
     try:
