@@ -1,0 +1,99 @@
+"""fimoda's command line: ``fimoda COMMAND --help`` for each command (or ``python -m fimoda``).
+
+The commands call the notebooks' own functions (:mod:`fimoda.experiment`), so their results are
+the notebooks' files in ``results/<profile>/<dataset>/``, reused by either:
+
+  run        the whole pipeline (the notebooks, in order; ``run_all.sh``'s options)
+  gold       one dataset's gold standard (notebook 02): serially, on a Dask cluster
+             (--workers N, --scheduler ADDRESS) or one shard of a job array (--shard k/N)
+  merge      the gold file from the pieces that every shard has written
+  attribute  methods' scores for a dataset (notebook 03) or for your own model (--model)
+  evaluate   the methods against the gold standard (notebook 04's table)
+  figures    the summary figures and tables across datasets (notebook 05)
+
+Progress bars on a terminal; plain log lines when stderr is not one (a batch job). Bad
+arguments exit with status 2 and one message; a failure at run time with status 1.
+
+Your own model (``fimoda attribute --model mypkg.mymodule:load``): ``load()`` takes no argument
+and returns a mapping (or an object with these attributes): ``model`` (the trained
+``torch.nn.Module``, theta^f), ``X_train``, ``y_train``, ``X_test``, ``y_test`` (arrays or
+tensors), ``task`` (``"regression"`` or ``"classification"``) and optionally ``left_out`` (the
+training rows to attribute; default all). The scores go to ``--out`` (an .npz with
+``scores_<method>[test, left_out]`` per method and ``left_out``).
+
+The package: :mod:`.parser` (the arguments), :mod:`.commands` (what each command does), and here
+:func:`main`, which parses, checks, sets up the output and runs one command.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .commands import CommandError
+from .parser import _datasets, build_parser
+
+__all__ = ["main", "build_parser", "CommandError"]
+
+
+# ----------------------------------------------------------------------------- entry point
+def _check(ap, a):
+    """Argument combinations argparse cannot express: one error (status 2) before any work."""
+    if a.command == "attribute":
+        if a.model is not None and a.dataset is not None:
+            ap.error("attribute: give --dataset or --model, not both")
+        if a.model is None and a.dataset is None:
+            ap.error("attribute: give --dataset (with --profile) or --model MODULE:FUNCTION")
+        if a.model is not None and not a.out:
+            ap.error("attribute --model needs --out FILE.npz")
+        if a.out and not a.out.endswith(".npz"):
+            ap.error(f"attribute --out must name an .npz file, got {a.out!r}")
+    if a.command == "run" and a.datasets:
+        try:
+            _datasets(a.datasets)
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"run --datasets: {e}")
+    if getattr(a, "dtype", None) is not None:
+        from ..models import DTYPES
+        if a.dtype not in DTYPES:
+            ap.error(f"--dtype: unknown dtype {a.dtype!r}; choose from {', '.join(DTYPES)}")
+
+
+def _output(a, program: bool):
+    """Progress bars on a terminal; plain INFO log lines (the gold standard logs every piece)
+    otherwise (``program``: run as a program, whose environment may be set)."""
+    if getattr(a, "progress", None) is None:
+        a.progress = sys.stderr.isatty()
+    if not a.progress:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,     # others: warnings
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("fimoda").setLevel(logging.INFO)
+        if program and "tqdm" not in sys.modules:   # the methods' inner bars: read at import
+            os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def main(argv=None) -> int:
+    """Run the command line ``argv`` (default: the program's arguments); returns the exit
+    status (argparse exits with 2 on bad arguments)."""
+    program = argv is None
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    _check(ap, a)
+    for opt, var in (("results_dir", "FIMODA_RESULTS_DIR"), ("figures_dir", "FIMODA_FIGURES_DIR"),
+                     ("data_dir", "FIMODA_DATA_DIR")):
+        if getattr(a, opt, None):
+            os.environ[var] = os.path.abspath(getattr(a, opt))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _output(a, program)
+    from ..gold.runner import MissingPieces
+    try:
+        a.func(a)
+    except (CommandError, MissingPieces, ValueError, FileNotFoundError, ImportError) as e:
+        print(f"fimoda {a.command}: error: {e}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
