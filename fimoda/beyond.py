@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from . import experiment as ex
+from .experiment.records import _canon, _without   # the key a cached result is stored with
 from .io import load_json, load_npz, save_json, save_npz
 
 # The infinitesimal gold standard costs a jvp per left-out instance per step (about 3 gradients'
@@ -63,10 +64,6 @@ def infinitesimal_applies(cfg) -> tuple[bool, str]:
                        f"{cfg.profile} profile (its budget); run this notebook with "
                        f"profile='paper' for {cfg.dataset}")
     return runs, why
-
-
-def _canon(obj) -> str:
-    return json.dumps(obj, sort_keys=True, default=str)
 
 
 def _gold_config(cfg, optimizer, work: dict, device: str):
@@ -139,7 +136,7 @@ def infinitesimal_study(cfg, optimizer: Optional[str] = None, device: str = "cpu
     path = d / f"beyond_infinitesimal_{opt}.npz"
     gcfg = _gold_config(cfg, opt, work, device)
     record = {"gold": gcfg.numeric(), "seeds": gcfg.seed_list, "work": work,
-              "experiment": ex._without(cfg, "methods")}
+              "experiment": _without(cfg, "methods")}
     if path.exists() and path.with_suffix(".json").exists() \
             and load_json(path.with_suffix(".json")).get("record") == json.loads(_canon(record)):
         z = load_npz(path)
@@ -295,7 +292,7 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
         tcfg = dataclasses.replace(tcfg, materialize="never")
     path = d / f"beyond_trajectory_{opt}.npz"
     record = {"trajectory": dataclasses.asdict(tcfg), "eval_points": t.tolist(),
-              "experiment": ex._without(cfg, "further", "methods")}
+              "experiment": _without(cfg, "further", "methods")}
     model, ds, loo, test = _inputs(cfg, device)
     if not (np.array_equal(loo, gold["loo_indices"]) and np.array_equal(test, gold["test_indices"])):
         raise ValueError("notebook 02's gold standard was computed for other instances: rerun it")
