@@ -3,7 +3,8 @@
 :func:`result_lock` holds ``.<name>.lock`` next to the result with ``fcntl.flock`` while a gold
 standard, a method's scores or a final model is computed and written. The kernel releases a
 flock when its holder exits, however it exits (SIGKILL included), so a lock file left behind by a
-dead process is never stale: the next process takes it at once. The file records the holder's
+dead process is never stale: the next process takes it at once. A holder that finishes removes the
+file. The file records the holder's
 pid, host and purpose for the message a waiting process prints. Re-entrant within a process
 (a method that computes a shared quantity under its own lock while the caller holds another).
 """
@@ -60,22 +61,8 @@ def result_lock(result, what: str = "", wait: bool = True, timeout: float | None
                 fh, depth = _HELD[key]
                 _HELD[key] = (fh, depth - 1)
         return
-    fh = open(path, "a+")
-    t0, told = time.monotonic(), False
+    fh = _acquire(path, result, wait, timeout, poll)
     try:
-        while True:
-            try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                holder = _holder(path)
-                msg = (f"{result} is being computed by another process ({holder}); ")
-                if not wait or (timeout is not None and time.monotonic() - t0 > timeout):
-                    raise ResultLocked(msg + "wait for it to finish, or stop it, then rerun")
-                if not told:
-                    print(msg + "waiting for it to finish", file=sys.stderr, flush=True)
-                    told = True
-                time.sleep(poll)
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()}"
@@ -88,8 +75,34 @@ def result_lock(result, what: str = "", wait: bool = True, timeout: float | None
         finally:
             with _GUARD:
                 _HELD.pop(key, None)
-            fh.seek(0)
-            fh.truncate()
+            path.unlink(missing_ok=True)        # removed while still held, then released
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
     finally:
+        fh.close()
+
+
+def _acquire(path: Path, result: Path, wait: bool, timeout, poll):
+    """The lock file, opened and flock'ed; retried when the file was removed (by its releasing
+    holder) between our open and our lock, so that two processes never hold different files."""
+    t0, told = time.monotonic(), False
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            msg = f"{result} is being computed by another process ({_holder(path)}); "
+            if not wait or (timeout is not None and time.monotonic() - t0 > timeout):
+                raise ResultLocked(msg + "wait for it to finish, or stop it, then rerun")
+            if not told:
+                print(msg + "waiting for it to finish", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(poll)
+            continue
+        try:
+            same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fh
         fh.close()

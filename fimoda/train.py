@@ -362,6 +362,7 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
 
     With ``out_dir`` the model file's lock (:func:`fimoda.locks.result_lock`) is held throughout:
     a second process training the same model waits, then loads the first one's."""
+    _check(cfg, ds)                  # bad input: one error before anything is written
     if out_dir is None:
         return _train_or_load(cfg, ds, device, out_dir, progress, force, max_eval_rows)
     with result_lock(Path(out_dir) / MODEL_FILE, f"the final model of {cfg.dataset}"):
@@ -379,7 +380,6 @@ def _train_or_load(cfg: ExperimentConfig, ds, device, out_dir, progress, force, 
             pass
         except ValueError as err:
             print(f"final model: not reusing the saved one ({err}); retraining")
-    _check(cfg, ds)
     rows, val = train_rows(cfg, ds)
     if len(rows) < len(ds.X_train):
         print(f"final model: training on {len(rows)} of {len(ds.X_train)} training rows"

@@ -80,8 +80,9 @@ def _lissa(att: Attributor, cfg: LissaConfig, hessian: str, desc: str) -> np.nda
                                                            stochastic, progress, desc))
         except LissaDivergedError as e:
             if i + 1 == len(scales):
-                raise LissaDivergedError(f"{e}. Tried scale(s) {', '.join(f'{v:g}' for v in scales)}"
-                                         f"; the next to try: scale={next_scale(scale):g}") from e
+                tried = ", ".join(f"{v:g}" for v in scales)
+                raise LissaDivergedError(f"{e}. Tried scale(s) {tried}; the next to try: "
+                                         f"scale={next_scale(scale):g}") from e
             continue
         if i > 0:
             warnings.warn(f"{desc} diverged at scale {scales[:i]}; used scale={scale:g}")
