@@ -23,14 +23,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .tensors import as_inputs, as_targets, as_tensor
-
-TASKS = ("regression", "classification")
-
-
-def _check_task(task: str) -> None:
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+from .losses import TASKS, check_task
+from .tensors import as_inputs, as_targets, as_tensor, check_data
 
 
 def _model_dtype_device(model: torch.nn.Module):
@@ -111,12 +105,10 @@ def _check_model(model, X, y, loss) -> None:
 
 
 def _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss=None):
-    _check_task(task)
+    check_task(task)
     X, y = _inputs(model, X_train), _targets(model, y_train, task)
     Xt, yt = _inputs(model, X_test), _targets(model, y_test, task)
-    if len(X) != len(y) or len(Xt) != len(yt):
-        raise ValueError(f"inputs and targets differ in length: train {len(X)} vs {len(y)}, "
-                         f"test {len(Xt)} vs {len(yt)}")
+    check_data(task, X, y, Xt, yt)
     _check_model(model, X, y, loss)
     return X, y, _rows(left_out, len(X)), Xt, yt
 

@@ -19,8 +19,9 @@ import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
 from tqdm import tqdm
 
-from .losses import gn_output, loss_derivatives, loss_from_f
+from .losses import check_task, gn_output, loss_derivatives, loss_from_f
 from .models import input_trimmer, row_groups, vmappable
+from .tensors import check_data
 
 
 class CustomLossError(ValueError):
@@ -99,6 +100,8 @@ class Problem:
     loss_fn: Optional[Callable] = None
 
     def __post_init__(self):
+        check_task(self.task)
+        check_data(self.task, self.X, self.Y)
         self.model.eval()
         self.names = param_names(self.model, self.names)
         self.params, self.rest = model_state(self.model, self.names)

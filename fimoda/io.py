@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +23,39 @@ def results_dir(profile: str, dataset: str, root: str | os.PathLike | None = Non
     return d
 
 
+class UnreadableFile(ValueError):
+    """A result file that exists but cannot be read back (truncated, half-written by something
+    other than :func:`atomic_write`, or not the format its name says); ``path`` names it."""
+
+    def __init__(self, path, reason):
+        self.path = Path(path)
+        super().__init__(f"cannot read {self.path}: {reason}. The file is truncated or corrupt; "
+                         "delete it and rerun the step that writes it")
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> Path:
     """Call ``write(fh)`` on a temporary file next to ``path`` (binary, flushed and synced), then
-    rename it into place; on any error the temporary file is removed and ``path`` is untouched."""
+    rename it into place; on any error the temporary file is removed and ``path`` is untouched.
+    The file gets the permissions of a normally created one (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -46,8 +74,15 @@ def save_npz(path, **arrays) -> Path:
 
 
 def load_npz(path) -> dict:
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+    """Every array of the .npz at ``path``, read in full; :class:`UnreadableFile` (naming the
+    file) when it is truncated or corrupt, FileNotFoundError when it does not exist."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        raise UnreadableFile(path, f"{type(e).__name__}: {e}") from e
 
 
 def _default(o):
@@ -71,8 +106,27 @@ def save_json(path, obj) -> Path:
 
 
 def load_json(path):
-    with open(path) as fh:
-        return json.load(fh)
+    """The JSON at ``path``; :class:`UnreadableFile` (naming the file) when it is corrupt."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UnreadableFile(path, f"{type(e).__name__}: {e}") from e
+
+
+def differences(old: dict, new: dict, only_new_keys: bool = False) -> list[str]:
+    """The dotted keys whose values differ between two nested dicts (JSON-normalised), sorted:
+    what a stored record and the expected one disagree on (``only_new_keys``: of the keys that
+    ``new`` has, leaving out what only ``old`` records)."""
+    def flat(d, pre=""):
+        out = {}
+        for k, v in (d or {}).items():
+            out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {pre + k: v})
+        return out
+    a = flat(json.loads(json.dumps(old, default=_default)))
+    b = flat(json.loads(json.dumps(new, default=_default)))
+    keys = set(b) if only_new_keys else set(a) | set(b)
+    return sorted(k for k in keys if a.get(k) != b.get(k))
 
 
 def sha256_arrays(*arrays) -> str:

@@ -14,6 +14,15 @@ import torch
 import torch.nn.functional as F
 
 
+TASKS = ("regression", "classification")
+
+
+def check_task(task: str) -> None:
+    """ValueError unless ``task`` is one of :data:`TASKS`."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+
 def per_example_loss(task: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``loss(outputs, targets) -> (B,)``: squared error (the MSE of the paper, per example) for
     regression, cross-entropy for classification."""

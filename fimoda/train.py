@@ -47,9 +47,10 @@ from tqdm import tqdm
 
 from .config import ExperimentConfig
 from .io import atomic_write, load_json, save_json, sha256_arrays, sha256_file
+from .locks import result_lock
 from .losses import per_example_loss
 from .models import build_model, input_trimmer, n_params, resolve_dtype, row_groups
-from .tensors import as_inputs, as_targets
+from .tensors import as_inputs, as_targets, check_finite
 from .text_trunk import frozen_trunk, trunk_features
 from .training_rows import (SUBSET_SEED, VAL_FRACTION, VAL_SEED, VAL_SIZE, train_rows,
                             training_dataset)
@@ -276,9 +277,8 @@ def _check(cfg: ExperimentConfig, ds):
                              f"non-empty and equally long")
         if np.asarray(y).ndim != 1:
             raise ValueError(f"y_{part} must be 1-d, got shape {np.asarray(y).shape}")
-        Xa = np.asarray(X)
-        if Xa.dtype.kind == "f" and not np.isfinite(Xa).all():
-            raise ValueError(f"X_{part} contains NaN or inf")
+        check_finite(f"X_{part}", X)
+        check_finite(f"y_{part}", y)
     if cfg.task == "classification":
         y = np.asarray(ds.y_train)
         if y.min() < 0 or y.max() >= ds.n_classes:
@@ -358,7 +358,18 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
 
     ``max_eval_rows``: the final train/test metrics of the record use at most this many rows of
     each (a seed-0 random sample; ``n`` in the record says how many); None takes
-    ``cfg.train.eval_rows``, whose None evaluates everything. It does not change the model."""
+    ``cfg.train.eval_rows``, whose None evaluates everything. It does not change the model.
+
+    With ``out_dir`` the model file's lock (:func:`fimoda.locks.result_lock`) is held throughout:
+    a second process training the same model waits, then loads the first one's."""
+    _check(cfg, ds)                  # bad input: one error before anything is written
+    if out_dir is None:
+        return _train_or_load(cfg, ds, device, out_dir, progress, force, max_eval_rows)
+    with result_lock(Path(out_dir) / MODEL_FILE, f"the final model of {cfg.dataset}"):
+        return _train_or_load(cfg, ds, device, out_dir, progress, force, max_eval_rows)
+
+
+def _train_or_load(cfg: ExperimentConfig, ds, device, out_dir, progress, force, max_eval_rows):
     if out_dir is not None and not force:
         try:
             model, record = _load(cfg, ds, out_dir, device)
@@ -369,7 +380,6 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
             pass
         except ValueError as err:
             print(f"final model: not reusing the saved one ({err}); retraining")
-    _check(cfg, ds)
     rows, val = train_rows(cfg, ds)
     if len(rows) < len(ds.X_train):
         print(f"final model: training on {len(rows)} of {len(ds.X_train)} training rows"

@@ -3,7 +3,9 @@ optimizer and leave-out mechanism (``gold_<optimizer>_<mechanism>.npz``, reused 
 matches), and LOO re-training from scratch (paper Fig. 11)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -11,8 +13,9 @@ import numpy as np
 import torch
 
 from ..config import ExperimentConfig
-from ..io import load_json, load_npz, save_npz
-from .records import _canon, _without
+from ..io import UnreadableFile, load_json, load_npz, save_npz
+from ..locks import result_lock
+from .records import _canon, _without, check_record
 from .setup import out_dir, tensors
 
 
@@ -32,22 +35,37 @@ def eval_unit(cfg: ExperimentConfig) -> str:
     return "step" if (fc.max_steps is not None or fc.eval_every is not None) else "epoch"
 
 
+GOLD_NOTEBOOK = "notebooks/02_gold_further_training"
+
+
 def load_gold(cfg: ExperimentConfig, optimizer: Optional[str] = None,
               mechanism: Optional[str] = None, directory=None) -> dict:
+    """The arrays of ``gold_<optimizer>_<mechanism>.npz`` after checking that its record says it
+    was computed for ``cfg`` (the whole experiment config but the methods' settings) with this
+    optimizer and mechanism: :class:`~.records.StaleResult` naming what differs otherwise,
+    FileNotFoundError when there is none, :class:`fimoda.io.UnreadableFile` when it is corrupt."""
     optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
     d = Path(directory or out_dir(cfg))
     p = d / f"gold_{optimizer}_{mechanism}.npz"
+    rerun = f"{GOLD_NOTEBOOK} for {cfg.dataset} ({cfg.profile} profile)"
     if not p.exists():
-        raise FileNotFoundError(f"no gold standard at {p}: run notebooks/02_gold_further_training"
-                                f" for {cfg.dataset} ({cfg.profile} profile) first")
-    return load_npz(p)
+        raise FileNotFoundError(f"no gold standard at {p}: run {rerun} first")
+    z = load_npz(p)
+    meta = load_json(p.with_suffix(".json")) if p.with_suffix(".json").exists() else {}
+    check_record(p, meta.get("record"), {
+        "gold": {"optimizer": optimizer, "mechanism": mechanism},
+        "experiment": _without(cfg, "methods")}, rerun)
+    return z
 
 
 def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: Optional[str] = None,
              mechanism: Optional[str] = None, device="cpu", directory=None, **overrides) -> dict:
     """Further training from theta^f for the full set and every left-out set, all seeds
-    (``gold_<optimizer>_<mechanism>.npz``); resumes from ``work_gold_*`` if interrupted."""
-    from ..gold import GoldConfig, further_train, save_gold
+    (``gold_<optimizer>_<mechanism>.npz``); resumes from ``work_gold_*`` if interrupted. Holds
+    the file's lock (:func:`fimoda.locks.result_lock`) while it checks, computes and writes it,
+    so a second process on the same directory waits and then reuses the result (job-array
+    shards, which share the work directory by design, do not take it)."""
+    from ..gold import GoldConfig
     optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
     d = Path(directory or out_dir(cfg))
     path = d / f"gold_{optimizer}_{mechanism}.npz"
@@ -58,13 +76,38 @@ def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: Opt
     record = {"gold": dataclasses.asdict(gcfg), "experiment": _without(cfg, "methods")}
     for k in ("device", "progress", "workers"):     # where and how fast, not what
         record["gold"].pop(k, None)
-    if path.exists() and path.with_suffix(".json").exists():
+    from ..gold.runner import concurrent_executor
+    lock = contextlib.nullcontext() if concurrent_executor() else \
+        result_lock(path, f"the {optimizer}/{mechanism} gold standard of {cfg.dataset}")
+    with lock:
+        z = _reusable(path, record, loo_idx, test_idx)
+        if z is not None:
+            return z
+        return _compute_gold(model, ds, cfg, gcfg, record, path, loo_idx, test_idx, device)
+
+
+def _reusable(path: Path, record: dict, loo_idx, test_idx) -> Optional[dict]:
+    """The stored gold standard at ``path`` when its record and instances are these, else None
+    (also, with a warning naming it, when it cannot be read: it is then recomputed)."""
+    if not (path.exists() and path.with_suffix(".json").exists()):
+        return None
+    try:
         old = load_json(path.with_suffix(".json"))
         z = load_npz(path)
-        if (_canon(old.get("record")) == _canon(record)
-                and np.array_equal(z["loo_indices"], loo_idx)
-                and np.array_equal(z["test_indices"], test_idx)):
-            return z
+    except UnreadableFile as e:
+        warnings.warn(f"{e}; recomputing it")
+        return None
+    if (_canon(old.get("record")) == _canon(record)
+            and np.array_equal(z["loo_indices"], loo_idx)
+            and np.array_equal(z["test_indices"], test_idx)):
+        return z
+    return None
+
+
+def _compute_gold(model, ds, cfg, gcfg, record, path, loo_idx, test_idx, device) -> dict:
+    from ..gold import further_train, save_gold
+    optimizer, mechanism = gcfg.optimizer, gcfg.mechanism
+    d = path.parent
     Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
     augment = None
     if cfg.model == "resnet9":      # the same augmentation as the final model's training

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -12,9 +13,10 @@ import numpy as np
 import torch
 
 from ..config import ExperimentConfig
-from ..io import load_npz, save_npz
+from ..io import UnreadableFile, load_npz, save_npz
+from ..locks import result_lock
 from .assumption1 import ASSUMPTION1_METHODS, assumption1_damping
-from .records import _canon, _without
+from .records import _canon, _without, check_record
 from .setup import out_dir, tensors
 
 
@@ -87,8 +89,9 @@ class MethodFailed(RuntimeError):
 def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None,
                force: bool = False, file: Optional[str] = None, **overrides) -> np.ndarray:
     """Compute (or load) ``scores_<name>.npz`` (or ``file``) for the experiment. Numerical
-    breakdowns are raised as :class:`MethodFailed` with the reason (nothing is written for that
-    method)."""
+    breakdowns, and scores that come out NaN or inf, are raised as :class:`MethodFailed` with the
+    reason (nothing is written for that method). The file's lock
+    (:func:`fimoda.locks.result_lock`) is held while it is checked, computed and written."""
     from ..influence import compute_scores
     if name in ASSUMPTION1_METHODS and "damping" not in overrides \
             and getattr(method_config(name, cfg), "hessian", "true") == "true":
@@ -98,24 +101,32 @@ def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directo
     record = {"method": name, "method_config": dataclasses.asdict(mcfg),
               "experiment": _without(cfg, "further", "methods")}
     path = Path(directory or out_dir(cfg)) / (file or f"scores_{name}.npz")
-    if path.exists() and not force:
-        z = load_npz(path)
-        if (str(z.get("config")) == _canon(record)
-                and np.array_equal(z["loo_indices"], loo_idx)
-                and np.array_equal(z["test_indices"], test_idx)):
-            return z["scores"]
-    from ..influence.errors import MethodBreakdown
-    t0 = time.perf_counter()
-    try:
-        scores = np.asarray(compute_scores(name, att, mcfg), dtype=np.float64)
-    except MethodBreakdown as e:
-        raise MethodFailed(f"{name}: {e}") from e
-    wall = time.perf_counter() - t0
-    if scores.shape != (len(test_idx), len(loo_idx)):
-        raise RuntimeError(f"{name} returned scores of shape {scores.shape}")
-    save_npz(path, scores=scores, loo_indices=np.asarray(loo_idx),
-             test_indices=np.asarray(test_idx), config=np.asarray(_canon(record)),
-             wall_time=np.asarray(wall))
+    with result_lock(path, f"the {name} scores of {cfg.dataset}"):
+        if path.exists() and not force:
+            try:
+                z = load_npz(path)
+            except UnreadableFile as e:
+                warnings.warn(f"{e}; recomputing it")
+            else:
+                if (str(z.get("config")) == _canon(record)
+                        and np.array_equal(z["loo_indices"], loo_idx)
+                        and np.array_equal(z["test_indices"], test_idx)):
+                    return z["scores"]
+        from ..influence.errors import MethodBreakdown
+        t0 = time.perf_counter()
+        try:
+            scores = np.asarray(compute_scores(name, att, mcfg), dtype=np.float64)
+        except MethodBreakdown as e:
+            raise MethodFailed(f"{name}: {e}") from e
+        wall = time.perf_counter() - t0
+        if scores.shape != (len(test_idx), len(loo_idx)):
+            raise RuntimeError(f"{name} returned scores of shape {scores.shape}")
+        if not np.isfinite(scores).all():
+            raise MethodFailed(f"{name}: {int((~np.isfinite(scores)).sum())} of its "
+                               f"{scores.size} scores are NaN or inf (nothing saved)")
+        save_npz(path, scores=scores, loo_indices=np.asarray(loo_idx),
+                 test_indices=np.asarray(test_idx), config=np.asarray(_canon(record)),
+                 wall_time=np.asarray(wall))
     return scores
 
 
@@ -138,12 +149,22 @@ def run_methods(methods, att, cfg: ExperimentConfig, loo_idx, test_idx, director
     return scores, pd.DataFrame(status).T
 
 
+METHODS_NOTEBOOK = "notebooks/03_attribution_methods"
+
+
 def load_scores(cfg: ExperimentConfig, methods: Iterable[str], directory=None) -> dict:
-    """{method: scores} for every method whose file exists."""
+    """{method: scores} for every method whose file exists, after checking that each file's
+    record says it was computed for ``cfg`` (its experiment config but the gold standard's and
+    the methods' settings): :class:`~.records.StaleResult` naming what differs otherwise,
+    :class:`fimoda.io.UnreadableFile` for a corrupt file."""
     d = Path(directory or out_dir(cfg))
     out = {}
     for m in methods:
         p = d / f"scores_{m}.npz"
         if p.exists():
-            out[m] = load_npz(p)["scores"]
+            z = load_npz(p)
+            check_record(p, str(z["config"]) if "config" in z else None,
+                         {"method": m, "experiment": _without(cfg, "further", "methods")},
+                         f"{METHODS_NOTEBOOK} for {cfg.dataset} ({cfg.profile} profile)")
+            out[m] = z["scores"]
     return out

@@ -13,8 +13,6 @@ import contextlib
 import contextvars
 import copy
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import os
@@ -27,11 +25,12 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..io import load_json, load_npz, save_json, save_npz, sha256_arrays
 from ..models import input_trimmer
-from ..tensors import as_inputs, as_targets
+from ..losses import check_task
+from ..tensors import as_inputs, as_targets, check_data
 from .config import GoldConfig, GoldResult
 from .engines import _make_engine
+from .workdir import fingerprint, load_piece, open_workdir, save_piece
 from .optim import _StackedOptimizer, _clip_per_run_
 from .schedule import (Schedule, _AugmentStream, _stream_gather, batch_plan, epoch_permutations,
                        make_schedule)
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 
 MLP_RUN_BLOCK_CPU = 8       # runs per cache-sized block of the mlp engine on a CPU
 PLAN_STEPS = 64             # steps whose batch indices are built at once
-FORMAT = 1                  # version of the work-directory layout
 
 
 # ----------------------------------------------------------------------------- chunk sizing
@@ -180,8 +178,7 @@ def _train_chunk(engine, cfg: GoldConfig, sched: Schedule, perms, inv, left: tor
 
 # ----------------------------------------------------------------------------- inputs
 def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: GoldConfig):
-    if task not in ("regression", "classification"):
-        raise ValueError(f"unknown task {task!r}; choose 'regression' or 'classification'")
+    check_task(task)
     if not isinstance(cfg, GoldConfig):
         raise ValueError(f"cfg must be a GoldConfig, got {type(cfg).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
@@ -191,6 +188,7 @@ def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: Go
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     X, Y = as_inputs(X_train, dtype, dev), as_targets(y_train, task, dtype, dev)
     Xt, Yt = as_inputs(X_test, dtype, dev), as_targets(y_test, task, dtype, dev)
+    check_data(task, X, Y, Xt, Yt)
     if len(X) != len(Y) or len(X) < 2:
         raise ValueError(f"X_train and y_train need equal lengths >= 2, got {len(X)}, {len(Y)}")
     if len(Xt) != len(Yt) or len(Xt) < 1:
@@ -211,41 +209,6 @@ def _test_indices(test_indices, J: int) -> np.ndarray:
         raise ValueError(f"test_indices must have one entry per test instance ({J}), "
                          f"got shape {t.shape}")
     return t
-
-
-# ----------------------------------------------------------------------------- work directory
-def _fingerprint(model, task, X, Y, Xt, Yt, loo, cfg, engine, chunk, block, augment,
-                 loss=None) -> dict:
-    custom = {} if loss is None else {"loss": getattr(loss, "__qualname__", repr(loss))}
-    return {**custom, "format": FORMAT, "config": cfg.numeric(), "engine": engine.name,
-            "chunk_runs": chunk, "run_block": block, "device": torch.device(cfg.device).type,
-            "task": task, "model": type(model).__name__,
-            "theta": sha256_arrays(*[v for _, v in sorted(model.state_dict().items())]),
-            "train": sha256_arrays(X, Y), "test": sha256_arrays(Xt, Yt), "loo": loo.tolist(),
-            "augment": None if augment is None else getattr(augment, "__qualname__", repr(augment))}
-
-
-def _open_workdir(workdir, fp: dict) -> Path:
-    wd = Path(workdir)
-    meta = wd / "config.json"
-    h = hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
-    if meta.exists():
-        old = load_json(meta)
-        if old.get("hash") != h:
-            def flat(d, pre=""):
-                out = {}
-                for k, v in d.items():
-                    out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {pre + k: v})
-                return out
-            ofp, nfp = flat(old.get("fingerprint", {})), flat(json.loads(json.dumps(fp)))
-            diff = sorted(k for k in set(ofp) | set(nfp) if ofp.get(k) != nfp.get(k))
-            raise ValueError(f"work directory {wd} holds further-training results of a different "
-                             f"configuration (differs in: {', '.join(diff) or 'hash'}); use "
-                             "another workdir or delete this one")
-    else:
-        wd.mkdir(parents=True, exist_ok=True)
-        save_json(meta, {"hash": h, "fingerprint": fp})
-    return wd
 
 
 # ----------------------------------------------------------------------------- the pieces
@@ -290,9 +253,9 @@ class GoldJob:
         self.seeds = cfg.seed_list
         self.T = len(self.sched.eval_steps)
         self.n_chunks = math.ceil(len(self.runs) / self.chunk)
-        self.workdir = None
+        self.workdir, self.config_hash = None, None
         if workdir is not None:
-            self.workdir = _open_workdir(workdir, _fingerprint(
+            self.workdir, self.config_hash = open_workdir(workdir, fingerprint(
                 self.model, task, self.X, self.Y, self.Xt, self.Yt, self.loo, cfg, self._engine,
                 self.chunk, self.block, augment, loss))
 
@@ -333,21 +296,15 @@ class GoldJob:
         return None if self.workdir is None else self.workdir / f"seed{seed}_chunk{c:04d}.npz"
 
     def load(self, seed: int, c: int):
-        """(test losses, distances) of a stored piece, or None when it is not stored."""
-        path = self.path(seed, c)
-        if path is None or not path.exists():
-            return None
+        """(test losses, distances) of a stored piece, or None when it is not stored or fails
+        verification (:func:`fimoda.gold.workdir.load_piece`: reported, to be recomputed)."""
         a, b = self.bounds(c)
-        z = load_npz(path)
-        if not (np.array_equal(z["left"], self.runs[a:b])
-                and z["loss"].shape == (b - a, self.T, len(self.Xt))):
-            raise ValueError(f"{path} does not match this configuration; delete the work "
-                             "directory")
-        return z["loss"], z["dist"]
+        return load_piece(self.path(seed, c), self.config_hash, seed, c, self.runs[a:b],
+                          (b - a, self.T, len(self.Xt)))
 
     def missing(self) -> list[tuple[int, int]]:
-        """The pieces not yet in the work directory (all of them without one)."""
-        return [p for p in self.pieces() if self.path(*p) is None or not self.path(*p).exists()]
+        """The pieces not yet validly in the work directory (all of them without one)."""
+        return [p for p in self.pieces() if self.load(*p) is None]
 
     def compute(self, seed: int, c: int, perms=None, bar=None, workers: Optional[int] = None):
         """Train chunk c of ``seed`` and store it (with a work directory, atomically); returns
@@ -377,8 +334,13 @@ class GoldJob:
                  "%.0f model-steps/s, engine %s)", seed, c + 1, self.n_chunks, b - a,
                  self.sched.total, dt, (b - a) / dt, (b - a) / dt * self.sched.total,
                  self.engine.name)
+        if not (np.isfinite(L).all() and np.isfinite(D).all()):
+            raise FloatingPointError(
+                f"further training diverged: seed {seed}, chunk {c + 1}/{self.n_chunks} has "
+                f"non-finite test losses or parameter distances (lr {cfg.lr}, optimizer "
+                f"{cfg.optimizer}); lower lr. Nothing was saved for it")
         if self.workdir is not None:
-            save_npz(self.path(seed, c), loss=L, dist=D, left=self.runs[a:b])
+            save_piece(self.path(seed, c), self.config_hash, seed, c, self.runs[a:b], L, D)
         return L, D
 
 
@@ -434,7 +396,14 @@ def shard_executor(k: int, n: int, progress: bool = True) -> Callable:
         for s, c in tqdm(todo, desc=f"gold shard {k}/{n}", unit="piece", disable=not progress):
             write_piece(job, s, c)
         log.info("gold shard %d/%d: %d piece(s) written to %s", k, n, len(todo), job.workdir)
+    run.concurrent = True       # the other shards write into the same work directory meanwhile
     return run
+
+
+def concurrent_executor() -> bool:
+    """Whether the executor in force (:func:`executing`) runs alongside other processes on the
+    same work directory (a job array's shards), which a lock on the result must then allow."""
+    return bool(getattr(_EXECUTOR.get(), "concurrent", False))
 
 
 def assemble_only(job: GoldJob, pieces) -> None:

@@ -14,6 +14,7 @@ import torch
 
 from ..config import MethodConfig
 from ..gradients import Problem, mean_sq_grad
+from ..tensors import check_data
 
 
 class Attributor:
@@ -22,6 +23,7 @@ class Attributor:
 
     def __init__(self, problem: Problem, X_loo, Y_loo, X_test, Y_test,
                  loo_rows: Optional[torch.Tensor] = None):
+        check_data(problem.task, X_loo, Y_loo, X_test, Y_test)
         self.problem = problem
         self.X_loo, self.Y_loo, self.X_test, self.Y_test = X_loo, Y_loo, X_test, Y_test
         # where the left-out instances sit among problem.X (None: unknown); subsamples of the

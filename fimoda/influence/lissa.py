@@ -78,13 +78,25 @@ def _lissa(att: Attributor, cfg: LissaConfig, hessian: str, desc: str) -> np.nda
         try:
             out = scores_with(att, lambda B: lissa_inverse(A, B, replace(cfg, scale=scale),
                                                            stochastic, progress, desc))
-        except LissaDivergedError:
+        except LissaDivergedError as e:
             if i + 1 == len(scales):
-                raise
+                tried = ", ".join(f"{v:g}" for v in scales)
+                raise LissaDivergedError(f"{e}. Tried scale(s) {tried}; the next to try: "
+                                         f"scale={next_scale(scale):g}") from e
             continue
         if i > 0:
             warnings.warn(f"{desc} diverged at scale {scales[:i]}; used scale={scale:g}")
         return out
+
+
+def next_scale(scale: float) -> float:
+    """The next LiSSA scale above ``scale`` on the paper's 1-2-5 grid (10, 20, 50, 100, ...)."""
+    import math
+    decade = 10.0 ** math.floor(math.log10(scale))
+    for m in (1, 2, 5, 10):
+        if m * decade > scale * (1 + 1e-12):
+            return m * decade
+    return 20 * decade
 
 
 def lissa(att: Attributor, cfg: LissaConfig = LissaConfig()) -> np.ndarray:

@@ -48,7 +48,7 @@ import torch
 from ..gradients import Problem
 from ..losses import loss_derivatives
 from .common import Attributor, DampedConfig, damping_value
-from .errors import MemoryBudgetError
+from .errors import MemoryBudgetError, NotPositiveDefiniteError
 
 HESSIANS = ("gn", "true")
 RISKS = ("mean", "sum")
@@ -322,7 +322,12 @@ class DampedHessian:
             V, e = self.spectral.basis, self.spectral.eig
             C = V @ B
             return V.T @ (C / (e + self.lam)[:, None]) + (B - V.T @ C) / self.lam
-        return torch.linalg.solve(self.dense(), B)
+        A = self.dense()
+        if int(torch.linalg.cholesky_ex(A).info) != 0:     # checked only: the solve is LU's
+            raise NotPositiveDefiniteError(
+                f"the damped Hessian (lambda = {self.lam:g}) is not positive definite: "
+                "Assumption 1 needs lambda > -lambda_min of the Hessian; increase the damping")
+        return torch.linalg.solve(A, B)
 
     # -- the invariant-subspace coordinates of the materialised case
     def coords(self, B: torch.Tensor):
