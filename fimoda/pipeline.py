@@ -61,8 +61,10 @@ def plan(profile: str, datasets: list[str], seeds: int | None = None, variants: 
     steps = []
     for nb, per_ds, only in STEPS:
         if not per_ds:
-            steps.append((nb, {"profile": profile, "datasets": list(datasets)},
-                          out / nb))
+            params = {"profile": profile, "datasets": list(datasets)}
+            if seeds is not None and nb.startswith("05"):      # it reads every dataset's gold
+                params["seeds"] = seeds
+            steps.append((nb, params, out / nb))
             continue
         for ds in datasets:
             if only is not None and ds not in only:

@@ -167,7 +167,8 @@ def write_figure_index(profile: str, directory=None) -> Path:
 
 # ----------------------------------------------------------------------------- summary.md
 def summary_rows(profile: str, datasets, optimizer: Optional[str] = None,
-                 mechanism: Optional[str] = None, adjust: str = "mean", methods=None):
+                 mechanism: Optional[str] = None, adjust: str = "mean", methods=None,
+                 seeds: Optional[int] = None):
     """Per dataset with results and method: cosine at the first evaluation point after theta^f,
     its maximum and where, the last; Spearman likewise; and the paper's first/last cosine where
     :data:`PAPER_VALUES` has the same dataset and setting (never for a stand-in)."""
@@ -177,7 +178,7 @@ def summary_rows(profile: str, datasets, optimizer: Optional[str] = None,
     from .plots import label
     eq = 13 if adjust == "mean" else 17
     rows = []
-    for cfg, gold, scores in with_results(profile, datasets, optimizer, mechanism, methods):
+    for cfg, gold, scores in with_results(profile, datasets, optimizer, mechanism, methods, seeds):
         ds = cfg.dataset
         opt, mech = gold_settings(cfg, optimizer, mechanism)
         a, t = evaluation_gold(gold, adjust)
@@ -232,7 +233,8 @@ def beyond_rows(profile: str, datasets):
 
 
 def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
-                  mechanism: Optional[str] = None, path=None, figures=None) -> Path:
+                  mechanism: Optional[str] = None, path=None, figures=None,
+                  seeds: Optional[int] = None) -> Path:
     """``results/<profile>/summary.md``: :func:`summary_rows` for eq. 13 and eq. 17 -- each
     dataset's own gold standard (or ``optimizer``/``mechanism`` where given), then, when none
     was chosen, the Adam gold standard of App. E.1 where it was computed -- and
@@ -250,7 +252,7 @@ def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
         golds.append(("adam", "Adam gold standard (App. E.1)"))
     for opt, title in golds:
         for adjust in ("mean", "full"):
-            t = summary_rows(profile, datasets, opt, mechanism, adjust)
+            t = summary_rows(profile, datasets, opt, mechanism, adjust, seeds=seeds)
             if t.empty:
                 continue
             lines += [f"## {title}, eq. {13 if adjust == 'mean' else 17}", "", _markdown(t), ""]

@@ -122,12 +122,13 @@ def check_claims(cfg, gold: dict, scores: dict) -> list[dict]:
     return out
 
 
-def claims_table(profile: str, datasets):
-    """:func:`check_claims` for every dataset of ``datasets`` with results (default gold)."""
+def claims_table(profile: str, datasets, seeds: Optional[int] = None):
+    """:func:`check_claims` for every dataset of ``datasets`` with results (default gold;
+    ``seeds``: the run's further-training seeds where it overrode the profile's)."""
     import pandas as pd
     from . import experiment as ex
     rows = []
-    for cfg, gold, scores in ex.with_results(profile, datasets):
+    for cfg, gold, scores in ex.with_results(profile, datasets, seeds=seeds):
         for r in check_claims(cfg, gold, scores):
             rows.append({"dataset": cfg.dataset, **r})
     return pd.DataFrame(rows)
@@ -142,19 +143,19 @@ def _first_seeds(gold: dict, k: int) -> dict:
 
 def theta_spread(dataset: str = SPREAD_DATASET, profile: str = "paper",
                  init_seeds=SPREAD_INIT_SEEDS, seeds: int = SPREAD_SEEDS, device="cpu",
-                 methods=None):
+                 methods=None, run_seeds: Optional[int] = None):
     """Each method's cosine to the gold standard (eq. 13, first / max / last mean over test
     points) for final models trained from each of ``init_seeds``, the further training averaged
     over ``seeds`` seeds. The default theta^f (init seed ``TrainConfig.seed``) reuses the
-    pipeline's own results (its first ``seeds`` seeds) where present; the others are trained,
-    further trained and attributed in ``results/<profile>/<dataset>_theta<k>/``."""
+    pipeline's own results (its first ``seeds`` seeds; ``run_seeds``: the seeds that run
+    averaged where it overrode the profile's) where present; the others are trained, further
+    trained and attributed in ``results/<profile>/<dataset>_theta<k>/``."""
     import pandas as pd
     from . import experiment as ex
-    from .config import get_config
     from .influence import PAPER_METHODS
     from .train import train_final_model
     methods = list(methods or PAPER_METHODS)
-    base = get_config(dataset, profile)
+    base = ex.run_config(dataset, profile, seeds=run_seeds)
     rows = []
     for k in init_seeds:
         cfg = dataclasses.replace(
@@ -203,7 +204,7 @@ def _commit() -> str:
 
 
 def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = "",
-                 wall: Optional[float] = None) -> Path:
+                 wall: Optional[float] = None, seeds: Optional[int] = None) -> Path:
     """``out/``: each dataset's evaluation CSVs, the profile's summary.md, the figures of these
     datasets (and the cross-dataset grids) as PNG, and README.md with the settings, the claims
     table, the theta^f spread and an index of the figures by the paper's number."""
@@ -212,7 +213,7 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
     from .report import _markdown, figure_index, write_summary
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(write_summary(profile, datasets), out / "summary.md")
+    shutil.copyfile(write_summary(profile, datasets, seeds=seeds), out / "summary.md")
     figs = figures_dir(profile)
     ours = tuple(f"{d}_" for d in datasets) + ("figure2",)
     copied = {p.name for p in sorted(figs.glob("*.png")) if p.name.startswith(ours)}
@@ -221,7 +222,7 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
     for ds in datasets:
         for p in sorted(results_dir(profile, ds).glob("evaluation_*.csv")):
             shutil.copyfile(p, out / f"{ds}_{p.name}")
-    have = ex.with_results(profile, datasets)
+    have = ex.with_results(profile, datasets, seeds=seeds)
     lines = ["# Reproduction at the paper's settings", "",
              f"Regenerate with `{command or './run_all.sh --reproduce'}` (commit {_commit()}"
              + (f"; {wall / 60:.0f} min on the machine that wrote it" if wall else "") + ").",
@@ -232,7 +233,7 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
         S = int(gold["loss_full"].shape[0])
         lines += ["```", describe(dataclasses.replace(
             cfg, further=dataclasses.replace(cfg.further, seeds=S))), "```", ""]
-    claims = claims_table(profile, datasets)
+    claims = claims_table(profile, datasets, seeds)
     lines += ["## The paper's qualitative claims (§6.2, App. E), on our results", "",
               "Mean cosine over test points between each method and the gold standard (eq. 13, "
               "each dataset's default gold standard).", "",
@@ -277,8 +278,10 @@ def main(argv=None):
                  jobs=min(2, len(datasets)) if a.device == "cpu" else 1)
     spread = None
     if not a.no_spread and SPREAD_DATASET in datasets:
-        spread = theta_spread(SPREAD_DATASET, a.profile, seeds=a.spread_seeds, device=a.device)
-    path = write_folder(a.profile, datasets, a.out, spread, command, time.perf_counter() - t0)
+        spread = theta_spread(SPREAD_DATASET, a.profile, seeds=a.spread_seeds, device=a.device,
+                              run_seeds=a.seeds)
+    path = write_folder(a.profile, datasets, a.out, spread, command, time.perf_counter() - t0,
+                        seeds=a.seeds)
     print(f"reproduction written to {path.parent}")
 
 

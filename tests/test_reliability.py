@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -332,7 +333,9 @@ def test_method_killed_midway_leaves_nothing_and_reruns_bit_identical(tmp_path):
     lock = tmp_path / "k" / ".scores_lissa.npz.lock"
     finished = kill_when(proc, lambda: lock.exists() and lock.read_text().strip() != "")
     assert finished or not (tmp_path / "k" / "scores_lissa.npz").exists()
-    assert np.array_equal(method_run(tmp_path / "k"), method_run(tmp_path / "fresh"))
+    with warnings.catch_warnings():    # this tiny model's LiSSA steps up its scale once, as designed
+        warnings.filterwarnings("ignore", "LiSSA diverged at scale", UserWarning)
+        assert np.array_equal(method_run(tmp_path / "k"), method_run(tmp_path / "fresh"))
 
 
 def method_run(directory):

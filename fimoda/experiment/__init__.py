@@ -13,13 +13,13 @@ from .examples import influential_examples
 from .gold_runs import eval_unit, gold_settings, load_gold, run_gold, run_retrain
 from .methods import (MethodFailed, fit_rows, load_scores, make_attributor, method_config,
                       run_method, run_methods)
-from .setup import (dataset_summary, final_model, load_data, out_dir, select_loo_indices,
-                    select_test_indices, setup, tensors)
+from .setup import (dataset_summary, final_model, load_data, out_dir, run_config,
+                    select_loo_indices, select_test_indices, setup, tensors)
 from .studies import (mislabel_applies, mislabel_detection, retrain_comparison, seed_reliability,
                       seeds_study)
 from .summary import gold_datasets, grid_name, summary, summary_figure, with_results
 
-__all__ = ["setup", "load_data", "final_model", "dataset_summary", "select_loo_indices",
+__all__ = ["setup", "run_config", "load_data", "final_model", "dataset_summary", "select_loo_indices",
            "select_test_indices", "tensors", "out_dir", "method_config", "fit_rows",
            "make_attributor", "MethodFailed", "run_method", "run_methods", "load_scores",
            "ASSUMPTION1_METHODS", "smallest_hessian_eigenvalue", "assumption1_damping",

@@ -23,17 +23,27 @@ def setup(dataset: str, profile: str, data_dir=None, dtype: Optional[str] = None
     gold-standard settings, reductions), and the profile's figures folder. Returns (cfg,
     figures folder)."""
     import os
-    from ..config import describe, get_config
+    from ..config import describe
     from ..io import figures_dir
     if data_dir:
         os.environ["FIMODA_DATA_DIR"] = str(data_dir)
+    cfg = run_config(dataset, profile, dtype, seeds)
+    print(describe(cfg))
+    return cfg, figures_dir(profile)
+
+
+def run_config(dataset: str, profile: str, dtype: Optional[str] = None,
+               seeds: Optional[int] = None) -> ExperimentConfig:
+    """The config a run of the pipeline uses for ``dataset``: the profile's, with ``dtype`` and
+    the number of further-training ``seeds`` overridden where given (what its results record,
+    so every notebook of the run, the cross-dataset ones too, builds it the same way)."""
+    from ..config import get_config
     cfg = get_config(dataset, profile, **({"dtype": dtype} if dtype else {}))
     if seeds is not None:
         if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
             raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
         cfg = dataclasses.replace(cfg, further=dataclasses.replace(cfg.further, seeds=seeds))
-    print(describe(cfg))
-    return cfg, figures_dir(profile)
+    return cfg
 
 
 def load_data(cfg: ExperimentConfig, data_dir=None):

@@ -21,7 +21,7 @@ def gold_datasets(profile: str, datasets, optimizer: Optional[str] = None,
     from ..plots import fig2_order
     out = []
     for ds in fig2_order(datasets):
-        cfg = get_config(ds, profile)
+        cfg = get_config(ds, profile)            # the file's name does not depend on the seeds
         opt, mech = gold_settings(cfg, optimizer, mechanism)
         if (out_dir(cfg) / f"gold_{opt}_{mech}.npz").exists():
             out.append(ds)
@@ -29,21 +29,23 @@ def gold_datasets(profile: str, datasets, optimizer: Optional[str] = None,
 
 
 def with_results(profile: str, datasets, optimizer: Optional[str] = None,
-                 mechanism: Optional[str] = None, methods=None) -> list:
+                 mechanism: Optional[str] = None, methods=None, seeds: Optional[int] = None) -> list:
     """[(cfg, gold, {method: scores})] for the datasets of ``profile`` whose gold standard
-    (:func:`gold_settings`) has been computed, in the panel order of the paper's Figure 2."""
-    from ..config import get_config
+    (:func:`gold_settings`) has been computed, in the panel order of the paper's Figure 2;
+    ``seeds``: the run's number of further-training seeds where it overrode the profile's."""
     from ..influence import METHODS
+    from .setup import run_config
     methods = list(methods or [m for m in METHODS if m != "dense"])
     out = []
     for ds in gold_datasets(profile, datasets, optimizer, mechanism):
-        cfg = get_config(ds, profile)
+        cfg = run_config(ds, profile, seeds=seeds)
         out.append((cfg, load_gold(cfg, optimizer, mechanism), load_scores(cfg, methods)))
     return out
 
 
 def summary(profile: str, datasets, optimizer: Optional[str] = None,
-            mechanism: Optional[str] = None, adjust: str = "mean", methods=None):
+            mechanism: Optional[str] = None, adjust: str = "mean", methods=None,
+            seeds: Optional[int] = None):
     """Figure 2 as a grid over the datasets with results, and the max-cosine table. Each panel
     uses its dataset's gold standard (:func:`gold_settings`; None = the dataset's default).
 
@@ -57,7 +59,7 @@ def summary(profile: str, datasets, optimizer: Optional[str] = None,
     import pandas as pd
     from ..metrics import curve
     from ..plots import curves, grid_shape, label, panel_letter
-    have = with_results(profile, datasets, optimizer, mechanism, methods)
+    have = with_results(profile, datasets, optimizer, mechanism, methods, seeds)
     if not have:
         raise FileNotFoundError(f"no gold results for {list(datasets)} in the {profile} profile")
     nrows, ncols = grid_shape(len(have))
@@ -96,12 +98,13 @@ def grid_name(optimizer: Optional[str] = None, mechanism: Optional[str] = None,
 
 
 def summary_figure(profile: str, datasets, optimizer: Optional[str] = None,
-                   mechanism: Optional[str] = None, adjust: str = "mean"):
+                   mechanism: Optional[str] = None, adjust: str = "mean",
+                   seeds: Optional[int] = None):
     """:func:`summary` saved to the profile's figures folder as ``<grid_name>.png`` (+ PDF) and
     its table as ``max_cosine<...>.csv``; returns (path of the figure, table)."""
     from ..io import figures_dir
     from ..plots import savefig
-    fig, table = summary(profile, datasets, optimizer, mechanism, adjust)
+    fig, table = summary(profile, datasets, optimizer, mechanism, adjust, seeds=seeds)
     d = figures_dir(profile)
     path = d / f"{grid_name(optimizer, mechanism, adjust)}.png"
     savefig(fig, path, pdf=True)
