@@ -11,8 +11,8 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
