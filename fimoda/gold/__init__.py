@@ -14,9 +14,12 @@ The attribution scores (:func:`gold_scores`) are then
 
 Modules: ``config`` (:class:`GoldConfig`, :class:`GoldResult`), ``schedule`` (batch orders, how
 z_i is left out, augmentation), ``optim`` (SGD/Adam/AdamW on stacked runs), ``engines`` (per-run
-gradients: mlp, func, loop), ``runner`` (:func:`further_train`, chunks and the resumable work
-directory, one (seed, chunk) piece at a time for executors), ``distributed`` (the pieces as Dask
-tasks; imported on demand), ``scores`` (eqs. 13 and 17), ``reference`` (the one-model loop the tests compare
+gradients: mlp, func, loop), ``chunks`` (sizing and training one chunk of runs), ``workdir``
+(the resumable work directory: each (seed, chunk) piece stored with its seed, chunk, config hash
+and checksum, and checked on load), ``runner`` (:func:`further_train`, one piece at a time for
+executors), ``distributed`` (the pieces as Dask tasks; imported on demand), ``infinitesimal``
+(the exact derivative of the test losses in the left-out weight, by forward-mode AD through the
+whole run), ``scores`` (eqs. 13 and 17), ``reference`` (the one-model loop the tests compare
 against; LOO re-training from scratch) and ``store`` (results on disk).
 """
 from .config import ENGINES, MECHANISMS, OPTIMIZERS, SHUFFLES, GoldConfig, GoldResult

@@ -5,7 +5,9 @@ Runs are processed in chunks (the full run once per seed, in the first chunk); w
 directory each (seed, chunk) is saved atomically as it finishes, so a killed run resumes where it
 stopped and ends with the same arrays, bit for bit. A :class:`GoldJob` is the prepared work;
 :func:`write_piece` computes one (seed, chunk) piece of it, the unit that an executor (a shard of
-a job array, :mod:`fimoda.gold.distributed`'s Dask tasks) runs elsewhere.
+a job array, :mod:`fimoda.gold.distributed`'s Dask tasks) runs elsewhere. How a chunk is sized
+and trained: :mod:`fimoda.gold.chunks`; how its pieces are stored and checked:
+:mod:`fimoda.gold.workdir`.
 """
 from __future__ import annotations
 
@@ -15,7 +17,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,156 +26,15 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..models import input_trimmer
 from ..losses import check_task
 from ..tensors import as_inputs, as_targets, check_data
+from .chunks import MLP_RUN_BLOCK_CPU, _chunk_runs, _cores, _train_chunk
 from .config import GoldConfig, GoldResult
 from .engines import _make_engine
+from .schedule import _AugmentStream, epoch_permutations, make_schedule
 from .workdir import fingerprint, load_piece, open_workdir, save_piece
-from .optim import _StackedOptimizer, _clip_per_run_
-from .schedule import (Schedule, _AugmentStream, _stream_gather, batch_plan, epoch_permutations,
-                       make_schedule)
 
 log = logging.getLogger(__name__)
-
-MLP_RUN_BLOCK_CPU = 8       # runs per cache-sized block of the mlp engine on a CPU
-PLAN_STEPS = 64             # steps whose batch indices are built at once
-
-
-# ----------------------------------------------------------------------------- chunk sizing
-def _activation_elems(model: nn.Module, x1: torch.Tensor) -> int:
-    """Elements of all leaf-module outputs for one example (a memory estimate)."""
-    total = [0]
-
-    def hook(_m, _i, out):
-        if torch.is_tensor(out):
-            total[0] += out.numel()
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
-    try:
-        with torch.no_grad():
-            model(input_trimmer(model)(x1))
-    finally:
-        for h in hs:
-            h.remove()
-    return max(total[0], 1)
-
-
-def _cores() -> int:
-    """The CPU cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def _chunk_runs(cfg: GoldConfig, model, X, n_runs: int, slots: int) -> int:
-    if cfg.max_runs_per_chunk is not None:
-        return min(cfg.max_runs_per_chunk, n_runs)
-    p = next(model.parameters())
-    item = p.element_size()
-    n_par = sum(q.numel() for q in model.parameters() if q.requires_grad)
-    states = 0 if cfg.optimizer == "sgd" else 2
-    act = _activation_elems(model, X[:1])
-    per_run = item * (n_par * (4 + states) + 4 * slots * act)
-    return int(max(1, min(n_runs, (cfg.memory_budget_mb * 2 ** 20) // per_run)))
-
-
-# ----------------------------------------------------------------------------- one chunk
-class _GroupRunner:
-    """Runs a function over the blocks of runs: inline, or (mlp engine on a CPU) on a pool of
-    ``workers`` threads, each with one intra-op thread and a contiguous share of the blocks.
-    The blocks are independent, so the results do not depend on the number of workers; unlike
-    OpenMP-parallel ops, no barrier is crossed per op (robust on a loaded machine)."""
-
-    def __init__(self, n_groups: int, workers: int):
-        self.pool = None
-        self.n = n_groups
-        if workers > 1 and n_groups > 1:
-            from concurrent.futures import ThreadPoolExecutor
-            workers = min(workers, n_groups)
-            self.pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
-                                           initargs=(1,))
-            bounds = np.linspace(0, n_groups, workers + 1).round().astype(int)
-            self.shares = [range(bounds[k], bounds[k + 1]) for k in range(workers)]
-
-    @staticmethod
-    def _each(fn, share):
-        with torch.no_grad():
-            for gi in share:
-                fn(gi)
-
-    def __call__(self, fn):
-        if self.pool is None:
-            for gi in range(self.n):
-                fn(gi)
-            return
-        for f in [self.pool.submit(self._each, fn, share) for share in self.shares]:
-            f.result()
-
-    def close(self):
-        if self.pool is not None:
-            self.pool.shutdown()
-
-
-@torch.no_grad()
-def _train_chunk(engine, cfg: GoldConfig, sched: Schedule, perms, inv, left: torch.Tensor,
-                 X, Y, Xt, Yt, stream, block: int, workers: int = 1, bar=None):
-    """Train the runs ``left`` (-1 = full run) of one seed from the engine's start parameters;
-    returns (test losses (R, T, J), parameter distances (R, T)) as float64 CPU tensors."""
-    dev = X.device
-    R = len(left)
-    P = engine.stack(R)
-    dtype = P[0].dtype
-    start = [p.to(dev) for p in engine.start]
-    groups = [slice(a, min(R, a + block)) for a in range(0, R, block)]
-    Pg = [[p[sl] for p in P] for sl in groups]
-    opt = _StackedOptimizer(cfg, P, groups)
-    T, J = len(sched.eval_steps), len(Xt)
-    losses = torch.empty(R, T, J, dtype=torch.float64, device=dev)
-    dist = torch.empty(R, T, dtype=torch.float64, device=dev)
-    subtract = sched.mechanism == "subtract"
-    run = _GroupRunner(len(groups), workers if stream is None else 1)
-
-    def evaluate(t, gi):
-        sl, Pl = groups[gi], Pg[gi]
-        losses[sl, t] = engine.test_losses(Pl, Xt, Yt).double()
-        sq = sum(((p - p0).double() ** 2).reshape(p.shape[0], -1).sum(1)
-                 for p, p0 in zip(Pl, start))
-        dist[sl, t] = sq.sqrt()
-
-    def train(c1, c0, idx, idx_d, w_d, ep, active, gi):
-        sl = groups[gi]
-        for k in range(c1 - c0):
-            ii = idx_d[k, sl]
-            if stream is None:
-                x = X[ii]
-            else:
-                x = _stream_gather(stream, ep[k, sl], ii)
-                if subtract:
-                    x[:, -1] = X[ii[:, -1]]
-            g = engine.grads(Pg[gi], x, Y[ii], w_d[k, sl])
-            if cfg.grad_clip is not None:
-                _clip_per_run_(g, cfg.grad_clip)
-            opt.update(gi, Pg[gi], g, active[k, sl.start:sl.stop])
-
-    try:
-        run(lambda gi: evaluate(0, gi))
-        for t in range(1, T):
-            for c0 in range(int(sched.eval_steps[t - 1]), int(sched.eval_steps[t]), PLAN_STEPS):
-                c1 = min(c0 + PLAN_STEPS, int(sched.eval_steps[t]))
-                idx, w, ep, active = batch_plan(sched, perms, inv, left, c0, c1)
-                active = active.numpy()
-                if stream is not None:
-                    stream.release_before(int(ep.min()))
-                idx_d, w_d = idx.to(dev), w.to(dev, dtype)
-                run(lambda gi: train(c1, c0, idx, idx_d, w_d, ep, active, gi))
-                if bar is not None:
-                    bar.update(R * (c1 - c0) / sched.total)
-            run(lambda gi: evaluate(t, gi))
-    finally:
-        run.close()
-    return losses.cpu(), dist.cpu()
-
 
 # ----------------------------------------------------------------------------- inputs
 def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: GoldConfig):
