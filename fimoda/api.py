@@ -108,7 +108,7 @@ def _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss=None)
     check_task(task)
     X, y = _inputs(model, X_train), _targets(model, y_train, task)
     Xt, yt = _inputs(model, X_test), _targets(model, y_test, task)
-    check_data(task, X, y, Xt, yt)
+    check_data(task, X, y, Xt, yt, padded=hasattr(model, "trim_inputs"))
     _check_model(model, X, y, loss)
     return X, y, _rows(left_out, len(X)), Xt, yt
 

@@ -39,11 +39,12 @@ def check_finite(name: str, t) -> None:
                          "those values first")
 
 
-def check_data(task: str, X, Y, X_test=None, Y_test=None) -> None:
+def check_data(task: str, X, Y, X_test=None, Y_test=None, padded: bool = False) -> None:
     """One clear ValueError, before any work, for data that cannot be trained or attributed on:
     NaN/inf in the inputs or targets, inputs and targets of different lengths, regression targets
     not of shape (N,), test inputs whose rows have another shape than the training rows (floating
-    features; padded token ids may differ in length)."""
+    features; token ids, and with ``padded`` -- a model that trims its padded sequences, see
+    :func:`fimoda.models.input_trimmer` -- the sequence length in dimension 1, may differ)."""
     pairs = [("X_train", X, "y_train", Y)]
     if X_test is not None:
         pairs.append(("X_test", X_test, "y_test", Y_test))
@@ -57,7 +58,8 @@ def check_data(task: str, X, Y, X_test=None, Y_test=None) -> None:
             raise ValueError(f"{yn} must have shape (N,) for regression, got {tuple(y.shape)}")
     if X_test is not None:
         x, xt = as_tensor(X), as_tensor(X_test)
-        if x.is_floating_point() and xt.is_floating_point() and x.shape[1:] != xt.shape[1:]:
+        row = slice(2 if padded else 1, None)       # a padded sequence's length may differ
+        if x.is_floating_point() and xt.is_floating_point() and x.shape[row] != xt.shape[row]:
             raise ValueError(f"X_test rows have shape {tuple(xt.shape[1:])} but X_train rows "
                              f"{tuple(x.shape[1:])}: the test inputs must have the training "
                              "inputs' features")

@@ -404,3 +404,14 @@ def test_a_lock_left_by_a_killed_process_is_not_stale(tmp_path):
     proc.wait()
     with result_lock(result, wait=False):                # taken at once
         pass
+
+
+def test_padded_sequences_may_differ_in_length_but_not_in_width():
+    from fimoda.tensors import check_data
+    X, Xt = torch.zeros(4, 46, 8), torch.zeros(3, 55, 8)     # (rows, padded tokens, features)
+    y, yt = torch.zeros(4, dtype=torch.long), torch.zeros(3, dtype=torch.long)
+    check_data("classification", X, y, Xt, yt, padded=True)
+    with pytest.raises(ValueError, match="X_test rows have shape"):
+        check_data("classification", X, y, Xt, yt)
+    with pytest.raises(ValueError, match="X_test rows have shape"):
+        check_data("classification", X, y, torch.zeros(3, 55, 9), yt, padded=True)

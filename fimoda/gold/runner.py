@@ -48,7 +48,7 @@ def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: Go
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     X, Y = as_inputs(X_train, dtype, dev), as_targets(y_train, task, dtype, dev)
     Xt, Yt = as_inputs(X_test, dtype, dev), as_targets(y_test, task, dtype, dev)
-    check_data(task, X, Y, Xt, Yt)
+    check_data(task, X, Y, Xt, Yt, padded=hasattr(model, "trim_inputs"))
     if len(X) != len(Y) or len(X) < 2:
         raise ValueError(f"X_train and y_train need equal lengths >= 2, got {len(X)}, {len(Y)}")
     if len(Xt) != len(Yt) or len(Xt) < 1:

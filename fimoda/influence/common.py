@@ -23,7 +23,8 @@ class Attributor:
 
     def __init__(self, problem: Problem, X_loo, Y_loo, X_test, Y_test,
                  loo_rows: Optional[torch.Tensor] = None):
-        check_data(problem.task, X_loo, Y_loo, X_test, Y_test)
+        check_data(problem.task, X_loo, Y_loo, X_test, Y_test,
+                   padded=hasattr(problem.model, "trim_inputs"))
         self.problem = problem
         self.X_loo, self.Y_loo, self.X_test, self.Y_test = X_loo, Y_loo, X_test, Y_test
         # where the left-out instances sit among problem.X (None: unknown); subsamples of the
