@@ -270,6 +270,9 @@ def run_args(a: argparse.Namespace) -> None:
             os.environ[var] = os.path.abspath(os.environ[var])
     # progress bars inside executed notebooks: update every 10 s rather than filling the output
     os.environ.setdefault("TQDM_MININTERVAL", "10")
+    # tqdm.auto's notice that the kernel has no ipywidgets (the bars fall back to text), printed
+    # into every executed notebook whose imports load it: not about fimoda's results
+    os.environ.setdefault("PYTHONWARNINGS", "ignore:IProgress not found")
     jobs = a.jobs
     if jobs is None:                 # a CPU's cores: two datasets at once; one GPU: one at a time
         jobs = min(2, os.cpu_count() or 1) if a.device == "cpu" else 1
