@@ -204,19 +204,23 @@ def _commit() -> str:
 
 
 def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = "",
-                 wall: Optional[float] = None, seeds: Optional[int] = None) -> Path:
+                 wall: Optional[float] = None, seeds: Optional[int] = None,
+                 commit: Optional[str] = None) -> Path:
     """``out/``: each dataset's evaluation CSVs, the profile's summary.md, the figures of these
     datasets (and the cross-dataset grids) as PNG, and README.md with the settings, the claims
-    table, the theta^f spread and an index of the figures by the paper's number."""
+    table, the paper's printed numbers beside ours, the theta^f spread and an index of the
+    figures by the paper's number. ``commit``: the code the results were computed with (default:
+    this checkout's)."""
     from . import experiment as ex
     from .config import describe
-    from .report import _markdown, figure_index, write_summary
+    from .report import _markdown, figure_index, summary_rows, write_summary
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(write_summary(profile, datasets, seeds=seeds), out / "summary.md")
     figs = figures_dir(profile)
     ours = tuple(f"{d}_" for d in datasets) + ("figure2",)
-    copied = {p.name for p in sorted(figs.glob("*.png")) if p.name.startswith(ours)}
+    copied = {p.name for p in sorted(figs.glob("*.png")) + sorted(figs.glob("*.csv"))
+              if p.name.startswith(ours + ("max_cosine",))}
     for name in copied:
         shutil.copyfile(figs / name, out / name)
     for ds in datasets:
@@ -224,7 +228,8 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
             shutil.copyfile(p, out / f"{ds}_{p.name}")
     have = ex.with_results(profile, datasets, seeds=seeds)
     lines = ["# Reproduction at the paper's settings", "",
-             f"Regenerate with `{command or './run_all.sh --reproduce'}` (commit {_commit()}"
+             f"Regenerate with `{command or './run_all.sh --reproduce'}` (commit "
+             f"{commit or _commit()}"
              + (f"; {wall / 60:.0f} min on the machine that wrote it" if wall else "") + ").",
              "", "The paper's theta^f is not published: ours is trained by the paper's recipe, "
              "and a different theta^f moves every cosine (the spread below says how far).", "",
@@ -238,6 +243,14 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
               "Mean cosine over test points between each method and the gold standard (eq. 13, "
               "each dataset's default gold standard).", "",
               _markdown(claims) if not claims.empty else "(no results)", ""]
+    rows = summary_rows(profile, datasets, seeds=seeds)
+    rows = rows[rows["paper first"].notna()] if not rows.empty else rows
+    if not rows.empty:
+        lines += ["## Beside the paper's printed numbers", "",
+                  "Where the reference notebooks printed the mean cosine (eq. 13, 100 seeds) at the "
+                  "first and last evaluation point, ours (10 seeds, our theta^f) beside it:", "",
+                  _markdown(rows[["dataset", "method", "paper first", "cos first", "paper last",
+                                  "cos last"]]), ""]
     if spread is not None and not spread.empty:
         inits = ", ".join(map(str, sorted(spread["init seed"].unique())))
         lines += [f"## Spread over final models (init seeds {inits})", "",
@@ -247,7 +260,8 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
                   _markdown(spread_summary(spread).reset_index()), ""]
         spread.to_csv(out / "theta_spread.csv", index=False)
     rows = [r for r in figure_index(profile) if r["file"].split("`")[1] in copied]
-    lines += ["## Figures", "", "| paper | file | shows | settings |", "|---|---|---|---|"]
+    lines += ["## Figures and tables", "", "| paper | file | shows | settings |",
+              "|---|---|---|---|"]
     lines += [f"| {r['paper'] or '—'} | `{r['file'].split('`')[1]}` | {r['shows']} | "
               f"{r['settings']} |" for r in rows]
     lines += ["", "`summary.md`: first / max / last cosine and Spearman per dataset and method "
