@@ -204,3 +204,31 @@ def test_workers_keep_glibcs_dynamic_mmap_threshold(client):
     workers, restarted ones included (the kill test above), run without it."""
     assert set(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {None}
     assert len(client.scheduler_info()["workers"]) == 2
+
+
+def test_methods_scored_over_test_chunks_on_dask_equal_one_call(client, problem):
+    """The methods' scores with the test points in chunks, all but the first on the workers,
+    equal one call on the whole test set: bit for bit where a row depends on nothing but its own
+    test point (Grad-Dot, EK-FAC, the exact Gauss-Newton solve), to the solver's tolerance for the
+    block CG, whose chunks share search directions."""
+    import torch
+    from fimoda.gradients import Problem
+    from fimoda.influence import Attributor, compute_scores
+    from fimoda.influence.distributed import scores_on_dask
+    model, X, y, Xt, yt = problem
+    X, y, Xt, yt = (torch.as_tensor(a) for a in (X, y, Xt, yt))
+
+    def attributor():
+        return Attributor(Problem(model, X, y, "regression", progress=False), X[LOO], y[LOO],
+                          Xt, yt)
+    assert len(Xt) > 5
+    for name in ("grad_dot", "ekfac", "dense", "cg"):
+        whole = compute_scores(name, attributor())
+        chunked = scores_on_dask(client, name, attributor(), chunk=2)
+        assert chunked.shape == whole.shape == (len(Xt), len(LOO))
+        if name == "cg":
+            np.testing.assert_allclose(chunked, whole, rtol=1e-6, atol=1e-9 * np.abs(whole).max())
+        else:
+            np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="chunk must be a positive int"):
+        scores_on_dask(client, "grad_dot", attributor(), chunk=0)
