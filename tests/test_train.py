@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fimoda import train as T
+from fimoda import training_loop as TL
 from fimoda.config import get_config
 from fimoda.data import Dataset
 from fimoda.losses import per_example_loss
@@ -93,7 +94,7 @@ def test_batch_order_is_the_seeded_randperm():
 def test_loss_decreases_and_metrics():
     ds = regression_ds()
     untrained = T._build(reg_cfg(), ds, "cpu")
-    before = T.evaluate(untrained, ds.X_train, ds.y_train, "regression")
+    before = TL.evaluate(untrained, ds.X_train, ds.y_train, "regression")
     model, rec = T.train_final_model(reg_cfg(epochs=30), ds, progress=False)
     curve = rec["curves"]["train_loss"]
     assert len(curve) == 30 and len(rec["curves"]["test_loss"]) == 30
@@ -117,19 +118,19 @@ def test_evaluate_matches_hand_computation():
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2).double()
     X, y = torch.randn(10, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
-    res = T.evaluate(model, X.numpy(), y.numpy(), "classification", batch_size=3)
+    res = TL.evaluate(model, X.numpy(), y.numpy(), "classification", batch_size=3)
     out = model(X).detach()
     assert res["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(out, y)), 1e-12)
     assert res["accuracy"] == pytest.approx(float((out.argmax(1) == y).double().mean()))
     reg = torch.nn.Linear(3, 1).double()
     yr = torch.randn(10, dtype=torch.float64)
-    res = T.evaluate(reg, X, yr, "regression")
+    res = TL.evaluate(reg, X, yr, "regression")
     pred = reg(X).reshape(-1).detach()
     sse = float(((pred - yr) ** 2).sum())
     assert res["rmse"] == pytest.approx(np.sqrt(sse / 10), 1e-12)
     assert res["r2"] == pytest.approx(1 - sse / float(((yr - yr.mean()) ** 2).sum()), 1e-12)
     with pytest.raises(ValueError, match="equal lengths"):
-        T.evaluate(reg, X, yr[:5], "regression")
+        TL.evaluate(reg, X, yr[:5], "regression")
 
 
 def test_record_json(tmp_path):
@@ -158,7 +159,7 @@ def test_record_json(tmp_path):
 
 
 def test_curve_epochs_are_spaced_for_long_runs(monkeypatch):
-    monkeypatch.setattr(T, "CURVE_POINTS", 4)
+    monkeypatch.setattr(TL, "CURVE_POINTS", 4)
     _, rec = T.train_final_model(reg_cfg(epochs=10), regression_ds(n=100), progress=False)
     assert rec["curves"]["eval_epoch"] == [3, 6, 9, 10]
     assert len(rec["curves"]["train_loss"]) == 4 and len(rec["curves"]["minibatch_loss"]) == 10
@@ -282,7 +283,7 @@ def test_resnet9_tiny_run(tmp_path, capsys):
     assert rec["procedure"]["momentum"] == 0.9 and rec["n_params"] == n_params(model)
     assert 0 <= rec["metrics"]["test"]["accuracy"] <= 1
     # The triangular schedule: warm-up to the peak then linear decay.
-    opt, factor = T._optimizer(cfg, model, 10)
+    opt, factor = TL._optimizer(cfg, model, 10)
     assert [factor(s) for s in range(10)] == pytest.approx(
         [0.25, 0.75, 0.9375, 0.8125, 0.6875, 0.5625, 0.4375, 0.3125, 0.1875, 0.0625])
     assert [g["momentum"] for g in opt.param_groups] == [0.9] and opt.defaults["nesterov"]
