@@ -1,0 +1,36 @@
+"""The numbers of notebook 07 that notebook 05 puts into ``summary.md``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .. import experiment as ex
+from .trajectory import LABELS
+
+
+def save_summary(cfg, inf: Optional[dict], traj: Optional[dict], directory=None) -> Path:
+    """``beyond_summary.csv`` in the dataset's results: the numbers notebook 05 puts into
+    ``summary.md`` (:func:`fimoda.report.beyond_rows`)."""
+    import pandas as pd
+    rows = []
+    if inf is not None:
+        for name, (mean, _) in inf["curves"].items():
+            k = int(np.argmin(mean))
+            rows.append({"part": "infinitesimal gold", "what": name, "first": mean[0],
+                         "min": mean[k], "min at": int(inf["eval_points"][k]), "last": mean[-1]})
+        for name, e in inf["errors"].items():
+            k = int(np.argmin(e))
+            rows.append({"part": "float32", "what": f"relative error, {name}", "first": e[0],
+                         "min": float(e[k]), "min at": int(inf["eval_points"][k]), "last": e[-1]})
+    if traj is not None:
+        from ..plots import label
+        for m, (mean, _) in traj["curves"].items():
+            k = int(np.argmin(mean))
+            rows.append({"part": "trajectory", "what": LABELS.get(m, label(m)), "first": mean[0],
+                         "min": mean[k], "min at": int(traj["eval_points"][k]), "last": mean[-1],
+                         "max": float(np.max(mean)), "mean": float(np.mean(mean))})
+    path = Path(directory or ex.out_dir(cfg)) / "beyond_summary.csv"
+    ex.save_table(pd.DataFrame(rows).set_index("part"), cfg, path.name, directory=path.parent)
+    return path

@@ -1,0 +1,178 @@
+"""Part 2 of notebook 07: the trajectory-matched influence (:mod:`fimoda.influence.trajectory`;
+Gauss-Newton and true Hessian) and the damping schedule lambda(t) = 1/(eta t), scored at every
+evaluation point of notebook 02's gold standard beside the paper's methods of notebook 03."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from .. import experiment as ex
+from ..experiment.records import _canon, _without   # the key a cached result is stored with
+from ..io import load_npz, save_npz
+from .common import _inputs
+
+# the paper's methods drawn beside the trajectory curves (those notebook 03 computed)
+PAPER_SIDE = ("grad_dot", "grad_cos", "datainf", "cg", "lissa", "lissa_h", "trak", "ekfac")
+
+
+def trajectory_config(cfg, optimizer: Optional[str] = None, hessian: str = "gn"):
+    """The :class:`fimoda.influence.trajectory.TrajectoryConfig` of the dataset's further
+    training (lr of ``optimizer``'s gold standard, batch size, weight decay)."""
+    from ..gold import GoldConfig
+    from ..influence.trajectory import TrajectoryConfig
+    opt, _ = ex.gold_settings(cfg, optimizer)
+    g = GoldConfig.from_experiment(cfg.further, optimizer=opt)
+    return TrajectoryConfig(lr=g.lr, batch_size=g.batch_size, weight_decay=g.weight_decay,
+                            epochs=g.epochs, hessian=hessian, memory_gb=cfg.methods.memory_gb)
+
+
+# Materialising the Gauss-Newton kernel costs n^2 P (its Gram matrix); the Krylov route through
+# Gauss-Newton products costs ~3 n P per column per block, and LiSSA's cost model expects ~30
+# blocks (fimoda.influence.solvers.lissa.KRYLOV_BLOCKS_EXPECTED): with k right-hand sides the
+# kernel pays below n ~ 90 k rows (Concrete: 927 rows, kernel; FICO: 8,883 rows, products).
+KERNEL_ROWS_PER_RHS = 90
+
+
+def _kernel_costlier(cfg, k: int) -> bool:
+    n = cfg.train.n_train_subset or len(ex.load_data(cfg).X_train)
+    return n > KERNEL_ROWS_PER_RHS * k
+
+
+def eval_steps(cfg, eval_points, n_train: int, batch_size: int) -> np.ndarray:
+    """SGD steps at the gold standard's evaluation points: epochs x ceil(n/B), or the steps
+    themselves where it evaluates every k steps."""
+    import math
+    e = np.asarray(eval_points, dtype=np.int64)
+    return e * math.ceil(n_train / batch_size) if ex.eval_unit(cfg) == "epoch" else e
+
+
+def curves_at_points(a: np.ndarray, per_point: np.ndarray):
+    """Cosine of per-evaluation-point scores ``per_point[t, j, i]`` with the gold ``a[i, t, j]``
+    at the same point t: (mean, se) over test points."""
+    from ..metrics import cosine, mean_se
+    per = np.stack([cosine(a[:, t:t + 1], per_point[t])[0] for t in range(a.shape[1])])
+    return mean_se(per, axis=1)
+
+
+def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[str] = None,
+                     device: str = "cpu", directory=None) -> dict:
+    """Trajectory-matched influence (Gauss-Newton, true Hessian) and the damping schedule
+    lambda(t) = 1/(eta t) at every evaluation point of notebook 02's gold standard, beside the
+    paper's methods of notebook 03 (Grad-Dot and CG computed here if notebook 03 has not run).
+    Per-point scores cached in ``beyond_trajectory_<optimizer>.npz``. Returns eval points,
+    cosine curves {name: (mean, se)}, the smallest true-Hessian eigenvalue seen by the Krylov
+    route, seconds."""
+    from ..influence import compute_scores
+    from ..influence.trajectory import (SpectralPairs, damping_schedule_curve,
+                                       trajectory_curve)
+    opt, mech = ex.gold_settings(cfg, optimizer, mechanism)
+    d = Path(directory or ex.out_dir(cfg))
+    gold = ex.load_gold(cfg, opt, mech, directory=d)
+    a, t = ex.evaluation_gold(gold)
+    tcfg = trajectory_config(cfg, opt)
+    k = min(len(gold["loo_indices"]), len(gold["test_indices"]))
+    if _kernel_costlier(cfg, k):
+        tcfg = dataclasses.replace(tcfg, materialize="never")
+    path = d / f"beyond_trajectory_{opt}.npz"
+    record = {"trajectory": dataclasses.asdict(tcfg), "eval_points": t.tolist(),
+              "experiment": _without(cfg, "further", "methods")}
+    model, ds, loo, test = _inputs(cfg, device)
+    if not (np.array_equal(loo, gold["loo_indices"]) and np.array_equal(test, gold["test_indices"])):
+        raise ValueError("notebook 02's gold standard was computed for other instances: rerun it")
+    if path.exists() and str(load_npz(path).get("config")) == _canon(record):
+        z = load_npz(path)
+        per = {k[4:]: z[k] for k in z if k.startswith("per_")}
+        seconds, ritz_min = json.loads(str(z["seconds"])), float(z["ritz_min"])
+    else:
+        att = ex.make_attributor(model, ds, cfg, loo, test, device)
+        steps = eval_steps(cfg, t, att.n_train, tcfg.batch_size)
+        per, seconds = {}, {}
+        t0 = time.perf_counter()
+        gn = SpectralPairs(att, tcfg, int(steps.max()) - 1)
+        per["trajectory"] = trajectory_curve(att, tcfg, steps, pairs=gn)
+        per["schedule"] = damping_schedule_curve(att, tcfg, steps, pairs=gn)
+        seconds["gauss-newton (trajectory + schedule)"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        htcfg = dataclasses.replace(tcfg, hessian="true")
+        tr = SpectralPairs(att, htcfg, int(steps.max()) - 1)
+        per["trajectory_h"] = trajectory_curve(att, htcfg, steps, pairs=tr)
+        per["schedule_h"] = damping_schedule_curve(att, htcfg, steps, pairs=tr)
+        seconds[f"true Hessian ({tr.blocks} Krylov blocks)"] = time.perf_counter() - t0
+        ritz_min = float(tr.ritz.min())
+        side = ex.load_scores(cfg, PAPER_SIDE, directory=d)
+        for m in ("grad_dot", "cg"):
+            if m not in side:
+                side[m] = np.asarray(compute_scores(m, att, ex.method_config(m, cfg)))
+        save_npz(path, **{f"per_{k}": v for k, v in per.items()},
+                 **{f"side_{k}": v for k, v in side.items()}, config=np.asarray(_canon(record)),
+                 seconds=np.asarray(json.dumps(seconds)), ritz_min=np.asarray(ritz_min))
+        z = load_npz(path)
+    side = {k[5:]: z[k] for k in z if k.startswith("side_")}
+    side.update(ex.load_scores(cfg, PAPER_SIDE, directory=d))     # notebook 03's, if newer
+    from ..metrics import curve
+    curves = {m: curve(a, side[m], "cosine") for m in PAPER_SIDE if m in side}
+    for k in ("trajectory", "schedule", "trajectory_h", "schedule_h"):
+        curves[k] = curves_at_points(a, per[k])
+    return {"eval_points": t, "curves": curves, "seconds": seconds, "ritz_min": ritz_min,
+            "optimizer": opt, "mechanism": mech, "lr": tcfg.lr, "n_train": len(ds.X_train)}
+
+
+LABELS = {"trajectory": "trajectory (GN)", "trajectory_h": "trajectory (true H)",
+          "schedule": "CG, λ(t)=1/(ηt) (GN)", "schedule_h": "λ(t)=1/(ηt) (true H)"}
+STYLES = {"trajectory": ("k", "-", 2.4), "trajectory_h": ("tab:red", "-", 1.8),
+          "schedule": ("k", ":", 2.0), "schedule_h": ("tab:red", ":", 1.5)}
+
+
+def trajectory_table(study: dict):
+    """Per method: cosine at the first point, max (and where), last; and, per evaluation point,
+    whether the trajectory (GN) curve is at or above the best paper method there."""
+    import pandas as pd
+    from ..plots import label
+    t = study["eval_points"]
+    rows = []
+    for m, (mean, se) in study["curves"].items():
+        k = int(np.argmax(mean))
+        rows.append({"method": LABELS.get(m, label(m)), "cos first": mean[0], "cos max": mean[k],
+                     "max at": int(t[k]), "cos last": mean[-1],
+                     "cos mean over t": float(np.mean(mean))})
+    return pd.DataFrame(rows).set_index("method")
+
+
+def best_paper_gap(study: dict, method: str = "trajectory") -> dict:
+    """At how many evaluation points ``method``'s mean cosine is at or above the best paper
+    method's there, and the smallest margin (negative: below)."""
+    paper = [study["curves"][m][0] for m in PAPER_SIDE if m in study["curves"]]
+    if not paper:
+        return {"points": 0, "at or above": 0, "min margin": np.nan}
+    best = np.max(np.stack(paper), axis=0)
+    margin = study["curves"][method][0] - best
+    return {"points": len(margin), "at or above": int((margin >= 0).sum()),
+            "min margin": float(margin.min()), "mean margin": float(margin.mean())}
+
+
+def trajectory_figure(study: dict, title: str, unit: str = "epochs"):
+    """Figure-2 style: the paper's methods (thin, their usual styles) and the trajectory-matched
+    curves (thick)."""
+    import matplotlib.pyplot as plt
+    from ..plots import STYLE, label
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    t = study["eval_points"]
+    for m, (mean, se) in study["curves"].items():
+        if m in LABELS:
+            c, ls, lw = STYLES[m]
+            ax.plot(t, mean, ls, color=c, lw=lw, label=LABELS[m])
+            ax.fill_between(t, mean - se, mean + se, color=c, alpha=0.15, lw=0)
+        else:
+            ax.plot(t, mean, STYLE.get(m, "-"), lw=1.0, alpha=0.8, label=label(m))
+    ax.axhline(0, color="k", lw=0.5)
+    ax.set_xlabel(f"further training ({unit})")
+    ax.set_ylabel("cosine similarity to the gold standard")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return fig
