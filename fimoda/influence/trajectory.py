@@ -37,6 +37,15 @@ the coordinates of the test and left-out gradients in one eigenbasis --
   theta^f along them: the series is evaluated as it is (no divergence test), so what that does
   to the scores is shown, not hidden.
 
+Adam further training (``preconditioner="adam"``, :mod:`.preconditioner`): with Adam's state
+frozen at what one epoch at theta^f builds, the step is preconditioned by D = diag(1/(sqrt(v) +
+eps)), d_{k+1} = d_k - eta D (A d_k - grad L(z_i)/n), and
+
+    scores_t = (1/n) (D^{1/2} grad g)^T p_t(D^{1/2} A D^{1/2}) (D^{1/2} grad L(z_i)):
+
+every route above runs on the symmetrised A~ = D^{1/2} A D^{1/2} and the D^{1/2}-scaled
+gradients (weight decay > 0: the Krylov route only).
+
 :func:`damping_schedule_curve` is the simpler combination: the damped influence function with a
 damping that shrinks as further training proceeds, lambda(t) = 1/(eta t) (+ wd),
 
@@ -62,6 +71,7 @@ import torch
 
 from .common import Attributor
 from .operators import HESSIANS, MATERIALIZE, DampedHessian
+from .preconditioner import ADAM_BETAS, ADAM_EPS, check_preconditioner, preconditioned
 from .solvers.lissa import kernel_eig_costlier, krylov_lissa_solve, lissa_polynomial
 
 SOLVERS = ("exact", "cg")
@@ -75,7 +85,10 @@ class TrajectoryConfig:
     training (SGD, lr 1e-2, batch 128, 5 epochs). ``hessian``: "gn" (Gauss-Newton) or "true".
     ``materialize``/``memory_gb``: as :class:`.common.DampedConfig` (Gauss-Newton only).
     ``krylov_tol``: the Krylov evaluation's relative change at which it stops (None: 1e-8 in
-    float64); ``krylov_cols``: most basis columns (memory: P x cols)."""
+    float64); ``krylov_cols``: most basis columns (memory: P x cols). ``preconditioner``:
+    "none" (SGD), "adam" (Adam's frozen state D) or "adam_dv" (D_eff, with the response of
+    Adam's second moment), :mod:`.preconditioner`; ``adam_beta2``/``adam_eps``: the gold
+    standard's Adam (:mod:`fimoda.gold.optim`)."""
     lr: float = 1e-2
     epochs: float = 5
     steps: Optional[int] = None
@@ -86,6 +99,9 @@ class TrajectoryConfig:
     memory_gb: float = 2.0
     krylov_tol: Optional[float] = None
     krylov_cols: int = 4000
+    preconditioner: str = "none"
+    adam_beta2: float = ADAM_BETAS[1]
+    adam_eps: float = ADAM_EPS
 
 
 def _check(cfg: TrajectoryConfig) -> None:
@@ -103,6 +119,7 @@ def _check(cfg: TrajectoryConfig) -> None:
         raise ValueError(f"steps must be None or an integer >= 0, got {cfg.steps!r}")
     if cfg.steps is None and not cfg.epochs >= 0:
         raise ValueError(f"epochs must be >= 0, got {cfg.epochs!r}")
+    check_preconditioner(cfg)
 
 
 def steps_per_epoch(att: Attributor, cfg: TrajectoryConfig) -> int:
@@ -150,8 +167,10 @@ class SpectralPairs:
         self.att = att
         A = DampedHessian(att, cfg.hessian, cfg.weight_decay, "mean", cfg.materialize,
                           cfg.memory_gb)
-        self.A, self.lam = A, float(cfg.weight_decay)
         G, W = att.test_grads, att.train_grads
+        if cfg.preconditioner != "none":        # Adam: D^1/2 A D^1/2 and D^1/2-scaled gradients
+            A, G, W = preconditioned(att, cfg, A, G, W)
+        self.A, self.lam = A, float(cfg.weight_decay)
         # the kernel's eigen-decomposition unless it costs more than a Krylov evaluation through
         # the kernel's cheap products (the cost model of LiSSA's, e.g. FICO's n = 8,400 rows)
         if A.kernel is not None and not kernel_eig_costlier(A, min(len(G), len(W))):
@@ -250,6 +269,9 @@ def damping_schedule_curve(att: Attributor, cfg: TrajectoryConfig, steps: Sequen
         pairs = pairs or SpectralPairs(att, cfg, int(t.max()) - 1, progress)
         return _curve(pairs, t, schedule_resolvent, float(cfg.lr), att.n_train)
     _check(cfg)
+    if cfg.preconditioner != "none":
+        raise ValueError("solver='cg' solves the unpreconditioned A; use solver='exact' with "
+                         f"preconditioner={cfg.preconditioner!r}")
     from .cg import CgConfig, cg
     out = []
     for k in t:
