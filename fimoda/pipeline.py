@@ -49,6 +49,9 @@ VARIANTS = [
     # the Adam gold standard of App. E.1 for every tabular dataset (Figs. 4 and 8), evaluated
     ("02", TABULAR, PROFILES, {"optimizer": "adam"}, "adam"),
     ("04", TABULAR, PROFILES, {"optimizer": "adam"}, "adam"),
+    # notebook 07's trajectory-matched influence against that Adam gold standard (Adam's lr, and
+    # Adam's preconditioner); part 2 only: the infinitesimal study is the SGD run's
+    ("07", TABULAR, PROFILES, {"optimizer": "adam", "infinitesimal": False}, "adam"),
 ]
 
 

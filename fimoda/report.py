@@ -217,14 +217,14 @@ def mislabel_rows(profile: str, datasets, directory=None):
 
 
 def beyond_rows(profile: str, datasets):
-    """The numbers of notebook 07 (``beyond_summary.csv`` of each dataset): the infinitesimal
-    gold standard's cosines to the finite gold and float32 errors, and the trajectory-matched
-    curves beside the paper's methods (first, smallest and where, last; max and mean over t)."""
+    """The numbers of notebook 07 (``beyond_summary_<optimizer>.csv`` of each dataset, one per
+    gold-standard optimizer it ran against): the infinitesimal gold standard's cosines to the
+    finite gold and float32 errors, and the trajectory-matched curves beside the paper's methods
+    (first, smallest and where, last; max and mean over t)."""
     import pandas as pd
     out = []
     for ds in datasets:
-        path = results_dir(profile, ds) / "beyond_summary.csv"
-        if path.exists():
+        for path in sorted(results_dir(profile, ds).glob("beyond_summary_*.csv")):
             out.append(pd.read_csv(path).assign(dataset=ds))
     if not out:
         return pd.DataFrame()

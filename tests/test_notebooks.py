@@ -39,9 +39,10 @@ def test_chains_split_the_plan_into_independent_dataset_chains():
     for chain in per_ds:                     # each dataset's notebooks, in order, nothing else
         assert len({p["dataset"] for _, p, _ in chain}) == 1
     # Concrete's gold standard three times in the smoke profile: its default (SGD, remove),
-    # subtract, and Adam (App. E.1), which notebook 04 evaluates a second time
+    # subtract, and Adam (App. E.1), which notebooks 04 and 07 (part 2 only) use a second time
     assert [nb[:2] for nb, _, _ in per_ds[0]] == ["01", "02", "02", "02", "03", "04", "04", "06",
-                                                  "07"]
+                                                  "07", "07"]
+    assert per_ds[0][9][1]["optimizer"] == "adam" and per_ds[0][9][1]["infinitesimal"] is False
     assert per_ds[0][2][1]["mechanism"] == "subtract" and "optimizer" not in per_ds[0][2][1]
     assert per_ds[0][3][1]["optimizer"] == "adam" and per_ds[0][6][1]["optimizer"] == "adam"
     assert "optimizer" not in per_ds[0][5][1]
@@ -236,8 +237,15 @@ def test_notebook_07_runs_on_the_smoke_profile(isolated):
     rows = report.beyond_rows("smoke", ["concrete"])
     inf = rows[rows["what"] == "infinitesimal vs finite (float64)"]
     assert len(inf) == 1 and float(inf["first"].iloc[0]) > 0.95    # small perturbation: ~ 1
-    traj = rows[rows["part"] == "trajectory"]
+    traj = rows[(rows["part"] == "trajectory") & (rows["optimizer"] == "sgd")]
     assert {"trajectory (GN)", "trajectory (true H)", "Grad-Dot", "CG"} <= set(traj["what"])
     assert np.isfinite(traj[["first", "min", "last"]].to_numpy(dtype=float)).all()
+    # the Adam run (pipeline VARIANTS): part 2 only, with Adam's preconditioner beside
+    adam = rows[rows["optimizer"] == "adam"]
+    assert set(adam["part"]) == {"trajectory"}
+    assert {"trajectory (GN)", "trajectory, Adam D (GN)", "trajectory, Adam D (true H)",
+            "Grad-Dot"} <= set(adam["what"])
+    assert np.isfinite(adam[["first", "min", "last"]].to_numpy(dtype=float)).all()
+    assert (isolated / "figures" / "smoke" / "concrete_trajectory_adam_remove_eq13.png").exists()
     index = report.figure_index("smoke")
     assert any("concrete_trajectory_sgd_remove_eq13.png" in r["file"] for r in index)

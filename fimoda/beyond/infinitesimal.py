@@ -29,9 +29,13 @@ INFINITESIMAL_WORK = {
 INFINITESIMAL_DATASETS = {"cpu": ("concrete", "fico")}
 
 
-def infinitesimal_applies(cfg) -> tuple[bool, str]:
-    """(whether notebook 07 runs the infinitesimal study for this dataset, why not)."""
+def infinitesimal_applies(cfg, enabled: bool = True) -> tuple[bool, str]:
+    """(whether notebook 07 runs the infinitesimal study for this dataset, why not);
+    ``enabled=False``: the notebook's parameter turned it off (the pipeline's Adam run)."""
     runs, why = applies(cfg)
+    if runs and not enabled:
+        return False, ("part 1 is off in this run (infinitesimal=False: the pipeline's Adam run "
+                       "of this notebook computes part 2 only)")
     only = INFINITESIMAL_DATASETS.get(cfg.profile)
     if runs and only is not None and cfg.dataset not in only:
         return False, (f"the infinitesimal study runs on {' and '.join(only)} in the "

@@ -11,9 +11,11 @@ from .trajectory import LABELS
 
 
 def save_summary(cfg, inf: Optional[dict], traj: Optional[dict], directory=None) -> Path:
-    """``beyond_summary.csv`` in the dataset's results: the numbers notebook 05 puts into
+    """``beyond_summary_<optimizer>.csv`` in the dataset's results (the gold standard's optimizer:
+    the SGD and Adam runs of notebook 07 each keep theirs): the numbers notebook 05 puts into
     ``summary.md`` (:func:`fimoda.report.beyond_rows`)."""
     import pandas as pd
+    opt = (traj or inf or {}).get("optimizer") or ex.gold_settings(cfg)[0]
     rows = []
     if inf is not None:
         for name, (mean, _) in inf["curves"].items():
@@ -31,6 +33,7 @@ def save_summary(cfg, inf: Optional[dict], traj: Optional[dict], directory=None)
             rows.append({"part": "trajectory", "what": LABELS.get(m, label(m)), "first": mean[0],
                          "min": mean[k], "min at": int(traj["eval_points"][k]), "last": mean[-1],
                          "max": float(np.max(mean)), "mean": float(np.mean(mean))})
-    path = Path(directory or ex.out_dir(cfg)) / "beyond_summary.csv"
-    ex.save_table(pd.DataFrame(rows).set_index("part"), cfg, path.name, directory=path.parent)
+    path = Path(directory or ex.out_dir(cfg)) / f"beyond_summary_{opt}.csv"
+    table = pd.DataFrame(rows).assign(optimizer=opt).set_index("part")
+    ex.save_table(table, cfg, path.name, directory=path.parent)
     return path

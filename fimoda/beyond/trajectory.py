@@ -18,17 +18,24 @@ from .common import _inputs
 
 # the paper's methods drawn beside the trajectory curves (those notebook 03 computed)
 PAPER_SIDE = ("grad_dot", "grad_cos", "datainf", "cg", "lissa", "lissa_h", "trak", "ekfac")
+# against the Adam gold standard, the trajectory with Adam's diagonal preconditioner too (D, the
+# frozen state; D_eff, "adam_dv", measured no better: fimoda.influence.preconditioner)
+ADAM_VARIANTS = ("adam",)
 
 
-def trajectory_config(cfg, optimizer: Optional[str] = None, hessian: str = "gn"):
+def trajectory_config(cfg, optimizer: Optional[str] = None, hessian: str = "gn",
+                      preconditioner: str = "none"):
     """The :class:`fimoda.influence.trajectory.TrajectoryConfig` of the dataset's further
-    training (lr of ``optimizer``'s gold standard, batch size, weight decay)."""
+    training (lr and epochs of ``optimizer``'s gold standard: Adam's ``adam_lr`` and
+    ``adam_epochs``; batch size, weight decay), with ``preconditioner`` ("adam": Adam's)."""
     from ..gold import GoldConfig
     from ..influence.trajectory import TrajectoryConfig
     opt, _ = ex.gold_settings(cfg, optimizer)
     g = GoldConfig.from_experiment(cfg.further, optimizer=opt)
+    epochs = cfg.further.adam_epochs if opt == "adam" and cfg.further.adam_epochs else g.epochs
     return TrajectoryConfig(lr=g.lr, batch_size=g.batch_size, weight_decay=g.weight_decay,
-                            epochs=g.epochs, hessian=hessian, memory_gb=cfg.methods.memory_gb)
+                            epochs=epochs, hessian=hessian, memory_gb=cfg.methods.memory_gb,
+                            preconditioner=preconditioner)
 
 
 # Materialising the Gauss-Newton kernel costs n^2 P (its Gram matrix); the Krylov route through
@@ -64,6 +71,9 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
     """Trajectory-matched influence (Gauss-Newton, true Hessian) and the damping schedule
     lambda(t) = 1/(eta t) at every evaluation point of notebook 02's gold standard, beside the
     paper's methods of notebook 03 (Grad-Dot and CG computed here if notebook 03 has not run).
+    Against the Adam gold standard (``optimizer="adam"``: Adam's lr and epochs) the SGD-form
+    curves with Adam's lr, and the trajectory with Adam's diagonal preconditioner at theta^f
+    (:data:`ADAM_VARIANTS`: ``trajectory_adam``, ``trajectory_adam_h``).
     Per-point scores cached in ``beyond_trajectory_<optimizer>.npz``. Returns eval points,
     cosine curves {name: (mean, se)}, the smallest true-Hessian eigenvalue seen by the Krylov
     route, seconds."""
@@ -80,7 +90,8 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
         tcfg = dataclasses.replace(tcfg, materialize="never")
     path = d / f"beyond_trajectory_{opt}.npz"
     record = {"trajectory": dataclasses.asdict(tcfg), "eval_points": t.tolist(),
-              "experiment": _without(cfg, "further", "methods")}
+              "experiment": _without(cfg, "further", "methods"),
+              "preconditioners": list(ADAM_VARIANTS) if opt == "adam" else []}
     model, ds, loo, test = _inputs(cfg, device)
     if not (np.array_equal(loo, gold["loo_indices"]) and np.array_equal(test, gold["test_indices"])):
         raise ValueError("notebook 02's gold standard was computed for other instances: rerun it")
@@ -104,6 +115,15 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
         per["schedule_h"] = damping_schedule_curve(att, htcfg, steps, pairs=tr)
         seconds[f"true Hessian ({tr.blocks} Krylov blocks)"] = time.perf_counter() - t0
         ritz_min = float(tr.ritz.min())
+        if opt == "adam":      # Adam's preconditioner at theta^f (fimoda.influence.preconditioner)
+            for pre in ADAM_VARIANTS:
+                for h, suffix in (("gn", ""), ("true", "_h")):
+                    t0 = time.perf_counter()
+                    pcfg = dataclasses.replace(tcfg, hessian=h, preconditioner=pre)
+                    pp = SpectralPairs(att, pcfg, int(steps.max()) - 1)
+                    per[f"trajectory_{pre}{suffix}"] = trajectory_curve(att, pcfg, steps, pairs=pp)
+                    seconds[f"{pre}-preconditioned, {'true Hessian' if h == 'true' else 'gauss-newton'}"
+                            f" ({pp.route})"] = time.perf_counter() - t0
         side = ex.load_scores(cfg, PAPER_SIDE, directory=d)
         for m in ("grad_dot", "cg"):
             if m not in side:
@@ -116,16 +136,23 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
     side.update(ex.load_scores(cfg, PAPER_SIDE, directory=d))     # notebook 03's, if newer
     from ..metrics import curve
     curves = {m: curve(a, side[m], "cosine") for m in PAPER_SIDE if m in side}
-    for k in ("trajectory", "schedule", "trajectory_h", "schedule_h"):
+    for k in per:
         curves[k] = curves_at_points(a, per[k])
     return {"eval_points": t, "curves": curves, "seconds": seconds, "ritz_min": ritz_min,
             "optimizer": opt, "mechanism": mech, "lr": tcfg.lr, "n_train": len(ds.X_train)}
 
 
 LABELS = {"trajectory": "trajectory (GN)", "trajectory_h": "trajectory (true H)",
-          "schedule": "CG, λ(t)=1/(ηt) (GN)", "schedule_h": "λ(t)=1/(ηt) (true H)"}
+          "schedule": "CG, λ(t)=1/(ηt) (GN)", "schedule_h": "λ(t)=1/(ηt) (true H)",
+          "trajectory_adam": "trajectory, Adam D (GN)",
+          "trajectory_adam_h": "trajectory, Adam D (true H)",
+          "trajectory_adam_dv": "trajectory, Adam D_eff (GN)",
+          "trajectory_adam_dv_h": "trajectory, Adam D_eff (true H)"}
 STYLES = {"trajectory": ("k", "-", 2.4), "trajectory_h": ("tab:red", "-", 1.8),
-          "schedule": ("k", ":", 2.0), "schedule_h": ("tab:red", ":", 1.5)}
+          "schedule": ("k", ":", 2.0), "schedule_h": ("tab:red", ":", 1.5),
+          "trajectory_adam": ("tab:blue", "-", 2.4), "trajectory_adam_h": ("tab:purple", "-", 1.8),
+          "trajectory_adam_dv": ("tab:blue", "--", 2.0),
+          "trajectory_adam_dv_h": ("tab:purple", "--", 1.5)}
 
 
 def trajectory_table(study: dict):
@@ -153,6 +180,15 @@ def best_paper_gap(study: dict, method: str = "trajectory") -> dict:
     margin = study["curves"][method][0] - best
     return {"points": len(margin), "at or above": int((margin >= 0).sum()),
             "min margin": float(margin.min()), "mean margin": float(margin.mean())}
+
+
+def trajectory_gaps(study: dict):
+    """:func:`best_paper_gap` of every curve of the study that is not a paper method, one row
+    each."""
+    import pandas as pd
+    rows = [{"method": LABELS.get(m, m), **best_paper_gap(study, m)}
+            for m in study["curves"] if m not in PAPER_SIDE]
+    return pd.DataFrame(rows).set_index("method")
 
 
 def trajectory_figure(study: dict, title: str, unit: str = "epochs"):
