@@ -122,8 +122,9 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
                     pcfg = dataclasses.replace(tcfg, hessian=h, preconditioner=pre)
                     pp = SpectralPairs(att, pcfg, int(steps.max()) - 1)
                     per[f"trajectory_{pre}{suffix}"] = trajectory_curve(att, pcfg, steps, pairs=pp)
-                    seconds[f"{pre}-preconditioned, {'true Hessian' if h == 'true' else 'gauss-newton'}"
-                            f" ({pp.route})"] = time.perf_counter() - t0
+                    what = "true Hessian" if h == "true" else "gauss-newton"
+                    seconds[f"{pre}-preconditioned, {what} ({pp.route})"] = \
+                        time.perf_counter() - t0
         side = ex.load_scores(cfg, PAPER_SIDE, directory=d)
         for m in ("grad_dot", "cg"):
             if m not in side:
