@@ -35,7 +35,9 @@ the coordinates of the test and left-out gradients in one eigenbasis --
   number of blocks, converged for the longest). The true Hessian has negative eigenvalues away
   from a minimum; along them (1 - eta x)^t grows, as further training itself departs from
   theta^f along them: the series is evaluated as it is (no divergence test), so what that does
-  to the scores is shown, not hidden.
+  to the scores is shown, not hidden;
+* the series' own recurrence (``route="recurrence"``, :mod:`.trajectory_recurrence`: t_max - 1
+  full or mini-batch products, for models whose Hessian is not materialised and few steps).
 
 :func:`damping_schedule_curve` is the simpler combination: the damped influence function with a
 damping that shrinks as further training proceeds, lambda(t) = 1/(eta t) (+ wd),
@@ -63,8 +65,10 @@ import torch
 from .common import Attributor
 from .operators import HESSIANS, MATERIALIZE, DampedHessian
 from .solvers.lissa import kernel_eig_costlier, krylov_lissa_solve, lissa_polynomial
+from .trajectory_recurrence import check_recurrence, recurrence_curve
 
 SOLVERS = ("exact", "cg")
+ROUTES = ("auto", "recurrence")
 
 
 @dataclass(frozen=True)
@@ -75,7 +79,13 @@ class TrajectoryConfig:
     training (SGD, lr 1e-2, batch 128, 5 epochs). ``hessian``: "gn" (Gauss-Newton) or "true".
     ``materialize``/``memory_gb``: as :class:`.common.DampedConfig` (Gauss-Newton only).
     ``krylov_tol``: the Krylov evaluation's relative change at which it stops (None: 1e-8 in
-    float64); ``krylov_cols``: most basis columns (memory: P x cols)."""
+    float64); ``krylov_cols``: most basis columns (memory: P x cols).
+    ``route``: how :func:`trajectory_curve` evaluates the series: "auto", one eigenbasis
+    (:class:`SpectralPairs`); "recurrence", the series' own recurrence with t_max - 1 products
+    (:mod:`.trajectory_recurrence`: models whose Hessian is not materialised, few steps), its
+    ``products`` "full" (the mean-loss operator) or "batch" (seeded mini-batches of
+    ``batch_size`` rows, seed ``seed``). :func:`damping_schedule_curve` always uses
+    :class:`SpectralPairs` or CG."""
     lr: float = 1e-2
     epochs: float = 5
     steps: Optional[int] = None
@@ -86,6 +96,9 @@ class TrajectoryConfig:
     memory_gb: float = 2.0
     krylov_tol: Optional[float] = None
     krylov_cols: int = 4000
+    route: str = "auto"
+    products: str = "full"
+    seed: int = 0
 
 
 def _check(cfg: TrajectoryConfig) -> None:
@@ -103,6 +116,9 @@ def _check(cfg: TrajectoryConfig) -> None:
         raise ValueError(f"steps must be None or an integer >= 0, got {cfg.steps!r}")
     if cfg.steps is None and not cfg.epochs >= 0:
         raise ValueError(f"epochs must be >= 0, got {cfg.epochs!r}")
+    if cfg.route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {cfg.route!r}")
+    check_recurrence(cfg)
 
 
 def steps_per_epoch(att: Attributor, cfg: TrajectoryConfig) -> int:
@@ -230,8 +246,12 @@ def _curve(pairs: SpectralPairs, steps: np.ndarray, fn, lr: float, n: int) -> np
 def trajectory_curve(att: Attributor, cfg: TrajectoryConfig, steps: Sequence[int],
                      progress: bool = True, pairs: Optional[SpectralPairs] = None) -> np.ndarray:
     """scores[t, j, i] = (1/n) grad g(z_j)^T p_t(A) grad L(z_i) at every number of SGD steps in
-    ``steps`` (module docstring), from one eigenbasis (``pairs``, built here if None)."""
+    ``steps`` (module docstring), from one eigenbasis (``pairs``, built here if None), or by the
+    recurrence (``cfg.route == "recurrence"``; ``pairs`` unused)."""
     t = _steps(steps)
+    if cfg.route == "recurrence":
+        _check(cfg)
+        return recurrence_curve(att, cfg, t, progress)
     pairs = pairs or SpectralPairs(att, cfg, int(t.max()) - 1, progress)
     return _curve(pairs, t, trajectory_polynomial, float(cfg.lr), att.n_train)
 
