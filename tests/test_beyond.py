@@ -288,3 +288,14 @@ def test_the_infinitesimal_study_runs_where_the_profile_says():
     assert beyond.infinitesimal_applies(get_config("energy", "smoke"))[0]
     assert beyond.infinitesimal_applies(get_config("energy", "paper"))[0]
     assert not beyond.infinitesimal_applies(get_config("sst2", "paper"))[0]
+
+
+def test_the_trajectory_study_runs_for_every_model_the_true_hessian_parts_for_mlps_only():
+    from fimoda import beyond
+    from fimoda.config import get_config
+    assert beyond.applies(get_config("concrete", "cpu")) == (True, "")
+    for ds in ("fashion_mnist", "sst2"):
+        runs, left_out = beyond.applies(get_config(ds, "cpu"))
+        assert runs and "part 1" in left_out and "true-Hessian" in left_out
+        assert not beyond.full_hessian_applies(get_config(ds, "cpu"))[0]
+        assert not beyond.infinitesimal_applies(get_config(ds, "paper"))[0]

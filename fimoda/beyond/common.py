@@ -15,9 +15,9 @@ def full_hessian_applies(cfg) -> tuple[bool, str]:
         return False, (f"{cfg.dataset}: part 1 (the infinitesimal gold standard) and the "
                        f"true-Hessian curves of part 2 are skipped. The infinitesimal gold "
                        f"standard carries one tangent per left-out instance through every step "
-                       f"(a jvp costs about three gradients per instance: {cfg.model} on 2 CPU "
+                       f"(a jvp costs about three gradients per instance: the {cfg.model} model on 2 CPU "
                        f"cores would take longer than notebook 02 itself), and the trajectory "
-                       f"series on the {cfg.model}'s true Hessian needs true-Hessian products "
+                       f"series on the {cfg.model} model's true Hessian needs true-Hessian products "
                        f"per test point at every step, which the paper did not run on these "
                        f"models either. Part 2 runs on the Gauss-Newton Hessian.")
     return True, ""
