@@ -14,7 +14,7 @@ import numpy as np
 from .. import experiment as ex
 from ..experiment.records import _canon, _without   # the key a cached result is stored with
 from ..io import load_json, load_npz, save_json, save_npz
-from .common import _inputs, applies, gold_cosine
+from .common import _inputs, full_hessian_applies, gold_cosine
 
 # The infinitesimal gold standard costs a jvp per left-out instance per step (about 3 gradients'
 # work each, benchmarks/infinitesimal_speed.py): the cpu profile runs it on a slice of notebook
@@ -32,7 +32,7 @@ INFINITESIMAL_DATASETS = {"cpu": ("concrete", "fico")}
 def infinitesimal_applies(cfg, enabled: bool = True) -> tuple[bool, str]:
     """(whether notebook 07 runs the infinitesimal study for this dataset, why not);
     ``enabled=False``: the notebook's parameter turned it off (the pipeline's Adam run)."""
-    runs, why = applies(cfg)
+    runs, why = full_hessian_applies(cfg)
     if runs and not enabled:
         return False, ("part 1 is off in this run (infinitesimal=False: the pipeline's Adam run "
                        "of this notebook computes part 2 only)")

@@ -1,6 +1,8 @@
 """Part 2 of notebook 07: the trajectory-matched influence (:mod:`fimoda.influence.trajectory`;
-Gauss-Newton and true Hessian) and the damping schedule lambda(t) = 1/(eta t), scored at every
-evaluation point of notebook 02's gold standard beside the paper's methods of notebook 03."""
+Gauss-Newton and, for MLPs, true Hessian) and the damping schedule lambda(t) = 1/(eta t), scored
+at every evaluation point of notebook 02's gold standard beside the paper's methods of notebook
+03. Images and text: the Gauss-Newton curve only, by the series' recurrence where the
+Gauss-Newton matrix does not materialise (:mod:`fimoda.influence.trajectory_recurrence`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -66,30 +68,64 @@ def curves_at_points(a: np.ndarray, per_point: np.ndarray):
     return mean_se(per, axis=1)
 
 
+# Models whose Gauss-Newton matrix does not materialise (text; images beyond the cpu profile's
+# 256 fit rows, which materialise: kernel eigenbasis, 4.8 s) run the series by its recurrence
+# with seeded mini-batch Gauss-Newton products of the further training's batch size, one per
+# step, as further training itself steps. Measured on SST-2's cpu profile (128 fit rows, 5.3 M
+# parameters, 9 products of 10 columns, 2 cores shared): per-chunk full-batch products 159 s,
+# mini-batches of 64 rows 30 s, the same cosines to 3 decimals (0.548, 0.647: at AdamW's lr
+# 1e-6, eta x lambda_max << 1/t and the series is Grad-Dot x eta t to first order). A batch
+# realisation adds noise independent of the gold standard's (fimoda.influence.
+# trajectory_recurrence); the damping schedule needs an eigenbasis or CG per point: left out.
+RECURRENCE_PRODUCTS = "batch"
+NO_SCHEDULE = ("the damping schedule λ(t) = 1/(ηt) needs an eigenbasis or a CG solve per "
+               "evaluation point; the Gauss-Newton matrix of the {model} model does not materialise "
+               "(CG is skipped for these models in the paper): left out")
+
+
+def _gauss_newton_curves(att, tcfg, steps, mlp: bool, model: str):
+    """(per-point scores, seconds key, skipped {name: reason}) of the Gauss-Newton curves: one
+    eigenbasis for the trajectory and the schedule, or (non-MLP models whose Gauss-Newton
+    matrix does not materialise) the trajectory's recurrence alone."""
+    from ..influence.operators import gauss_newton_fits
+    from ..influence.trajectory import SpectralPairs, damping_schedule_curve, trajectory_curve
+    if mlp or gauss_newton_fits(att, tcfg.memory_gb):
+        gn = SpectralPairs(att, tcfg, int(steps.max()) - 1)
+        return ({"trajectory": trajectory_curve(att, tcfg, steps, pairs=gn),
+                 "schedule": damping_schedule_curve(att, tcfg, steps, pairs=gn)},
+                f"gauss-newton ({gn.route}; trajectory + schedule)", {})
+    rcfg = dataclasses.replace(tcfg, route="recurrence", products=RECURRENCE_PRODUCTS)
+    return ({"trajectory": trajectory_curve(att, rcfg, steps)},
+            f"gauss-newton (recurrence, {int(steps.max()) - 1} {RECURRENCE_PRODUCTS} products)",
+            {"schedule": NO_SCHEDULE.format(model=model)})
+
+
 def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[str] = None,
                      device: str = "cpu", directory=None) -> dict:
-    """Trajectory-matched influence (Gauss-Newton, true Hessian) and the damping schedule
-    lambda(t) = 1/(eta t) at every evaluation point of notebook 02's gold standard, beside the
-    paper's methods of notebook 03 (Grad-Dot and CG computed here if notebook 03 has not run).
-    Against the Adam gold standard (``optimizer="adam"``: Adam's lr and epochs) the SGD-form
-    curves with Adam's lr, and the trajectory with Adam's diagonal preconditioner at theta^f
-    (:data:`ADAM_VARIANTS`: ``trajectory_adam``, ``trajectory_adam_h``).
+    """Trajectory-matched influence (Gauss-Newton; true Hessian for MLPs) and the damping
+    schedule lambda(t) = 1/(eta t) at every evaluation point of notebook 02's gold standard,
+    beside the paper's methods of notebook 03 (Grad-Dot and CG computed here if notebook 03 has
+    not run). Against the Adam gold standard (``optimizer="adam"``: Adam's lr and epochs) the
+    SGD-form curves with Adam's lr, and the trajectory with Adam's diagonal preconditioner at
+    theta^f (:data:`ADAM_VARIANTS`: ``trajectory_adam``, ``trajectory_adam_h``).
     Per-point scores cached in ``beyond_trajectory_<optimizer>.npz``. Returns eval points,
-    cosine curves {name: (mean, se)}, the smallest true-Hessian eigenvalue seen by the Krylov
-    route, seconds."""
+    cosine curves {name: (mean, se)}, the curves left out {name: reason}, the smallest
+    true-Hessian eigenvalue seen by the Krylov route (None without it), seconds."""
     from ..influence import compute_scores
-    from ..influence.trajectory import (SpectralPairs, damping_schedule_curve,
-                                       trajectory_curve)
+    from ..influence.trajectory import SpectralPairs, damping_schedule_curve, trajectory_curve
+    from .common import full_hessian_applies
     opt, mech = ex.gold_settings(cfg, optimizer, mechanism)
     d = Path(directory or ex.out_dir(cfg))
     gold = ex.load_gold(cfg, opt, mech, directory=d)
     a, t = ex.evaluation_gold(gold)
     tcfg = trajectory_config(cfg, opt)
+    mlp, why_not_true = full_hessian_applies(cfg)
     k = min(len(gold["loo_indices"]), len(gold["test_indices"]))
-    if _kernel_costlier(cfg, k):
+    if mlp and _kernel_costlier(cfg, k):
         tcfg = dataclasses.replace(tcfg, materialize="never")
     path = d / f"beyond_trajectory_{opt}.npz"
     record = {"trajectory": dataclasses.asdict(tcfg), "eval_points": t.tolist(),
+              "recurrence_products": RECURRENCE_PRODUCTS,
               "experiment": _without(cfg, "further", "methods"),
               "preconditioners": list(ADAM_VARIANTS) if opt == "adam" else []}
     model, ds, loo, test = _inputs(cfg, device)
@@ -98,24 +134,26 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
     if path.exists() and str(load_npz(path).get("config")) == _canon(record):
         z = load_npz(path)
         per = {k[4:]: z[k] for k in z if k.startswith("per_")}
-        seconds, ritz_min = json.loads(str(z["seconds"])), float(z["ritz_min"])
+        seconds, skipped = json.loads(str(z["seconds"])), json.loads(str(z["skipped"]))
+        ritz_min = float(z["ritz_min"]) if np.isfinite(z["ritz_min"]) else None
     else:
         att = ex.make_attributor(model, ds, cfg, loo, test, device)
         steps = eval_steps(cfg, t, att.n_train, tcfg.batch_size)
-        per, seconds = {}, {}
+        seconds, ritz_min = {}, None
         t0 = time.perf_counter()
-        gn = SpectralPairs(att, tcfg, int(steps.max()) - 1)
-        per["trajectory"] = trajectory_curve(att, tcfg, steps, pairs=gn)
-        per["schedule"] = damping_schedule_curve(att, tcfg, steps, pairs=gn)
-        seconds["gauss-newton (trajectory + schedule)"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        htcfg = dataclasses.replace(tcfg, hessian="true")
-        tr = SpectralPairs(att, htcfg, int(steps.max()) - 1)
-        per["trajectory_h"] = trajectory_curve(att, htcfg, steps, pairs=tr)
-        per["schedule_h"] = damping_schedule_curve(att, htcfg, steps, pairs=tr)
-        seconds[f"true Hessian ({tr.blocks} Krylov blocks)"] = time.perf_counter() - t0
-        ritz_min = float(tr.ritz.min())
-        if opt == "adam":      # Adam's preconditioner at theta^f (fimoda.influence.preconditioner)
+        per, key, skipped = _gauss_newton_curves(att, tcfg, steps, mlp, cfg.model)
+        seconds[key] = time.perf_counter() - t0
+        if mlp:
+            t0 = time.perf_counter()
+            htcfg = dataclasses.replace(tcfg, hessian="true")
+            tr = SpectralPairs(att, htcfg, int(steps.max()) - 1)
+            per["trajectory_h"] = trajectory_curve(att, htcfg, steps, pairs=tr)
+            per["schedule_h"] = damping_schedule_curve(att, htcfg, steps, pairs=tr)
+            seconds[f"true Hessian ({tr.blocks} Krylov blocks)"] = time.perf_counter() - t0
+            ritz_min = float(tr.ritz.min())
+        else:
+            skipped.update(trajectory_h=why_not_true, schedule_h=why_not_true)
+        if opt == "adam" and mlp:  # Adam's preconditioner at theta^f (influence.preconditioner)
             for pre in ADAM_VARIANTS:
                 for h, suffix in (("gn", ""), ("true", "_h")):
                     t0 = time.perf_counter()
@@ -127,11 +165,12 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
                         time.perf_counter() - t0
         side = ex.load_scores(cfg, PAPER_SIDE, directory=d)
         for m in ("grad_dot", "cg"):
-            if m not in side:
+            if m not in side and (m != "cg" or mlp):      # CG: skipped for images and text
                 side[m] = np.asarray(compute_scores(m, att, ex.method_config(m, cfg)))
         save_npz(path, **{f"per_{k}": v for k, v in per.items()},
                  **{f"side_{k}": v for k, v in side.items()}, config=np.asarray(_canon(record)),
-                 seconds=np.asarray(json.dumps(seconds)), ritz_min=np.asarray(ritz_min))
+                 seconds=np.asarray(json.dumps(seconds)), skipped=np.asarray(json.dumps(skipped)),
+                 ritz_min=np.asarray(np.nan if ritz_min is None else ritz_min))
         z = load_npz(path)
     side = {k[5:]: z[k] for k in z if k.startswith("side_")}
     side.update(ex.load_scores(cfg, PAPER_SIDE, directory=d))     # notebook 03's, if newer
@@ -139,8 +178,28 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
     curves = {m: curve(a, side[m], "cosine") for m in PAPER_SIDE if m in side}
     for k in per:
         curves[k] = curves_at_points(a, per[k])
-    return {"eval_points": t, "curves": curves, "seconds": seconds, "ritz_min": ritz_min,
-            "optimizer": opt, "mechanism": mech, "lr": tcfg.lr, "n_train": len(ds.X_train)}
+    return {"eval_points": t, "curves": curves, "skipped": skipped, "seconds": seconds,
+            "ritz_min": ritz_min, "optimizer": opt, "mechanism": mech, "lr": tcfg.lr,
+            "n_train": len(ds.X_train)}
+
+
+def trajectory_banner(study: dict) -> str:
+    """What notebook 07 prints above the table: the further training matched, what it costs,
+    which curves are left out and why."""
+    lines = [f"lr {study['lr']:g}, gold standard {study['optimizer']}/{study['mechanism']}"]
+    if study["optimizer"] != "sgd":
+        pre = [LABELS[k] for k in study["curves"] if "_adam" in k]
+        lines.append(f"the gold standard trains with {study['optimizer']}: the SGD-form series "
+                     f"with its lr ({study['lr']:g}) is compared"
+                     + (f", and with Adam's preconditioner: {', '.join(pre)}" if pre else
+                        f", without {study['optimizer']}'s preconditioner"))
+    if study["ritz_min"] is not None:
+        lines.append(f"smallest Ritz value of the true mean-loss Hessian: {study['ritz_min']:.3g}")
+    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in study["seconds"].items()))
+    for why in dict.fromkeys(study["skipped"].values()):          # each reason once
+        names = [LABELS[k] for k, w in study["skipped"].items() if w == why]
+        lines.append(f"left out: {', '.join(names)}. {why}")
+    return "\n".join(lines)
 
 
 LABELS = {"trajectory": "trajectory (GN)", "trajectory_h": "trajectory (true H)",

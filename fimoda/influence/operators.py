@@ -228,6 +228,17 @@ def gauss_newton_spectrum(att: Attributor, c: float) -> Spectral:
     return cache[c]
 
 
+def gauss_newton_fits(att: Attributor, memory_gb: float) -> bool:
+    """Whether ``materialize="auto"`` materialises the Gauss-Newton matrix: its peak with the
+    spectrum -- a and its basis (n x P), K and U (n x n), in :func:`work_dtype` -- fits in
+    ``memory_gb``."""
+    p = att.problem
+    n, P = att.n_train, p.n_params
+    work = torch.finfo(work_dtype(p.dtype, p.device)).bits // 8
+    m = min(n, P)
+    return (2 * n * P + 2 * m * m) * work <= memory_gb * 2 ** 30
+
+
 class DampedHessian:
     """A = M/c + lambda I with M = H_R ("true") or G_R ("gn") of the sum risk R at theta^f and
     c = n ("mean") or 1 ("sum"). ``matmat`` applies A to a (P, k) block."""
@@ -247,11 +258,7 @@ class DampedHessian:
         self.kernel: Optional[Kernel] = None          # a and K = a a^T when n <= P
         self._spectral: Optional[Spectral] = None
         if hessian == "gn" and materialize != "never":
-            # peak with the spectrum: a and its basis (n x P), K and U (n x n), work dtype
-            work = torch.finfo(work_dtype(self.dtype, self.device)).bits // 8
-            m = min(self.n, self.P)
-            fits = (2 * self.n * self.P + 2 * m * m) * work <= memory_gb * 2 ** 30
-            if materialize == "always" or fits:
+            if materialize == "always" or gauss_newton_fits(att, memory_gb):
                 self.materialized = True
                 if self.n <= self.P:
                     self.kernel = gauss_newton_kernel(att, self.c)

@@ -35,7 +35,9 @@ the coordinates of the test and left-out gradients in one eigenbasis --
   number of blocks, converged for the longest). The true Hessian has negative eigenvalues away
   from a minimum; along them (1 - eta x)^t grows, as further training itself departs from
   theta^f along them: the series is evaluated as it is (no divergence test), so what that does
-  to the scores is shown, not hidden.
+  to the scores is shown, not hidden;
+* the series' own recurrence (``route="recurrence"``, :mod:`.trajectory_recurrence`: t_max - 1
+  full or mini-batch products, for models whose Hessian is not materialised and few steps).
 
 Adam further training (``preconditioner="adam"``, :mod:`.preconditioner`): with Adam's state
 frozen at what one epoch at theta^f builds, the step is preconditioned by D = diag(1/(sqrt(v) +
@@ -71,10 +73,13 @@ import torch
 
 from .common import Attributor
 from .operators import HESSIANS, MATERIALIZE, DampedHessian
-from .preconditioner import ADAM_BETAS, ADAM_EPS, check_preconditioner, preconditioned
+from .preconditioner import (ADAM_BETAS, ADAM_EPS, adam_preconditioner, check_preconditioner,
+                             preconditioned)
 from .solvers.lissa import kernel_eig_costlier, krylov_lissa_solve, lissa_polynomial
+from .trajectory_recurrence import check_recurrence, recurrence_curve
 
 SOLVERS = ("exact", "cg")
+ROUTES = ("auto", "recurrence")
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,13 @@ class TrajectoryConfig:
     float64); ``krylov_cols``: most basis columns (memory: P x cols). ``preconditioner``:
     "none" (SGD), "adam" (Adam's frozen state D) or "adam_dv" (D_eff, with the response of
     Adam's second moment), :mod:`.preconditioner`; ``adam_beta2``/``adam_eps``: the gold
-    standard's Adam (:mod:`fimoda.gold.optim`)."""
+    standard's Adam (:mod:`fimoda.gold.optim`).
+    ``route``: how :func:`trajectory_curve` evaluates the series: "auto", one eigenbasis
+    (:class:`SpectralPairs`); "recurrence", the series' own recurrence with t_max - 1 products
+    (:mod:`.trajectory_recurrence`: models whose Hessian is not materialised, few steps), its
+    ``products`` "full" (the mean-loss operator) or "batch" (seeded mini-batches of
+    ``batch_size`` rows, seed ``seed``). :func:`damping_schedule_curve` always uses
+    :class:`SpectralPairs` or CG."""
     lr: float = 1e-2
     epochs: float = 5
     steps: Optional[int] = None
@@ -102,6 +113,9 @@ class TrajectoryConfig:
     preconditioner: str = "none"
     adam_beta2: float = ADAM_BETAS[1]
     adam_eps: float = ADAM_EPS
+    route: str = "auto"
+    products: str = "full"
+    seed: int = 0
 
 
 def _check(cfg: TrajectoryConfig) -> None:
@@ -120,6 +134,9 @@ def _check(cfg: TrajectoryConfig) -> None:
     if cfg.steps is None and not cfg.epochs >= 0:
         raise ValueError(f"epochs must be >= 0, got {cfg.epochs!r}")
     check_preconditioner(cfg)
+    if cfg.route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {cfg.route!r}")
+    check_recurrence(cfg)
 
 
 def steps_per_epoch(att: Attributor, cfg: TrajectoryConfig) -> int:
@@ -249,8 +266,15 @@ def _curve(pairs: SpectralPairs, steps: np.ndarray, fn, lr: float, n: int) -> np
 def trajectory_curve(att: Attributor, cfg: TrajectoryConfig, steps: Sequence[int],
                      progress: bool = True, pairs: Optional[SpectralPairs] = None) -> np.ndarray:
     """scores[t, j, i] = (1/n) grad g(z_j)^T p_t(A) grad L(z_i) at every number of SGD steps in
-    ``steps`` (module docstring), from one eigenbasis (``pairs``, built here if None)."""
+    ``steps`` (module docstring), from one eigenbasis (``pairs``, built here if None), or by the
+    recurrence (``cfg.route == "recurrence"``; ``pairs`` unused)."""
     t = _steps(steps)
+    if cfg.route == "recurrence":
+        _check(cfg)
+        s = None
+        if cfg.preconditioner != "none":      # the recurrence's D^{1/2} hook
+            s = adam_preconditioner(att, cfg).sqrt()
+        return recurrence_curve(att, cfg, t, progress, s)
     pairs = pairs or SpectralPairs(att, cfg, int(t.max()) - 1, progress)
     return _curve(pairs, t, trajectory_polynomial, float(cfg.lr), att.n_train)
 

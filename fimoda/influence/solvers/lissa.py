@@ -303,19 +303,31 @@ def lissa_inverse(A: DampedHessian, B: torch.Tensor, cfg: LissaConfig, stochasti
 
     total = torch.zeros_like(B)
     for r in range(cfg.repeat):
-        gen = torch.Generator().manual_seed(cfg.seed + r)
-        per_epoch = A.n // cfg.batch_size
-        perm = {}
-
-        def matmat(t, W):
-            e = t // per_epoch
-            if e not in perm:
-                perm.clear()
-                perm[e] = torch.randperm(A.n, generator=gen)
-            s = (t % per_epoch) * cfg.batch_size
-            idx = perm[e][s:s + cfg.batch_size].to(A.device)
-            return A.batch_hess(W, idx) + A.lam * W
-
-        total += lissa_solve(matmat, B, cfg.scale, cfg.depth, cfg.divergence_factor,
-                             stochastic=True, lam=A.lam, progress=progress, desc=desc)
+        total += lissa_solve(batch_matmat(A, cfg.batch_size, cfg.seed + r), B, cfg.scale,
+                             cfg.depth, cfg.divergence_factor, stochastic=True, lam=A.lam,
+                             progress=progress, desc=desc)
     return total / cfg.repeat
+
+
+def batch_matmat(A: DampedHessian, batch_size: int, seed: int) -> Callable:
+    """``matmat(t, V)``: the unbiased mini-batch estimate (n/B) M_B V / c + lambda V of A V at
+    step t (:meth:`.operators.DampedHessian.batch_hess`), batches of ``batch_size`` rows taken in
+    order from one ``torch.randperm(n)`` per epoch of n // B steps (a ``torch.Generator`` seeded
+    with ``seed``; the last n % B rows of a permutation are not used). Steps must be asked for in
+    non-decreasing epoch order (a recurrence does)."""
+    if not 1 <= batch_size <= A.n:
+        raise ValueError(f"batch_size must be in [1, n = {A.n}], got {batch_size}")
+    gen = torch.Generator().manual_seed(int(seed))
+    per_epoch = A.n // batch_size
+    perm = {}
+
+    def matmat(t, W):
+        e = t // per_epoch
+        if e not in perm:
+            perm.clear()
+            perm[e] = torch.randperm(A.n, generator=gen)
+        s = (t % per_epoch) * batch_size
+        idx = perm[e][s:s + batch_size].to(A.device)
+        return A.batch_hess(W, idx) + A.lam * W
+
+    return matmat
