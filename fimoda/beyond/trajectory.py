@@ -18,8 +18,10 @@ from ..experiment.records import _canon, _without   # the key a cached result is
 from ..io import load_npz, save_npz
 from .common import _inputs
 
-# the paper's methods drawn beside the trajectory curves (those notebook 03 computed)
-PAPER_SIDE = ("grad_dot", "grad_cos", "datainf", "cg", "lissa", "lissa_h", "trak", "ekfac")
+# the paper's methods drawn beside the trajectory curves (those notebook 03 computed): Figure 2's,
+# Arnoldi, and the generalised influence functions (Prop. 1, Cor. 2, eq. 16; tabular only)
+PAPER_SIDE = ("grad_dot", "grad_cos", "datainf", "cg", "lissa", "lissa_h", "trak", "ekfac",
+              "arnoldi", "prop1", "cor2", "eq16")
 # against the Adam gold standard, the trajectory with Adam's diagonal preconditioner too (D, the
 # frozen state; D_eff, "adam_dv", measured no better: fimoda.influence.preconditioner)
 ADAM_VARIANTS = ("adam",)
@@ -127,7 +129,8 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
     record = {"trajectory": dataclasses.asdict(tcfg), "eval_points": t.tolist(),
               "recurrence_products": RECURRENCE_PRODUCTS,
               "experiment": _without(cfg, "further", "methods"),
-              "preconditioners": list(ADAM_VARIANTS) if opt == "adam" else []}
+              "preconditioners": list(ADAM_VARIANTS) if opt == "adam" else [],
+              "nonstationary": ["trajectory_prop1", "trajectory_cor2"]}
     model, ds, loo, test = _inputs(cfg, device)
     if not (np.array_equal(loo, gold["loo_indices"]) and np.array_equal(test, gold["test_indices"])):
         raise ValueError("notebook 02's gold standard was computed for other instances: rerun it")
@@ -151,6 +154,11 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
             per["schedule_h"] = damping_schedule_curve(att, htcfg, steps, pairs=tr)
             seconds[f"true Hessian ({tr.blocks} Krylov blocks)"] = time.perf_counter() - t0
             ritz_min = float(tr.ritz.min())
+            for h, name in (("true", "trajectory_prop1"), ("gn", "trajectory_cor2")):
+                t0 = time.perf_counter()     # theta^f not stationary: Prop. 1's / Cor. 2's term
+                ncfg = dataclasses.replace(tcfg, hessian=h, nonstationary=True)
+                per[name] = trajectory_curve(att, ncfg, steps)
+                seconds[f"{name} (non-stationary, Krylov)"] = time.perf_counter() - t0
         else:
             skipped.update(trajectory_h=why_not_true, schedule_h=why_not_true)
         if opt == "adam" and mlp:  # Adam's preconditioner at theta^f (influence.preconditioner)
@@ -207,12 +215,15 @@ LABELS = {"trajectory": "trajectory (GN)", "trajectory_h": "trajectory (true H)"
           "trajectory_adam": "trajectory, Adam D (GN)",
           "trajectory_adam_h": "trajectory, Adam D (true H)",
           "trajectory_adam_dv": "trajectory, Adam D_eff (GN)",
-          "trajectory_adam_dv_h": "trajectory, Adam D_eff (true H)"}
+          "trajectory_adam_dv_h": "trajectory, Adam D_eff (true H)",
+          "trajectory_prop1": "trajectory + Prop. 1 term (true H)",
+          "trajectory_cor2": "trajectory + Cor. 2 term (GN)"}
 STYLES = {"trajectory": ("k", "-", 2.4), "trajectory_h": ("tab:red", "-", 1.8),
           "schedule": ("k", ":", 2.0), "schedule_h": ("tab:red", ":", 1.5),
           "trajectory_adam": ("tab:blue", "-", 2.4), "trajectory_adam_h": ("tab:purple", "-", 1.8),
           "trajectory_adam_dv": ("tab:blue", "--", 2.0),
-          "trajectory_adam_dv_h": ("tab:purple", "--", 1.5)}
+          "trajectory_adam_dv_h": ("tab:purple", "--", 1.5),
+          "trajectory_prop1": ("tab:orange", "-", 1.8), "trajectory_cor2": ("tab:green", "-", 1.8)}
 
 
 def trajectory_table(study: dict):

@@ -76,6 +76,7 @@ from .operators import HESSIANS, MATERIALIZE, DampedHessian
 from .preconditioner import (ADAM_BETAS, ADAM_EPS, adam_preconditioner, check_preconditioner,
                              preconditioned)
 from .solvers.lissa import kernel_eig_costlier, krylov_lissa_solve, lissa_polynomial
+from .trajectory_nonstationary import nonstationary_curve
 from .trajectory_recurrence import check_recurrence, recurrence_curve
 
 SOLVERS = ("exact", "cg")
@@ -99,7 +100,9 @@ class TrajectoryConfig:
     (:mod:`.trajectory_recurrence`: models whose Hessian is not materialised, few steps), its
     ``products`` "full" (the mean-loss operator) or "batch" (seeded mini-batches of
     ``batch_size`` rows, seed ``seed``). :func:`damping_schedule_curve` always uses
-    :class:`SpectralPairs` or CG."""
+    :class:`SpectralPairs` or CG. ``nonstationary``: add Prop. 1's term (Cor. 2 for "gn") along
+    the linearised full run, theta^f not being a minimum (:mod:`.trajectory_nonstationary`;
+    its own Krylov basis, without a preconditioner)."""
     lr: float = 1e-2
     epochs: float = 5
     steps: Optional[int] = None
@@ -116,6 +119,7 @@ class TrajectoryConfig:
     route: str = "auto"
     products: str = "full"
     seed: int = 0
+    nonstationary: bool = False
 
 
 def _check(cfg: TrajectoryConfig) -> None:
@@ -137,6 +141,11 @@ def _check(cfg: TrajectoryConfig) -> None:
     if cfg.route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {cfg.route!r}")
     check_recurrence(cfg)
+    if not isinstance(cfg.nonstationary, bool):
+        raise ValueError(f"nonstationary must be True or False, got {cfg.nonstationary!r}")
+    if cfg.nonstationary and (cfg.preconditioner != "none" or cfg.route != "auto"):
+        raise ValueError("nonstationary=True runs on its own Krylov basis: it takes neither a "
+                         "preconditioner nor route='recurrence'")
 
 
 def steps_per_epoch(att: Attributor, cfg: TrajectoryConfig) -> int:
@@ -170,6 +179,33 @@ def schedule_resolvent(x: torch.Tensor, lr: float, t: int) -> torch.Tensor:
     if t == 0:
         return torch.zeros_like(x)
     return 1.0 / (x + 1.0 / (lr * t))
+
+
+def ritz_basis(A, B: torch.Tensor, cfg: TrajectoryConfig, depth_hint: int, progress: bool = True):
+    """The block Krylov subspace that :func:`krylov_lissa_solve` builds for the series of depth
+    ``depth_hint`` on the right-hand sides B (P, k), recorded from its products A V; then
+    T = Q^T A Q = U diag(theta) U^T. Returns (theta, the Ritz vectors V = Q U (P, r), the number
+    of blocks): f(A) b ~= V f(theta) V^T b for b in span(B), exact for polynomials f of degree
+    below the number of blocks."""
+    blocks, prods = [], []
+
+    def matmat(X):
+        AX = A.matmat(X)
+        blocks.append(X.clone())
+        prods.append(AX.clone())
+        return AX
+
+    cap = int(min(cfg.krylov_cols,
+                  cfg.memory_gb * 2 ** 30 / 2 / (A.P * (torch.finfo(B.dtype).bits // 8))))
+    X = krylov_lissa_solve(matmat, B, 1.0 / cfg.lr, max(int(depth_hint), 1), math.inf,
+                           cfg.krylov_tol, cap, progress, "trajectory")
+    if X is None:
+        raise MemoryError(f"trajectory: the Krylov basis would exceed {cap} columns "
+                          f"(memory_gb={cfg.memory_gb}, krylov_cols={cfg.krylov_cols})")
+    Q, AQ = torch.cat(blocks, 1), torch.cat(prods, 1)
+    T = Q.T @ AQ
+    theta, U = torch.linalg.eigh(0.5 * (T + T.T))
+    return theta, Q @ U, len(blocks)
 
 
 class SpectralPairs:
@@ -207,35 +243,15 @@ class SpectralPairs:
             self._krylov(cfg, G, W, depth_hint, progress)
 
     def _krylov(self, cfg, G, W, depth_hint, progress):
-        """The block Krylov subspace that :func:`krylov_lissa_solve` builds for the longest
-        series (depth ``depth_hint``), recorded from its products; then T = Q^T A Q, its
-        eigen-decomposition, and the coordinates of both gradient sets."""
+        """The Ritz basis of :func:`ritz_basis` for the smaller gradient set, and the
+        coordinates of both sets in it."""
         rhs_test = len(G) <= len(W)
         B = (G if rhs_test else W).T.contiguous()
         other = W if rhs_test else G
-        blocks, prods = [], []
-
-        def matmat(V):
-            AV = self.A.matmat(V)
-            blocks.append(V.clone())
-            prods.append(AV.clone())
-            return AV
-
-        cap = int(min(cfg.krylov_cols,
-                      cfg.memory_gb * 2 ** 30 / 2 / (self.A.P * (torch.finfo(B.dtype).bits // 8))))
-        X = krylov_lissa_solve(matmat, B, 1.0 / cfg.lr, max(int(depth_hint), 1), math.inf,
-                               cfg.krylov_tol, cap, progress, "trajectory")
-        if X is None:
-            raise MemoryError(f"trajectory: the Krylov basis would exceed {cap} columns "
-                              f"(memory_gb={cfg.memory_gb}, krylov_cols={cfg.krylov_cols})")
-        Q, AQ = torch.cat(blocks, 1), torch.cat(prods, 1)
-        T = Q.T @ AQ
-        theta, U = torch.linalg.eigh(0.5 * (T + T.T))
-        self.ritz = theta
-        self.Zb = U.T @ (Q.T @ B)                        # coordinates of the right-hand sides
-        self.Zo = U.T @ (Q.T @ other.T)                  # the other side, projected
+        self.ritz, V, self.blocks = ritz_basis(self.A, B, cfg, depth_hint, progress)
+        self.Zb = V.T @ B                                # coordinates of the right-hand sides
+        self.Zo = V.T @ other.T                          # the other side, projected
         self.rhs_test = rhs_test
-        self.blocks = len(blocks)
 
     def scores(self, f: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """scores[j, i] = grad g(z_j)^T f(A) grad L(z_i)."""
@@ -269,6 +285,9 @@ def trajectory_curve(att: Attributor, cfg: TrajectoryConfig, steps: Sequence[int
     ``steps`` (module docstring), from one eigenbasis (``pairs``, built here if None), or by the
     recurrence (``cfg.route == "recurrence"``; ``pairs`` unused)."""
     t = _steps(steps)
+    if cfg.nonstationary:
+        _check(cfg)
+        return nonstationary_curve(att, cfg, t, progress)
     if cfg.route == "recurrence":
         _check(cfg)
         s = None
