@@ -168,17 +168,21 @@ def write_figure_index(profile: str, directory=None) -> Path:
 # ----------------------------------------------------------------------------- summary.md
 def summary_rows(profile: str, datasets, optimizer: Optional[str] = None,
                  mechanism: Optional[str] = None, adjust: str = "mean", methods=None,
-                 seeds: Optional[int] = None):
+                 seeds: Optional[int] = None, results: Optional[list] = None):
     """Per dataset with results and method: cosine at the first evaluation point after theta^f,
     its maximum and where, the last; Spearman likewise; and the paper's first/last cosine where
-    :data:`PAPER_VALUES` has the same dataset and setting (never for a stand-in)."""
+    :data:`PAPER_VALUES` has the same dataset and setting (never for a stand-in). ``results``:
+    :func:`fimoda.experiment.with_results` of these settings when the caller has loaded it
+    already (``methods`` is then not used); default: loaded here."""
     import pandas as pd
     from .experiment import eval_unit, evaluation_gold, gold_settings, with_results
     from .metrics import curve
     from .plots import label
     eq = 13 if adjust == "mean" else 17
     rows = []
-    for cfg, gold, scores in with_results(profile, datasets, optimizer, mechanism, methods, seeds):
+    if results is None:
+        results = with_results(profile, datasets, optimizer, mechanism, methods, seeds)
+    for cfg, gold, scores in results:
         ds = cfg.dataset
         opt, mech = gold_settings(cfg, optimizer, mechanism)
         a, t = evaluation_gold(gold, adjust)
@@ -234,11 +238,14 @@ def beyond_rows(profile: str, datasets):
 
 def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
                   mechanism: Optional[str] = None, path=None, figures=None,
-                  seeds: Optional[int] = None) -> Path:
+                  seeds: Optional[int] = None, results: Optional[list] = None) -> Path:
     """``results/<profile>/summary.md``: :func:`summary_rows` for eq. 13 and eq. 17 -- each
     dataset's own gold standard (or ``optimizer``/``mechanism`` where given), then, when none
     was chosen, the Adam gold standard of App. E.1 where it was computed -- and
-    :func:`mislabel_rows`, as markdown tables (numbers to 3 decimals; empty where none)."""
+    :func:`mislabel_rows`, as markdown tables (numbers to 3 decimals; empty where none). Each
+    gold standard is read once for both equations; ``results``: the first one's
+    :func:`fimoda.experiment.with_results` when the caller has loaded it already."""
+    from .experiment import with_results
     path = Path(path) if path is not None else results_dir(profile, "") / "summary.md"
     lines = [f"# Summary of the `{profile}` profile", "",
              "Cosine and Spearman between each method's scores and the gold standard, mean over "
@@ -250,9 +257,11 @@ def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
               else f"gold standard {optimizer or ''} {mechanism or ''}".strip())]
     if optimizer is None and mechanism is None:
         golds.append(("adam", "Adam gold standard (App. E.1)"))
-    for opt, title in golds:
+    for k, (opt, title) in enumerate(golds):
+        have = results if k == 0 and results is not None else \
+            with_results(profile, datasets, opt, mechanism, seeds=seeds)
         for adjust in ("mean", "full"):
-            t = summary_rows(profile, datasets, opt, mechanism, adjust, seeds=seeds)
+            t = summary_rows(profile, datasets, opt, mechanism, adjust, results=have)
             if t.empty:
                 continue
             lines += [f"## {title}, eq. {13 if adjust == 'mean' else 17}", "", _markdown(t), ""]

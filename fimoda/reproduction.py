@@ -122,13 +122,17 @@ def check_claims(cfg, gold: dict, scores: dict) -> list[dict]:
     return out
 
 
-def claims_table(profile: str, datasets, seeds: Optional[int] = None):
+def claims_table(profile: str, datasets, seeds: Optional[int] = None,
+                 results: Optional[list] = None):
     """:func:`check_claims` for every dataset of ``datasets`` with results (default gold;
-    ``seeds``: the run's further-training seeds where it overrode the profile's)."""
+    ``seeds``: the run's further-training seeds where it overrode the profile's; ``results``:
+    their :func:`fimoda.experiment.with_results` when the caller has loaded it already)."""
     import pandas as pd
     from . import experiment as ex
+    if results is None:
+        results = ex.with_results(profile, datasets, seeds=seeds)
     rows = []
-    for cfg, gold, scores in ex.with_results(profile, datasets, seeds=seeds):
+    for cfg, gold, scores in results:
         for r in check_claims(cfg, gold, scores):
             rows.append({"dataset": cfg.dataset, **r})
     return pd.DataFrame(rows)
@@ -216,7 +220,9 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
     from .report import _markdown, figure_index, summary_rows, write_summary
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(write_summary(profile, datasets, seeds=seeds), out / "summary.md")
+    have = ex.with_results(profile, datasets, seeds=seeds)   # each gold file read once, used below
+    shutil.copyfile(write_summary(profile, datasets, seeds=seeds, results=have),
+                    out / "summary.md")
     figs = figures_dir(profile)
     ours = tuple(f"{d}_" for d in datasets) + ("figure2",)
     copied = {p.name for p in sorted(figs.glob("*.png")) + sorted(figs.glob("*.csv"))
@@ -226,7 +232,6 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
     for ds in datasets:
         for p in sorted(results_dir(profile, ds).glob("evaluation_*.csv")):
             shutil.copyfile(p, out / f"{ds}_{p.name}")
-    have = ex.with_results(profile, datasets, seeds=seeds)
     lines = ["# Reproduction at the paper's settings", "",
              f"Regenerate with `{command or './run_all.sh --reproduce'}` (commit "
              f"{commit or _commit()}"
@@ -238,12 +243,12 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
         S = int(gold["loss_full"].shape[0])
         lines += ["```", describe(dataclasses.replace(
             cfg, further=dataclasses.replace(cfg.further, seeds=S))), "```", ""]
-    claims = claims_table(profile, datasets, seeds)
+    claims = claims_table(profile, datasets, seeds, results=have)
     lines += ["## The paper's qualitative claims (§6.2, App. E), on our results", "",
               "Mean cosine over test points between each method and the gold standard (eq. 13, "
               "each dataset's default gold standard).", "",
               _markdown(claims) if not claims.empty else "(no results)", ""]
-    rows = summary_rows(profile, datasets, seeds=seeds)
+    rows = summary_rows(profile, datasets, seeds=seeds, results=have)
     rows = rows[rows["paper first"].notna()] if not rows.empty else rows
     if not rows.empty:
         lines += ["## Beside the paper's printed numbers", "",

@@ -89,9 +89,12 @@ def test_sorted_scores_figure_has_two_panels_and_saves_png_and_pdf(tmp_path):
 
 
 # ----------------------------------------------------------------------------- Figure 2 grid
-def fake_results(profile, dataset, perfect=False, seed=0, n=5, T=4, J=3, defaults=False):
+def fake_results(profile, dataset, perfect=False, seed=0, n=5, T=4, J=3, defaults=False,
+                 gold=None):
     """Gold (as run_gold writes it, through save_gold) and Grad-Dot/Grad-Cos score files; with
-    ``perfect`` Grad-Dot equals the eq. (13) gold scores at the last eval point (cosine 1)."""
+    ``perfect`` Grad-Dot equals the eq. (13) gold scores at the last eval point (cosine 1). The
+    gold's (optimizer, mechanism): ``gold``, else the dataset's with ``defaults``, else
+    (sgd, subtract)."""
     rng = np.random.default_rng(seed)
     cfg = get_config(dataset, profile)
     d = results_dir(profile, dataset)
@@ -103,7 +106,8 @@ def fake_results(profile, dataset, perfect=False, seed=0, n=5, T=4, J=3, default
                      eval_points=np.arange(T), eval_unit="epoch", seeds=np.arange(S),
                      loo_indices=np.arange(n), test_indices=np.arange(J),
                      config=dict(zip(("optimizer", "mechanism"),
-                                     ex.gold_settings(cfg) if defaults else ("sgd", "subtract"))))
+                                     gold or (ex.gold_settings(cfg) if defaults
+                                              else ("sgd", "subtract")))))
     record = {"gold": res.config, "experiment": _without(cfg, "methods")}   # as run_gold's
     save_gold(d, res, {"record": record, "loo_indices": np.arange(n), "test_indices": np.arange(J)})
     a, _ = ex.evaluation_gold(ex.load_gold(cfg, *res.config.values()))
@@ -162,6 +166,24 @@ def test_summary_six_datasets_give_six_panels_in_two_rows_of_three(results):
         (2, 3, k, k) for k in range(6)]
     assert ["steps" in ax.get_xlabel() for ax in axes] == [False] * 4 + [True] * 2
     assert table.shape == (2, 6)
+
+
+def test_adam_figure_is_figure4_over_the_datasets_with_an_adam_gold(results, tmp_path,
+                                                                     monkeypatch):
+    monkeypatch.setenv("FIMODA_FIGURES_DIR", str(tmp_path / "figures"))
+    fake_results("smoke", "energy", defaults=True)           # SGD only
+    assert ex.adam_figure("smoke", ["energy"]) == (
+        None, "no Adam gold standard in this run (notebook 02 with optimizer='adam')")
+    fake_results("smoke", "concrete", perfect=True, gold=("adam", "remove"))
+    path, table = ex.adam_figure("smoke", ["energy", "concrete"])
+    assert path == tmp_path / "figures" / "smoke" / "figure2_adam.png" and path.exists()
+    assert (path.parent / "max_cosine_adam.csv").exists()
+    assert list(table.columns) == ["concrete"]               # energy has no Adam panel
+    assert table.loc["Grad-Dot", "concrete"] == pytest.approx(1.0)
+    # a gold standard chosen for every panel: Figure 2 is drawn with it, no Adam grid beside it
+    assert ex.adam_figure("smoke", ["concrete"], "adam") == (
+        None, "no separate Adam grid: Figure 2 above already uses the gold standard chosen for "
+              "every panel (adam)")
 
 
 def test_fig2_order_and_grid_shape():

@@ -1,10 +1,18 @@
 """The reproduction report's claim checks, on gold and method scores built so that each claim's
 truth is known, and the folder it writes."""
+import re
+from collections import Counter
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from fimoda import report
 from fimoda import reproduction as rep
 from fimoda.config import get_config
+from fimoda.experiment.records import _canon, _without
+from fimoda.gold import GoldResult, save_gold
+from fimoda.io import results_dir, save_npz
 
 
 @pytest.fixture
@@ -72,3 +80,51 @@ def test_claims_fail_where_built_to_fail(isolated):
     one_seed = dict(gold, loss_full=gold["loss_full"][:1], loss_loo=gold["loss_loo"][:1])
     rows = {r["claim"] for r in rep.check_claims(get_config("concrete", "smoke"), one_seed, scores)}
     assert not any(c.startswith("Cosine rises with the number of seeds") for c in rows)
+
+
+def _save_results(cfg, gold, scores, optimizer, mechanism):
+    """``gold`` as run_gold writes it (gold_<optimizer>_<mechanism>.npz and its record) and each
+    method's scores as run_method writes them, in ``cfg``'s results folder."""
+    d = results_dir(cfg.profile, cfg.dataset)
+    S, n, T, J = gold["loss_loo"].shape
+    res = GoldResult(loss_full=gold["loss_full"], loss_loo=gold["loss_loo"],
+                     param_dist=np.zeros((S, T)), param_dist_loo=np.zeros((S, n, T)),
+                     eval_points=gold["eval_points"], eval_unit="epoch", seeds=np.arange(S),
+                     loo_indices=np.arange(n), test_indices=np.arange(J),
+                     config={"optimizer": optimizer, "mechanism": mechanism})
+    record = {"gold": res.config, "experiment": _without(cfg, "methods")}
+    save_gold(d, res, {"record": record, "loo_indices": np.arange(n), "test_indices": np.arange(J)})
+    for m, s in scores.items():
+        record = {"method": m, "experiment": _without(cfg, "further", "methods")}
+        save_npz(d / f"scores_{m}.npz", scores=s, loo_indices=np.arange(n),
+                 test_indices=np.arange(J), config=np.asarray(_canon(record)))
+
+
+def test_write_folder_reads_each_gold_standard_once(isolated, monkeypatch):
+    """The folder's summary, claims and paper-comparison tables share one read of each gold
+    file, and come out as the functions that read the files themselves write them."""
+    cfg = get_config("concrete", "smoke")
+    gold, scores = _gold_and_scores()
+    _save_results(cfg, gold, scores, "sgd", "remove")          # Concrete's own gold standard
+    _save_results(cfg, gold, scores, "adam", "remove")         # App. E.1's, in summary.md too
+    reads = Counter()
+    np_load = np.load
+
+    def counting_load(file, *args, **kwargs):
+        if Path(file).name.startswith("gold_"):
+            reads[Path(file).name] += 1
+        return np_load(file, *args, **kwargs)
+
+    out = isolated / "reproduction"
+    with monkeypatch.context() as mp:
+        mp.setattr(np, "load", counting_load)
+        readme = rep.write_folder("smoke", ["concrete"], out=out, commit="abc1234").read_text()
+    assert reads == {"gold_sgd_remove.npz": 1, "gold_adam_remove.npz": 1}
+    statuses = re.findall(r"^\| concrete \| [^|]+ \| (reproduced|not reproduced|n/a) \|",
+                          readme, flags=re.M)
+    assert statuses == ["reproduced"] * 7 + ["n/a"]             # as built: no re-training run
+    # the same tables as the default path of each function, which loads the results itself
+    assert report._markdown(rep.claims_table("smoke", ["concrete"])) in readme
+    again = report.write_summary("smoke", ["concrete"], path=isolated / "summary_again.md")
+    assert (out / "summary.md").read_bytes() == again.read_bytes()
+    assert "## Adam gold standard (App. E.1), eq. 17" in again.read_text()

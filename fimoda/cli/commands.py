@@ -239,9 +239,9 @@ def cmd_figures(a):
     datasets = list(a.datasets or PROFILE_DATASETS[a.profile])
     path, _ = ex.summary_figure(a.profile, datasets, a.optimizer, a.mechanism)
     print(path, flush=True)
-    adam = ex.gold_datasets(a.profile, datasets, "adam")
-    if adam and a.optimizer is None and a.mechanism is None:
-        print(ex.summary_figure(a.profile, adam, "adam")[0], flush=True)
+    path, _ = ex.adam_figure(a.profile, datasets, a.optimizer, a.mechanism)
+    if path is not None:                 # Figure 4 only where it was drawn
+        print(path, flush=True)
     print(ex.summary_figure(a.profile, datasets, a.optimizer, a.mechanism, adjust="full")[0],
           flush=True)
     print(report.write_figure_index(a.profile), flush=True)

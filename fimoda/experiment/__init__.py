@@ -17,7 +17,8 @@ from .setup import (dataset_summary, final_model, load_data, out_dir, run_config
                     select_loo_indices, select_test_indices, setup, tensors)
 from .studies import (mislabel_applies, mislabel_detection, retrain_comparison, seed_reliability,
                       seeds_study)
-from .summary import gold_datasets, grid_name, summary, summary_figure, with_results
+from .summary import adam_figure, gold_datasets, grid_name, summary, summary_figure, \
+    with_results
 
 __all__ = ["setup", "run_config", "load_data", "final_model", "dataset_summary", "select_loo_indices",
            "select_test_indices", "tensors", "out_dir", "method_config", "fit_rows",
@@ -27,5 +28,5 @@ __all__ = ["setup", "run_config", "load_data", "final_model", "dataset_summary",
            "load_gold", "run_gold", "run_retrain", "evaluation_gold", "evaluate",
            "evaluation_table", "save_table", "mechanism_curves", "seed_reliability",
            "seeds_study", "retrain_comparison", "mislabel_applies", "mislabel_detection",
-           "gold_datasets", "with_results", "summary", "grid_name", "summary_figure",
+           "gold_datasets", "with_results", "summary", "grid_name", "summary_figure", "adam_figure",
            "influential_examples", "load_json"]

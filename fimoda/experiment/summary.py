@@ -110,3 +110,19 @@ def summary_figure(profile: str, datasets, optimizer: Optional[str] = None,
     savefig(fig, path, pdf=True)
     table.to_csv(d / f"{grid_name(optimizer, mechanism, adjust, kind='max_cosine')}.csv")
     return path, table
+
+
+def adam_figure(profile: str, datasets, optimizer: Optional[str] = None,
+                mechanism: Optional[str] = None, seeds: Optional[int] = None):
+    """Figure 4 (App. E.1): :func:`summary_figure` with the Adam gold standard over the datasets
+    of ``datasets`` where it was computed, when Figure 2 was drawn with each dataset's own gold
+    standard (``optimizer`` and ``mechanism`` None). Returns (path of the figure, table), or
+    (None, why there is no Adam grid)."""
+    if optimizer is not None or mechanism is not None:
+        chosen = " ".join(p for p in (optimizer, mechanism) if p)
+        return None, (f"no separate Adam grid: Figure 2 above already uses the gold standard "
+                      f"chosen for every panel ({chosen})")
+    adam = gold_datasets(profile, datasets, "adam")
+    if not adam:
+        return None, "no Adam gold standard in this run (notebook 02 with optimizer='adam')"
+    return summary_figure(profile, adam, "adam", seeds=seeds)
