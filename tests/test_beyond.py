@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fimoda
+from small_models import near_minimum_mlp
 import fimoda.gold.reference as reference
 from fimoda.gold import GoldConfig, gold_scores, reference_further_train
 from fimoda.gold.infinitesimal import infinitesimal_further_train
@@ -107,13 +108,7 @@ def test_infinitesimal_gold_rejects_the_remove_mechanism_before_any_work():
 def _attributor(n, hidden=6, seed=0, n_test=12):
     X, y, Xt, yt = _data(n, seed=seed, n_test=12)   # 12 x 9 pairs: the kernel's eigh pays
     Xt, yt = Xt[:n_test], yt[:n_test]
-    torch.manual_seed(seed)
-    model = MLP(3, 1, hidden=hidden).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(50):                           # near, not at, a minimum
-        opt.zero_grad()
-        ((model(torch.as_tensor(X))[:, 0] - torch.as_tensor(y)) ** 2).mean().backward()
-        opt.step()
+    model = near_minimum_mlp(X, y, hidden=hidden, seed=seed)
     return fimoda.attributor(model, X, y, np.arange(0, n, 7), Xt, yt, task="regression")
 
 

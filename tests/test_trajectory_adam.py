@@ -8,11 +8,11 @@ import torch
 from torch.func import functional_call
 
 import fimoda
+from small_models import near_minimum_mlp
 from fimoda.influence import compute_scores
 from fimoda.influence.preconditioner import BATCH_SEED, adam_moments, adam_preconditioner
 from fimoda.influence.trajectory import (SpectralPairs, TrajectoryConfig, damping_schedule_curve,
                                          trajectory_curve)
-from fimoda.models import MLP
 
 
 def _problem(n, hidden=6, seed=0):
@@ -20,13 +20,7 @@ def _problem(n, hidden=6, seed=0):
     X, Xt = rng.normal(size=(n, 3)), rng.normal(size=(12, 3))
     w = np.array([1.0, -2.0, 0.5])
     y, yt = np.sin(X @ w), np.sin(Xt @ w)
-    torch.manual_seed(seed)
-    model = MLP(3, 1, hidden=hidden).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(50):                                   # near, not at, a minimum
-        opt.zero_grad()
-        ((model(torch.as_tensor(X))[:, 0] - torch.as_tensor(y)) ** 2).mean().backward()
-        opt.step()
+    model = near_minimum_mlp(X, y, hidden=hidden, seed=seed)
     att = fimoda.attributor(model, X, y, np.arange(0, n, 7), Xt, yt, task="regression")
     return att, model, X, y
 

@@ -7,8 +7,8 @@ import torch
 from torch.func import functional_call, grad, hessian, jacrev
 
 import fimoda
+from small_models import near_minimum_mlp
 from fimoda.influence.trajectory import TrajectoryConfig, trajectory_curve
-from fimoda.models import MLP
 
 
 def _setup(n=60, n_test=10, seed=0):
@@ -16,13 +16,7 @@ def _setup(n=60, n_test=10, seed=0):
     X, Xt = g.normal(size=(n, 3)), g.normal(size=(n_test, 3))
     y = X @ np.array([1.0, -2.0, 0.5]) + 0.3 * np.sin(3 * X[:, 0]) + 0.1 * g.normal(size=n)
     yt = Xt @ np.array([1.0, -2.0, 0.5]) + 0.3 * np.sin(3 * Xt[:, 0])
-    torch.manual_seed(seed)
-    model = MLP(3, 1, hidden=6).double()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for _ in range(40):                           # not at a minimum: gbar is far from 0
-        opt.zero_grad()
-        ((model(torch.as_tensor(X))[:, 0] - torch.as_tensor(y)) ** 2).mean().backward()
-        opt.step()
+    model = near_minimum_mlp(X, y, seed=seed, steps=40)   # not at a minimum: gbar far from 0
     loo = np.arange(0, n, 6)
     return model, X, y, Xt, yt, loo
 
