@@ -21,10 +21,10 @@ def _setup(n=60, n_test=10, seed=0):
     return model, X, y, Xt, yt, loo
 
 
-def _dense_reference(model, X, y, Xt, yt, loo, hess, lr, wd, steps):
-    """d_{k+1} = d_k - lr (A d_k) + (lr/n)(grad L_i + M_i Delta_k),
-    Delta_{k+1} = Delta_k - lr (gbar + A Delta_k); scores_t = grad g_j^T d_t, with A, gbar, M_i
-    and the gradients from torch.func on the flat parameter vector."""
+def _dense_reference(model, X, y, Xt, yt, loo, hess, lr, wd, steps, D=None):
+    """d_{k+1} = d_k - lr D (A d_k - (grad L_i + M_i Delta_k)/n),
+    Delta_{k+1} = Delta_k - lr D (gbar + A Delta_k); scores_t = grad g_j^T d_t, with A, gbar, M_i
+    and the gradients from torch.func on the flat parameter vector (D: diagonal, None: I)."""
     names = [k for k, _ in model.named_parameters()]
     shapes = [p.shape for _, p in model.named_parameters()]
     theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
@@ -51,13 +51,14 @@ def _dense_reference(model, X, y, Xt, yt, loo, hess, lr, wd, steps):
         J = jacrev(lambda v: out(v, X))(theta)                                    # (n, P)
         A = 2 * J.T @ J / n + wd * torch.eye(len(theta), dtype=J.dtype)
         M = 2 * J[loo][:, :, None] * J[loo][:, None, :]
+    D = torch.ones_like(theta) if D is None else D
     d, delta, res = torch.zeros_like(L), torch.zeros_like(theta), {}
     for k in range(max(steps) + 1):
         if k in steps:
             res[k] = (G @ d).numpy()
-        d = d - lr * (A @ d) + (lr / n) * (L + torch.einsum("ipq,q->pi", M, delta))
-        delta = delta - lr * (gbar + A @ delta)
-    return np.stack([res[k] for k in steps]), float(gbar.norm())
+        d = d - lr * D[:, None] * (A @ d - (L + torch.einsum("ipq,q->pi", M, delta)) / n)
+        delta = delta - lr * D * (gbar + A @ delta)
+    return np.stack([res[k] for k in steps]), float(gbar.norm()), theta
 
 
 @pytest.mark.parametrize("hess,wd", [("true", 0.0), ("gn", 0.01), ("true", 0.01)])
@@ -67,7 +68,7 @@ def test_nonstationary_trajectory_equals_the_dense_recurrence(hess, wd):
     steps = [0, 1, 2, 5, 40, 200]
     cfg = TrajectoryConfig(lr=0.02, hessian=hess, weight_decay=wd, nonstationary=True)
     curve = trajectory_curve(att, cfg, steps, progress=False)
-    ref, gnorm = _dense_reference(model, X, y, Xt, yt, loo, hess, 0.02, wd, steps)
+    ref, gnorm, _ = _dense_reference(model, X, y, Xt, yt, loo, hess, 0.02, wd, steps)
     assert gnorm > 1e-2                           # theta^f is not stationary here
     assert np.abs(curve - ref).max() < 1e-8 * np.abs(ref).max()
     # and the term matters: without it the curve is the stationary series, measurably off
@@ -77,10 +78,30 @@ def test_nonstationary_trajectory_equals_the_dense_recurrence(hess, wd):
     np.testing.assert_array_equal(curve[0], 0.0)  # no further training, no change
 
 
+@pytest.mark.parametrize("hess", ["true", "gn"])
+def test_nonstationary_trajectory_with_adams_preconditioner_equals_the_dense_recurrence(hess):
+    """Adam's frozen D (fimoda.influence.preconditioner, itself checked against torch.optim.Adam
+    in test_trajectory_adam.py) taken as given: the preconditioned recurrences, dense."""
+    from fimoda.gradients import flatten
+    from fimoda.influence.preconditioner import adam_preconditioner
+    model, X, y, Xt, yt, loo = _setup()
+    att = fimoda.attributor(model, X, y, loo, Xt, yt, task="regression")
+    steps = [0, 1, 3, 30, 150]
+    cfg = TrajectoryConfig(lr=1e-3, hessian=hess, batch_size=16, nonstationary=True,
+                           preconditioner="adam")
+    D = adam_preconditioner(att, cfg)
+    curve = trajectory_curve(att, cfg, steps, progress=False)
+    ref, _, theta = _dense_reference(model, X, y, Xt, yt, loo, hess, 1e-3, 0.0, steps, D)
+    p = att.problem
+    assert torch.equal(flatten(p.params, p.names), theta)     # the same parameter order
+    assert float(D.max() / D.min()) > 10                      # D is far from a multiple of I
+    assert np.abs(curve - ref).max() < 1e-8 * np.abs(ref).max()
+
+
 def test_nonstationary_option_rejects_what_it_cannot_combine_before_any_work():
     model, X, y, Xt, yt, loo = _setup()
     att = fimoda.attributor(model, X, y, loo, Xt, yt, task="regression")
-    for bad in (dict(preconditioner="adam"), dict(route="recurrence"), dict(nonstationary=1)):
+    for bad in (dict(route="recurrence"), dict(nonstationary=1)):
         kw = {"nonstationary": True, **bad}
         with pytest.raises(ValueError, match="nonstationary"):
             trajectory_curve(att, TrajectoryConfig(lr=0.1, **kw), [1, 2], progress=False)

@@ -130,7 +130,7 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
               "recurrence_products": RECURRENCE_PRODUCTS,
               "experiment": _without(cfg, "further", "methods"),
               "preconditioners": list(ADAM_VARIANTS) if opt == "adam" else [],
-              "nonstationary": ["trajectory_prop1", "trajectory_cor2"]}
+              "nonstationary": ["prop1", "cor2"]}
     model, ds, loo, test = _inputs(cfg, device)
     if not (np.array_equal(loo, gold["loo_indices"]) and np.array_equal(test, gold["test_indices"])):
         raise ValueError("notebook 02's gold standard was computed for other instances: rerun it")
@@ -154,9 +154,12 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
             per["schedule_h"] = damping_schedule_curve(att, htcfg, steps, pairs=tr)
             seconds[f"true Hessian ({tr.blocks} Krylov blocks)"] = time.perf_counter() - t0
             ritz_min = float(tr.ritz.min())
-            for h, name in (("true", "trajectory_prop1"), ("gn", "trajectory_cor2")):
-                t0 = time.perf_counter()     # theta^f not stationary: Prop. 1's / Cor. 2's term
-                ncfg = dataclasses.replace(tcfg, hessian=h, nonstationary=True)
+            # theta^f is not stationary: Prop. 1's / Cor. 2's term (with Adam's D against Adam)
+            pre = ADAM_VARIANTS[0] if opt == "adam" else "none"
+            for h, term in (("true", "prop1"), ("gn", "cor2")):
+                t0 = time.perf_counter()
+                name = f"trajectory_{pre}_{term}" if pre != "none" else f"trajectory_{term}"
+                ncfg = dataclasses.replace(tcfg, hessian=h, nonstationary=True, preconditioner=pre)
                 per[name] = trajectory_curve(att, ncfg, steps)
                 seconds[f"{name} (non-stationary, Krylov)"] = time.perf_counter() - t0
         else:
@@ -217,13 +220,17 @@ LABELS = {"trajectory": "trajectory (GN)", "trajectory_h": "trajectory (true H)"
           "trajectory_adam_dv": "trajectory, Adam D_eff (GN)",
           "trajectory_adam_dv_h": "trajectory, Adam D_eff (true H)",
           "trajectory_prop1": "trajectory + Prop. 1 term (true H)",
-          "trajectory_cor2": "trajectory + Cor. 2 term (GN)"}
+          "trajectory_cor2": "trajectory + Cor. 2 term (GN)",
+          "trajectory_adam_prop1": "trajectory, Adam D + Prop. 1 term (true H)",
+          "trajectory_adam_cor2": "trajectory, Adam D + Cor. 2 term (GN)"}
 STYLES = {"trajectory": ("k", "-", 2.4), "trajectory_h": ("tab:red", "-", 1.8),
           "schedule": ("k", ":", 2.0), "schedule_h": ("tab:red", ":", 1.5),
           "trajectory_adam": ("tab:blue", "-", 2.4), "trajectory_adam_h": ("tab:purple", "-", 1.8),
           "trajectory_adam_dv": ("tab:blue", "--", 2.0),
           "trajectory_adam_dv_h": ("tab:purple", "--", 1.5),
-          "trajectory_prop1": ("tab:orange", "-", 1.8), "trajectory_cor2": ("tab:green", "-", 1.8)}
+          "trajectory_prop1": ("tab:orange", "-", 1.8), "trajectory_cor2": ("tab:green", "-", 1.8),
+          "trajectory_adam_prop1": ("tab:orange", "--", 1.8),
+          "trajectory_adam_cor2": ("tab:green", "--", 1.8)}
 
 
 def trajectory_table(study: dict):

@@ -102,7 +102,7 @@ class TrajectoryConfig:
     ``batch_size`` rows, seed ``seed``). :func:`damping_schedule_curve` always uses
     :class:`SpectralPairs` or CG. ``nonstationary``: add Prop. 1's term (Cor. 2 for "gn") along
     the linearised full run, theta^f not being a minimum (:mod:`.trajectory_nonstationary`;
-    its own Krylov basis, without a preconditioner)."""
+    its own Krylov basis)."""
     lr: float = 1e-2
     epochs: float = 5
     steps: Optional[int] = None
@@ -143,9 +143,9 @@ def _check(cfg: TrajectoryConfig) -> None:
     check_recurrence(cfg)
     if not isinstance(cfg.nonstationary, bool):
         raise ValueError(f"nonstationary must be True or False, got {cfg.nonstationary!r}")
-    if cfg.nonstationary and (cfg.preconditioner != "none" or cfg.route != "auto"):
-        raise ValueError("nonstationary=True runs on its own Krylov basis: it takes neither a "
-                         "preconditioner nor route='recurrence'")
+    if cfg.nonstationary and cfg.route != "auto":
+        raise ValueError("nonstationary=True runs on its own Krylov basis, not "
+                         "route='recurrence'")
 
 
 def steps_per_epoch(att: Attributor, cfg: TrajectoryConfig) -> int:

@@ -33,6 +33,12 @@ second term's coordinates then follow the recurrence e_{k+1} = (1 - eta theta) e
 eta (V^T M_i W) c_k, and scores_t = (V^T g_j)^T (p_t(theta) V^T l_i + e_t) / n. The Ritz
 approximation is that of the trajectory's true-Hessian route (exact once the number of blocks
 exceeds the series' degree, converged for the longest series before).
+
+Adam (``preconditioner="adam"``, :mod:`.preconditioner`): with the step preconditioned by D, both
+recurrences become Delta_{k+1} = Delta_k - eta D (gbar + A Delta_k) and
+d_{k+1} = d_k - eta D (A d_k - (grad L(z_i) + M_i Delta_k)/n); in the variables D^{-1/2} Delta,
+D^{-1/2} d they are the recurrences above with A~ = D^{1/2} A D^{1/2}, M~_i = D^{1/2} M_i D^{1/2}
+and D^{1/2}-scaled gbar, grad L(z_i) and grad g_j, which is how they are evaluated.
 """
 from __future__ import annotations
 
@@ -45,6 +51,7 @@ from tqdm import tqdm
 from ..gradients import flatten
 from .common import Attributor
 from .operators import DampedHessian
+from .preconditioner import PreconditionedHessian, adam_preconditioner
 
 if TYPE_CHECKING:
     from .trajectory import TrajectoryConfig
@@ -85,6 +92,11 @@ def nonstationary_curve(att: Attributor, cfg: "TrajectoryConfig", steps: np.ndar
     A = DampedHessian(att, cfg.hessian, cfg.weight_decay, "mean", "never", cfg.memory_gb)
     G, L = att.test_grads, att.train_grads
     gbar = mean_risk_gradient(att, cfg.weight_decay).to(G.dtype)
+    sq = torch.ones_like(gbar)                         # D^{1/2}: 1 for SGD
+    if cfg.preconditioner != "none":                   # Adam: every vector x D^{1/2}, A -> A~
+        A = PreconditionedHessian(A, adam_preconditioner(att, cfg))
+        sq = A.s.to(G.dtype)
+        G, L, gbar = G * sq, L * sq, gbar * sq
     t_max = int(np.max(steps))
     B = torch.cat([G.T, gbar[:, None]], 1).contiguous()
     theta, V, _ = ritz_basis(A, B, cfg, max(t_max - 1, 1), progress)
@@ -101,7 +113,8 @@ def nonstationary_curve(att: Attributor, cfg: "TrajectoryConfig", steps: np.ndar
     q = max(int((S > RANK_RTOL * S[0]).sum()) if S[0] > 0 else 0, 1)
     C = S[:q, None] * Vh[:q]                           # c_k, (q, t_max): pi_k = U_q c_k
     Wq = V @ Uq[:, :q]                                 # (P, q): Delta_k = -Wq c_k
-    R = projected_products(att, cfg.hessian, V, Wq)   # V^T M_i Wq, (n_loo, r, q)
+    # V^T M~_i Wq with M~_i = D^{1/2} M_i D^{1/2}, (n_loo, r, q)
+    R = projected_products(att, cfg.hessian, sq[:, None] * V, sq[:, None] * Wq)
     wanted, out = {int(t) for t in steps}, {}
     e, p_t = torch.zeros_like(Zl), torch.zeros_like(theta)
     for k in tqdm(range(t_max + 1), desc="trajectory (non-stationary)", leave=False,
