@@ -73,12 +73,12 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
     out, err = capfd.readouterr()
     # one line per notebook with its wall time, then the total; nothing from the kernels
     lines = out.strip().splitlines()
-    assert len(lines) == 1 + 11 + 1, out
-    assert all(re.search(r"^\[ ?\d+/11\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
-    assert lines[-1].startswith("all 11 notebooks done in ")
+    assert len(lines) == 1 + 12 + 1, out
+    assert all(re.search(r"^\[ ?\d+/12\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
+    assert lines[-1].startswith("all 12 notebooks done in ")
     assert "without encryption" not in err and "TCP" not in err, err
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
-    assert len(executed) == 11
+    assert len(executed) == 12          # notebook 07 twice: SGD, and Adam (part 2 only)
     for nb in executed:
         cells = json.loads(nb.read_text())["cells"]
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -88,7 +88,8 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
                  "gold_sgd_subtract.npz", "gold_adam_remove.npz", "scores_dense_damping0.npz",
                  "scores_grad_dot.npz", "scores_cg.npz", "evaluation_sgd_remove_eq13.csv",
                  "evaluation_sgd_remove_eq17.csv", "evaluation_adam_remove_eq13.csv",
-                 "retrain_remove.npz"):
+                 "retrain_remove.npz", "beyond_summary_sgd.csv", "beyond_summary_adam.csv",
+                 "beyond_trajectory_sgd.npz", "beyond_trajectory_adam.npz"):
         assert (res / name).exists(), name
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
     assert {"concrete_cosine_sgd_remove_eq13.png", "figure2.png", "concrete_mechanisms_sgd_eq13.png",
