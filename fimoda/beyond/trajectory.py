@@ -71,14 +71,13 @@ def curves_at_points(a: np.ndarray, per_point: np.ndarray):
 
 
 # Models whose Gauss-Newton matrix does not materialise (text; images beyond the cpu profile's
-# 256 fit rows, which materialise: kernel eigenbasis, 4.8 s) run the series by its recurrence
+# fit rows, which materialise and take the kernel eigenbasis) run the series by its recurrence
 # with seeded mini-batch Gauss-Newton products of the further training's batch size, one per
-# step, as further training itself steps. Measured on SST-2's cpu profile (128 fit rows, 5.3 M
-# parameters, 9 products of 10 columns, 2 cores shared): per-chunk full-batch products 159 s,
-# mini-batches of 64 rows 30 s, the same cosines to 3 decimals (0.548, 0.647: at AdamW's lr
-# 1e-6, eta x lambda_max << 1/t and the series is Grad-Dot x eta t to first order). A batch
-# realisation adds noise independent of the gold standard's (fimoda.influence.
-# trajectory_recurrence); the damping schedule needs an eigenbasis or CG per point: left out.
+# step, as further training itself steps: on SST-2's cpu profile a fraction of the time of
+# per-chunk full-batch products, with the same cosines to 3 decimals (at AdamW's lr 1e-6 the
+# series is Grad-Dot x eta t to first order). A batch realisation adds noise independent of the
+# gold standard's (fimoda.influence.trajectory_recurrence); the damping schedule needs an
+# eigenbasis or CG per point: left out.
 RECURRENCE_PRODUCTS = "batch"
 NO_SCHEDULE = ("the damping schedule λ(t) = 1/(ηt) needs an eigenbasis or a CG solve per "
                "evaluation point; the Gauss-Newton matrix of the {model} model does not materialise "
@@ -109,7 +108,10 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
     beside the paper's methods of notebook 03 (Grad-Dot and CG computed here if notebook 03 has
     not run). Against the Adam gold standard (``optimizer="adam"``: Adam's lr and epochs) the
     SGD-form curves with Adam's lr, and the trajectory with Adam's diagonal preconditioner at
-    theta^f (:data:`ADAM_VARIANTS`: ``trajectory_adam``, ``trajectory_adam_h``).
+    theta^f (:data:`ADAM_VARIANTS`: ``trajectory_adam``, ``trajectory_adam_h``). For MLPs also
+    the non-stationarity term along the linearised full run (``trajectory_prop1``, true Hessian;
+    ``trajectory_cor2``, Gauss-Newton; with Adam's D against Adam: ``trajectory_adam_prop1``,
+    ``trajectory_adam_cor2``).
     Per-point scores cached in ``beyond_trajectory_<optimizer>.npz``. Returns eval points,
     cosine curves {name: (mean, se)}, the curves left out {name: reason}, the smallest
     true-Hessian eigenvalue seen by the Krylov route (None without it), seconds."""

@@ -37,13 +37,9 @@ Jacobian's columns), its K = (a s)(a s)^T; the true Hessian's products V -> s A 
 wd > 0, A~'s damping wd s^2 is no multiple of I, so the kernel and spectral formulas (which
 need A = a^T a + lambda I) do not apply and the Krylov route is taken.
 
-Measured (cpu profile, against the Adam gold standard, eq. 13, Gauss-Newton; notebook 07's
-``best_paper_gap``): D is at or above the best paper method at 21/50, 50/50, 5/5, 5/5 evaluation
-points of Concrete, Energy, FICO, Adult (mean margins -0.002, +0.075, +0.008, +0.011); D_eff at
-22/50, 50/50, 5/5, 5/5 (+0.001, +0.044, +0.008, +0.009); the unpreconditioned curve with Adam's lr
-at 19/50, 0/50, 1/5, 5/5. D_eff wins on Concrete by one point (and with the true Hessian on
-Energy, 46/50 against 35/50), D by the margins on Energy and Adult: D, the simpler, is the
-default (``"adam"``), D_eff is kept as ``"adam_dv"``.
+Which of the two: on the cpu profile's Adam gold standards (notebook 07) neither was better
+everywhere (D_eff by one evaluation point on Concrete, D by its margins on Energy and Adult), so
+D, the simpler, is the default (``"adam"``) and D_eff is kept as ``"adam_dv"``.
 """
 from __future__ import annotations
 
