@@ -105,3 +105,15 @@ def test_nonstationary_option_rejects_what_it_cannot_combine_before_any_work():
         kw = {"nonstationary": True, **bad}
         with pytest.raises(ValueError, match="nonstationary"):
             trajectory_curve(att, TrajectoryConfig(lr=0.1, **kw), [1, 2], progress=False)
+
+
+@pytest.mark.parametrize("kw,route", [(dict(), "kernel"), (dict(hessian="true"), "krylov"),
+                                      (dict(route="recurrence"), "recurrence"),
+                                      (dict(nonstationary=True), "non-stationary")])
+def test_an_overflowing_trajectory_is_an_error_naming_its_route(kw, route):
+    """lr far above 2/lambda_max: (1 - lr x)^t overflows float64 on every route, and the scores
+    are refused instead of returned as inf/nan."""
+    model, X, y, Xt, yt, loo = _setup()
+    att = fimoda.attributor(model, X, y, loo, Xt, yt, task="regression")
+    with pytest.raises(FloatingPointError, match=rf"trajectory \({route}\): non-finite"):
+        trajectory_curve(att, TrajectoryConfig(lr=50.0, **kw), [1, 400], progress=False)

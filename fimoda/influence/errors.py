@@ -24,3 +24,18 @@ class NotPositiveDefiniteError(MethodBreakdown, ValueError):
 
 class MemoryBudgetError(MethodBreakdown, ValueError):
     """What a method would hold in memory exceeds its ``memory_gb`` budget. Also a ValueError."""
+
+
+def finite_trajectory(scores, route: str):
+    """``scores`` (numpy or torch) unchanged if finite, else FloatingPointError naming the
+    trajectory route: the linearised further training overflowed (it grows along negative
+    curvature and along curvature above 2/lr, as further training itself would)."""
+    import numpy as np
+    import torch
+    finite = torch.isfinite(scores).all() if isinstance(scores, torch.Tensor) else \
+        np.isfinite(scores).all()
+    if not bool(finite):
+        raise FloatingPointError(f"trajectory ({route}): non-finite scores (the linearised "
+                                 f"further training overflowed along a direction of negative "
+                                 f"curvature or of curvature above 2/lr)")
+    return scores

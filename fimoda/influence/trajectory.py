@@ -72,6 +72,7 @@ import numpy as np
 import torch
 
 from .common import Attributor
+from .errors import finite_trajectory
 from .operators import HESSIANS, MATERIALIZE, DampedHessian
 from .preconditioner import (ADAM_BETAS, ADAM_EPS, adam_preconditioner, check_preconditioner,
                              preconditioned)
@@ -271,12 +272,7 @@ def _curve(pairs: SpectralPairs, steps: np.ndarray, fn, lr: float, n: int) -> np
     for t in steps:
         s = pairs.scores(lambda x, t=int(t): fn(x, lr, t)) / n
         out.append(s.detach().cpu().double().numpy())
-    out = np.stack(out)
-    if not np.isfinite(out).all():
-        raise FloatingPointError("trajectory: non-finite scores (the linearised further "
-                                 "training overflowed along a direction of negative curvature "
-                                 "or of curvature above 2/lr)")
-    return out
+    return finite_trajectory(np.stack(out), pairs.route)
 
 
 def trajectory_curve(att: Attributor, cfg: TrajectoryConfig, steps: Sequence[int],

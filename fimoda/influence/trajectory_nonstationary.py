@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from ..gradients import flatten
 from .common import Attributor
+from .errors import finite_trajectory
 from .operators import DampedHessian
 from .preconditioner import PreconditionedHessian, adam_preconditioner
 
@@ -108,7 +109,7 @@ def nonstationary_curve(att: Attributor, cfg: "TrajectoryConfig", steps: np.ndar
     for _ in range(t_max):
         cols.append(pk * zb)
         pk = x * pk + eta
-    Pi = torch.stack(cols, 1)                          # (r, t_max)
+    Pi = finite_trajectory(torch.stack(cols, 1), "non-stationary")   # (r, t_max)
     Uq, S, Vh = torch.linalg.svd(Pi, full_matrices=False)
     q = max(int((S > RANK_RTOL * S[0]).sum()) if S[0] > 0 else 0, 1)
     C = S[:q, None] * Vh[:q]                           # c_k, (q, t_max): pi_k = U_q c_k
@@ -127,9 +128,4 @@ def nonstationary_curve(att: Attributor, cfg: "TrajectoryConfig", steps: np.ndar
         # e_{k+1} = (1 - eta theta) e_k - eta V^T M_i W c_k ; p_{k+1} = (1 - eta theta) p_k + eta
         e = x[:, None] * e - eta * torch.einsum("irq,q->ri", R, C[:, k])
         p_t = x * p_t + eta
-    res = np.stack([out[int(t)] for t in steps])
-    if not np.isfinite(res).all():
-        raise FloatingPointError("trajectory (non-stationary): non-finite scores (the "
-                                 "linearised further training overflowed along a direction of "
-                                 "negative curvature or of curvature above 2/lr)")
-    return res
+    return finite_trajectory(np.stack([out[int(t)] for t in steps]), "non-stationary")

@@ -46,6 +46,7 @@ import torch
 from tqdm import tqdm
 
 from .common import Attributor
+from .errors import finite_trajectory
 from .operators import DampedHessian
 from .solvers.lissa import batch_matmat
 
@@ -99,8 +100,4 @@ def recurrence_curve(att: Attributor, cfg: "TrajectoryConfig", steps: np.ndarray
         # h_{k+1} = h_k + eta (b - A_k h_k); A_0 h_0 = 0 costs no product
         H = H + eta * (B - op(k, H)) if k > 0 else eta * B
     out = np.stack([rec[int(t)].detach().cpu().double().numpy() for t in steps])
-    if not np.isfinite(out).all():
-        raise FloatingPointError("trajectory (recurrence): non-finite scores (the linearised "
-                                 "further training overflowed along a direction of negative "
-                                 "curvature or of curvature above 2/lr)")
-    return out
+    return finite_trajectory(out, "recurrence")

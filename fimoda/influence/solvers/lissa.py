@@ -15,6 +15,8 @@ plain recurrence (the reference).
 """
 from __future__ import annotations
 
+import math
+
 import warnings
 from typing import TYPE_CHECKING, Callable, Optional
 
@@ -91,7 +93,8 @@ def lissa_diagonal(theta: torch.Tensor, Z: torch.Tensor, scale: float, depth: in
     Divergence is the recurrence's test, exactly: its increment at step t is R^(t+1) z_j for
     column j (R = diag(r)), and ||R^(t+1) z_j||^2 = sum_i r_i^(2t+2) z_ij^2 is convex in t, so it
     exceeds ``divergence_factor`` x its first value at some step iff it does at the last one,
-    ||R^depth z_j|| > divergence_factor ||R z_j||; non-finite values are divergence too."""
+    ||R^depth z_j|| > divergence_factor ||R z_j||; non-finite values are divergence too
+    (``divergence_factor`` = inf: no test, the series as it is, possibly inf)."""
     p = lissa_polynomial(theta, scale, depth, Z, divergence_factor)
     return p[:, None] * Z
 
@@ -115,6 +118,8 @@ def lissa_polynomial(theta: torch.Tensor, scale: float, depth: int, Z: torch.Ten
         p_neg = (1 - r.pow(depth + 1)) / x
         p = torch.where(pos, p_pos, p_neg)
         p = torch.where(theta == 0, torch.full_like(theta, (depth + 1) / scale), p)
+    if math.isinf(divergence_factor):      # no test: the series as it is (the trajectory's)
+        return p
     if bad or not bool(torch.isfinite(p).all()):
         raise LissaDivergedError(_diverged(f"within {depth} steps", scale))
     return p
