@@ -57,6 +57,14 @@ def label(method: str) -> str:
     return LABELS.get(method, method)
 
 
+def method_style(method: str) -> dict:
+    """Matplotlib keyword arguments that draw ``method`` the same way in every figure:
+    ``color``, ``linestyle``, ``marker`` and ``label`` (``ax.plot(x, y, **method_style(m))``).
+    The one place a method's look is decided."""
+    return {"color": None, "linestyle": STYLE.get(method, "-"), "marker": None,
+            "label": label(method)}
+
+
 def savefig(fig, path, pdf: bool = True) -> Path:
     """Save ``fig`` as PNG (atomically, :func:`fimoda.io.atomic_write`, so no half-written figure
     is left) and, unless ``pdf=False``, as a vector PDF of the same name next to it. Returns the
