@@ -46,8 +46,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["TRAIN_X", "TRAIN_Y", "TEST_X", "TEST_Y", "LR", "STEPS", "IF_DAMPING", "Logistic2D",
-           "point_losses", "mean_loss", "train_final", "further_train_paths", "loss_surface", "Walkthrough", "run",
-           "MARKED_STEPS", "landscape_figure", "difference_figure", "cosine_figure"]
+           "point_losses", "mean_loss", "train_final", "further_train_paths", "loss_surface",
+           "Walkthrough", "run", "MARKED_STEPS", "landscape_figure", "difference_figure",
+           "cosine_figure"]
 
 # eight training points (x1, x2) with labels, drawn once (numpy seed 356, x1 ~ U(-2.5, 2.5),
 # x2 ~ U(-0.8, 0.8), p(y = 1) = sigmoid(0.8 x1 + 2 x2), rounded) and written out: the classes
@@ -60,7 +61,7 @@ TRAIN_Y = (1, 0, 1, 1, 0, 0, 1, 0)
 TEST_X = ((0.8, 0.4), (0.7, 0.4), (1.7, 0.7), (-0.1, 0.1), (-1.6, -0.6), (-1.9, 0.0))
 TEST_Y = (1, 1, 1, 0, 1, 0)
 LR = 2.0          # eta: eta lambda_max(Hbar) ~ 0.45, eta lambda_min(Hbar) ~ 0.044
-STEPS = 150       # further-training steps: six time constants 1/(eta lambda_min) of the slow direction
+STEPS = 150       # further-training steps: ~6 time constants 1/(eta lambda_min)
 # the influence function's damping: fimoda's solvers need lambda > 0, and 1e-12 is ~5e-11 of
 # lambda_min(Hbar), so the scores are the lambda -> 0 limit to about ten digits
 IF_DAMPING = 1e-12
@@ -168,8 +169,8 @@ class Walkthrough:
     ``gold``: exact further training (fimoda.gold_standard, eq. 17); ``grad_dot``: grad L(z_j)^T
     grad L(z_i) (fimoda.attribute, unscaled); ``influence``: (1/n) grad L(z_j)^T Hbar^{-1}
     grad L(z_i) (fimoda.attribute "dense", true Hessian, damping :data:`IF_DAMPING`, divided by n:
-    the t -> inf limit); ``schedule``: the damped influence function with lambda = 1/(eta t); ``trajectory``:
-    the linearised further training. ``hessian``: Hbar at theta^f; ``train_grads`` /
+    the t -> inf limit); ``schedule``: the damped influence function with lambda = 1/(eta t);
+    ``trajectory``: the linearised further training. ``hessian``: Hbar at theta^f; ``train_grads`` /
     ``test_grads``: grad L at theta^f, (n, 2) / (J, 2); ``paths_full`` / ``paths_loo``: the
     parameter paths (:func:`further_train_paths`)."""
     model: Logistic2D
@@ -236,8 +237,8 @@ class Walkthrough:
         def along(fn):
             return np.stack([U @ (fn(ev, self.lr, int(t)).numpy() * c) for t in self.steps])
 
-        th = self.theta_f
-        return {"first_order": th + (self.lr * self.steps / self.n)[:, None] * self.train_grads[i],
+        th, eta_t = self.theta_f, self.lr * self.steps[:, None]
+        return {"first_order": th + eta_t / self.n * self.train_grads[i],
                 "schedule": th + along(schedule_resolvent) / self.n,
                 "trajectory": th + along(trajectory_polynomial) / self.n,
                 "influence": th + U @ (c / e) / self.n}
