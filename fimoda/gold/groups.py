@@ -32,45 +32,46 @@ def _as_int_array(x, what: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
-def as_left_out(left_out, n: int) -> np.ndarray:
+def as_left_out(left_out, n: int, name: str = "left_out") -> np.ndarray:
     """``left_out`` (any form of the module docstring) as its normalised int64 array: (n',) for
     leave-one-out, (m, G) padded with -1 for groups. One ValueError, naming the problem, for an
     empty list, an empty group, a repeated index (within a group; anywhere for leave-one-out), an
-    index outside [0, n), a group leaving fewer than one instance, or non-integers."""
+    index outside [0, n), a group leaving fewer than one instance, or non-integers; ``name``:
+    the argument's name in the messages."""
     if torch.is_tensor(left_out) or isinstance(left_out, np.ndarray):
         arr = np.asarray(left_out.cpu() if torch.is_tensor(left_out) else left_out)
-        rows = None if arr.ndim == 1 else list(arr) if arr.ndim == 2 else False
+        rows = None if arr.ndim <= 1 else list(arr) if arr.ndim == 2 else False
     else:
         items = list(left_out) if left_out is not None else []
         nested = [np.ndim(x) > 0 or isinstance(x, (list, tuple)) for x in items]
         rows = items if items and all(nested) else None if not any(nested) else False
     if rows is False:
-        raise ValueError("left_out must be a 1-D sequence of indices (leave-one-out) or a list "
+        raise ValueError(f"{name} must be a 1-D sequence of indices (leave-one-out) or a list "
                          "of index sequences / a 2-D index array (groups), not a mix or a "
                          "higher-dimensional array")
     if rows is None:                                  # leave-one-out
-        loo = _as_int_array(left_out, "left_out")
+        loo = _as_int_array(left_out, name)
         if loo.ndim != 1 or len(loo) == 0:
-            raise ValueError(f"left_out must be a non-empty 1-D integer array, got {left_out!r}")
-        if len(np.unique(loo)) != len(loo):
-            raise ValueError("left-out indices must be distinct (for a group of instances left "
-                             "out together, pass a list of groups)")
-        if loo.min() < 0 or loo.max() >= n:
-            raise ValueError(f"left-out indices must lie in [0, {n}), got {loo.min()}..{loo.max()}")
+            raise ValueError(f"{name} must be a non-empty 1-D integer array, got {left_out!r}")
+        if len(np.unique(loo)) != len(loo) or loo.min() < 0 or loo.max() >= n:
+            raise ValueError(f"{name} must be distinct indices in [0, {n}), got "
+                             f"{loo.min()}..{loo.max()} with {len(loo) - len(np.unique(loo))} "
+                             "repeated (a group of instances left out together: pass a list "
+                             "of groups)")
         return loo
     if not rows:
-        raise ValueError("left_out holds no groups")
+        raise ValueError(f"{name} holds no groups")
     groups = [_as_int_array(g, f"group {k}").reshape(-1) for k, g in enumerate(rows)]
     groups = [g[g != FULL] for g in groups]           # padding of the normalised form
     for k, g in enumerate(groups):
         if len(g) == 0:
-            raise ValueError(f"group {k} is empty")
+            raise ValueError(f"{name}: group {k} is empty")
         if len(np.unique(g)) != len(g):
-            raise ValueError(f"group {k} repeats an index: {g.tolist()}")
+            raise ValueError(f"{name}: group {k} repeats an index: {g.tolist()}")
         if g.min() < 0 or g.max() >= n:
-            raise ValueError(f"group {k} has an index outside [0, {n}): {g.tolist()}")
+            raise ValueError(f"{name}: group {k} has an index outside [0, {n}): {g.tolist()}")
         if len(g) >= n:
-            raise ValueError(f"group {k} leaves out all {n} training instances")
+            raise ValueError(f"{name}: group {k} leaves out all {n} training instances")
     G = max(len(g) for g in groups)
     out = np.full((len(groups), G), FULL, dtype=np.int64)
     for k, g in enumerate(groups):

@@ -57,7 +57,7 @@ def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: Go
         raise ValueError(f"X_train and y_train need equal lengths >= 2, got {len(X)}, {len(Y)}")
     if len(Xt) != len(Yt) or len(Xt) < 1:
         raise ValueError(f"X_test and y_test need equal lengths >= 1, got {len(Xt)}, {len(Yt)}")
-    loo = as_left_out(loo_indices, len(X))
+    loo = as_left_out(loo_indices, len(X), "loo_indices")
     if is_groups(loo) and not groups:
         raise ValueError("this computation leaves out one instance per run; got groups")
     return model, X, Y, Xt, Yt, loo
