@@ -104,10 +104,10 @@ def batch_plan(sched: Schedule, perms: torch.Tensor, inv: torch.Tensor, left: to
     Returns ``idx`` (S, R, M) int64 into the training set, ``w`` (S, R, M) float64 per-slot loss
     weights, ``epoch`` (S, R) int64 and ``active`` (S, R) bool (False: the run idles).
 
-    ``remove``: run r leaves out k_r instances, at positions p_1 < ... < p_k of ``perm_e``; its
-    batch b of epoch e covers positions q = bB..bB+B-1 of its own order, i.e. position
-    q + #{p_m <= that position} of ``perm_e`` (found by stepping over p_1, ..., p_k in turn),
-    valid while q < n - k_r. ``subtract``: the full batch plus G slots holding the group's members
+    ``remove``: run r leaves out k_r instances, at positions p_0 < ... < p_{k-1} of ``perm_e``;
+    its batch b of epoch e covers positions q = bB..bB+B-1 of its own order, i.e. position
+    q + #{m : p_m - m <= q} of ``perm_e`` (p_m - m instances are kept before p_m), valid while
+    q < n - k_r. ``subtract``: the full batch plus G slots holding the group's members
     with weight -1/n (padding: weight 0).
     """
     n, B = sched.n, sched.batch_size
@@ -130,9 +130,8 @@ def batch_plan(sched: Schedule, perms: torch.Tensor, inv: torch.Tensor, left: to
         valid = q < (n - size)[None, :, None]
         p = torch.where(member, inv[e[..., None], left.clamp(min=0)], n)   # (S, R, G)
         p = p.sort(-1).values if p.shape[-1] > 1 else p
-        pos = q
-        for m in range(p.shape[-1]):
-            pos = pos + (pos >= p[..., m:m + 1]).long()
+        kept_before = torch.where(p < n, p - torch.arange(p.shape[-1]), n)  # ascending
+        pos = q + torch.searchsorted(kept_before, q, right=True)
     else:
         valid = q < n
         pos = q
