@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from fimoda import metrics
-from fimoda.gold import GoldResult, gold_scores
+from fimoda.gold import GoldConfig, GoldResult, further_train, gold_scores
 from fimoda.yardsticks import gold_noise_ceiling, noise_ceiling
 
 
@@ -124,3 +124,17 @@ def test_bad_input():
         nc.fraction(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="in \\(0, 1\\)"):
         nc.seeds_for(1.0)
+
+
+def test_on_the_engines_gold():
+    """A real further training: at t = 0 every run is theta^f (the eq. 13 mean leaves only
+    rounding residues, identical in every seed): no ceiling there; elsewhere one in [0, 1]."""
+    from test_further_training import regression_problem
+    model, X, y, Xt, yt = regression_problem(n=30)
+    cfg = GoldConfig(epochs=2, batch_size=8, seeds=3, lr=0.05, mechanism="remove",
+                     progress=False)
+    res = further_train(model, "regression", X, y, Xt, yt, [0, 3, 7, 11, 19, 25], cfg)
+    for adjust in ("mean", "full"):
+        nc = gold_noise_ceiling(res, adjust)
+        assert np.isnan(nc.ceiling[0]).all() and np.isnan(nc.snr[0]).all()
+        assert np.all((nc.ceiling[1:] >= 0) & (nc.ceiling[1:] <= 1))

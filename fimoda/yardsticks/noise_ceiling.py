@@ -103,14 +103,19 @@ def noise_ceiling(loss_full, loss_loo, adjust: str = "mean",
         raise ValueError("the noise ceiling needs at least 2 left-out runs (a cosine over them)")
     total = np.zeros((n_loo, T, J))
     sq = np.zeros((T, J))
+    moved = np.zeros((T, J), dtype=bool)                 # any run's test loss differs
     for s in range(K):                                   # one seed at a time: bounded memory
         g = gold_scores(loss_full, loss_loo, adjust, seeds=[s])      # (n', T, J)
         total += g
         sq += (g * g).sum(0)
+        moved |= (loo[s] != loo[s, :1]).any(0)
+        if adjust == "full":
+            moved |= (loo[s] != np.asarray(loss_full)[s]).any(0)
     tot_sq = (total * total).sum(0)                      # |sum_s g_s|^2
     signal = (tot_sq - sq) / (K * (K - 1))               # mean over pairs s != s' of g_s.g_s'
     noise = (sq - tot_sq / K) / (K - 1)                  # tr(Sigma): the seeds' summed variance
-    defined = tot_sq > 0
+    # undefined where no run moved (t = 0: theta^f; the eq. 13 mean leaves rounding residues)
+    defined = moved & (tot_sq > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(defined, signal / np.where(defined, tot_sq / K ** 2, 1.0), np.nan)
         snr = np.where(noise > 0, np.maximum(signal, 0.0) / np.where(noise > 0, noise, 1.0),
