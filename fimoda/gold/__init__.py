@@ -17,12 +17,12 @@ the left-out runs; ``loss_loo[s, g]`` is then group g's run).
 
 Modules: ``config`` (:class:`GoldConfig`, :class:`GoldResult`), ``groups`` (what each run leaves
 out: an index or a group), ``schedule`` (batch orders, how z_i or S is left out, augmentation),
-``optim`` (SGD/Adam/AdamW on stacked runs), ``engines`` (per-run gradients: mlp, func, loop), ``chunks`` (sizing and training one chunk of runs), ``workdir``
-(the resumable work directory: each (seed, chunk) piece stored with its seed, chunk, config hash
-and checksum, and checked on load), ``runner`` (:func:`further_train`, one piece at a time for
-executors), ``distributed`` (the pieces as Dask tasks; imported on demand), ``infinitesimal``
-(the exact derivative of the test losses in the left-out weight, by forward-mode AD through the
-whole run), ``scores`` (eqs. 13 and 17), ``reference`` (the one-model loop the tests compare
+``optim`` (SGD/Adam/AdamW on stacked runs), ``engines`` (per-run gradients: mlp, func, loop),
+``chunks`` (sizing and training one chunk of runs), ``workdir`` (the resumable work directory:
+each (seed, chunk) piece stored with its seed, chunk, config hash and checksum, and checked on
+load), ``runner`` (:func:`further_train`, one piece at a time for executors), ``distributed``
+(the pieces as Dask tasks; imported on demand), ``infinitesimal`` (the exact derivative of the
+test losses in the left-out weight, by forward-mode AD through the whole run), ``scores`` (eqs. 13 and 17), ``reference`` (the one-model loop the tests compare
 against; LOO re-training from scratch) and ``store`` (results on disk).
 """
 from .config import ENGINES, MECHANISMS, OPTIMIZERS, SHUFFLES, GoldConfig, GoldResult

@@ -17,7 +17,8 @@ Estimator. Both terms come from the K seeds without bias: the mean inner product
 DIFFERENT seeds' vectors estimates |a|^2 (E g_s.g_s' = |a|^2 for s != s'), and |g|^2 estimates
 |a|^2 + tr(Sigma)/K, so
 
-    ceiling^2 = mean_{s != s'} g_s.g_s' / |g|^2 = K (|sum_s g_s|^2 - sum_s |g_s|^2) / ((K-1) |sum_s g_s|^2),
+    ceiling^2 = mean_{s != s'} g_s.g_s' / |g|^2
+              = K (|sum_s g_s|^2 - sum_s |g_s|^2) / ((K - 1) |sum_s g_s|^2),
 
 clipped to [0, 1]. It is the split-half agreement with its Spearman-Brown correction to K
 (r = cos(g_A, g_B) of two halves, ceiling^2 = 2r / (1 + r)) averaged over every way of pairing the
