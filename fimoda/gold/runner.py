@@ -289,7 +289,9 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
     ``loo_indices``: the left-out indices (n',), or groups -- ``[[0, 5], [3], ...]`` or a 2-D
     index array (m, k) -- one run per group S without all of S (:mod:`fimoda.gold.groups`; the
     result's ``loss_loo[s, g]`` is group g's run and its ``loo_indices`` the (m, G) padded
-    groups). Groups of one give leave-one-out's numbers bit for bit.
+    groups). Groups all of one instance give leave-one-out's numbers bit for bit (in a mix with
+    larger groups, ``subtract`` pads their subtracted slots with zero weights: equal to
+    rounding).
 
     ``augment(x_batch, generator)``: optional augmentation of training batches (images), see
     :class:`_AugmentStream`. ``workdir``: resumable storage of finished (seed, chunk) results.
