@@ -8,7 +8,8 @@ import torch
 import fimoda
 from fimoda.gold import (GoldConfig, as_left_out, epoch_permutations, further_train,
                          reference_further_train, run_batches)
-from test_further_training import assert_close_and_nontrivial, regression_problem
+from test_further_training import (ConvBN, assert_close_and_nontrivial, flip_augment,
+                                   regression_problem)
 
 ARRAYS = ("loss_full", "loss_loo", "param_dist", "param_dist_loo")
 
@@ -48,6 +49,27 @@ def test_group_runs_equal_the_reference_loop(engine, mechanism, units):
     b = reference_further_train(model, "regression", X, y, Xt, yt, groups, cfg)
     assert_close_and_nontrivial(a, b)
     assert a.loo_indices.tolist() == [[0, 7, 41], [3, -1, -1], [20, 21, -1], [5, 9, 30]]
+
+
+@pytest.mark.parametrize("mechanism", ["remove", "subtract"])
+def test_groups_with_augmentation_on_a_batchnorm_model(mechanism):
+    """The generic engine with augmented views: ``subtract`` uses its G subtracted members
+    un-augmented, as the reference loop does."""
+    torch.manual_seed(0)
+    net = ConvBN().double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(17, 2, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (17,), generator=g)
+    Xt = torch.randn(4, 2, 6, 6, generator=g, dtype=torch.float64)
+    yt = torch.randint(0, 3, (4,), generator=g)
+    cfg = GoldConfig(optimizer="sgd", lr=0.2, epochs=2, max_steps=7, eval_every=2, batch_size=4,
+                     mechanism=mechanism, seeds=2, max_runs_per_chunk=2, progress=False,
+                     engine="func")
+    groups = [[0, 5, 16], [3], [7, 8]]
+    a = further_train(net, "classification", X, y, Xt, yt, groups, cfg, augment=flip_augment)
+    b = reference_further_train(net, "classification", X, y, Xt, yt, groups, cfg,
+                                augment=flip_augment)
+    assert_close_and_nontrivial(a, b)
 
 
 @pytest.mark.parametrize("S,n_batches", [([2, 11, 22], 12),          # 20 left: 4 per epoch
