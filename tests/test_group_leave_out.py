@@ -160,3 +160,11 @@ def test_gold_standard_accepts_groups():
     assert np.array_equal(grp[:, 1], loo[:, 2])
     with pytest.raises(ValueError, match="repeats an index"):
         fimoda.gold_standard(model, X, y, [[2, 2]], Xt, yt, **kw)
+
+
+def test_the_infinitesimal_gold_refuses_groups_before_any_work():
+    from fimoda.gold.infinitesimal import infinitesimal_further_train
+    model, X, y, Xt, yt = regression_problem(n=20)
+    with pytest.raises(ValueError, match="one left-out instance per run, not groups"):
+        infinitesimal_further_train(model, "regression", X, y, Xt, yt, [[0, 1]],
+                                    GoldConfig(mechanism="subtract", progress=False))

@@ -59,7 +59,8 @@ def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: Go
         raise ValueError(f"X_test and y_test need equal lengths >= 1, got {len(Xt)}, {len(Yt)}")
     loo = as_left_out(loo_indices, len(X), "loo_indices")
     if is_groups(loo) and not groups:
-        raise ValueError("this computation leaves out one instance per run; got groups")
+        raise ValueError("loo_indices: this computation (the infinitesimal gold) takes one "
+                         "left-out instance per run, not groups")
     return model, X, Y, Xt, Yt, loo
 
 
