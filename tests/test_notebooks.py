@@ -96,8 +96,22 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
             "concrete_damping_sweep_dense_sgd_remove_eq13.png", "concrete_cosine_sgd_remove_eq17.png",
             "concrete_seeds_sgd_remove_eq17.png", "concrete_cosine_adam_remove_eq13.png",
             "concrete_seeds_adam_remove_eq13.png", "figure2_adam.png", "figure2_eq17.png"} <= figs, figs
+    check_figures_shown(isolated)
     check_report(isolated, "concrete", retrain=True, adam=True)
     check_reproduction(isolated, "concrete")
+
+
+def check_figures_shown(isolated):
+    """Every PNG the notebooks wrote under figures/smoke/ is an image output of an executed
+    notebook, named in the output's metadata, and there are as many image outputs as PNGs: each
+    saved figure shown once, no figure shown without being saved."""
+    pngs = sorted(p.name for p in (isolated / "figures" / "smoke").glob("*.png"))
+    shown = []
+    for nb in (isolated / "executed" / "smoke").glob("*.ipynb"):
+        for c in json.loads(nb.read_text())["cells"]:
+            shown += [o.get("metadata", {}).get("image/png", {}).get("filename")
+                      for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert pngs and sorted(shown) == pngs, (pngs, shown)
 
 
 def check_reproduction(isolated, ds):
@@ -204,6 +218,7 @@ def test_smoke_pipeline_for_images_and_text(isolated, capfd):
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
     assert {"fashion_mnist_cosine_sgd_subtract_eq13.png", "sst2_cosine_adamw_subtract_eq13.png",
             "figure2.png", "sst2_fig10_sorted_scores_adamw_subtract.png"} <= figs, figs
+    check_figures_shown(isolated)
     nb03 = json.loads((isolated / "executed" / "smoke" / "03_attribution_methods_sst2.ipynb")
                       .read_text())
     text = "".join("".join(o.get("data", {}).get("text/plain", "")) + "".join(o.get("text", ""))
