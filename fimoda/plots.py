@@ -96,8 +96,11 @@ def curves(ax, eval_points, results: dict, ylabel="cosine similarity", title=Non
 
 def legend(ax_or_fig, methods, **kw):
     """The legend of ``methods`` in the fixed order and look of :func:`legend_handles`, on an
-    axes or (one legend for a grid) a figure."""
+    axes or (one legend for a grid) a figure. An axes' legend of more than five entries goes
+    outside, to the right of the axes, in one column, so that it hides no curve."""
     handles, labels = legend_handles(methods)
+    if hasattr(ax_or_fig, "get_xlim") and len(handles) > 5:
+        kw = {**kw, "loc": "center left", "bbox_to_anchor": (1.02, 0.5), "ncol": 1}
     return ax_or_fig.legend(handles, labels, **kw)
 
 
@@ -150,7 +153,8 @@ def sorted_gold_figure(gold: np.ndarray, eval_points, test_j: int = 0, n_lines: 
     ts = np.unique(np.linspace(1 if T > 1 else 0, T - 1, n_lines).astype(int))
     cmap = plt.get_cmap("viridis")
     for k, t in enumerate(ts):
-        ax.plot(np.sort(gold[:, t, test_j]), color=cmap(k / max(1, len(ts) - 1)),
+        shade = 0.85 * k / max(1, len(ts) - 1)      # viridis up to 0.85: no pale yellow end
+        ax.plot(np.sort(gold[:, t, test_j]), color=cmap(shade),
                 label=f"t = {eval_points[t]}")
     ax.set_xlabel("left-out instances (sorted)")
     ax.set_ylabel("gold attribution score")
