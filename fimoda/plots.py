@@ -78,12 +78,14 @@ def _in_kernel() -> bool:
 
 def curves(ax, eval_points, results: dict, ylabel="cosine similarity", title=None):
     """One line per method with a +-1 standard-error band in the method's colour
-    (:func:`method_style`); ``results[m] = (mean, se)``."""
+    (:func:`method_style`; the more methods, the fainter the bands); ``results[m] = (mean,
+    se)``."""
     x = np.asarray(eval_points)
+    band = min(0.18, 0.8 / max(1, len(results)))     # fainter bands when many overlap
     for m, (mean, se) in results.items():
         style = method_style(m)
         ax.plot(x, mean, lw=1.6, **style)
-        ax.fill_between(x, mean - se, mean + se, color=style["color"], alpha=0.18, lw=0)
+        ax.fill_between(x, mean - se, mean + se, color=style["color"], alpha=band, lw=0)
     ax.set_xlabel("further training (epochs)" if x.dtype.kind in "iu" else "further training")
     ax.set_ylabel(ylabel)
     ax.axhline(0, color="k", lw=0.6)
