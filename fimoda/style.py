@@ -37,19 +37,19 @@ _LOOK = {
     "cor2": ("#b8850a", ":", "d", "Cor. 2"),
     "eq16": ("#12711c", ":", "*", "Eq. (16)"),
     # notebook 07: curves matched to the further-training trajectory; Gauss-Newton solid, true
-    # Hessian dashed, one marker per series
+    # Hessian dashed; a generalised-IF term keeps that method's colour
     "trajectory": ("#000000", "-", "H", "trajectory (GN)"),
     "trajectory_h": ("#000000", "--", "H", "trajectory (true H)"),
-    "schedule": ("#5a5a5a", "-", "8", "CG, λ(t)=1/(ηt) (GN)"),
-    "schedule_h": ("#5a5a5a", "--", "8", "λ(t)=1/(ηt) (true H)"),
+    "schedule": ("#7a7a7a", "-", "*", "CG, λ(t)=1/(ηt) (GN)"),
+    "schedule_h": ("#7a7a7a", "--", "*", "λ(t)=1/(ηt) (true H)"),
     "trajectory_adam": ("#d62728", "-", "x", "trajectory, Adam D (GN)"),
     "trajectory_adam_h": ("#d62728", "--", "x", "trajectory, Adam D (true H)"),
     "trajectory_adam_dv": ("#ff7f7f", "-", "+", "trajectory, Adam D_eff (GN)"),
     "trajectory_adam_dv_h": ("#ff7f7f", "--", "+", "trajectory, Adam D_eff (true H)"),
-    "trajectory_prop1": ("#a23582", "--", "1", "trajectory + Prop. 1 term (true H)"),
-    "trajectory_cor2": ("#b8850a", "-", "2", "trajectory + Cor. 2 term (GN)"),
-    "trajectory_adam_prop1": ("#a23582", "--", "3", "trajectory, Adam D + Prop. 1 term (true H)"),
-    "trajectory_adam_cor2": ("#b8850a", "-", "4", "trajectory, Adam D + Cor. 2 term (GN)"),
+    "trajectory_prop1": ("#a23582", "--", "p", "trajectory + Prop. 1 term (true H)"),
+    "trajectory_cor2": ("#b8850a", "-", "d", "trajectory + Cor. 2 term (GN)"),
+    "trajectory_adam_prop1": ("#a23582", "--", "v", "trajectory, Adam D + Prop. 1 term (true H)"),
+    "trajectory_adam_cor2": ("#b8850a", "-", "D", "trajectory, Adam D + Cor. 2 term (GN)"),
 }
 STYLE_KEYS = tuple(_LOOK)
 LABELS = {k: v[3] for k, v in _LOOK.items()}
@@ -93,14 +93,15 @@ def _shade(colour: str, factor: float) -> str:
 def method_style(method: str) -> dict:
     """Matplotlib keyword arguments that draw ``method`` the same way in every figure:
     ``color``, ``linestyle``, ``marker``, ``markevery`` (markers spaced along the line, so dense
-    curves stay readable) and ``label`` -- ``ax.plot(x, y, **method_style(m))``, overriding
+    curves stay readable), ``label`` (and ``markeredgewidth`` for the unfilled markers x and +) -- ``ax.plot(x, y, **method_style(m))``, overriding
     ``lw``/``alpha`` as needed. ``method``: a key of :data:`STYLE_KEYS` (the gold standard, the
     methods, notebook 07's curves) or a :func:`damping_label`. Any other name is a ValueError:
     a curve without an entry here would get a colour of its own choosing."""
     if method in _LOOK:
         colour, ls, marker, lab = _LOOK[method]
         return {"color": colour, "linestyle": ls, "marker": marker or "None",
-                "markevery": (_MARK_OFFSET[method], MARK_STEP), "label": lab}
+                "markevery": (_MARK_OFFSET[method], MARK_STEP), "label": lab,
+                **({"markeredgewidth": 1.8} if marker in ("x", "+") else {})}   # unfilled: thicker
     m = _DAMPING.match(method)
     if m and m["label"] in _BY_LABEL:
         base = method_style(_BY_LABEL[m["label"]])

@@ -255,6 +255,7 @@ def trajectory_figure(study: dict, title: str, unit: str = "epochs"):
     """Figure-2 style: the paper's methods (thin) and the trajectory-matched curves (thick, with
     their +-1 SE bands), each in its look of :func:`fimoda.plots.method_style`."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from ..plots import legend, method_style, theme
     with theme():
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
@@ -265,8 +266,9 @@ def trajectory_figure(study: dict, title: str, unit: str = "epochs"):
                 ax.plot(t, mean, lw=1.0, alpha=0.8, **style)
             else:
                 ax.plot(t, mean, lw=2.2, **style)
-                ax.fill_between(t, mean - se, mean + se, color=style["color"], alpha=0.15, lw=0)
+                ax.fill_between(t, mean - se, mean + se, color=style["color"], alpha=0.07, lw=0)
         ax.axhline(0, color="k", lw=0.6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))     # epochs or steps
         ax.set_xlabel(f"further training ({unit})")
         ax.set_ylabel("cosine similarity to the gold standard")
         ax.set_title(title)
