@@ -179,6 +179,7 @@ def infinitesimal_figure(study: dict, title: str, unit: str = "epochs"):
     points); right: the relative error of each float32 computation. Comparisons are not
     methods: they take the theme's colour and line-style cycle (:func:`fimoda.plots.theme`)."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from ..plots import theme
     with theme():
         fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -196,6 +197,8 @@ def infinitesimal_figure(study: dict, title: str, unit: str = "epochs"):
         axes[1].set_ylabel("relative error of the gold scores")
         axes[1].set_xlabel(f"further training ({unit})")
         axes[1].legend(fontsize="x-small")
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))     # epochs or steps
         fig.tight_layout()
     return fig
 
