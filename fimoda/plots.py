@@ -296,12 +296,14 @@ def training_curves_figure(record: dict, title: str = ""):
 def agreement_figure(names, M: np.ndarray, title: str = "method agreement (mean cosine)"):
     fig, ax = plt.subplots(figsize=(0.55 * len(names) + 2, 0.55 * len(names) + 1.5))
     im = ax.imshow(M, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.grid(False)                                   # the theme's grid would cross the cells
     ax.set_xticks(range(len(names)), [label(n) for n in names], rotation=60, ha="right",
                   fontsize=8)
     ax.set_yticks(range(len(names)), [label(n) for n in names], fontsize=8)
     for a in range(len(names)):
         for b in range(len(names)):
-            ax.text(b, a, f"{M[a, b]:.2f}", ha="center", va="center", fontsize=6)
+            ax.text(b, a, f"{M[a, b]:.2f}", ha="center", va="center", fontsize=6,
+                    color="w" if abs(M[a, b]) > 0.6 else "k")    # readable on dark cells
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title(title)
     return fig
