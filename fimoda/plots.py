@@ -99,10 +99,12 @@ def curves(ax, eval_points, results: dict, ylabel="cosine similarity", title=Non
 def legend(ax_or_fig, methods, **kw):
     """The legend of ``methods`` in the fixed order and look of :func:`legend_handles`, on an
     axes or (one legend for a grid) a figure. An axes' legend of more than five entries goes
-    outside, to the right of the axes, in one column, so that it hides no curve."""
+    outside, to the right of the axes, top-aligned, in one column, so that it hides no curve
+    (call it after ``tight_layout``, which would otherwise squeeze the axes to make room; the
+    saved file's tight bounding box takes the legend in)."""
     handles, labels = legend_handles(methods)
     if hasattr(ax_or_fig, "get_xlim") and len(handles) > 5:
-        kw = {**kw, "loc": "center left", "bbox_to_anchor": (1.02, 0.5), "ncol": 1}
+        kw = {**kw, "loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "ncol": 1}
     return ax_or_fig.legend(handles, labels, **kw)
 
 
@@ -125,8 +127,8 @@ def mechanisms_figure(eval_points, panels: dict, title: str, xlabel: str = "epoc
     for ax, (mech, res) in zip(axes[0], panels.items()):
         curves(ax, eval_points, res, title=f"{title}\nleave-out: {mech}")
         ax.set_xlabel(f"further training ({xlabel})")
-    legend(axes[0, -1], [m for res in panels.values() for m in res], fontsize="x-small")
     fig.tight_layout()
+    legend(axes[0, -1], [m for res in panels.values() for m in res], fontsize="x-small")
     return fig
 
 

@@ -272,6 +272,6 @@ def trajectory_figure(study: dict, title: str, unit: str = "epochs"):
         ax.set_xlabel(f"further training ({unit})")
         ax.set_ylabel("cosine similarity to the gold standard")
         ax.set_title(title)
-        legend(ax, study["curves"], fontsize="x-small", ncol=2)
         fig.tight_layout()
+        legend(ax, study["curves"], fontsize="x-small", ncol=2)
     return fig
