@@ -216,6 +216,13 @@ def trajectory_banner(study: dict) -> str:
     return "\n".join(lines)
 
 
+# notebook 07's curves and their legend labels (their whole look lives in fimoda.style)
+LABELS = {k: label(k) for k in ("trajectory", "trajectory_h", "schedule", "schedule_h",
+                                 "trajectory_adam", "trajectory_adam_h", "trajectory_adam_dv",
+                                 "trajectory_adam_dv_h", "trajectory_prop1", "trajectory_cor2",
+                                 "trajectory_adam_prop1", "trajectory_adam_cor2")}
+
+
 def trajectory_table(study: dict):
     """Per method: cosine at the first point, max (and where), last; and, per evaluation point,
     whether the trajectory (GN) curve is at or above the best paper method there."""
@@ -251,16 +258,25 @@ def trajectory_gaps(study: dict):
     return pd.DataFrame(rows).set_index("method")
 
 
-def trajectory_figure(study: dict, title: str, unit: str = "epochs"):
+def trajectory_figure(study: dict, title: str, unit: str = "epochs", curves=None):
     """Figure-2 style: the paper's methods (thin) and the trajectory-matched curves (thick, with
-    their +-1 SE bands), each in its look of :func:`fimoda.plots.method_style`."""
+    their +-1 SE bands), each in its look of :func:`fimoda.plots.method_style`. ``curves``: the
+    names (keys of ``study["curves"]``) to draw, None: all; a name the study did not compute is
+    passed over, so a figure can be built up family by family; an unknown name is refused."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
+    from ..influence import METHODS
     from ..plots import legend, method_style, theme
+    keep = None if curves is None else set(curves)
+    unknown = sorted((keep or set()) - set(LABELS) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown curves {unknown}; choose from {sorted(LABELS)} and the paper's "
+                         f"methods {list(METHODS)}")
+    drawn = {m: c for m, c in study["curves"].items() if keep is None or m in keep}
     with theme():
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         t = study["eval_points"]
-        for m, (mean, se) in study["curves"].items():
+        for m, (mean, se) in drawn.items():
             style = method_style(m)
             if m in PAPER_SIDE:
                 ax.plot(t, mean, lw=1.0, alpha=0.8, **style)
@@ -273,5 +289,5 @@ def trajectory_figure(study: dict, title: str, unit: str = "epochs"):
         ax.set_ylabel("cosine similarity to the gold standard")
         ax.set_title(title)
         fig.tight_layout()
-        legend(ax, study["curves"], fontsize="x-small", ncol=2)
+        legend(ax, drawn, fontsize="x-small", ncol=2)
     return fig
