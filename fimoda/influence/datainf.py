@@ -42,7 +42,7 @@ class DatainfConfig:
     c_index: int = MethodConfig.datainf_index     # 0 -> c = 10 (reference lambda_const_param)
     n_samples: Optional[int] = None   # training instances k averaged over (None: all n)
     seed: int = 0                     # seed of the subsample
-    chunk: Optional[int] = None       # training gradients per chunk (None: problem.chunk)
+    chunk: Optional[int] = None       # training gradients per chunk (None: the memory budget's)
 
 
 def datainf_indices(n: int, cfg: DatainfConfig, keep=None) -> np.ndarray:
@@ -95,7 +95,7 @@ def datainf(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> np.ndarray
     sq = {l: [] for l in layers}          # ||g_k||^2
     ip_te = {l: [] for l in layers}       # <t_jl, g_k>
     ip_tr = {l: [] for l in layers}       # <v_il, g_k>
-    chunk = cfg.chunk or problem.chunk
+    chunk = cfg.chunk or problem.grad_rows()
     it = range(0, m, chunk)
     if problem.progress and m > chunk:
         it = tqdm(it, desc="DataInf: training gradients", total=(m + chunk - 1) // chunk,
@@ -137,7 +137,7 @@ def datainf_lambdas(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> di
     idx = _sample(att, cfg)
     sl = block_slices(problem.params, problem.names)
     tot = {l: 0.0 for l in problem.names}
-    chunk = cfg.chunk or problem.chunk
+    chunk = cfg.chunk or problem.grad_rows()
     for s in range(0, len(idx), chunk):
         k = idx[s:s + chunk]
         g = problem.loss_grads(problem.X[k], problem.Y[k], desc=None)

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from ..config import MethodConfig
 from ..losses import loss_derivatives
+from ..memory import row_bytes
 from .common import Attributor
 
 PROJ_TYPES = ("normal", "rademacher")
@@ -53,10 +54,12 @@ class TrakConfig:
     ridge_rel: float = 1e-10           # automatic ridge = ridge_rel * largest eigenvalue, used only
     max_cond: float = 1e12             # ... if k > n or cond(Phi_p^T Phi_p) > max_cond
     test_side: str = "loss"            # loss: grad g = l'(z) grad f (our sign) | output: TRAK's tau
-    # instances projected at once (None: as many gradient rows as fit in grad_bytes, at least
-    # problem.chunk): a P too large to keep is regenerated once per projected chunk
+    # instances projected at once (None: as many gradient rows as fit in grad_bytes): a P too
+    # large to keep is regenerated once per projected chunk
     chunk: Optional[int] = None
-    grad_bytes: int = 2 ** 32          # budget of one projected chunk of gradient rows
+    # bytes of one projected chunk of gradient rows (None: the problem's memory budget,
+    # fimoda.memory.chunk_rows)
+    grad_bytes: Optional[int] = None
     block_elems: int = 2 ** 24         # elements of P generated at once (rows * k)
     cache_bytes: int = 2 ** 29         # keep P in memory if it is at most this large
 
@@ -76,7 +79,7 @@ def _check(cfg: TrakConfig) -> None:
                          f"{cfg.max_cond!r}")
     if cfg.chunk is not None and cfg.chunk < 1:
         raise ValueError(f"TRAK chunk must be >= 1 or None, got {cfg.chunk!r}")
-    if cfg.grad_bytes < 1:
+    if cfg.grad_bytes is not None and cfg.grad_bytes < 1:
         raise ValueError(f"TRAK grad_bytes must be >= 1, got {cfg.grad_bytes!r}")
     if cfg.block_elems < 1:
         raise ValueError(f"TRAK block_elems must be >= 1, got {cfg.block_elems!r}")
@@ -119,11 +122,12 @@ class Projector:
 
 
 def _projected_rows(problem, cfg: TrakConfig) -> int:
-    """Gradient rows projected at once: as many as fit in ``cfg.grad_bytes`` (the random blocks
-    of an uncached P are generated once per chunk, so the chunk should be large), at least
-    ``problem.chunk`` (the per-example gradients are computed in chunks of that size anyway)."""
-    row = problem.n_params * torch.empty((), dtype=problem.dtype).element_size()
-    return max(problem.chunk, int(cfg.grad_bytes // row))
+    """Gradient rows projected at once: as many as fit in ``cfg.grad_bytes`` (at least one), or
+    under the problem's memory budget (:meth:`fimoda.gradients.Problem.grad_rows`). The random
+    blocks of an uncached P are generated once per chunk, so the chunk should be large."""
+    if cfg.grad_bytes is None:
+        return problem.grad_rows()
+    return max(1, int(cfg.grad_bytes // row_bytes(problem.n_params, problem.dtype)))
 
 
 def _features(problem, X, Y, project, chunk, desc):
