@@ -3,6 +3,8 @@ under a memory budget (fimoda.memory): scores with a budget small enough to forc
 equal the in-memory scores, on an MLP and on a tiny randomly initialised BERT classifier fed
 dict batches of different lengths; Grad-Dot on that BERT equals an autograd loop over each
 unpadded sentence alone."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -17,13 +19,13 @@ from fimoda.memory import CHUNK_COPIES, chunk_rows, resolve_budget
 from fimoda.models import MLP
 
 DT = torch.float64
-STREAMED = ("grad_dot", "grad_cos", "trak", "datainf")
+STREAMED = ("grad_dot", "grad_cos", "trak", "datainf", "ekfac")
 # TRAK with fewer projected dimensions than training rows: Phi^T Phi is well conditioned, so
 # the order of its chunked sum shows only as round-off
 OPTIONS = {"trak": {"proj_dim": 8, "seed": 1}}
 # methods that keep no per-example gradients of the left-out or test sets under a tight budget
 # (DataInf keeps both sides, streaming the training set)
-NOTHING_KEPT = ("grad_dot", "grad_cos", "trak")
+NOTHING_KEPT = ("grad_dot", "grad_cos", "trak", "ekfac")
 
 
 def tiny_bert(seed=0):
@@ -151,13 +153,19 @@ def test_grad_dot_on_a_hugging_face_model_equals_an_autograd_loop_over_unpadded_
     np.testing.assert_allclose(scores, ref, rtol=1e-9, atol=1e-12 * np.abs(ref).max())
 
 
+@pytest.mark.filterwarnings("ignore:DataInf. layers whose")
 @pytest.mark.parametrize("method", STREAMED)
 def test_streamed_scores_equal_the_in_memory_scores_on_a_transformer(text, method):
     model, train, test, left = text
     P = sum(p.numel() for p in model.parameters())
     opts = OPTIONS.get(method, {})
-    a = fimoda.attribute(model, train, None, left, test, None, task="classification",
-                         method=method, **opts)
+    # DataInf leaves out the attention key biases, whose gradients softmax makes zero: their
+    # lambda_l is round-off, and dividing by it would make the scores round-off too
+    warns = pytest.warns(UserWarning, match=r"round-off.*key\.bias.*key\.bias'\]") \
+        if method == "datainf" else contextlib.nullcontext()
+    with warns:
+        a = fimoda.attribute(model, train, None, left, test, None, task="classification",
+                             method=method, **opts)
     b = fimoda.attribute(model, train, None, left, test, None, task="classification",
                          method=method, memory=tight_budget(P, rows=2), **opts)
     np.testing.assert_allclose(b, a, rtol=1e-9, atol=1e-11 * np.abs(a).max())

@@ -96,15 +96,18 @@ class Attributor:
         else:
             yield from self.problem.stream(self.problem.loss_grads, X, Y, desc=desc)
 
-    def pairwise(self, transform: Callable = lambda G: G) -> torch.Tensor:
-        """``out[j, i] = transform(g_j)^T transform(l_i)`` (T, n') over test gradients g_j and
-        left-out gradients l_i, each side kept or streamed (:meth:`grad_blocks`); with both kept
-        this is one product of the two matrices."""
+    def pairwise(self, transform: Callable = lambda G: G,
+                 left: Optional[Callable] = None) -> torch.Tensor:
+        """``out[j, i] = transform(g_j)^T left(l_i)`` (T, n') over test gradients g_j and
+        left-out gradients l_i (``left`` defaults to ``transform``; both map (B, P) row blocks
+        to (B, K)), each side kept or streamed (:meth:`grad_blocks`); with both kept this is one
+        product of the two matrices."""
+        left = transform if left is None else left
         out = None
         for ts, Gt in self.grad_blocks("test"):
             Gt = transform(Gt)
             for ls, Gl in self.grad_blocks("left"):
-                block = Gt @ transform(Gl).T
+                block = Gt @ left(Gl).T
                 if out is None and ts == slice(None) and ls == slice(None):
                     return block
                 if out is None:
