@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .hf import adapt, wrap_if_logits
+from .hf import adapt, eager_attention, wrap_if_logits
 from .losses import TASKS, check_task
 from .tensors import as_inputs, as_targets, as_tensor, check_data
 
@@ -60,15 +60,17 @@ def _targets(model: torch.nn.Module, y, task: str) -> torch.Tensor:
 @contextlib.contextmanager
 def _model_left_as_it_was(model: torch.nn.Module):
     """Run the block with the model in eval mode (attribution is of theta^f as a function:
-    no dropout, BatchNorm on its running statistics), then restore its train/eval mode (every
-    submodule) and requires_grad flags."""
+    no dropout, BatchNorm on its running statistics) and, for a Hugging Face model, with eager
+    attention (:func:`fimoda.hf.eager_attention`), then restore its train/eval mode (every
+    submodule), requires_grad flags and attention implementation."""
     # a wrapped Hugging Face model (fimoda.hf.HFModel) shares all but its root module
     modes = [(m, m.training) for m in [*getattr(model, "wrapped", model).modules(),
                                        *model.modules()]]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     try:
-        yield
+        with eager_attention(getattr(model, "wrapped", model)):
+            yield
     finally:
         for m, mode in modes:
             m.training = mode           # the flag alone: train() would recurse
@@ -128,9 +130,9 @@ def attributor(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
     :func:`attribute`; ``chunk``: most rows batched by vmap at once."""
     from .gradients import Problem
     from .influence import Attributor
-    wrapped, X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test,
-                                          task, loss)
     with _model_left_as_it_was(model):
+        wrapped, X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test,
+                                              task, loss)
         problem = Problem(wrapped, X, y, task, names=names, chunk=chunk, progress=progress,
                           loss_fn=loss, memory=memory)
     return Attributor(problem, X[idx], y[idx], Xt, yt, loo_rows=idx)
@@ -183,8 +185,9 @@ def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: st
     The defaults are a first look (5 seeds x 5 epochs); the paper used 100 seeds and its
     datasets' epochs (``fimoda.config``)."""
     from .gold import GoldConfig, further_train, gold_scores
-    wrapped, X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test,
-                                          task, loss)
+    with _model_left_as_it_was(model):
+        wrapped, X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test,
+                                              task, loss)
     gcfg = GoldConfig(optimizer=optimizer, lr=lr, epochs=epochs, seeds=seeds,
                       batch_size=batch_size, mechanism=mechanism,
                       **{"progress": False, **gold_options})

@@ -13,6 +13,7 @@ gradients (the mask handling of transformers branches on the mask's values other
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Optional, Sequence
 
@@ -159,6 +160,25 @@ class HFTokenModel(HFModel):
         self.additive = ok
 
 
+@contextlib.contextmanager
+def eager_attention(model: nn.Module):
+    """Run the block with a Hugging Face model's attention switched to ``"eager"`` (restored
+    afterwards): its products are twice differentiable, which the true-Hessian methods (LiSSA-H,
+    Arnoldi, Prop. 1, eq. 16) need -- the scaled-dot-product kernels of CPU torch have no
+    double backward -- and vmap batches it without a fallback loop. Other models: unchanged. A
+    model that cannot switch keeps its own; build it with ``attn_implementation="eager"``."""
+    config = getattr(model, "config", None)
+    before = getattr(config, "_attn_implementation", None)
+    switch = before not in (None, "eager") and hasattr(model, "set_attn_implementation")
+    if switch:
+        model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        if switch:
+            model.set_attn_implementation(before)
+
+
 def adapt(model: nn.Module, X_train, y_train, X_test, y_test, probe_rows: int = 2):
     """(model, X, y, X_test, y_test) with dict batches packed (:func:`pack_inputs`, the test set
     with the training keys) and the model wrapped in :class:`HFTokenModel`; anything else is
@@ -191,4 +211,4 @@ def wrap_if_logits(model: nn.Module, out) -> nn.Module:
     return model
 
 
-__all__ = ["HFModel", "HFTokenModel", "adapt", "is_batch", "pack_inputs", "split_labels", "wrap_if_logits"]
+__all__ = ["HFModel", "HFTokenModel", "adapt", "eager_attention", "is_batch", "pack_inputs", "split_labels", "wrap_if_logits"]

@@ -188,3 +188,30 @@ def test_the_model_is_wrapped_with_its_own_names_and_vmap(text):
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="no 'labels'"):
         fimoda.attribute(model, no_labels, None, left, test, None, task="classification")
+
+
+def test_true_hessian_methods_switch_a_models_attention_to_eager_and_back(text):
+    """CPU scaled-dot-product attention has no double backward: LiSSA-H on a model built with
+    the default (sdpa) attention runs on eager attention, equals the model built eager, and the
+    model's own setting is restored."""
+    from transformers import BertForSequenceClassification
+    eager, train, test, left = text
+    sdpa = BertForSequenceClassification(eager.config.__class__(
+        **{**eager.config.to_dict(), "attn_implementation": "sdpa"})).to(DT).eval()
+    sdpa.load_state_dict(eager.state_dict())
+    assert sdpa.config._attn_implementation == "sdpa"
+    a = fimoda.attribute(sdpa, train, None, left[:2], test, None, task="classification",
+                         method="lissa_h", depth=2)
+    assert sdpa.config._attn_implementation == "sdpa"
+    b = fimoda.attribute(eager, train, None, left[:2], test, None, task="classification",
+                         method="lissa_h", depth=2)
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())
+
+
+def test_readme_hugging_face_example_runs(capsys):
+    import re
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = re.search(r"<!-- example: hugging-face -->\n```python\n(.*?)```", readme, re.S)
+    exec(compile(block.group(1), "README Hugging Face example", "exec"), {})
+    assert capsys.readouterr().out.strip() == "(3, 3)"
