@@ -325,7 +325,7 @@ def test_trak_unprojected_equals_dense_formula_and_gn_influence():
     assert cos_rows(sq, got).min() > 1 - 1e-8
 
 
-@pytest.mark.parametrize("proj_type", ["normal", "rademacher"])
+@pytest.mark.parametrize("proj_type", ["normal", "rademacher", "sjlt"])
 def test_trak_projected_is_deterministic_and_matches_numpy(proj_type):
     att = make_mlp("classification", n=50, hidden=4, n_test=5, n_loo=7)
     p, k = att.problem.n_params, 12
@@ -352,6 +352,9 @@ def test_trak_projected_is_deterministic_and_matches_numpy(proj_type):
     Pm = npy(proj(torch.eye(p, dtype=DT)))
     if proj_type == "rademacher":
         np.testing.assert_array_equal(np.abs(Pm) * np.sqrt(k), np.ones_like(Pm))
+    if proj_type == "sjlt":             # one +-1 per parameter row, in a seeded column
+        np.testing.assert_array_equal(np.abs(Pm).sum(1), np.ones(p))
+        np.testing.assert_array_equal(np.abs(Pm).max(1), np.ones(p))
     np.testing.assert_allclose(a, trak_numpy(att, Pm), rtol=1e-7, atol=1e-9 * np.abs(a).max())
 
 
