@@ -4,8 +4,9 @@
 Every method works on one input tensor whose rows it can index, chunk and trim. Token inputs are
 therefore packed (:func:`pack_inputs`) into one int64 tensor (N, K, L): channel k is the k-th key
 (``input_ids``, ``attention_mask``, ``token_type_ids``, ...), rows padded to the longest sequence
-of all batches (padding: the model's pad token id, mask 0). :class:`HFModel` unpacks them into the
-model's keyword arguments and returns ``.logits``; like :class:`fimoda.models.TextClassifier` it
+of all batches (padding: the model's pad token id, mask 0). :class:`HFTokenModel` unpacks them into
+the model's keyword arguments and returns ``.logits`` (:class:`HFModel`: a model given one tensor
+as it is); like :class:`fimoda.models.TextClassifier` it
 cuts each batch to its own longest sequence (``trim_inputs``), so a chunk is padded only to its
 longest sentence, and it gives the attention mask in the additive (B, 1, 1, L) form when the
 model takes it with the same outputs, which lets ``torch.func.vmap`` batch per-example
@@ -33,11 +34,8 @@ def is_batch(X) -> bool:
 
 
 def _columns(batch: Mapping) -> dict:
-    out = {}
-    for key, v in batch.items():
-        t = v.detach() if torch.is_tensor(v) else torch.as_tensor(v)
-        out[key] = t
-    return out
+    """The batch's values as tensors (lists and arrays converted), by key."""
+    return {k: v.detach() if torch.is_tensor(v) else torch.as_tensor(v) for k, v in batch.items()}
 
 
 def split_labels(X, y):
@@ -49,15 +47,14 @@ def split_labels(X, y):
     if y is None:
         if len(found) != len(cols):
             raise ValueError("y is None and the batches hold no 'labels' / 'label' key")
-        y = torch.cat([f.reshape(len(f), *f.shape[1:]) for f in found])
+        y = torch.cat(found)
     return cols, y
 
 
-def pack_inputs(cols: Sequence[dict], keys: Optional[Sequence[str]] = None,
-                pad_id: int = 0, length: Optional[int] = None):
+def pack_inputs(cols: Sequence[dict], keys: Optional[Sequence[str]] = None, pad_id: int = 0):
     """(N, K, L) int64 tensor of the batches' token tensors (each key (B, L) or (L,) for one
-    sequence), padded to ``length`` (default: the longest), and the key order. ``keys``: the
-    order to use (a test set must have the training set's keys). One ValueError, before any
+    sequence), padded to the longest, and the key order. ``keys``: the order to use (a test set
+    must have the training set's keys). One ValueError, before any
     work, for values that are not token-level integers, batches with different keys, or batches
     of different lengths without an attention mask."""
     keys = list(keys if keys is not None else cols[0].keys())
@@ -73,8 +70,8 @@ def pack_inputs(cols: Sequence[dict], keys: Optional[Sequence[str]] = None,
                                  f"embeddings) go in as one tensor with a model taking it")
         rows.append(torch.stack([c[k].reshape(-1, c[k].shape[-1]).long() for k in keys], 1))
     lengths = {r.shape[-1] for r in rows}
-    L = max(lengths) if length is None else length
-    if (len(lengths) > 1 or L != max(lengths)) and MASK not in keys:
+    L = max(lengths)
+    if len(lengths) > 1 and MASK not in keys:
         raise ValueError("batches of different sequence lengths need an 'attention_mask' key "
                          "(padding must be masked)")
     out = []
