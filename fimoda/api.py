@@ -123,10 +123,11 @@ def _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss=None)
 
 def attributor(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
                names: Optional[Sequence[str]] = None, chunk: int = 256, progress: bool = False,
-               loss: Optional[Callable] = None, memory: Optional[int] = None):
+               loss: Optional[Callable] = None, memory: Optional[int] = None,
+               hvp_batch: int = 1024):
     """The compute-once state of every method (:class:`fimoda.influence.Attributor`): theta^f
     with its whole training set, the left-out rows ``left_out`` and the test set. Reuse it to run
-    several methods on the same per-example gradients. ``loss``, ``memory``: see
+    several methods on the same per-example gradients. ``loss``, ``memory``, ``hvp_batch``: see
     :func:`attribute`; ``chunk``: most rows batched by vmap at once."""
     from .gradients import Problem
     from .influence import Attributor
@@ -134,14 +135,14 @@ def attributor(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
         wrapped, X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test,
                                               task, loss)
         problem = Problem(wrapped, X, y, task, names=names, chunk=chunk, progress=progress,
-                          loss_fn=loss, memory=memory)
+                          loss_fn=loss, memory=memory, batch_size=hvp_batch)
     return Attributor(problem, X[idx], y[idx], Xt, yt, loo_rows=idx)
 
 
 def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
               method: str = "grad_dot", names: Optional[Sequence[str]] = None, att=None,
               loss: Optional[Callable] = None, memory: Optional[int] = None,
-              **options) -> np.ndarray:
+              hvp_batch: int = 1024, **options) -> np.ndarray:
     """``scores[j, i]`` (float64) of ``method`` (see :data:`fimoda.influence.METHODS`) for test
     point j and training instance ``left_out[i]``; ``options`` are the method's config fields
     (e.g. ``damping_index``, ``depth``, ``rank``). ``att``: an :func:`attributor` to reuse.
@@ -157,14 +158,16 @@ def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
     ``memory``: the budget in bytes from which every chunk of streamed per-example gradients is
     sized (:mod:`fimoda.memory`; None: half the free memory of the model's device). Training-set
     gradients are never held whole; the test and left-out gradients are kept when they fit a
-    quarter of it each, else streamed too (grad_dot, grad_cos; trak and datainf stream the
-    training set)."""
+    quarter of it each, else streamed too (grad_dot, grad_cos, ekfac; trak's and datainf's
+    training-set passes stream, datainf keeps both sides; the other methods keep both sides). ``hvp_batch``: training rows per forward/backward pass of the full-data
+    gradient and Hessian (or Gauss-Newton) products of the second-order methods; their memory
+    grows with it (activations of that many rows, and their second derivatives)."""
     from .influence import METHODS, compute_scores
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if att is None:
         att = attributor(model, X_train, y_train, left_out, X_test, y_test, task=task,
-                         names=names, loss=loss, memory=memory)
+                         names=names, loss=loss, memory=memory, hvp_batch=hvp_batch)
     with _model_left_as_it_was(model):
         return np.asarray(compute_scores(method, att, **options), dtype=np.float64)
 

@@ -208,4 +208,5 @@ def wrap_if_logits(model: nn.Module, out) -> nn.Module:
     return model
 
 
-__all__ = ["HFModel", "HFTokenModel", "adapt", "eager_attention", "is_batch", "pack_inputs", "split_labels", "wrap_if_logits"]
+__all__ = ["HFModel", "HFTokenModel", "adapt", "eager_attention", "is_batch", "pack_inputs",
+           "split_labels", "wrap_if_logits"]

@@ -215,3 +215,16 @@ def test_readme_hugging_face_example_runs(capsys):
     block = re.search(r"<!-- example: hugging-face -->\n```python\n(.*?)```", readme, re.S)
     exec(compile(block.group(1), "README Hugging Face example", "exec"), {})
     assert capsys.readouterr().out.strip() == "(3, 3)"
+
+
+def test_the_hessian_product_batch_is_an_argument():
+    rng = np.random.default_rng(0)
+    X, y = rng.normal(size=(30, 3)), rng.normal(size=30)
+    torch.manual_seed(0)
+    model = MLP(3, 1, hidden=4).to(DT)
+    kw = dict(task="regression", method="cg")
+    att = fimoda.attributor(model, X, y, [0, 4, 8], X[:4], y[:4], task="regression", hvp_batch=7)
+    assert att.problem.batch_size == 7
+    a = fimoda.attribute(model, X, y, [0, 4, 8], X[:4], y[:4], att=att, **kw)
+    b = fimoda.attribute(model, X, y, [0, 4, 8], X[:4], y[:4], **kw)      # one batch of 30
+    np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10 * np.abs(b).max())
