@@ -20,8 +20,8 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from tqdm import tqdm
 
 from .losses import check_task, gn_output, loss_derivatives, loss_from_f
-from .models import input_trimmer, row_groups, vmappable
 from .memory import chunk_rows, resolve_budget
+from .models import input_trimmer, row_groups, vmappable
 from .tensors import check_data
 
 
