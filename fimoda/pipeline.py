@@ -255,9 +255,9 @@ def render_html(profile: str, steps, pages=None) -> Path:
     rendered some already. Returns that path."""
     from .io import figures_dir, results_dir
     from .render import write_site
-    index, pages, seconds = write_site(steps, profile, figures_dir(profile), NB,
-                                       results_dir(profile, "") / "summary.md", pages)
-    print(f"HTML of {pages} executed notebooks ({_clock(seconds)}), to read without a kernel: "
+    index, n, seconds = write_site(steps, profile, figures_dir(profile), NB,
+                                   results_dir(profile, "") / "summary.md", pages)
+    print(f"HTML of {n} executed notebooks ({_clock(seconds)}), to read without a kernel: "
           f"{index}", flush=True)
     return index
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from .io import atomic_write
+from .pipeline import _clock
 from .report import figure_index, paper_order
 
 __all__ = ["Pages", "exporter", "notebook_status", "write_site"]
@@ -105,11 +106,6 @@ class Pages:
             return atomic_write(page, lambda fh: fh.write(body.encode()))
 
 
-def _clock(seconds) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
-
-
 def _link(target: Path, start: Path, text: str) -> str:
     return f'<a href="{quote(os.path.relpath(target, start))}">{html.escape(text)}</a>'
 
@@ -124,9 +120,10 @@ def _variant(params: dict) -> str:
 
 
 def _figures_of(step, steps, rows) -> list[dict]:
-    """The rows of the figure index written by ``step`` (one of ``steps``): the same notebook and dataset, and the
-    step's variant parameters (optimizer, mechanism) equal to the file's settings; a file that
-    several steps could have written goes to the one with the most matching parameters."""
+    """The rows of the figure index written by ``step`` (one of ``steps``): the same notebook
+    and dataset, and the step's variant parameters (optimizer, mechanism) equal to the file's
+    settings; a file that several steps could have written goes to the one with the most
+    matching parameters."""
     def fits(s, r):
         nb, params, _ = s
         return (nb.startswith(r["notebook"]) and params.get("dataset") == r["dataset"]
@@ -142,9 +139,32 @@ def _figures_of(step, steps, rows) -> list[dict]:
     return sorted(mine, key=paper_order)
 
 
+def _step_line(step, steps, rows, out: Path, figures: Path, pages: Pages) -> tuple[str, dict]:
+    """One step's line of the index: its label, page and executed copy, wall time, status when
+    not done, and the figure files it wrote with their paper numbers; and its status."""
+    nb, params, path = step
+    st = notebook_status(path)
+    parts = [f"<b>{html.escape(_variant(params) or nb.removesuffix('.ipynb'))}</b>"]
+    if st["status"] in ("done", "failed"):
+        try:
+            parts.append(_link(pages.render(path), out, "read"))
+        except Exception as e:              # the index still lists it, with the reason
+            st = {**st, "status": "unreadable", "reason": f"{type(e).__name__}: {e}"}
+        parts.append(_link(Path(path), out, ".ipynb"))
+    if st["seconds"] is not None:
+        parts.append(_clock(st["seconds"]))
+    if st["status"] != "done":
+        mark = st["status"] + (f": {st['reason']}" if st["reason"] else "")
+        parts.append(f'<span class="{st["status"].replace(" ", "-")}">{html.escape(mark)}</span>')
+    figs = [(f"{r['paper']}: " if r["paper"] else "") + _link(figures / r["name"], out, r["name"])
+            for r in _figures_of(step, steps, rows)]
+    line = " · ".join(parts)
+    if figs:
+        line += '<ul class="figs"><li>' + "</li><li>".join(figs) + "</li></ul>"
+    return line, st
 
-def write_site(steps, profile: str, figures: Path, source_dir: Path, summary: Path | None = None,
-               pages: Pages | None = None):
+
+def write_site(steps, profile: str, figures, source_dir, summary=None, pages: Pages | None = None):
     """Render every executed copy of ``steps`` (the pipeline's (notebook, parameters, executed
     path) triples, in reading order) that exists, and write ``index.html`` beside them listing
     every step (done, failed, not run) with its page, wall time and figure files. ``figures``:
@@ -153,56 +173,36 @@ def write_site(steps, profile: str, figures: Path, source_dir: Path, summary: Pa
     rendered some of them already (default: new ones in ``<executed>/html/``). Returns (index
     path, number of pages, seconds)."""
     t0 = time.perf_counter()
-    out = Path(steps[0][2]).parent
+    out, figures = Path(steps[0][2]).parent, Path(figures)
     pages = pages or Pages(out / "html")
-    rows = figure_index(profile, figures) if Path(figures).exists() else []
-    rendered = 0
+    rows = figure_index(profile, figures) if figures.exists() else []
     items: dict[str, list[str]] = {}
     titles: dict[str, str] = {}
+    rendered = 0
     for step in steps:
-        nb, params, path = step
-        st = notebook_status(path)
-        if nb not in titles:
-            titles[nb] = (st["title"] or notebook_status(Path(source_dir) / nb)["title"]
-                          or nb)
-        parts = [f"<b>{html.escape(_variant(params) or nb.removesuffix('.ipynb'))}</b>"]
-        if st["status"] in ("done", "failed"):
-            try:
-                parts.append(_link(pages.render(path), out, "read"))
-                rendered += 1
-            except Exception as e:          # the index still lists it, with the reason
-                st = {**st, "status": "unreadable", "reason": f"{type(e).__name__}: {e}"}
-            parts.append(_link(Path(path), out, ".ipynb"))
-        if st["seconds"] is not None:
-            parts.append(_clock(st["seconds"]))
-        if st["status"] != "done":
-            mark = st["status"] + (f": {st['reason']}" if st["reason"] else "")
-            parts.append(f'<span class="{st["status"].replace(" ", "-")}">{html.escape(mark)}'
-                         "</span>")
-        figs = [(f"{r['paper']}: " if r["paper"] else "")
-                + _link(Path(figures) / r["name"], out, r["name"])
-                for r in _figures_of(step, steps, rows)]
-        line = " · ".join(parts)
-        if figs:
-            line += '<ul class="figs"><li>' + "</li><li>".join(figs) + "</li></ul>"
-        items.setdefault(nb, []).append(line)
+        line, st = _step_line(step, steps, rows, out, figures, pages)
+        items.setdefault(step[0], []).append(line)
+        rendered += st["status"] in ("done", "failed")
+        if step[0] not in titles:
+            titles[step[0]] = (st["title"] or notebook_status(Path(source_dir) / step[0])["title"]
+                               or step[0])
+    index_md = figures / "INDEX.md"
     body = [f"<h1>fimoda: the <code>{html.escape(profile)}</code> profile's notebooks</h1>",
             "<p>Read them in this order. Each page is a notebook as the pipeline executed it, "
             "figures included; it needs no kernel and nothing from the network. Figure numbers "
-            "are the paper's (" + (_link(Path(figures) / "INDEX.md", out, "INDEX.md")
-                                   if (Path(figures) / "INDEX.md").exists() else
+            "are the paper's (" + (_link(index_md, out, "INDEX.md") if index_md.exists() else
                                    "INDEX.md, written by the summary notebook") + ")"
-            + (", the numbers behind them in " + _link(summary, out, "summary.md")
+            + (", the numbers behind them in " + _link(Path(summary), out, "summary.md")
                if summary is not None and Path(summary).exists() else "") + ".</p>", "<ol>"]
     for nb, lines in items.items():
         body.append(f"<li><h2>{html.escape(titles[nb])}</h2><ul><li>" + "</li><li>".join(lines)
                     + "</li></ul></li>")
     body.append("</ol>")
     index = out / "index.html"
-    page_html = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-                 f"<title>fimoda {html.escape(profile)} notebooks</title><style>{_CSS}</style>"
-                 "</head><body>\n" + "\n".join(body) + "\n</body></html>\n")
-    atomic_write(index, lambda fh: fh.write(page_html.encode()))
+    text = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>fimoda {html.escape(profile)} notebooks</title><style>{_CSS}</style>"
+            "</head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    atomic_write(index, lambda fh: fh.write(text.encode()))
     return index, rendered, time.perf_counter() - t0
 
 

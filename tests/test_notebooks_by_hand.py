@@ -37,6 +37,10 @@ def test_notebooks_run_by_hand_in_reading_order_on_a_fresh_clone(tmp_path, monke
     require_file("concrete/Concrete_Data.xls")
     for var in ("FIMODA_RESULTS_DIR", "FIMODA_FIGURES_DIR", "FIMODA_EXECUTED_DIR"):
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
+    # one intra-op thread per kernel, as conftest gives every test: on a shared 2-core machine
+    # more only add OpenMP spinning (this test checks that they run, not their last bits)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "1")
     ran = []
     for name in reading_order():
         nb = nbformat.read(pipeline.NB / name, as_version=4)
