@@ -35,7 +35,8 @@ def test_notebooks_run_by_hand_in_reading_order_on_a_fresh_clone(tmp_path, monke
     import nbclient
     import nbformat
     require_file("concrete/Concrete_Data.xls")
-    for var in ("FIMODA_RESULTS_DIR", "FIMODA_FIGURES_DIR", "FIMODA_EXECUTED_DIR"):
+    for var in ("FIMODA_RESULTS_DIR", "FIMODA_FIGURES_DIR", "FIMODA_EXECUTED_DIR",
+                "FIMODA_CACHE_DIR"):                 # a fresh clone: not even the data cache
         monkeypatch.setenv(var, str(tmp_path / var.lower()))
     # one intra-op thread per kernel, as conftest gives every test: on a shared 2-core machine
     # more only add OpenMP spinning (this test checks that they run, not their last bits)
