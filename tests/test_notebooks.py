@@ -89,11 +89,16 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
     require_file("concrete/Concrete_Data.xls")
     pipeline.run("smoke", ["concrete"])
     out, err = capfd.readouterr()
-    # one line per notebook with its wall time, then the total; nothing from the kernels
+    # one line per notebook with its wall time, the total, then the HTML copy; nothing from the
+    # kernels
     lines = out.strip().splitlines()
-    assert len(lines) == 1 + 13 + 1, out
-    assert all(re.search(r"^\[ ?\d+/13\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
-    assert lines[-1].startswith("all 13 notebooks done in ")
+    assert len(lines) == 1 + 13 + 2, out
+    assert all(re.search(r"^\[ ?\d+/13\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-2]), out
+    assert lines[-2].startswith("all 13 notebooks done in ")
+    index = isolated / "executed" / "smoke" / "index.html"
+    assert lines[-1].startswith("HTML of 13 executed notebooks (")
+    assert lines[-1].endswith(f"to read without a kernel: {index}")
+    assert len(list((index.parent / "html").glob("*.html"))) == 13
     assert "without encryption" not in err and "TCP" not in err, err
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
     assert len(executed) == 13          # notebook 07 twice: SGD, and Adam (part 2 only)
@@ -223,9 +228,9 @@ def test_smoke_pipeline_for_images_and_text(isolated, capfd):
     pipeline.run("smoke", ["fashion_mnist", "sst2"], jobs=2)
     lines = capfd.readouterr().out.strip().splitlines()
     assert "2 at a time" in lines[0]
-    counters = [int(re.match(r"^\[ ?(\d+)/15\] ", ln).group(1)) for ln in lines[1:-1]]
+    counters = [int(re.match(r"^\[ ?(\d+)/15\] ", ln).group(1)) for ln in lines[1:-2]]
     assert counters == list(range(1, 16)), lines
-    assert lines[-2].split()[1] == "05_summary_figures"     # after both chains
+    assert lines[-3].split()[1] == "05_summary_figures"     # after both chains
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
     assert len(executed) == 2 + 2 * 6 + 1
     for nb in executed:
