@@ -288,7 +288,8 @@ _SMOKE_LARGE_METHODS = dict(lissa_depth=10, lissa_h_depth=10, lissa_batch_size=3
 _SMOKE_MODEL = {"cifar10": dict(width=8), "fashion_mnist": dict(width=8),
                 "sst2": dict(trainable_layers=2)}
 # Smoke models still learn (fimoda.baselines refuses one that does not beat its trivial
-# predictor): Concrete 40 epochs, FICO and Folktables/Adult a larger lr on their 1,000 rows.
+# predictor): Concrete 40 epochs, FICO and Folktables/Adult a larger lr on their 1,000 rows,
+# SST-2 the cpu profile's lr on 512 sentences.
 _SMOKE = {
     "concrete": dict(train=dict(epochs=40), further=dict(mislabel_trials=1, epochs=3, seeds=2, n_loo=8, n_test=6),
                      methods=_SMOKE_METHODS),
@@ -306,7 +307,7 @@ _SMOKE = {
     "fashion_mnist": dict(train=dict(epochs=1, n_train_subset=512, batch_size=128),
                           further=dict(mislabel_trials=1, max_steps=2, batch_size=128, n_loo=4, n_test=4, seeds=2),
                           methods=_SMOKE_LARGE_METHODS),
-    "sst2": dict(train=dict(epochs=1, n_train_subset=128, select_epoch_by_val=False),
+    "sst2": dict(train=dict(lr=2e-4, epochs=1, n_train_subset=512, select_epoch_by_val=False),
                  further=dict(mislabel_trials=1, max_steps=2, n_loo=4, n_test=4, seeds=2),
                  methods=_SMOKE_LARGE_METHODS),
 }
