@@ -72,6 +72,18 @@ def progress_bar(iterable=None, *, desc: str = "", total=None, unit: str = "it",
     return _Bar(iterable, desc, total, unit, leave, m)
 
 
+def _interval(default: float) -> float:
+    """Seconds between a bar's shown updates: ``FIMODA_PROGRESS_INTERVAL``, else ``default``."""
+    raw = os.environ.get("FIMODA_PROGRESS_INTERVAL", "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise ValueError(f"FIMODA_PROGRESS_INTERVAL={raw!r}: a number of seconds >= 0")
+    return value
+
+
 def _num(x) -> str:
     """A count as an integer when it is one, else with one decimal."""
     return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
@@ -90,8 +102,7 @@ class _Bar:
         self.leave, self.mode, self.n, self.postfix = leave, m, 0, ""
         self.start = self.last = time.monotonic()
         self.logged, self.closed = False, False
-        default = 60.0 if m == "log" else 1.0
-        self.interval = float(os.environ.get("FIMODA_PROGRESS_INTERVAL", default))
+        self.interval = _interval(60.0 if m == "log" else 1.0)
         if m == "notebook":
             with _LOCK:
                 _cell()["active"].append(self)

@@ -155,10 +155,15 @@ def test_terminal_gets_tqdm_and_off_or_disable_gets_nothing(monkeypatch, capsys)
     assert capsys.readouterr() == ("", "")
 
 
-def test_an_unknown_mode_is_one_clear_error(monkeypatch):
+def test_an_unknown_mode_or_interval_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("FIMODA_PROGRESS", "fancy")
     with pytest.raises(ValueError, match="FIMODA_PROGRESS='fancy'"):
         progress_bar(range(3))
+    monkeypatch.setenv("FIMODA_PROGRESS", "log")
+    for bad in ("soon", "-1", "nan"):
+        monkeypatch.setenv("FIMODA_PROGRESS_INTERVAL", bad)
+        with pytest.raises(ValueError, match="FIMODA_PROGRESS_INTERVAL"):
+            progress_bar(range(3))
 
 
 def test_every_loop_of_the_package_uses_the_helper():
