@@ -178,7 +178,7 @@ def banner_table(cfg: ExperimentConfig):
     """The banner as a DataFrame (index: item; columns :data:`COLUMNS`), for notebooks."""
     import pandas as pd
     rows = banner_rows(cfg)
-    return pd.DataFrame([r[1:] for r in rows], index=pd.Index([r[0] for r in rows], name=""),
+    return pd.DataFrame([r[1:] for r in rows], index=pd.Index([r[0] for r in rows]),
                         columns=list(COLUMNS))
 
 

@@ -146,7 +146,8 @@ def _fit(model, cfg: ExperimentConfig, Xtr, ytr, Xte, yte, Xval, yval, progress:
     full_train, full_test, val_acc = [], [], []
     best = (-1.0, -1, None)  # (val accuracy, epoch, state)
     step = 0
-    bar = progress_bar(range(tc.epochs), desc=f"train {cfg.dataset}", disable=not progress)
+    bar = progress_bar(range(tc.epochs), desc=f"train {cfg.dataset}", unit="epoch",
+                       disable=not progress)
     for epoch in bar:
         model.train()
         perm = torch.randperm(n, generator=order_gen).to(Xtr.device)
