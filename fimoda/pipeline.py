@@ -275,7 +275,8 @@ def run_args(a: argparse.Namespace) -> None:
                 "FIMODA_FIGURES_DIR", "FIMODA_EXECUTED_DIR"):
         if os.environ.get(var):
             os.environ[var] = os.path.abspath(os.environ[var])
-    # progress bars inside executed notebooks: update every 10 s rather than filling the output
+    # other libraries' tqdm bars inside executed notebooks: a redraw every 10 s at most rather
+    # than one stored output each (fimoda's own bars are one display per cell: fimoda.progress)
     os.environ.setdefault("TQDM_MININTERVAL", "10")
     # tqdm.auto's notice that the kernel has no ipywidgets (the bars fall back to text), printed
     # into every executed notebook whose imports load it: not about fimoda's results
