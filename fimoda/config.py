@@ -352,15 +352,8 @@ def reductions(cfg: ExperimentConfig) -> list[str]:
 
 
 def describe(cfg: ExperimentConfig) -> str:
-    """One banner line for notebooks and logs, naming stand-ins and reductions."""
-    head = f"{cfg.dataset} [{cfg.profile} profile]"
-    if cfg.stand_in_for:
-        head += f" -- STAND-IN for {cfg.stand_in_for} (the original cannot be had offline)"
-    fc = cfg.further
-    why = ("the reference code behind the paper's tabular figures" if fc.mechanism == "remove"
-           else "paper App. D.3 and its SST-2 code")
-    head += f"\n  gold standard: {fc.optimizer}, leave-out mechanism '{fc.mechanism}' ({why})"
-    red = reductions(cfg)
-    if red:
-        head += "\n  reduced from the paper: " + "; ".join(red)
-    return head
+    """The banner as plain text, for logs and the command line: stand-ins, the model, the gold
+    standard and each change from the paper on its own line with its reason
+    (:func:`fimoda.banner.banner_text`; notebooks show it as a table)."""
+    from .banner import banner_text
+    return banner_text(cfg)
