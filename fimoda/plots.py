@@ -21,7 +21,7 @@ __all__ = ["LABELS", "METHOD_KEYS", "STYLE_KEYS", "FIG2_ORDER", "NORMALISATIONS"
            "fig2_order", "grid_shape", "label", "legend", "legend_handles", "mechanisms_figure",
            "method_style", "panel_letter", "param_distance_figure", "savefig", "seeds_figure",
            "sorted_average", "sorted_gold_figure", "sorted_scores_curves", "sorted_scores_figure",
-           "theme", "themed", "training_curves_figure"]
+           "show", "theme", "themed", "training_curves_figure"]
 
 
 # The datasets of the paper's Figure 2 in its panel order; a stand-in takes its original's place.
@@ -67,6 +67,20 @@ def savefig(fig, path, pdf: bool = True) -> Path:
         from IPython.display import Image, display
         display(Image(filename=str(path), metadata={"filename": path.name}))
     return path
+
+
+def show(fig):
+    """Show ``fig`` once as a cell's image output in a notebook (an IPython kernel), without
+    saving it (a figure built up step by step; a figure that is saved is shown by
+    :func:`savefig`), then close it; outside a kernel leave it as it is. Returns ``fig``."""
+    if _in_kernel():
+        import io
+        from IPython.display import Image, display
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=120, bbox_inches="tight", format="png")
+        plt.close(fig)
+        display(Image(data=buf.getvalue()))
+    return fig
 
 
 def _in_kernel() -> bool:

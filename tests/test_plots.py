@@ -357,3 +357,22 @@ def test_savefig_in_a_kernel_shows_each_saved_figure_exactly_once(tmp_path):
     import base64
     assert base64.b64decode(nb.cells[1].outputs[0]["data"]["image/png"]) == \
         (tmp_path / "a.png").read_bytes()             # what is shown is the file saved
+
+
+def test_show_in_a_kernel_is_one_image_of_a_figure_not_saved(tmp_path):
+    """plots.show (notebook 07 builds its figure up curve family by curve family): one image
+    output per call, nothing written; outside a kernel the figure is returned untouched."""
+    import nbclient
+    import nbformat
+    cells = ["import numpy as np\nfrom fimoda import plots\n"
+             "fig = plots.show(plots.cosine_figure(np.arange(5), "
+             "{'grad_dot': (np.ones(5), np.zeros(5))}, 't'))",
+             "import os\nprint(sorted(os.listdir('.')))"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=120,
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    images = [o for o in nb.cells[0].outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 1 and not list(tmp_path.iterdir())
+    fig = plots.cosine_figure(np.arange(5), {"grad_dot": (np.ones(5), np.zeros(5))}, "t")
+    assert plots.show(fig) is fig and plt.fignum_exists(fig.number)     # not a kernel here
+    plt.close(fig)
