@@ -109,6 +109,7 @@ NOTEBOOK_OF_KIND = {
     "spearman": "04", "seeds": "04", "fig10": "04", "fig11": "04", "sweep": "04", "mech": "04",
     "fig2grid": "05", "table-max": "05", "table2": "06", "mislabel": "06",
     "infinitesimal": "07", "trajectory": "07",
+    "walk1": "00_walkthrough", "walk2": "00_walkthrough", "walk3": "00_walkthrough",
 }
 
 
