@@ -31,8 +31,8 @@ from typing import Callable, Iterable, Optional
 from .io import UnreadableFile, atomic_write, differences, load_json, sha256_file
 from .locks import result_lock
 
-__all__ = ["StaleResult", "cached", "check", "environment", "record_path", "read_record",
-           "source", "write_record", "REUSE"]
+__all__ = ["StaleResult", "Sourced", "cached", "check", "environment", "record_path",
+           "read_record", "source", "write_record", "derived_from", "REUSE"]
 
 FORMAT = 1
 REUSE = ("auto", "only", "never")
@@ -106,6 +106,25 @@ def source(path) -> dict:
     sha256 (put it in the derived result's inputs)."""
     path = Path(path)
     return {"file": path.name, "sha256": _sha(path)}
+
+
+class Sourced(dict):
+    """A dict of loaded arrays that remembers the stored results it was read from
+    (``sources``: {file name: sha256}), so that what is derived from it -- an evaluation table, a
+    figure's data -- can name them (:func:`derived_from`)."""
+
+    def __init__(self, data=(), sources: Optional[dict] = None):
+        super().__init__(data)
+        self.sources = dict(sources or {})
+
+
+def derived_from(*loaded) -> dict:
+    """{file name: sha256} of every stored result behind ``loaded`` (:class:`Sourced` dicts;
+    anything else contributes nothing)."""
+    out = {}
+    for x in loaded:
+        out.update(getattr(x, "sources", {}))
+    return dict(sorted(out.items()))
 
 
 def _why_not(path: Path, rec: Optional[dict], inputs: dict, env: Optional[dict],

@@ -54,7 +54,8 @@ def gold_reader_inputs(cfg: ExperimentConfig, optimizer: str, mechanism: str,
 
 def load_gold(cfg: ExperimentConfig, optimizer: Optional[str] = None,
               mechanism: Optional[str] = None, directory=None) -> dict:
-    """The arrays of ``gold_<optimizer>_<mechanism>.npz`` after checking that its record says it
+    """The arrays of ``gold_<optimizer>_<mechanism>.npz`` (a :class:`fimoda.store.Sourced` dict
+    naming the file and its sha256) after checking that its record says it
     was computed for ``cfg`` (the whole experiment config but the methods' settings) with this
     optimizer and mechanism, from the theta^f saved beside it: :class:`~.records.StaleResult`
     naming what differs otherwise, FileNotFoundError when there is none,
@@ -63,7 +64,7 @@ def load_gold(cfg: ExperimentConfig, optimizer: Optional[str] = None,
     p = gold_path(cfg, optimizer, mechanism, directory)
     rerun = f"{GOLD_NOTEBOOK} for {cfg.dataset} ({cfg.profile} profile)"
     store.check(p, gold_reader_inputs(cfg, optimizer, mechanism, p.parent), rerun)
-    return load_npz(p)
+    return store.Sourced(load_npz(p), {p.name: store.source(p)["sha256"]})
 
 
 def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: Optional[str] = None,

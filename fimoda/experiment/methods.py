@@ -172,16 +172,18 @@ def run_methods(methods, att, cfg: ExperimentConfig, loo_idx, test_idx, director
 
 
 def load_scores(cfg: ExperimentConfig, methods: Iterable[str], directory=None) -> dict:
-    """{method: scores} for every method whose file exists, after checking that each file's
+    """{method: scores} for every method whose file exists (a :class:`fimoda.store.Sourced`
+    dict naming each file and its sha256), after checking that each file's
     record says it was computed for ``cfg`` (its experiment config but the gold standard's and
     the methods' settings) from the theta^f saved beside it: :class:`~.records.StaleResult`
     naming what differs otherwise, :class:`fimoda.io.UnreadableFile` for a corrupt file."""
     d = Path(directory or out_dir(cfg))
-    out = {}
+    out = store.Sourced()
     for m in methods:
         p = scores_path(cfg, m, d)
         if p.exists():
             store.check(p, scores_reader_inputs(cfg, m, d),
                         f"{METHODS_NOTEBOOK} for {cfg.dataset} ({cfg.profile} profile)")
             out[m] = load_npz(p)["scores"]
+            out.sources[p.name] = store.source(p)["sha256"]
     return out
