@@ -21,7 +21,8 @@ Your own model (``fimoda attribute --model mypkg.mymodule:load``): ``load()`` ta
 and returns a mapping (or an object with these attributes): ``model`` (the trained
 ``torch.nn.Module``, theta^f), ``X_train``, ``y_train``, ``X_test``, ``y_test`` (arrays or
 tensors), ``task`` (``"regression"`` or ``"classification"``) and optionally ``left_out`` (the
-training rows to attribute; default all). The scores go to ``--out`` (an .npz with
+training rows to attribute; default all) and ``loss`` (the model's per-example training loss
+when it is not the task's: every method uses it, and those that cannot are reported refused). The scores go to ``--out`` (an .npz with
 ``scores_<method>[test, left_out]`` per method and ``left_out``).
 
 The package: :mod:`.parser` (the arguments), :mod:`.commands` (what each command does), and here
