@@ -220,8 +220,10 @@ def test_adam_gold_runs_its_own_number_of_epochs(tmp_path):
     adam = ex.run_gold(model, ds, cfg, loo, test, optimizer="adam", directory=tmp_path)
     assert list(sgd["eval_points"]) == [0, 1, 2, 3] and list(adam["eval_points"]) == [0, 1, 2]
     longer = dataclasses.replace(cfg, further=dataclasses.replace(cfg.further, adam_epochs=3))
-    with pytest.raises(ValueError, match="different configuration .*epochs"):
-        ex.run_gold(model, ds, longer, loo, test, optimizer="adam", directory=tmp_path)   # not the cached 2 epochs
+    again = ex.run_gold(model, ds, longer, loo, test, optimizer="adam", directory=tmp_path)
+    assert list(again["eval_points"]) == [0, 1, 2, 3]       # recomputed, not the stored 2 epochs
+    with pytest.raises(ex.StaleResult, match=r"differs in: .*adam_epochs"):
+        ex.load_gold(cfg, "adam", directory=tmp_path)      # and the 2-epoch one is gone
 
 
 def test_mislabel_detection_runs_where_its_auc_can_mean_something():
