@@ -104,13 +104,21 @@ def _check_model(model, X, y, loss) -> None:
                                  f"{tuple(value.shape) if torch.is_tensor(value) else value!r}")
 
 
-def _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss=None):
+def _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss=None,
+             groups: bool = False):
+    """The inputs as tensors, checked; ``left_out`` as a 1-D index tensor, or with ``groups``
+    in any form :func:`fimoda.gold.groups.as_left_out` takes (indices or groups)."""
     check_task(task)
     X, y = _inputs(model, X_train), _targets(model, y_train, task)
     Xt, yt = _inputs(model, X_test), _targets(model, y_test, task)
     check_data(task, X, y, Xt, yt, padded=hasattr(model, "trim_inputs"))
+    if groups:
+        from .gold.groups import as_left_out
+        idx = torch.as_tensor(as_left_out(left_out, len(X)))
+    else:
+        idx = _rows(left_out, len(X))
     _check_model(model, X, y, loss)
-    return X, y, _rows(left_out, len(X)), Xt, yt
+    return X, y, idx, Xt, yt
 
 
 def attributor(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
@@ -161,6 +169,11 @@ def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: st
     full training set and without each ``left_out[i]``, ``seeds`` batch orders, ``epochs`` epochs.
     ``at``: the evaluation point (index into the eval points, 0 = theta^f itself, where every
     score is 0; -1 the last); None returns (scores[t, j, i], eval points) for every point.
+    ``left_out`` may also hold groups, ``[[0, 5], [3], ...]`` or a 2-D index array (m, k)
+    (:mod:`fimoda.gold.groups`): then each run leaves out a whole group S and ``scores[j, g]`` is
+    group g's gold; with ``adjust="full"`` it is a_S(z_j) = mean_s (loss_{-S} - loss_full), the
+    group effect to set beside the additive estimate sum_{i in S} a_i(z_j) (``"mean"``
+    subtracts its mean over the groups, per test point).
     ``gold_options``: other :class:`fimoda.gold.GoldConfig` fields
     (``weight_decay``, ``max_steps``, ...). ``loss(outputs, targets) -> (B,)``: the per-example
     loss further training minimises when it is not the task's (any twice differentiable loss).
@@ -168,7 +181,8 @@ def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: st
     The defaults are a first look (5 seeds x 5 epochs); the paper used 100 seeds and its
     datasets' epochs (``fimoda.config``)."""
     from .gold import GoldConfig, further_train, gold_scores
-    X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss)
+    X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss,
+                                 groups=True)
     gcfg = GoldConfig(optimizer=optimizer, lr=lr, epochs=epochs, seeds=seeds,
                       batch_size=batch_size, mechanism=mechanism,
                       **{"progress": False, **gold_options})

@@ -4,12 +4,18 @@ App. D.5, E.1).
 Shapes: gold scores ``a[i, t, j]`` (left-out i, evaluation point t, test j) from
 :func:`fimoda.gold.gold_scores`; method scores ``s[j, i]`` (test x left-out).
 Per test point j the cosine similarity is taken over the left-out instances i; curves are the
-mean +- standard error over test points as a function of t.
+mean +- standard error over test points as a function of t. :func:`lds` is the field's other
+yardstick, the linear datamodeling score (Park et al. 2023), over models trained on subsets.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from scipy.stats import rankdata
+
+__all__ = ["cosine", "spearman", "mean_se", "curve", "peak_over_eval_points", "lds", "LDS",
+           "roc_auc", "method_agreement"]
 
 
 def _check(gold: np.ndarray, scores: np.ndarray):
@@ -75,6 +81,90 @@ def peak_over_eval_points(group_gold: np.ndarray, scores: np.ndarray,
     m, se = mean_se(flat, axis=1)
     t = int(np.argmax(m))
     return float(m[t]), float(se[t]), t
+
+
+class LDS(NamedTuple):
+    """A linear datamodeling score: ``per_test`` (J,) Spearman correlations (NaN where a test
+    point's outputs or summed scores are constant over the subsets), their ``mean`` and standard
+    error ``se`` over the test points where it is defined, and how many those are (``n_test``)."""
+    per_test: np.ndarray
+    mean: float
+    se: float
+    n_test: int
+
+
+def _subset_mask(subsets, n: int) -> np.ndarray:
+    """(M, n) bool membership of every subset: from a bool mask (M, n) or (M, k) column
+    indices."""
+    sub = np.asarray(subsets)
+    if sub.ndim != 2 or sub.shape[0] < 3:
+        raise ValueError(f"subsets must be 2-D, one row per subset (at least 3 subsets for a "
+                         f"rank correlation), got shape {sub.shape}")
+    if sub.dtype == bool:
+        if sub.shape[1] != n:
+            raise ValueError(f"a subset mask needs one column per scored instance ({n}), "
+                             f"got {sub.shape[1]}")
+        return sub
+    if not np.issubdtype(sub.dtype, np.integer):
+        raise ValueError(f"subsets must be column indices (integers) or a bool mask, got "
+                         f"dtype {sub.dtype}")
+    if sub.size and (sub.min() < 0 or sub.max() >= n):
+        raise ValueError(f"subset indices must be columns of the scores, in [0, {n})")
+    mask = np.zeros((len(sub), n), dtype=bool)
+    np.put_along_axis(mask, sub, True, axis=1)
+    if (mask.sum(1) != sub.shape[1]).any():
+        raise ValueError("a subset repeats an index")
+    return mask
+
+
+def lds(scores, subsets, outputs, target: str = "loss") -> LDS:
+    """The linear datamodeling score of attribution ``scores`` against models trained on subsets.
+
+    Conventions:
+    - ``scores[j, i]``: fimoda's layout and sign (:func:`fimoda.attribute`, gold scores
+      transposed): test point j, scored instance i (column i, e.g. ``left_out[i]``); positive
+      means the test loss rises when i is left out, i.e. i helps z_j.
+    - ``subsets``: the instances each model was trained WITH (as TRAK and dattri), as column
+      indices into ``scores`` (M, k), or a bool mask (M, n'). Instances that are not scored
+      (not columns) are in every model's training set and add a constant.
+    - ``outputs[m, j]``: the measured output of model m at test point j, with ``target="loss"``
+      its test loss, else (``"utility"``) any output where higher is better (the margin, the
+      negated loss).
+
+    Sign: a loss target is negated, as dattri does, so that the linear datamodel predicts
+    -loss_m(z_j) ~ const + sum_{i in subset m} scores[j, i] (training on helpful instances
+    lowers the loss) and a good method has LDS near +1 whatever the target. The LDS per test
+    point is the Spearman correlation across the M subsets between the measured target and the
+    summed score (ties get average ranks, as ``scipy.stats.spearmanr``); the summary is the mean
+    +- standard error over test points. The same inputs give ``dattri.metric.lds(scores.T,
+    (-outputs, subsets))`` for a loss.
+    """
+    if target not in ("loss", "utility"):
+        raise ValueError(f"target must be 'loss' or 'utility', got {target!r}")
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(outputs, dtype=np.float64)
+    if s.ndim != 2:
+        raise ValueError(f"scores must be (test, scored instances), got shape {s.shape}")
+    mask = _subset_mask(subsets, s.shape[1])
+    if y.shape != (len(mask), s.shape[0]):
+        raise ValueError(f"outputs must be (subsets, test) = {(len(mask), s.shape[0])}, "
+                         f"got {y.shape}")
+    if not (np.isfinite(s).all() and np.isfinite(y).all()):
+        raise ValueError("scores or outputs contain NaN or inf")
+    predicted = mask.astype(np.float64) @ s.T                  # (M, J): summed score per subset
+    measured = -y if target == "loss" else y
+    rp = rankdata(predicted, axis=0)
+    rm = rankdata(measured, axis=0)
+    rp, rm = rp - rp.mean(0), rm - rm.mean(0)
+    den = np.sqrt((rp ** 2).sum(0) * (rm ** 2).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per = np.where(den > 0, (rp * rm).sum(0) / np.where(den > 0, den, 1.0), np.nan)
+    ok = np.isfinite(per)
+    if not ok.any():
+        raise ValueError("the LDS is undefined at every test point (outputs or summed scores "
+                         "constant across the subsets)")
+    m, se = mean_se(per[ok])
+    return LDS(per, float(m), float(se), int(ok.sum()))
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:

@@ -23,6 +23,8 @@ NB = ROOT / "notebooks"
 
 # (notebook, per-dataset?, which datasets it applies to)
 STEPS = [
+    # the unifying view on a two-parameter toy model: needs no data, only the profile
+    ("00_walkthrough.ipynb", False, None),
     ("00_data.ipynb", False, None),
     ("01_final_models.ipynb", True, None),
     ("02_gold_further_training.ipynb", True, None),
@@ -34,6 +36,9 @@ STEPS = [
     # influence; tabular datasets run it, images and text print why they skip it
     ("07_beyond_the_paper.ipynb", True, None),
 ]
+
+# notebooks that read no dataset (so get no ``datasets`` parameter)
+DATA_FREE = ("00_walkthrough.ipynb",)
 
 
 # LOO re-training from scratch (Fig. 11) is for the regression datasets; it costs a full training
@@ -64,7 +69,9 @@ def plan(profile: str, datasets: list[str], seeds: int | None = None, variants: 
     steps = []
     for nb, per_ds, only in STEPS:
         if not per_ds:
-            params = {"profile": profile, "datasets": list(datasets)}
+            params = {"profile": profile}
+            if nb not in DATA_FREE:
+                params["datasets"] = list(datasets)
             if seeds is not None and nb.startswith("05"):      # it reads every dataset's gold
                 params["seeds"] = seeds
             steps.append((nb, params, out / nb))

@@ -94,6 +94,12 @@ _KINDS = [
      "distance of further-trained parameters from theta^f"),
     (r"^(?P<ds>\w+?)_final_training\.png$", "final", "training curves of the final model"),
     (r"^(?P<ds>\w+?)_method_agreement\.png$", "agree", "cosine between every pair of methods"),
+    (r"^walkthrough_landscape\.png$", "walk1", "the unifying view on a two-parameter toy "
+     "(notebook 00): further training without a point, and where each approximation puts it"),
+    (r"^walkthrough_difference\.png$", "walk2", "notebook 00's toy: one test-loss change "
+     "against further-training steps, exact, first order, second order, linearised"),
+    (r"^walkthrough_cosine\.png$", "walk3", "notebook 00's toy: cosine to further training "
+     "against steps (Figure 2 in miniature)"),
 ]
 
 

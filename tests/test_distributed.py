@@ -232,3 +232,15 @@ def test_methods_scored_over_test_chunks_on_dask_equal_one_call(client, problem)
             np.testing.assert_allclose(chunked, whole, rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="chunk must be a positive int"):
         scores_on_dask(client, "grad_dot", attributor(), chunk=0)
+
+
+def test_group_runs_on_dask_equal_serial(client, problem, tmp_path):
+    """Group leave-out pieces as Dask tasks: the serial arrays, bit for bit."""
+    model, X, y, Xt, yt = problem
+    groups = [[0, 23, 47], [71], [95, 119, 143, 167, 180]]
+    cfg = config(epochs=2)
+    serial = further_train(model, "regression", X, y, Xt, yt, groups, cfg)
+    with dd.on_dask(client, progress=False):
+        res = further_train(model, "regression", X, y, Xt, yt, groups, cfg, workdir=tmp_path)
+    assert_same(serial, res)
+    assert res.loo_indices.shape == (3, 5) and len(pieces(tmp_path)) == 4

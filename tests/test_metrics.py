@@ -73,3 +73,64 @@ def test_method_agreement_is_symmetric_with_unit_diagonal():
     assert names == ["a", "b", "c"]
     assert np.allclose(M, M.T) and np.allclose(np.diag(M), 1)
     assert M[0, 1] == pytest.approx(1) and M[0, 2] == pytest.approx(-1)
+
+
+# ----------------------------------------------------------------------------- LDS
+LDS_SCORES = np.array([[1.0, 2.0, 3.0, 4.0],
+                       [4.0, 0.0, -1.0, 2.0]])              # (test j, scored instance i)
+LDS_SUBSETS = np.array([[0, 1], [2, 3], [0, 3], [1, 2]])     # trained WITH these columns
+LDS_LOSSES = np.array([[0.9, 0.2], [0.1, 0.4], [0.5, 0.8], [0.3, 0.6]])   # (subset m, test j)
+
+
+def test_lds_hand_computed():
+    """By hand. Summed scores per subset: j=0 (3, 7, 5, 5), ranks (1, 4, 2.5, 2.5); negated
+    losses -(0.9, 0.1, 0.5, 0.3), ranks (1, 4, 2, 3). Centred: (-1.5, 1.5, 0, 0) and
+    (-1.5, 1.5, -0.5, 0.5): 4.5 / sqrt(4.5 * 5) = 3 / sqrt(10). j=1: sums (4, 1, 6, -1), ranks
+    (3, 2, 4, 1); negated losses -(0.2, 0.4, 0.8, 0.6), ranks (4, 3, 1, 2): centred products
+    0.75 - 0.25 - 2.25 + 0.75 = -1 over sqrt(5 * 5): -1/5."""
+    res = metrics.lds(LDS_SCORES, LDS_SUBSETS, LDS_LOSSES)
+    expected = np.array([3 / np.sqrt(10), -0.2])
+    np.testing.assert_allclose(res.per_test, expected, rtol=1e-14)
+    assert res.mean == pytest.approx(expected.mean(), rel=1e-14)
+    assert res.se == pytest.approx(abs(expected[0] - expected[1]) / 2, rel=1e-14)
+    assert res.n_test == 2
+    mask = np.zeros((4, 4), dtype=bool)
+    np.put_along_axis(mask, LDS_SUBSETS, True, axis=1)
+    assert np.array_equal(metrics.lds(LDS_SCORES, mask, LDS_LOSSES).per_test, res.per_test)
+    utility = metrics.lds(LDS_SCORES, LDS_SUBSETS, -LDS_LOSSES, target="utility")
+    assert np.array_equal(utility.per_test, res.per_test)
+
+
+def test_lds_equals_scipy_spearman_and_is_one_for_an_exact_datamodel():
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=(5, 30))
+    subsets = np.stack([rng.choice(30, 15, replace=False) for _ in range(40)])
+    summed = np.stack([s[:, sub].sum(1) for sub in subsets])                 # (M, J)
+    noisy_loss = 2.0 - summed + rng.normal(size=summed.shape)
+    res = metrics.lds(s, subsets, noisy_loss)
+    for j in range(5):
+        assert res.per_test[j] == pytest.approx(
+            spearmanr(summed[:, j], -noisy_loss[:, j]).statistic, rel=1e-12)
+    exact = metrics.lds(s, subsets, 2.0 - 0.5 * summed)                     # linear datamodel
+    np.testing.assert_allclose(exact.per_test, 1.0, rtol=1e-14)
+    assert metrics.lds(-s, subsets, 2.0 - 0.5 * summed).mean == pytest.approx(-1.0)
+
+
+def test_lds_undefined_points_and_bad_input():
+    losses = LDS_LOSSES.copy()
+    losses[:, 1] = 0.5                                      # constant outputs at test point 1
+    res = metrics.lds(LDS_SCORES, LDS_SUBSETS, losses)
+    assert np.isnan(res.per_test[1]) and res.n_test == 1
+    assert res.mean == pytest.approx(3 / np.sqrt(10)) and res.se == 0
+    with pytest.raises(ValueError, match="outputs must be"):
+        metrics.lds(LDS_SCORES, LDS_SUBSETS, LDS_LOSSES.T)
+    with pytest.raises(ValueError, match="in \\[0, 4\\)"):
+        metrics.lds(LDS_SCORES, LDS_SUBSETS + 1, LDS_LOSSES)
+    with pytest.raises(ValueError, match="repeats"):
+        metrics.lds(LDS_SCORES, np.array([[0, 0], [1, 2], [2, 3], [0, 1]]), LDS_LOSSES)
+    with pytest.raises(ValueError, match="at least 3"):
+        metrics.lds(LDS_SCORES, LDS_SUBSETS[:2], LDS_LOSSES[:2])
+    with pytest.raises(ValueError, match="target"):
+        metrics.lds(LDS_SCORES, LDS_SUBSETS, LDS_LOSSES, target="margin")
+    with pytest.raises(ValueError, match="undefined at every test point"):
+        metrics.lds(LDS_SCORES, LDS_SUBSETS, np.ones((4, 2)))

@@ -20,20 +20,20 @@ def isolated(tmp_path, monkeypatch):
 def test_plan_runs_every_notebook_for_every_dataset_in_order():
     steps = pipeline.plan("smoke", ["concrete", "fashion_mnist", "sst2"])
     names = [(nb, p.get("dataset")) for nb, p, _ in steps]
-    assert names[0] == ("00_data.ipynb", None)
+    assert names[:2] == [("00_walkthrough.ipynb", None), ("00_data.ipynb", None)]
     for ds in ("concrete", "fashion_mnist", "sst2"):     # images and text: the same notebooks
         for nb in ("01_final_models", "02_gold_further_training", "03_attribution_methods",
                    "04_evaluation", "06_qualitative", "07_beyond_the_paper"):
             assert (nb + ".ipynb", ds) in names
     assert ("05_summary_figures.ipynb", None) in names
-    order = [nb for nb, _ in names]
+    order = [nb for nb, _ in names[1:]]         # after the walkthrough, in numbered order
     assert order == sorted(order)
 
 
 def test_chains_split_the_plan_into_independent_dataset_chains():
     steps = pipeline.plan("smoke", ["concrete", "sst2"])
     head, per_ds, tail = pipeline.chains(steps)
-    assert [nb for nb, _, _ in head] == ["00_data.ipynb"]
+    assert [nb for nb, _, _ in head] == ["00_walkthrough.ipynb", "00_data.ipynb"]
     assert [nb for nb, _, _ in tail] == ["05_summary_figures.ipynb"]
     assert [c[0][1]["dataset"] for c in per_ds] == ["concrete", "sst2"]
     for chain in per_ds:                     # each dataset's notebooks, in order, nothing else
@@ -73,12 +73,12 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
     out, err = capfd.readouterr()
     # one line per notebook with its wall time, then the total; nothing from the kernels
     lines = out.strip().splitlines()
-    assert len(lines) == 1 + 12 + 1, out
-    assert all(re.search(r"^\[ ?\d+/12\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
-    assert lines[-1].startswith("all 12 notebooks done in ")
+    assert len(lines) == 1 + 13 + 1, out
+    assert all(re.search(r"^\[ ?\d+/13\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
+    assert lines[-1].startswith("all 13 notebooks done in ")
     assert "without encryption" not in err and "TCP" not in err, err
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
-    assert len(executed) == 12          # notebook 07 twice: SGD, and Adam (part 2 only)
+    assert len(executed) == 13          # notebook 07 twice: SGD, and Adam (part 2 only)
     for nb in executed:
         cells = json.loads(nb.read_text())["cells"]
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -183,11 +183,11 @@ def test_smoke_pipeline_for_images_and_text(isolated, capfd):
     pipeline.run("smoke", ["fashion_mnist", "sst2"], jobs=2)
     lines = capfd.readouterr().out.strip().splitlines()
     assert "2 at a time" in lines[0]
-    counters = [int(re.match(r"^\[ ?(\d+)/14\] ", ln).group(1)) for ln in lines[1:-1]]
-    assert counters == list(range(1, 15)), lines
+    counters = [int(re.match(r"^\[ ?(\d+)/15\] ", ln).group(1)) for ln in lines[1:-1]]
+    assert counters == list(range(1, 16)), lines
     assert lines[-2].split()[1] == "05_summary_figures"     # after both chains
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
-    assert len(executed) == 1 + 2 * 6 + 1
+    assert len(executed) == 2 + 2 * 6 + 1
     for nb in executed:
         cells = json.loads(nb.read_text())["cells"]
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]

@@ -97,8 +97,9 @@ class _GroupRunner:
 @torch.no_grad()
 def _train_chunk(engine, cfg: GoldConfig, sched: Schedule, perms, inv, left: torch.Tensor,
                  X, Y, Xt, Yt, stream, block: int, workers: int = 1, bar=None):
-    """Train the runs ``left`` (-1 = full run) of one seed from the engine's start parameters;
-    returns (test losses (R, T, J), parameter distances (R, T)) as float64 CPU tensors."""
+    """Train the runs ``left`` of one seed ((R,) indices or (R, G) groups, -1 = full run: see
+    :func:`batch_plan`) from the engine's start parameters; returns (test losses (R, T, J),
+    parameter distances (R, T)) as float64 CPU tensors."""
     dev = X.device
     R = len(left)
     P = engine.stack(R)
@@ -128,8 +129,8 @@ def _train_chunk(engine, cfg: GoldConfig, sched: Schedule, perms, inv, left: tor
                 x = X[ii]
             else:
                 x = _stream_gather(stream, ep[k, sl], ii)
-                if subtract:
-                    x[:, -1] = X[ii[:, -1]]
+                if subtract:       # the subtracted instances, un-augmented
+                    x[:, sched.batch_size:] = X[ii[:, sched.batch_size:]]
             g = engine.grads(Pg[gi], x, Y[ii], w_d[k, sl])
             if cfg.grad_clip is not None:
                 _clip_per_run_(g, cfg.grad_clip)

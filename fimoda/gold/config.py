@@ -147,7 +147,8 @@ class GoldConfig:
 @dataclass
 class GoldResult:
     """Test losses of every further-training run. t indexes ``eval_points`` (epochs or steps,
-    starting with 0 = theta^f); j the test instances; i the left-out instances."""
+    starting with 0 = theta^f); j the test instances; i the left-out instances, or for group runs
+    the groups (row i of ``loo_indices``: group i's members padded with -1)."""
     loss_full: np.ndarray       # (S, T, J)
     loss_loo: np.ndarray        # (S, n', T, J)
     param_dist: np.ndarray      # (S, T): ||theta_t - theta_start|| of the full runs
@@ -155,7 +156,7 @@ class GoldResult:
     eval_points: np.ndarray     # (T,)
     eval_unit: str              # "epoch" | "step"
     seeds: np.ndarray           # (S,)
-    loo_indices: np.ndarray     # (n',)
+    loo_indices: np.ndarray     # (n',) left-out indices, or (m, G) groups (fimoda.gold.groups)
     test_indices: np.ndarray    # (J,)
     config: dict
     seconds: float = 0.0

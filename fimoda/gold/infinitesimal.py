@@ -147,7 +147,7 @@ def infinitesimal_further_train(model: torch.nn.Module, task: str, X_train, y_tr
         raise ValueError(f"tangent_chunk must be None or a positive int, got {tangent_chunk!r}")
     t_start = time.perf_counter()
     model, X, Y, Xt, Yt, loo = _prepare(model, task, X_train, y_train, X_test, y_test,
-                                        loo_indices, cfg)
+                                        loo_indices, cfg, groups=False)
     n, J, n_loo = len(X), len(Xt), len(loo)
     test_idx = _test_indices(test_indices, J)
     loss_fn = per_example_loss(task)

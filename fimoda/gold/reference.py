@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..losses import per_example_loss
 from ..models import input_trimmer
 from .config import GoldConfig, GoldResult
+from .groups import group_list, is_groups
 from .optim import _torch_optimizer
 from .runner import _prepare, _test_indices, further_train
 from .schedule import _AugmentStream, draw_permutation, make_schedule
@@ -26,13 +27,15 @@ def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_tes
     """The same gold standard as :func:`further_train`, one model at a time: ``nn.Module`` in
     eval mode + ``torch.optim``, each run drawing its own epoch orders from a fresh generator
     seeded with s and cutting ``perm`` (``remove``: ``perm[perm != i]``) into batches of B; for
-    ``subtract`` the loss is ``mean(batch losses) - L(z_i) / n``. Slow; for tests."""
+    ``subtract`` the loss is ``mean(batch losses) - L(z_i) / n``. Groups S (``loo_indices`` as
+    :func:`fimoda.gold.groups.as_left_out` takes them): ``perm[~isin(perm, S)]`` and
+    ``mean(batch losses) - sum_{i in S} L(z_i) / n``. Slow; for tests."""
     t_start = time.perf_counter()
     model, X, Y, Xt, Yt, loo = _prepare(model, task, X_train, y_train, X_test, y_test,
                                         loo_indices, cfg)
     n, J, B = len(X), len(Xt), cfg.batch_size
     test_idx = _test_indices(test_indices, J)
-    sched = make_schedule(n, cfg)
+    sched = make_schedule(n, cfg, loo.shape[1] if is_groups(loo) else 1)
     loss_fn = per_example_loss(task)
     seeds = cfg.seed_list
     T = len(sched.eval_steps)
@@ -40,7 +43,7 @@ def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_tes
     out_loss = np.empty((len(seeds), len(loo) + 1, T, J))
     out_dist = np.empty((len(seeds), len(loo) + 1, T))
     for si, seed in enumerate(seeds):
-        for r, i in enumerate([None] + loo.tolist()):
+        for r, i in enumerate([None] + [torch.as_tensor(g) for g in group_list(loo)]):
             m = copy.deepcopy(model).eval()
             trim = input_trimmer(m)
             params = [p for p in m.parameters() if p.requires_grad]
@@ -62,13 +65,14 @@ def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_tes
             while True:
                 perm = draw_permutation(g, n, cfg.shuffle)
                 drawn.append(perm)
-                order = perm[perm != i] if (cfg.mechanism == "remove" and i is not None) else perm
+                order = perm[~torch.isin(perm, i)] if (cfg.mechanism == "remove"
+                                                        and i is not None) else perm
                 for batch in order.split(B):
                     batch = batch.to(X.device)
                     xb = X[batch] if stream is None else stream.get(epoch, batch)
                     loss = loss_fn(m(trim(xb)), Y[batch]).mean()
                     if cfg.mechanism == "subtract" and i is not None:
-                        loss = loss - loss_fn(m(trim(X[i:i + 1])), Y[i:i + 1]).sum() / n
+                        loss = loss - loss_fn(m(trim(X[i])), Y[i]).sum() / n
                     opt.zero_grad()
                     loss.backward()
                     if cfg.grad_clip is not None:

@@ -32,13 +32,17 @@ from ..store import environment
 from .chunks import MLP_RUN_BLOCK_CPU, _chunk_runs, _cores, _train_chunk
 from .config import GoldConfig, GoldResult
 from .engines import _make_engine
+from .groups import FULL, as_left_out, is_groups
 from .schedule import _AugmentStream, epoch_permutations, make_schedule
 from .workdir import fingerprint, load_piece, open_workdir, save_piece
 
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- inputs
-def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: GoldConfig):
+def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: GoldConfig,
+             groups: bool = True):
+    """The inputs checked and on the device; ``loo_indices`` normalised by
+    :func:`fimoda.gold.groups.as_left_out` ((n',) indices, or (m, G) groups when ``groups``)."""
     check_task(task)
     if not isinstance(cfg, GoldConfig):
         raise ValueError(f"cfg must be a GoldConfig, got {type(cfg).__name__}")
@@ -54,12 +58,11 @@ def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: Go
         raise ValueError(f"X_train and y_train need equal lengths >= 2, got {len(X)}, {len(Y)}")
     if len(Xt) != len(Yt) or len(Xt) < 1:
         raise ValueError(f"X_test and y_test need equal lengths >= 1, got {len(Xt)}, {len(Yt)}")
-    loo = np.asarray(loo_indices.cpu() if torch.is_tensor(loo_indices) else loo_indices)
-    if loo.ndim != 1 or len(loo) == 0 or not np.issubdtype(loo.dtype, np.integer):
-        raise ValueError(f"loo_indices must be a non-empty 1-D integer array, got {loo!r}")
-    if len(np.unique(loo)) != len(loo) or loo.min() < 0 or loo.max() >= len(X):
-        raise ValueError(f"loo_indices must be distinct indices in [0, {len(X)})")
-    return model, X, Y, Xt, Yt, loo.astype(np.int64)
+    loo = as_left_out(loo_indices, len(X), "loo_indices")
+    if is_groups(loo) and not groups:
+        raise ValueError("loo_indices: this computation (the infinitesimal gold) takes one "
+                         "left-out instance per run, not groups")
+    return model, X, Y, Xt, Yt, loo
 
 
 def _test_indices(test_indices, J: int) -> np.ndarray:
@@ -101,9 +104,11 @@ class GoldJob:
             model, task, X_train, y_train, X_test, y_test, loo_indices, cfg)
         self.task, self.cfg, self.augment, self.loss = task, cfg, augment, loss
         self.test_idx = _test_indices(test_indices, len(self.Xt))
-        self.sched = make_schedule(len(self.X), cfg)
+        group = self.loo.shape[1] if is_groups(self.loo) else 1
+        self.sched = make_schedule(len(self.X), cfg, group)
         self._engine = _make_engine(self.model, task, cfg, self.X, self.Y, loss)
-        self.runs = np.concatenate([[-1], self.loo])
+        # run 0 is the full run: (n' + 1,) indices, or (m + 1, G) groups
+        self.runs = np.concatenate([np.full((1,) + self.loo.shape[1:], FULL), self.loo])
         self.chunk = _chunk_runs(cfg, self.model, self.X, len(self.runs), self.sched.slots)
         cpu_mlp = self._engine.name == "mlp" and self.X.device.type == "cpu"
         if cfg.run_block is not None:
@@ -294,6 +299,13 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
     and ||theta_t - theta^f|| at every evaluation point. Vectorised over runs
     (:mod:`fimoda.gold.engines`).
 
+    ``loo_indices``: the left-out indices (n',), or groups -- ``[[0, 5], [3], ...]`` or a 2-D
+    index array (m, k) -- one run per group S without all of S (:mod:`fimoda.gold.groups`; the
+    result's ``loss_loo[s, g]`` is group g's run and its ``loo_indices`` the (m, G) padded
+    groups). Groups all of one instance give leave-one-out's numbers bit for bit (in a mix with
+    larger groups, ``subtract`` pads their subtracted slots with zero weights: equal to
+    rounding).
+
     ``augment(x_batch, generator)``: optional augmentation of training batches (images), see
     :class:`_AugmentStream`. ``workdir``: resumable storage of finished (seed, chunk) results.
     ``callback(seed, chunk)``: called after each chunk is stored. ``test_indices`` is recorded
@@ -351,7 +363,7 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
                     computed_runs, computed_s = computed_runs + (b - a), computed_s + dt
                     bar.set_postfix_str(f"last chunk {(b - a) / dt:.2f} runs/s")
                 for r in range(a, b):
-                    if runs[r] < 0:
+                    if np.all(runs[r] == FULL):
                         loss_full[si], dist_full[si] = L[r - a], D[r - a]
                     else:
                         loss_loo[si, r - 1], dist_loo[si, r - 1] = L[r - a], D[r - a]

@@ -16,6 +16,10 @@ Leaving out z_i (``mechanism``):
   (n - 1) % B == 0 run i has one batch fewer per epoch: in epoch units it idles for that step.
 - ``subtract`` (§6.1, App. D.3): every run sees the full set's batches and run i minimises
   ``mean_{z in batch} L(z) - (1/n) L(z_i)`` at every step; the full run subtracts nothing.
+
+A run may leave out a group S instead (:mod:`fimoda.gold.groups`): ``remove`` takes every member
+out of the order, ``order_S = perm[~isin(perm, S)]``; ``subtract`` subtracts
+``(1/n) sum_{i in S} L(z_i)``. A group of one runs exactly the steps of leave-one-out.
 """
 from __future__ import annotations
 
@@ -67,52 +71,67 @@ class Schedule:
     eval_steps: np.ndarray     # global steps after which to evaluate (starts with 0)
     eval_points: np.ndarray    # the same in epochs or steps
     n_epochs: int              # permutations needed
+    group: int = 1             # the most instances one run leaves out (G)
 
     @property
     def slots(self) -> int:
-        return self.batch_size + (self.mechanism == "subtract")
+        """Index slots per run and step: the batch, plus (``subtract``) the G subtracted."""
+        return self.batch_size + (self.mechanism == "subtract") * self.group
 
 
-def make_schedule(n: int, cfg: GoldConfig) -> Schedule:
+def make_schedule(n: int, cfg: GoldConfig, group: int = 1) -> Schedule:
+    """The schedule of runs on n training instances that leave out at most ``group`` each
+    (``k_loo``: batches per epoch of a run leaving out that many)."""
     B = cfg.batch_size
     k_full = math.ceil(n / B)
-    k_loo = math.ceil((n - 1) / B) if cfg.mechanism == "remove" else k_full
+    k_loo = math.ceil((n - group) / B) if cfg.mechanism == "remove" else k_full
     if cfg.eval_every is None:
         total = cfg.epochs * k_full
         steps = k_full * np.arange(cfg.epochs + 1)
         return Schedule(n, B, cfg.mechanism, True, total, k_full, k_loo, steps,
-                        np.arange(cfg.epochs + 1), cfg.epochs)
+                        np.arange(cfg.epochs + 1), cfg.epochs, group)
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * k_full
     steps = np.unique(np.concatenate([np.arange(0, total + 1, cfg.eval_every), [total]]))
     return Schedule(n, B, cfg.mechanism, False, total, k_full, k_loo, steps, steps.copy(),
-                    math.ceil(total / k_loo))
+                    math.ceil(total / k_loo), group)
 
 
 def batch_plan(sched: Schedule, perms: torch.Tensor, inv: torch.Tensor, left: torch.Tensor,
                s0: int, s1: int):
-    """Padded index batches of global steps s0..s1-1 for the runs ``left`` (-1 = full run).
+    """Padded index batches of global steps s0..s1-1 for the runs ``left``: (R,) one left-out
+    index per run, or (R, G) a group per run padded with -1 (-1 alone: the full run).
 
     Returns ``idx`` (S, R, M) int64 into the training set, ``w`` (S, R, M) float64 per-slot loss
     weights, ``epoch`` (S, R) int64 and ``active`` (S, R) bool (False: the run idles).
 
-    ``remove``: run r's batch b of epoch e covers positions q = bB..bB+B-1 of its own order,
-    i.e. positions q + [q >= p_r] of ``perm_e`` (p_r: where i_r sits in ``perm_e``), valid while
-    q < n - 1. ``subtract``: the full batch plus one slot holding i_r with weight -1/n.
+    ``remove``: run r leaves out k_r instances, at positions p_0 < ... < p_{k-1} of ``perm_e``;
+    its batch b of epoch e covers positions q = bB..bB+B-1 of its own order, i.e. position
+    q + #{m : p_m - m <= q} of ``perm_e`` (p_m - m instances are kept before p_m), valid while
+    q < n - k_r. ``subtract``: the full batch plus G slots holding the group's members
+    with weight -1/n (padding: weight 0).
     """
     n, B = sched.n, sched.batch_size
+    left = left.reshape(len(left), -1)                                   # (R, G)
     R = len(left)
     s = torch.arange(s0, s1)[:, None]                                    # (S, 1)
-    loo = left >= 0
-    k_r = torch.where(loo, sched.k_loo, sched.k_full)                    # (R,)
+    member = left >= 0                                                   # (R, G)
+    size = member.sum(1)                                                 # (R,)
+    loo = size > 0
+    if sched.mechanism == "remove":
+        k_r = (n - size + B - 1) // B                                    # ceil((n - k_r) / B)
+    else:
+        k_r = torch.full_like(size, sched.k_full)
     if sched.by_epoch:
         e, b = (s // sched.k_full).expand(-1, R), (s % sched.k_full).expand(-1, R)
     else:
         e, b = s // k_r, s % k_r
     q = b[..., None] * B + torch.arange(B)                               # (S, R, B)
     if sched.mechanism == "remove":
-        valid = q < (n - loo.long())[None, :, None]
-        p = torch.where(loo, inv[e, left.clamp(min=0)], n)               # (S, R)
-        pos = q + (q >= p[..., None]).long()
+        valid = q < (n - size)[None, :, None]
+        p = torch.where(member, inv[e[..., None], left.clamp(min=0)], n)   # (S, R, G)
+        p = p.sort(-1).values if p.shape[-1] > 1 else p
+        kept_before = torch.where(p < n, p - torch.arange(p.shape[-1]), n)  # ascending
+        pos = q + torch.searchsorted(kept_before, q, right=True)
     else:
         valid = q < n
         pos = q
@@ -120,20 +139,23 @@ def batch_plan(sched: Schedule, perms: torch.Tensor, inv: torch.Tensor, left: to
     cnt = valid.sum(-1)
     w = valid.double() / cnt.clamp(min=1)[..., None].double()
     if sched.mechanism == "subtract":
-        extra = left.clamp(min=0).expand(len(s), R)[..., None]
-        wx = torch.where(loo, torch.tensor(-1.0 / n, dtype=torch.float64),
-                         torch.tensor(0.0, dtype=torch.float64)).expand(len(s), R)[..., None]
+        extra = left.clamp(min=0).expand(len(s), R, -1)
+        wx = torch.where(member, torch.tensor(-1.0 / n, dtype=torch.float64),
+                         torch.tensor(0.0, dtype=torch.float64)).expand(len(s), R, -1)
         idx, w = torch.cat([idx, extra], -1), torch.cat([w, wx], -1)
     return idx, w, e, cnt > 0
 
 
-def run_batches(n: int, cfg: GoldConfig, seed: int, leave_out: Optional[int] = None) -> list:
+def run_batches(n: int, cfg: GoldConfig, seed: int, leave_out=None) -> list:
     """The index batches one run takes, in order (idle steps skipped), from the same plan the
-    vectorised engine uses; for ``subtract`` the subtracted instance is not listed."""
-    sched = make_schedule(n, cfg)
+    vectorised engine uses. ``leave_out``: None (the full run), an index, or a group (a sequence
+    of distinct indices); for ``subtract`` the subtracted instances are not listed."""
+    members = [] if leave_out is None else np.atleast_1d(np.asarray(leave_out, np.int64))
+    sched = make_schedule(n, cfg, max(1, len(members)))
     perms = epoch_permutations(n, seed, sched.n_epochs, cfg.shuffle)
     inv = torch.argsort(perms, dim=1)
-    left = torch.tensor([-1 if leave_out is None else int(leave_out)])
+    left = torch.full((1, max(1, len(members))), -1, dtype=torch.int64)
+    left[0, :len(members)] = torch.as_tensor(members, dtype=torch.int64)
     idx, w, _, active = batch_plan(sched, perms, inv, left, 0, sched.total)
     out = []
     for k in range(sched.total):

@@ -33,13 +33,16 @@ FORMAT = 2
 
 def fingerprint(model, task, X, Y, Xt, Yt, loo, cfg, engine, chunk, block, augment,
                 loss=None) -> dict:
-    """What the pieces depend on (everything but the seeds: more seeds reuse the pieces)."""
+    """What the pieces depend on (everything but the seeds: more seeds reuse the pieces). Runs
+    leaving out groups record them under ``groups`` ((m, G) rows, :mod:`fimoda.gold.groups`),
+    leave-one-out runs their indices under ``loo``, so the two never share a directory."""
     custom = {} if loss is None else {"loss": getattr(loss, "__qualname__", repr(loss))}
     return {**custom, "format": FORMAT, "config": cfg.numeric(), "engine": engine.name,
             "chunk_runs": chunk, "run_block": block, "device": torch.device(cfg.device).type,
             "task": task, "model": type(model).__name__,
             "theta": sha256_arrays(*[v for _, v in sorted(model.state_dict().items())]),
-            "train": sha256_arrays(X, Y), "test": sha256_arrays(Xt, Yt), "loo": loo.tolist(),
+            "train": sha256_arrays(X, Y), "test": sha256_arrays(Xt, Yt),
+            ("groups" if loo.ndim == 2 else "loo"): loo.tolist(),
             "augment": None if augment is None else getattr(augment, "__qualname__", repr(augment))}
 
 

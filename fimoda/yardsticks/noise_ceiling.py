@@ -1,0 +1,135 @@
+"""The gold standard's own noise ceiling: the cosine that the exact answer would reach against a
+K-seed gold standard.
+
+Model. Seed s's gold vector over the left-out set, g_s = a + e_s (per evaluation point t and test
+point j; :func:`fimoda.gold.gold_scores` of that seed alone), is the exact answer a (the
+infinitely-many-seed gold) plus seed noise e_s, independent across seeds with mean 0 and
+covariance Sigma. The K-seed gold is g = a + e with E|e|^2 = tr(Sigma) / K, so
+
+    cos(a, g)^2  ~  |a|^2 / (|a|^2 + tr(Sigma) / K)  =  K R / (K R + 1),   R = |a|^2 / tr(Sigma),
+
+R being the signal-to-noise ratio of ONE seed. This is a ratio of expectations: it is the
+expected cosine when the noise spreads over many directions (|e|^2 and a.e concentrate), the
+regime of a few hundred left-out instances. A method's cosine to the K-seed gold is then capped
+near cos(s, a) x ceiling: the ceiling is what the exact answer itself would score.
+
+Estimator. Both terms come from the K seeds without bias: the mean inner product of two
+DIFFERENT seeds' vectors estimates |a|^2 (E g_s.g_s' = |a|^2 for s != s'), and |g|^2 estimates
+|a|^2 + tr(Sigma)/K, so
+
+    ceiling^2 = mean_{s != s'} g_s.g_s' / |g|^2
+              = K (|sum_s g_s|^2 - sum_s |g_s|^2) / ((K - 1) |sum_s g_s|^2),
+
+clipped to [0, 1]. It is the split-half agreement with its Spearman-Brown correction to K
+(r = cos(g_A, g_B) of two halves, ceiling^2 = 2r / (1 + r)) averaged over every way of pairing the
+seeds instead of one split, so it has less variance and needs no even K. The same R gives the
+ceiling of any number of seeds (:meth:`NoiseCeiling.for_seeds`) and the seeds a target ceiling
+needs (:meth:`NoiseCeiling.seeds_for`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from ..gold.scores import gold_scores
+from ..metrics import mean_se
+
+__all__ = ["NoiseCeiling", "noise_ceiling", "gold_noise_ceiling"]
+
+
+@dataclass
+class NoiseCeiling:
+    """Per evaluation point t and test point j: ``ceiling`` (T, J), the estimated cosine of the
+    exact answer to the ``n_seeds``-seed gold (NaN where the gold is identically zero, e.g. t = 0,
+    theta^f itself); ``snr`` (T, J), R = |a|^2 / tr(Sigma) of one seed (>= 0; NaN likewise);
+    ``eval_points`` (T,)."""
+    ceiling: np.ndarray
+    snr: np.ndarray
+    n_seeds: int
+    eval_points: np.ndarray
+
+    def mean(self):
+        """(mean, standard error) of the ceiling over test points, each (T,) (NaN where
+        undefined)."""
+        return mean_se(self.ceiling, axis=1)
+
+    def for_seeds(self, k) -> np.ndarray:
+        """(T, J): the ceiling a gold standard of ``k`` seeds would have, sqrt(k R / (k R + 1))."""
+        k = float(k)
+        if not k > 0:
+            raise ValueError(f"the number of seeds must be positive, got {k}")
+        with np.errstate(invalid="ignore"):
+            return np.sqrt(k * self.snr / (k * self.snr + 1.0))
+
+    def seeds_for(self, ceiling: float) -> np.ndarray:
+        """(T, J): the seeds a gold standard needs for its ceiling to reach ``ceiling``,
+        c^2 / ((1 - c^2) R) (inf where R = 0), not rounded."""
+        c = float(ceiling)
+        if not 0 < c < 1:
+            raise ValueError(f"a target ceiling lies in (0, 1), got {c}")
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return c * c / ((1 - c * c) * self.snr)
+
+    def fraction(self, cosines) -> np.ndarray:
+        """A method's cosine to the gold as a fraction of the ceiling, per evaluation point (T,):
+        the mean over test points of ``cosines`` (T, J) (:func:`fimoda.metrics.cosine`) over the
+        mean ceiling over the same test points (ratio of means: a per-test ratio would blow up
+        where a test point's ceiling is near 0). About cos(method, exact answer)."""
+        c = np.asarray(cosines, dtype=np.float64)
+        if c.shape != self.ceiling.shape:
+            raise ValueError(f"cosines must be (eval points, test) = {self.ceiling.shape}, got "
+                             f"{c.shape}")
+        ok = np.isfinite(self.ceiling)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            num = np.where(ok, c, 0.0).sum(1)
+            den = np.where(ok, self.ceiling, 0.0).sum(1)
+            return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def noise_ceiling(loss_full, loss_loo, adjust: str = "mean",
+                  eval_points: Optional[np.ndarray] = None) -> NoiseCeiling:
+    """The noise ceiling of the gold standard of ``loss_full`` (S, T, J) and ``loss_loo``
+    (S, n', T, J) as :func:`fimoda.gold.further_train` returns them, averaged over all S seeds
+    with the adjustment ``adjust`` of :func:`fimoda.gold.gold_scores` (the estimator: module
+    docstring). Needs S >= 2 seeds and n' >= 2 left-out runs."""
+    loo = np.asarray(loss_loo)
+    if loo.ndim != 4:
+        raise ValueError(f"loss_loo must be (S, n', T, J), got shape {loo.shape}")
+    K, n_loo, T, J = loo.shape
+    if K < 2:
+        raise ValueError(f"the noise ceiling compares seeds: it needs at least 2, got {K}")
+    if n_loo < 2:
+        raise ValueError("the noise ceiling needs at least 2 left-out runs (a cosine over them)")
+    total = np.zeros((n_loo, T, J))
+    sq = np.zeros((T, J))
+    moved = np.zeros((T, J), dtype=bool)                 # any run's test loss differs
+    for s in range(K):                                   # one seed at a time: bounded memory
+        g = gold_scores(loss_full, loss_loo, adjust, seeds=[s])      # (n', T, J)
+        total += g
+        sq += (g * g).sum(0)
+        moved |= (loo[s] != loo[s, :1]).any(0)
+        if adjust == "full":
+            moved |= (loo[s] != np.asarray(loss_full)[s]).any(0)
+    tot_sq = (total * total).sum(0)                      # |sum_s g_s|^2
+    signal = (tot_sq - sq) / (K * (K - 1))               # mean over pairs s != s' of g_s.g_s'
+    noise = (sq - tot_sq / K) / (K - 1)                  # tr(Sigma): the seeds' summed variance
+    # undefined where no run moved (t = 0: theta^f; the eq. 13 mean leaves rounding residues)
+    defined = moved & (tot_sq > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(defined, signal / np.where(defined, tot_sq / K ** 2, 1.0), np.nan)
+        snr = np.where(noise > 0, np.maximum(signal, 0.0) / np.where(noise > 0, noise, 1.0),
+                       np.where(signal > 0, np.inf, 0.0))
+    snr = np.where(defined, snr, np.nan)
+    ceiling = np.sqrt(np.clip(ratio, 0.0, 1.0))
+    points = np.arange(T) if eval_points is None else np.asarray(eval_points)
+    if points.shape != (T,):
+        raise ValueError(f"eval_points must have one entry per evaluation point ({T})")
+    return NoiseCeiling(ceiling, snr, K, points)
+
+
+def gold_noise_ceiling(result, adjust: str = "mean") -> NoiseCeiling:
+    """:func:`noise_ceiling` of a :class:`fimoda.gold.GoldResult` (its arrays and evaluation
+    points)."""
+    return noise_ceiling(result.loss_full, result.loss_loo, adjust, result.eval_points)
