@@ -294,3 +294,26 @@ def test_the_trajectory_study_runs_for_every_model_the_true_hessian_parts_for_ml
         assert runs and "part 1" in left_out and "true-Hessian" in left_out
         assert not beyond.full_hessian_applies(get_config(ds, "cpu"))[0]
         assert not beyond.infinitesimal_applies(get_config(ds, "paper"))[0]
+
+
+def test_trajectory_figure_draws_the_curves_asked_for_and_refuses_unknown_names():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from fimoda.beyond import LABELS, trajectory_figure
+    from fimoda.plots import label
+    t = np.arange(1, 5)
+    one = (np.linspace(0.1, 0.4, 4), np.full(4, 0.01))
+    study = {"eval_points": t, "curves": {"grad_dot": one, "cg": one, "trajectory": one,
+                                          "schedule": one, "trajectory_h": one}}
+
+    def legend(fig):
+        return [x.get_text() for x in fig.axes[0].get_legend().get_texts()]
+    assert len(legend(trajectory_figure(study, "all", "epochs"))) == 5
+    # a family asked for but not computed (the Adam curves here) is passed over
+    fig = trajectory_figure(study, "some", "epochs",
+                            curves=["grad_dot", "trajectory", "trajectory_adam"])
+    assert legend(fig) == [label("grad_dot"), LABELS["trajectory"]]
+    with pytest.raises(ValueError, match="unknown curves"):
+        trajectory_figure(study, "typo", "epochs", curves=["trajectroy"])
+    plt.close("all")

@@ -191,7 +191,7 @@ def test_seeds_override_reaches_every_per_dataset_notebook_and_the_banner(capsys
     steps = pipeline.plan("smoke", ["concrete"], seeds=3)
     per_ds = [p for _, p, _ in steps if "dataset" in p]
     assert per_ds and all(p["seeds"] == 3 for p in per_ds)
-    assert [p.get("seeds") for nb, p, _ in steps if "dataset" not in p] == [None, 3]   # 00, 05
+    assert [p.get("seeds") for nb, p, _ in steps if "dataset" not in p] == [None, None, 3]   # walkthrough, 00, 05
     assert all("seeds" not in p for _, p, _ in pipeline.plan("smoke", ["concrete"]))
     cfg, _ = ex.setup("concrete", "paper", seeds=10)
     assert cfg.further.seeds == 10 and get_config("concrete", "paper").further.seeds == 100

@@ -17,6 +17,24 @@ def isolated(tmp_path, monkeypatch):
     return tmp_path
 
 
+def printed(nb_path) -> str:
+    """Everything an executed notebook printed or displayed as text."""
+    cells = json.loads(nb_path.read_text())["cells"]
+    return "".join("".join(o.get("data", {}).get("text/plain", "")) + "".join(o.get("text", ""))
+                   for c in cells for o in c.get("outputs", []))
+
+
+def check_hand_written(executed, ds):
+    """Notebooks 02 and 03 ran their hand-written checks (a check that fails stops the notebook
+    with an error, which the callers assert against): the LOO run against the engine, Grad-Dot
+    and the damped influence function against fimoda.attribute."""
+    nb02 = printed(executed / f"02_gold_further_training_{ds}.ipynb")
+    assert "largest difference to the engine: full run" in nb02, nb02
+    nb03 = printed(executed / f"03_attribution_methods_{ds}.ipynb")
+    assert "Grad-Dot by hand vs fimoda.attribute: largest difference" in nb03, nb03
+    assert "damped Gauss-Newton IF by hand vs fimoda.attribute: largest difference" in nb03, nb03
+
+
 def test_plan_runs_every_notebook_for_every_dataset_in_order():
     steps = pipeline.plan("smoke", ["concrete", "fashion_mnist", "sst2"])
     names = [(nb, p.get("dataset")) for nb, p, _ in steps]
@@ -83,6 +101,7 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
         cells = json.loads(nb.read_text())["cells"]
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, nb.name
+    check_hand_written(isolated / "executed" / "smoke", "concrete")
     res = isolated / "results" / "smoke" / "concrete"
     for name in ("final_model.pt", "final_model.json", "gold_sgd_remove.npz",
                  "gold_sgd_subtract.npz", "gold_adam_remove.npz", "scores_dense_damping0.npz",
@@ -204,11 +223,10 @@ def test_smoke_pipeline_for_images_and_text(isolated, capfd):
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
     assert {"fashion_mnist_cosine_sgd_subtract_eq13.png", "sst2_cosine_adamw_subtract_eq13.png",
             "figure2.png", "sst2_fig10_sorted_scores_adamw_subtract.png"} <= figs, figs
-    nb03 = json.loads((isolated / "executed" / "smoke" / "03_attribution_methods_sst2.ipynb")
-                      .read_text())
-    text = "".join("".join(o.get("data", {}).get("text/plain", "")) + "".join(o.get("text", ""))
-                   for c in nb03["cells"] for o in c.get("outputs", []))
+    text = printed(isolated / "executed" / "smoke" / "03_attribution_methods_sst2.ipynb")
     assert "skipped: CG needs full-batch Hessian products" in text
+    for ds in ("fashion_mnist", "sst2"):
+        check_hand_written(isolated / "executed" / "smoke", ds)
 
 
 def test_notebooks_are_valid_and_have_a_parameters_cell():
@@ -250,3 +268,23 @@ def test_notebook_07_runs_on_the_smoke_profile(isolated):
     assert (isolated / "figures" / "smoke" / "concrete_trajectory_adam_remove_eq13.png").exists()
     index = report.figure_index("smoke")
     assert any("concrete_trajectory_sgd_remove_eq13.png" in r["file"] for r in index)
+
+
+def test_notebook_02_stops_when_the_hand_written_run_disagrees_with_the_engine(isolated):
+    """Notebook 02's hand-written leave-one-out run is checked against the engine's stored result:
+    a stored loss moved by 1e-6 (far above float64 round-off, far below the losses) stops it with
+    the check's message."""
+    from fimoda.io import load_npz, save_npz
+    require_file("concrete/Concrete_Data.xls")
+    pipeline.run("smoke", ["concrete"], only=["01"])
+    cfg = get_config("concrete", "smoke")
+    model, ds = ex.final_model(cfg)
+    loo, test = ex.select_loo_indices(cfg, len(ds.X_train)), ex.select_test_indices(cfg, len(ds.X_test))
+    ex.run_gold(model, ds, cfg, loo, test)       # what notebook 02's first run computes
+    gold = isolated / "results" / "smoke" / "concrete" / "gold_sgd_remove.npz"
+    z = dict(load_npz(gold))
+    z["loss_loo"] = z["loss_loo"].copy()
+    z["loss_loo"][0, 0, 1, 0] += 1e-6            # seed 0, left-out 0: the run the notebook checks
+    save_npz(gold, **z)                          # its record is unchanged: notebook 02 reuses it
+    with pytest.raises(SystemExit, match="the hand-written run differs from the engine's"):
+        pipeline.run("smoke", ["concrete"], only=["02"])

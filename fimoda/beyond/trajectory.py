@@ -276,14 +276,23 @@ def trajectory_gaps(study: dict):
     return pd.DataFrame(rows).set_index("method")
 
 
-def trajectory_figure(study: dict, title: str, unit: str = "epochs"):
+def trajectory_figure(study: dict, title: str, unit: str = "epochs", curves=None):
     """Figure-2 style: the paper's methods (thin, their usual styles) and the trajectory-matched
-    curves (thick)."""
+    curves (thick). ``curves``: the names (keys of ``study["curves"]``) to draw, None: all; a
+    name the study did not compute is passed over, so a figure can be built up family by family."""
     import matplotlib.pyplot as plt
+    from ..influence import METHODS
     from ..plots import STYLE, label
+    keep = None if curves is None else set(curves)
+    unknown = sorted((keep or set()) - set(LABELS) - set(METHODS))
+    if unknown:
+        raise ValueError(f"unknown curves {unknown}; choose from {sorted(LABELS)} and the paper's "
+                         f"methods {list(METHODS)}")
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     t = study["eval_points"]
     for m, (mean, se) in study["curves"].items():
+        if keep is not None and m not in keep:
+            continue
         if m in LABELS:
             c, ls, lw = STYLES[m]
             ax.plot(t, mean, ls, color=c, lw=lw, label=LABELS[m])
