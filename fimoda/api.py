@@ -10,10 +10,13 @@ same sign: positive means the test loss rises when the training instance is left
     fimoda.cosine_to_gold(gold, scores)        # one cosine per test point
 
 Inputs may be numpy arrays or tensors; they are converted to the model's dtype and device
-(integer inputs such as token ids stay integer; class labels become int64). The caller's model is
-left as it was: its train/eval mode and which parameters require gradients are restored, and the
-gold standard trains copies. The model must return a tensor (a Hugging Face model's output object
-is refused with the fix); ``loss=`` takes a per-example loss of the user's (:func:`attribute`).
+(integer inputs such as token ids stay integer; class labels become int64). Text inputs may also
+come as Hugging Face batches: a dict / ``BatchEncoding`` of (N, L) token tensors with an
+``attention_mask``, or a list of such batches of different lengths (``y`` None: their ``labels``);
+a model returning an object with ``.logits`` is taken as it is (:mod:`fimoda.hf`). The caller's
+model is left as it was: its train/eval mode and which parameters require gradients are restored,
+and the gold standard trains copies. ``loss=`` takes a per-example loss of the user's
+(:func:`attribute`); ``memory=`` bounds the memory of streamed per-example gradients.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .hf import adapt, eager_attention, wrap_if_logits
 from .losses import TASKS, check_task
 from .tensors import as_inputs, as_targets, as_tensor, check_data
 
@@ -56,16 +60,20 @@ def _targets(model: torch.nn.Module, y, task: str) -> torch.Tensor:
 @contextlib.contextmanager
 def _model_left_as_it_was(model: torch.nn.Module):
     """Run the block with the model in eval mode (attribution is of theta^f as a function:
-    no dropout, BatchNorm on its running statistics), then restore its train/eval mode (every
-    submodule) and requires_grad flags."""
-    modes = [(m, m.training) for m in model.modules()]
+    no dropout, BatchNorm on its running statistics) and, for a Hugging Face model, with eager
+    attention (:func:`fimoda.hf.eager_attention`), then restore its train/eval mode (every
+    submodule), requires_grad flags and attention implementation."""
+    # a wrapped Hugging Face model (fimoda.hf.HFModel) shares all but its root module
+    modes = [(m, m.training) for m in [*getattr(model, "wrapped", model).modules(),
+                                       *model.modules()]]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     model.eval()
     try:
-        yield
+        with eager_attention(getattr(model, "wrapped", model)):
+            yield
     finally:
         for m, mode in modes:
-            m.train(mode)
+            m.training = mode           # the flag alone: train() would recurse
         for p, flag in flags:
             p.requires_grad_(flag)
 
@@ -82,33 +90,33 @@ def _rows(left_out, n: int) -> torch.Tensor:
     return idx
 
 
-def _check_model(model, X, y, loss) -> None:
-    """Run the model on two rows: it must return a tensor of outputs (a Hugging Face model
-    returns an object holding ``.logits``: wrap it), and a custom ``loss`` must give one value
-    per row."""
+def _check_model(model, X, y, loss) -> torch.nn.Module:
+    """Run the model on two rows: it must return a tensor of outputs or an object holding
+    ``.logits`` (a Hugging Face model: returned wrapped, :class:`fimoda.hf.HFModel`), and a
+    custom ``loss`` must give one value per row. Returns the model to attribute."""
     with torch.no_grad(), _model_left_as_it_was(model):
+        model = wrap_if_logits(model, model(X[:2]))
         out = model(X[:2])
         if not torch.is_tensor(out):
-            fix = ""
-            if hasattr(out, "logits"):
-                fix = ("; it holds .logits, so wrap it in a module whose forward returns them, "
-                       "e.g. forward(self, x): return self.model(x).logits (and give it "
-                       "supports_vmap = False if vmap cannot batch it)")
-            raise TypeError(f"model(x) must return a tensor of outputs, got "
-                            f"{type(out).__name__}{fix}")
+            raise TypeError(f"model(x) must return a tensor of outputs (or an object holding "
+                            f".logits), got {type(out).__name__}")
         if loss is not None:
             value = loss(out, y[:2])
             if not torch.is_tensor(value) or tuple(value.shape) != (len(out),):
                 raise ValueError(f"loss(outputs, targets) must return one loss per example, "
                                  f"shape ({len(out)},), got "
                                  f"{tuple(value.shape) if torch.is_tensor(value) else value!r}")
+    return model
 
 
 def _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss=None,
              groups: bool = False):
-    """The inputs as tensors, checked; ``left_out`` as a 1-D index tensor, or with ``groups``
-    in any form :func:`fimoda.gold.groups.as_left_out` takes (indices or groups)."""
+    """(model to attribute, X, y, left-out rows, X_test, y_test) as tensors, dict batches
+    packed (:func:`fimoda.hf.adapt`); one error for bad input before any work. ``left_out``:
+    a 1-D index tensor, or with ``groups`` in any form :func:`fimoda.gold.groups.as_left_out`
+    takes (indices or groups)."""
     check_task(task)
+    model, X_train, y_train, X_test, y_test = adapt(model, X_train, y_train, X_test, y_test)
     X, y = _inputs(model, X_train), _targets(model, y_train, task)
     Xt, yt = _inputs(model, X_test), _targets(model, y_test, task)
     check_data(task, X, y, Xt, yt, padded=hasattr(model, "trim_inputs"))
@@ -117,28 +125,32 @@ def _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss=None,
         idx = torch.as_tensor(as_left_out(left_out, len(X)))
     else:
         idx = _rows(left_out, len(X))
-    _check_model(model, X, y, loss)
-    return X, y, idx, Xt, yt
+    model = _check_model(model, X, y, loss)
+    return model, X, y, idx, Xt, yt
 
 
 def attributor(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
                names: Optional[Sequence[str]] = None, chunk: int = 256, progress: bool = False,
-               loss: Optional[Callable] = None):
+               loss: Optional[Callable] = None, memory: Optional[int] = None,
+               hvp_batch: int = 1024):
     """The compute-once state of every method (:class:`fimoda.influence.Attributor`): theta^f
     with its whole training set, the left-out rows ``left_out`` and the test set. Reuse it to run
-    several methods on the same per-example gradients. ``loss``: see :func:`attribute`."""
+    several methods on the same per-example gradients. ``loss``, ``memory``, ``hvp_batch``: see
+    :func:`attribute`; ``chunk``: most rows batched by vmap at once."""
     from .gradients import Problem
     from .influence import Attributor
-    X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss)
     with _model_left_as_it_was(model):
-        problem = Problem(model, X, y, task, names=names, chunk=chunk, progress=progress,
-                          loss_fn=loss)
+        wrapped, X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test,
+                                              task, loss)
+        problem = Problem(wrapped, X, y, task, names=names, chunk=chunk, progress=progress,
+                          loss_fn=loss, memory=memory, batch_size=hvp_batch)
     return Attributor(problem, X[idx], y[idx], Xt, yt, loo_rows=idx)
 
 
 def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
               method: str = "grad_dot", names: Optional[Sequence[str]] = None, att=None,
-              loss: Optional[Callable] = None, **options) -> np.ndarray:
+              loss: Optional[Callable] = None, memory: Optional[int] = None,
+              hvp_batch: int = 1024, **options) -> np.ndarray:
     """``scores[j, i]`` (float64) of ``method`` (see :data:`fimoda.influence.METHODS`) for test
     point j and training instance ``left_out[i]``; ``options`` are the method's config fields
     (e.g. ``damping_index``, ``depth``, ``rank``). ``att``: an :func:`attributor` to reuse.
@@ -149,13 +161,21 @@ def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
     lissa_h, arnoldi, prop1, eq16; cg and dense with ``hessian="true"``). The Gauss-Newton
     methods (cg, lissa, dense, trak, ekfac, cor2) need the loss as l(f), convex in one scalar
     output f, which is known for the task's losses only: with a custom loss they raise
-    :class:`fimoda.gradients.CustomLossError`."""
+    :class:`fimoda.gradients.CustomLossError`.
+
+    ``memory``: the budget in bytes from which every chunk of streamed per-example gradients is
+    sized (:mod:`fimoda.memory`; None: half the free memory of the model's device). Training-set
+    gradients are never held whole; the test and left-out gradients are kept when they fit a
+    quarter of it each, else streamed too (grad_dot, grad_cos, ekfac; trak's and datainf's
+    training-set passes stream, datainf keeps both sides; the other methods keep both sides). ``hvp_batch``: training rows per forward/backward pass of the full-data
+    gradient and Hessian (or Gauss-Newton) products of the second-order methods; their memory
+    grows with it (activations of that many rows, and their second derivatives)."""
     from .influence import METHODS, compute_scores
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if att is None:
         att = attributor(model, X_train, y_train, left_out, X_test, y_test, task=task,
-                         names=names, loss=loss)
+                         names=names, loss=loss, memory=memory, hvp_batch=hvp_batch)
     with _model_left_as_it_was(model):
         return np.asarray(compute_scores(method, att, **options), dtype=np.float64)
 
@@ -181,13 +201,14 @@ def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: st
     The defaults are a first look (5 seeds x 5 epochs); the paper used 100 seeds and its
     datasets' epochs (``fimoda.config``)."""
     from .gold import GoldConfig, further_train, gold_scores
-    X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss,
-                                 groups=True)
+    with _model_left_as_it_was(model):
+        wrapped, X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test,
+                                              task, loss, groups=True)
     gcfg = GoldConfig(optimizer=optimizer, lr=lr, epochs=epochs, seeds=seeds,
                       batch_size=batch_size, mechanism=mechanism,
                       **{"progress": False, **gold_options})
     with _model_left_as_it_was(model):
-        res = further_train(model, task, X, y, Xt, yt, idx.numpy(), gcfg, loss=loss)
+        res = further_train(wrapped, task, X, y, Xt, yt, idx.numpy(), gcfg, loss=loss)
     a = gold_scores(res.loss_full, res.loss_loo, adjust=adjust)      # a[i, t, j]
     if at is None:
         return a.transpose(1, 2, 0), np.asarray(res.eval_points)

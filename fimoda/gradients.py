@@ -20,6 +20,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from tqdm import tqdm
 
 from .losses import check_task, gn_output, loss_derivatives, loss_from_f
+from .memory import chunk_rows, resolve_budget
 from .models import input_trimmer, row_groups, vmappable
 from .tensors import check_data
 
@@ -88,6 +89,8 @@ class Problem:
     ``loss_fn``: a per-example loss ``loss_fn(outputs, targets) -> (B,)`` of the user's in place of
     the task's. Loss gradients and true-Hessian products use it; the Gauss-Newton pieces cannot
     (they need l convex in one scalar output f) and raise :class:`CustomLossError`.
+    ``memory``: the budget in bytes from which streamed chunks of per-example gradients are
+    sized (:mod:`fimoda.memory`; None: half the device's free memory).
     """
     model: torch.nn.Module
     X: torch.Tensor
@@ -98,6 +101,7 @@ class Problem:
     chunk: int = 256
     progress: bool = True
     loss_fn: Optional[Callable] = None
+    memory: Optional[int] = None
 
     def __post_init__(self):
         check_task(self.task)
@@ -108,6 +112,7 @@ class Problem:
         self.n_params = sum(p.numel() for p in self.params.values())
         self.dtype = next(iter(self.params.values())).dtype
         self.device = next(iter(self.params.values())).device
+        self.memory = resolve_budget(self.memory, self.device)
         # text batches are padded to the longest sentence of the whole set; each chunk is cut to
         # its own longest (fimoda.models.input_trimmer)
         self.trim = input_trimmer(self.model)
@@ -163,11 +168,26 @@ class Problem:
         single = lambda p, x, y: fn(p, x.unsqueeze(0), y.unsqueeze(0)).squeeze(0)
         return vmap(grad(single), in_dims=(None, 0, 0)) if vmapped else _looped(grad(single))
 
+    def grad_rows(self) -> int:
+        """Per-example gradient rows streamed at once under the memory budget
+        (:func:`fimoda.memory.chunk_rows`)."""
+        return chunk_rows(self.memory, self.n_params, self.dtype)
+
+    def stream(self, grads: Callable, X, Y, rows: Optional[int] = None, desc=None):
+        """``(rows, grads(X[rows], Y[rows]))`` for consecutive slices of at most ``rows`` rows
+        (default :meth:`grad_rows`) covering ``X``: per-example gradients (``grads`` is
+        :meth:`loss_grads` or :meth:`output_grads`) one chunk at a time, for the caller to
+        consume before the next is computed."""
+        rows = rows or self.grad_rows()
+        for s in self._chunks(len(X), rows, desc):
+            yield s, grads(X[s], Y[s], desc=None)
+
     def _per_example(self, fn: Callable, X, Y, params: Optional[dict], desc) -> torch.Tensor:
         params = self.params if params is None else params
         g = self._per_example_fn(fn, self.vmap_ok)
         out = torch.empty(len(X), self.n_params, dtype=self.dtype, device=self.device)
-        for s in self.groups(X, self.chunk, desc):
+        # vmapped groups no larger than a streamed chunk: the batched gradients are a second copy
+        for s in self.groups(X, min(self.chunk, self.grad_rows()), desc):
             grads, col = g(params, self.trim(X[s]), Y[s]), 0
             for name in self.names:             # written in place: the flatten order, one copy
                 t = grads[name].detach()

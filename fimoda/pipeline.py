@@ -180,6 +180,8 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
     log.parent.mkdir(parents=True, exist_ok=True)
     done = [0]
     lock = threading.Lock()
+    from .render import Pages
+    pages = Pages(steps[0][2].parent / "html")
 
     def execute(nb, params, path, threads=None):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +204,10 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
             done[0] += 1
             print(f"[{done[0]:>2}/{len(steps)}] {label:<52} {_clock(time.perf_counter() - t0):>8}",
                   flush=True)
+        try:           # its HTML page now, while other notebooks run, so the end of the run is quick
+            pages.render(path)
+        except Exception:                       # render_html tries again and says why in the index
+            pass
 
     try:
         for s in head:
@@ -237,12 +243,30 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
                 raise failed[0]
         for s in tail:
             execute(*s)
+    except SystemExit:                  # a notebook failed: the pages of the others, and its own
+        render_html(profile, plan(profile, datasets, seeds, variants), pages)
+        raise
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
     from .io import figures_dir, results_dir
     print(f"all {len(steps)} notebooks done in {_clock(time.perf_counter() - t_all)}; executed "
           f"copies in {steps[0][2].parent}, figures in {figures_dir(profile)}, results in "
           f"{results_dir(profile, '').parent}", flush=True)
+    render_html(profile, plan(profile, datasets, seeds, variants), pages)
+
+
+def render_html(profile: str, steps, pages=None) -> Path:
+    """HTML pages of the executed copies of ``steps`` (every notebook of the run, also those
+    ``--only`` left out) and the index listing them (:func:`fimoda.render.write_site`); prints
+    one line ending with the index's path. ``pages``: the :class:`fimoda.render.Pages` that
+    rendered some already. Returns that path."""
+    from .io import figures_dir, results_dir
+    from .render import write_site
+    index, n, seconds = write_site(steps, profile, figures_dir(profile), NB,
+                                   results_dir(profile, "") / "summary.md", pages)
+    print(f"HTML of {n} executed notebooks ({_clock(seconds)}), to read without a kernel: "
+          f"{index}", flush=True)
+    return index
 
 
 def _clock(seconds: float) -> str:

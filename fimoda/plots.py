@@ -1,30 +1,27 @@
 """The paper's figures: cosine-vs-further-training curves (Fig. 2), Spearman (Fig. 6), max cosine
 vs number of seeds (Fig. 3/7), sorted gold scores (Fig. 10), parameter distance, training curves
-and the method-vs-method agreement matrix."""
+and the method-vs-method agreement matrix. Every figure is drawn in the theme of
+:mod:`fimoda.style` with each method's fixed look (:func:`method_style`); :func:`savefig` writes
+it and, in a notebook, shows it. Importing this module leaves matplotlib's backend alone."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
 import matplotlib.ticker
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from .io import atomic_write
+from .style import (LABELS, METHOD_KEYS, STYLE_KEYS, damping_label, label, legend_handles,
+                    method_style, theme, themed)
 
-from .io import atomic_write  # noqa: E402
-
-LABELS = {
-    "grad_dot": "Grad-Dot", "grad_cos": "Grad-Cos", "cg": "CG", "lissa": "LiSSA",
-    "lissa_h": "LiSSA-H", "trak": "TRAK (M=1)", "ekfac": "EK-FAC", "datainf": "DataInf",
-    "arnoldi": "Arnoldi", "prop1": "Prop. 1", "cor2": "Cor. 2", "eq16": "Eq. (16)",
-    "dense": "Dense IF",
-}
-STYLE = {  # first-order methods solid, influence functions dashed, the paper's own dotted
-    "grad_dot": "-", "grad_cos": "-", "datainf": "-", "cg": "--", "lissa": "--",
-    "lissa_h": "--", "trak": "-.", "ekfac": "-.", "arnoldi": "--", "prop1": ":", "cor2": ":",
-    "eq16": ":", "dense": "--",
-}
+__all__ = ["LABELS", "METHOD_KEYS", "STYLE_KEYS", "FIG2_ORDER", "NORMALISATIONS",
+           "agreement_figure", "cosine_figure", "curves", "damping_label", "fig10_eval_indices",
+           "fig2_order", "grid_shape", "label", "legend", "legend_handles", "mechanisms_figure",
+           "method_style", "panel_letter", "param_distance_figure", "savefig", "seeds_figure",
+           "sorted_average", "sorted_gold_figure", "sorted_scores_curves", "sorted_scores_figure",
+           "theme", "themed", "training_curves_figure"]
 
 
 # The datasets of the paper's Figure 2 in its panel order; a stand-in takes its original's place.
@@ -53,38 +50,45 @@ def grid_shape(n: int, max_cols: int = 3) -> tuple:
     return -(-n // cols), cols
 
 
-def label(method: str) -> str:
-    return LABELS.get(method, method)
-
-
-def method_style(method: str) -> dict:
-    """Matplotlib keyword arguments that draw ``method`` the same way in every figure:
-    ``color``, ``linestyle``, ``marker`` and ``label`` (``ax.plot(x, y, **method_style(m))``).
-    The one place a method's look is decided."""
-    return {"color": None, "linestyle": STYLE.get(method, "-"), "marker": None,
-            "label": label(method)}
-
-
 def savefig(fig, path, pdf: bool = True) -> Path:
     """Save ``fig`` as PNG (atomically, :func:`fimoda.io.atomic_write`, so no half-written figure
-    is left) and, unless ``pdf=False``, as a vector PDF of the same name next to it. Returns the
-    PNG's path."""
+    is left) and, unless ``pdf=False``, as a vector PDF of the same name next to it; inside an
+    IPython kernel (a notebook, interactive or run by papermill) show the saved PNG once as the
+    cell's image output, its file name in the output's metadata (``{"image/png": {"filename":
+    ...}}``). The figure is then closed (pyplot forgets it: no second copy from the inline
+    backend at the end of the cell, no figures piling up in long batch runs); the object stays
+    usable. Returns the PNG's path."""
     path = Path(path)
     targets = [(path, "png")] + ([(path.with_suffix(".pdf"), "pdf")] if pdf else [])
     for target, fmt in targets:
         atomic_write(target, lambda fh: fig.savefig(fh, dpi=120, bbox_inches="tight", format=fmt))
+    plt.close(fig)
+    if _in_kernel():
+        from IPython.display import Image, display
+        display(Image(filename=str(path), metadata={"filename": path.name}))
     return path
 
 
+def _in_kernel() -> bool:
+    """Whether this process is an IPython kernel (not a terminal IPython, not plain Python)."""
+    ipython = sys.modules.get("IPython")                # never imported: not a kernel
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
 def curves(ax, eval_points, results: dict, ylabel="cosine similarity", title=None):
-    """One line per method with a +-1 standard-error band; ``results[m] = (mean, se)``."""
+    """One line per method with a +-1 standard-error band in the method's colour
+    (:func:`method_style`; the more methods, the fainter the bands); ``results[m] = (mean,
+    se)``."""
     x = np.asarray(eval_points)
+    band = min(0.18, 0.8 / max(1, len(results)))     # fainter bands when many overlap
     for m, (mean, se) in results.items():
-        line, = ax.plot(x, mean, STYLE.get(m, "-"), label=label(m), lw=1.6)
-        ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2, lw=0)
+        style = method_style(m)
+        ax.plot(x, mean, lw=1.6, **style)
+        ax.fill_between(x, mean - se, mean + se, color=style["color"], alpha=band, lw=0)
     ax.set_xlabel("further training (epochs)" if x.dtype.kind in "iu" else "further training")
     ax.set_ylabel(ylabel)
-    ax.axhline(0, color="k", lw=0.5)
+    ax.axhline(0, color="k", lw=0.6)
     if x.dtype.kind in "iuf" and np.allclose(x, np.round(x)):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     if title:
@@ -92,15 +96,29 @@ def curves(ax, eval_points, results: dict, ylabel="cosine similarity", title=Non
     return ax
 
 
+def legend(ax_or_fig, methods, **kw):
+    """The legend of ``methods`` in the fixed order and look of :func:`legend_handles`, on an
+    axes or (one legend for a grid) a figure. An axes' legend of more than five entries goes
+    outside, to the right of the axes, top-aligned, in one column, so that it hides no curve
+    (call it after ``tight_layout``, which would otherwise squeeze the axes to make room; the
+    saved file's tight bounding box takes the legend in)."""
+    handles, labels = legend_handles(methods)
+    if hasattr(ax_or_fig, "get_xlim") and len(handles) > 5:
+        kw = {**kw, "loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "ncol": 1}
+    return ax_or_fig.legend(handles, labels, **kw)
+
+
+@themed
 def cosine_figure(eval_points, results: dict, title: str, xlabel: str = "epochs",
                   ylabel: str = "cosine similarity"):
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     curves(ax, eval_points, results, ylabel=ylabel, title=title)
     ax.set_xlabel(f"further training ({xlabel})")
-    ax.legend(fontsize=7, ncol=2)
+    legend(ax, results, fontsize="x-small", ncol=2)
     return fig
 
 
+@themed
 def mechanisms_figure(eval_points, panels: dict, title: str, xlabel: str = "epochs"):
     """One panel per leave-out mechanism (``panels[mechanism] = {method: (mean, se)}``), shared
     y-axis, so the same method can be compared across the two gold standards."""
@@ -109,25 +127,27 @@ def mechanisms_figure(eval_points, panels: dict, title: str, xlabel: str = "epoc
     for ax, (mech, res) in zip(axes[0], panels.items()):
         curves(ax, eval_points, res, title=f"{title}\nleave-out: {mech}")
         ax.set_xlabel(f"further training ({xlabel})")
-    axes[0, -1].legend(fontsize=7)
     fig.tight_layout()
+    legend(axes[0, -1], [m for res in panels.values() for m in res], fontsize="x-small")
     return fig
 
 
+@themed
 def seeds_figure(ks, results: dict, title: str):
     """Max cosine over epochs vs the number of seeds averaged; ``results[m] = (means, ses)``."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
     for m, (mean, se) in results.items():
-        ax.errorbar(ks, mean, yerr=se, fmt="o" + STYLE.get(m, "-"), label=label(m), ms=3,
-                    capsize=2)
+        ax.errorbar(ks, mean, yerr=se, capsize=2, lw=1.4,
+                    **{**method_style(m), "markevery": None})     # a marker at every k
     ax.set_xscale("log", base=2)
     ax.set_xlabel("number of seeds averaged")
     ax.set_ylabel("max cosine similarity")
     ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
+    legend(ax, results, fontsize="x-small", ncol=2)
     return fig
 
 
+@themed
 def sorted_gold_figure(gold: np.ndarray, eval_points, test_j: int = 0, n_lines: int = 6,
                        title: str = ""):
     """Gold scores a[:, t, j] of ONE test instance j sorted by value, one line per eval point t
@@ -137,12 +157,13 @@ def sorted_gold_figure(gold: np.ndarray, eval_points, test_j: int = 0, n_lines: 
     ts = np.unique(np.linspace(1 if T > 1 else 0, T - 1, n_lines).astype(int))
     cmap = plt.get_cmap("viridis")
     for k, t in enumerate(ts):
-        ax.plot(np.sort(gold[:, t, test_j]), color=cmap(k / max(1, len(ts) - 1)),
+        shade = 0.85 * k / max(1, len(ts) - 1)      # viridis up to 0.85: no pale yellow end
+        ax.plot(np.sort(gold[:, t, test_j]), color=cmap(shade),
                 label=f"t = {eval_points[t]}")
     ax.set_xlabel("left-out instances (sorted)")
     ax.set_ylabel("gold attribution score")
     ax.set_title(title or f"sorted gold scores, test instance {test_j}")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize="x-small")
     return fig
 
 
@@ -206,10 +227,11 @@ def sorted_scores_curves(gold: np.ndarray, scores: dict, t_indices, normalize: s
             for t in t_indices}
 
 
+@themed
 def sorted_scores_figure(gold: np.ndarray, eval_points, scores: dict, t_indices=None,
                          normalize: str = "maxabs", unit: str = "epoch", title: str = ""):
     """Paper Fig. 10: one panel per eval-point index in ``t_indices`` (default: the first after
-    theta^f and the last, :func:`fig10_eval_indices`) with the gold curve (eq. 13, black) and the
+    theta^f and the last, :func:`fig10_eval_indices`) with the gold curve (eq. 13) and the
     methods' curves (e.g. Grad-Dot, Grad-Cos) from :func:`sorted_scores_curves`, mean +- 1 SE
     over test instances. ``eval_points`` label the panels ("after k <unit>s"; ``unit``: epoch |
     step)."""
@@ -221,10 +243,9 @@ def sorted_scores_figure(gold: np.ndarray, eval_points, scores: dict, t_indices=
     x = np.arange(1, gold.shape[0] + 1)
     for ax, t in zip(axes[0], t_indices):
         for name, (mean, se) in cur[int(t)].items():
-            kw = dict(color="k", lw=2.0, label="further training (eq. 13)") if name == "gold" \
-                else dict(ls=STYLE.get(name, "-"), lw=1.6, label=label(name))
-            line, = ax.plot(x, mean, **kw)
-            ax.fill_between(x, mean - se, mean + se, color=line.get_color(), alpha=0.2, lw=0)
+            style = method_style(name)
+            ax.plot(x, mean, lw=2.0 if name == "gold" else 1.6, **style)
+            ax.fill_between(x, mean - se, mean + se, color=style["color"], alpha=0.18, lw=0)
         ax.axhline(0, color="k", lw=0.5)
         k = eval_points[t]
         ax.set_title(f"after {k} {unit}{'' if k == 1 else 's'} of further training", fontsize=10)
@@ -233,13 +254,14 @@ def sorted_scores_figure(gold: np.ndarray, eval_points, scores: dict, t_indices=
     norm = {"maxabs": "score / max |score|", "l2": "score / ||scores||",
             "none": "score"}[normalize]
     axes[0][0].set_ylabel(f"sorted {norm}\n(mean over test instances)")
-    axes[0][-1].legend(fontsize=7)
+    legend(axes[0][-1], cur[int(t_indices[0])], fontsize="x-small")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
+@themed
 def param_distance_figure(eval_points, param_dist: np.ndarray, title: str = ""):
     """||theta_t - theta^f|| of the full-data runs over further training (mean and range)."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
@@ -249,10 +271,11 @@ def param_distance_figure(eval_points, param_dist: np.ndarray, title: str = ""):
     ax.set_xlabel("further training")
     ax.set_ylabel(r"$\|\theta_t - \theta^f\|$")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize="x-small")
     return fig
 
 
+@themed
 def training_curves_figure(record: dict, title: str = ""):
     """Loss curves from a final-model record: the mean minibatch loss of every epoch and, where
     recorded (tabular), the full-batch train/test loss at the evaluated epochs."""
@@ -267,19 +290,22 @@ def training_curves_figure(record: dict, title: str = ""):
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     ax.set_title(title)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize="x-small")
     return fig
 
 
+@themed
 def agreement_figure(names, M: np.ndarray, title: str = "method agreement (mean cosine)"):
     fig, ax = plt.subplots(figsize=(0.55 * len(names) + 2, 0.55 * len(names) + 1.5))
     im = ax.imshow(M, vmin=-1, vmax=1, cmap="RdBu_r")
+    ax.grid(False)                                   # the theme's grid would cross the cells
     ax.set_xticks(range(len(names)), [label(n) for n in names], rotation=60, ha="right",
                   fontsize=8)
     ax.set_yticks(range(len(names)), [label(n) for n in names], fontsize=8)
     for a in range(len(names)):
         for b in range(len(names)):
-            ax.text(b, a, f"{M[a, b]:.2f}", ha="center", va="center", fontsize=6)
+            ax.text(b, a, f"{M[a, b]:.2f}", ha="center", va="center", fontsize=6,
+                    color="w" if abs(M[a, b]) > 0.6 else "k")    # readable on dark cells
     fig.colorbar(im, ax=ax, shrink=0.8)
     ax.set_title(title)
     return fig

@@ -168,10 +168,19 @@ class _HFStyle(torch.nn.Module):
         return SimpleNamespace(logits=self.net(x))
 
 
-def test_a_model_returning_an_output_object_is_rejected_early_with_the_fix():
+def test_a_model_returning_an_output_object_is_taken_as_it_is():
+    """A model whose output holds ``.logits`` gives the scores and gold standard of its
+    ``.logits`` network itself, under the same parameter names."""
     rng = np.random.default_rng(0)
     X, y = rng.normal(size=(20, 3)), rng.integers(0, 2, 20)
     model = _HFStyle()
-    for call in (fimoda.attribute, fimoda.gold_standard):
-        with pytest.raises(TypeError, match=r"SimpleNamespace.*\.logits.*forward"):
-            call(model, X, y, [0, 1], X[:3], y[:3], task="classification")
+    for method in ("grad_dot", "cg"):
+        a = fimoda.attribute(model, X, y, [0, 1], X[:3], y[:3], task="classification",
+                             method=method, names=["net.out"])
+        b = fimoda.attribute(model.net, X, y, [0, 1], X[:3], y[:3], task="classification",
+                             method=method, names=["out"])
+        np.testing.assert_array_equal(a, b)
+    kw = dict(task="classification", epochs=1, seeds=1, batch_size=8)
+    np.testing.assert_allclose(fimoda.gold_standard(model, X, y, [0, 1], X[:3], y[:3], **kw),
+                               fimoda.gold_standard(model.net, X, y, [0, 1], X[:3], y[:3], **kw),
+                               rtol=1e-12, atol=1e-15)

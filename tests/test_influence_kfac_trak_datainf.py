@@ -325,7 +325,7 @@ def test_trak_unprojected_equals_dense_formula_and_gn_influence():
     assert cos_rows(sq, got).min() > 1 - 1e-8
 
 
-@pytest.mark.parametrize("proj_type", ["normal", "rademacher"])
+@pytest.mark.parametrize("proj_type", ["normal", "rademacher", "sjlt"])
 def test_trak_projected_is_deterministic_and_matches_numpy(proj_type):
     att = make_mlp("classification", n=50, hidden=4, n_test=5, n_loo=7)
     p, k = att.problem.n_params, 12
@@ -337,19 +337,24 @@ def test_trak_projected_is_deterministic_and_matches_numpy(proj_type):
     b = trak(att, TrakConfig(proj_dim=k, proj_type=proj_type, seed=5, block_elems=4 * k,
                              cache_bytes=0, chunk=3))     # other chunks: other rounding only
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-10 * np.abs(a).max())
-    # the default chunk: every row that fits in grad_bytes (here all 50), at least problem.chunk
+    # the chunk: every row that fits in grad_bytes (at least one), else the memory budget's
+    # rows: half of it over three copies of a row
     from fimoda.influence.trak import _projected_rows
     row = p * 8
-    assert _projected_rows(att.problem, TrakConfig(grad_bytes=50 * row)) == max(50, att.problem.chunk)
-    small = dataclasses.replace(att.problem, chunk=4)
-    assert _projected_rows(small, TrakConfig(grad_bytes=1)) == 4
-    assert _projected_rows(small, TrakConfig(grad_bytes=9 * row + 1)) == 9
+    assert _projected_rows(att.problem, TrakConfig(grad_bytes=50 * row)) == 50
+    assert _projected_rows(att.problem, TrakConfig(grad_bytes=1)) == 1
+    assert _projected_rows(att.problem, TrakConfig(grad_bytes=9 * row + 1)) == 9
+    tight = dataclasses.replace(att.problem, memory=2 * 3 * 7 * row + 5)
+    assert _projected_rows(tight, TrakConfig()) == 7
     c = trak(att, TrakConfig(proj_dim=k, proj_type=proj_type, seed=6, block_elems=4 * k))
     assert np.abs(a - c).max() > 1e-3 * np.abs(a).max()
     proj = Projector(p, k, proj_type, 5, DT, "cpu", block_elems=4 * k)
     Pm = npy(proj(torch.eye(p, dtype=DT)))
     if proj_type == "rademacher":
         np.testing.assert_array_equal(np.abs(Pm) * np.sqrt(k), np.ones_like(Pm))
+    if proj_type == "sjlt":             # one +-1 per parameter row, in a seeded column
+        np.testing.assert_array_equal(np.abs(Pm).sum(1), np.ones(p))
+        np.testing.assert_array_equal(np.abs(Pm).max(1), np.ones(p))
     np.testing.assert_allclose(a, trak_numpy(att, Pm), rtol=1e-7, atol=1e-9 * np.abs(a).max())
 
 

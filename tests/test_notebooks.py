@@ -89,11 +89,16 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
     require_file("concrete/Concrete_Data.xls")
     pipeline.run("smoke", ["concrete"])
     out, err = capfd.readouterr()
-    # one line per notebook with its wall time, then the total; nothing from the kernels
+    # one line per notebook with its wall time, the total, then the HTML copy; nothing from the
+    # kernels
     lines = out.strip().splitlines()
-    assert len(lines) == 1 + 13 + 1, out
-    assert all(re.search(r"^\[ ?\d+/13\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-1]), out
-    assert lines[-1].startswith("all 13 notebooks done in ")
+    assert len(lines) == 1 + 13 + 2, out
+    assert all(re.search(r"^\[ ?\d+/13\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-2]), out
+    assert lines[-2].startswith("all 13 notebooks done in ")
+    index = isolated / "executed" / "smoke" / "index.html"
+    assert lines[-1].startswith("HTML of 13 executed notebooks (")
+    assert lines[-1].endswith(f"to read without a kernel: {index}")
+    assert len(list((index.parent / "html").glob("*.html"))) == 13
     assert "without encryption" not in err and "TCP" not in err, err
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
     assert len(executed) == 13          # notebook 07 twice: SGD, and Adam (part 2 only)
@@ -115,8 +120,29 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
             "concrete_damping_sweep_dense_sgd_remove_eq13.png", "concrete_cosine_sgd_remove_eq17.png",
             "concrete_seeds_sgd_remove_eq17.png", "concrete_cosine_adam_remove_eq13.png",
             "concrete_seeds_adam_remove_eq13.png", "figure2_adam.png", "figure2_eq17.png"} <= figs, figs
+    check_figures_shown(isolated)
     check_report(isolated, "concrete", retrain=True, adam=True)
     check_reproduction(isolated, "concrete")
+
+
+def check_figures_shown(isolated, unsaved_ok=("07_beyond_the_paper",)):
+    """Every PNG the notebooks wrote under figures/smoke/ is an image output of an executed
+    notebook, named in the output's metadata; each notebook shows each figure it saved exactly
+    once (so the named image outputs count the saved figures; a file two notebooks write, e.g.
+    the full-data runs' parameter distance of notebook 02 with either mechanism, is shown by
+    both). An image without a file name (a figure drawn and not saved) is allowed only in the
+    notebooks of ``unsaved_ok`` (notebook 07 builds its figure up family by family)."""
+    pngs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
+    shown = set()
+    for nb in (isolated / "executed" / "smoke").glob("*.ipynb"):
+        names = [o.get("metadata", {}).get("image/png", {}).get("filename")
+                 for c in json.loads(nb.read_text())["cells"] for o in c.get("outputs", [])
+                 if "image/png" in o.get("data", {})]
+        if nb.name.startswith(unsaved_ok):
+            names = [n for n in names if n is not None]
+        assert len(names) == len(set(names)) and None not in names, (nb.name, names)
+        shown |= set(names)
+    assert pngs and shown == pngs, (sorted(pngs - shown), sorted(shown - pngs))
 
 
 def check_reproduction(isolated, ds):
@@ -202,9 +228,9 @@ def test_smoke_pipeline_for_images_and_text(isolated, capfd):
     pipeline.run("smoke", ["fashion_mnist", "sst2"], jobs=2)
     lines = capfd.readouterr().out.strip().splitlines()
     assert "2 at a time" in lines[0]
-    counters = [int(re.match(r"^\[ ?(\d+)/15\] ", ln).group(1)) for ln in lines[1:-1]]
+    counters = [int(re.match(r"^\[ ?(\d+)/15\] ", ln).group(1)) for ln in lines[1:-2]]
     assert counters == list(range(1, 16)), lines
-    assert lines[-2].split()[1] == "05_summary_figures"     # after both chains
+    assert lines[-3].split()[1] == "05_summary_figures"     # after both chains
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
     assert len(executed) == 2 + 2 * 6 + 1
     for nb in executed:
@@ -223,6 +249,7 @@ def test_smoke_pipeline_for_images_and_text(isolated, capfd):
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
     assert {"fashion_mnist_cosine_sgd_subtract_eq13.png", "sst2_cosine_adamw_subtract_eq13.png",
             "figure2.png", "sst2_fig10_sorted_scores_adamw_subtract.png"} <= figs, figs
+    check_figures_shown(isolated)
     text = printed(isolated / "executed" / "smoke" / "03_attribution_methods_sst2.ipynb")
     assert "skipped: CG needs full-batch Hessian products" in text
     for ds in ("fashion_mnist", "sst2"):

@@ -93,11 +93,11 @@ def test_sorted_scores_figure_has_two_panels_and_saves_png_and_pdf(tmp_path):
 
 # ----------------------------------------------------------------------------- Figure 2 grid
 def fake_results(profile, dataset, perfect=False, seed=0, n=5, T=4, J=3, defaults=False,
-                 gold=None):
-    """Gold (as run_gold writes it, through save_gold) and Grad-Dot/Grad-Cos score files; with
-    ``perfect`` Grad-Dot equals the eq. (13) gold scores at the last eval point (cosine 1). The
-    gold's (optimizer, mechanism): ``gold``, else the dataset's with ``defaults``, else
-    (sgd, subtract)."""
+                 gold=None, extra=()):
+    """Gold (as run_gold writes it, through save_gold) and Grad-Dot/Grad-Cos score files (and
+    random scores of the methods in ``extra``); with ``perfect`` Grad-Dot equals the eq. (13)
+    gold scores at the last eval point (cosine 1). The gold's (optimizer, mechanism): ``gold``,
+    else the dataset's with ``defaults``, else (sgd, subtract)."""
     rng = np.random.default_rng(seed)
     cfg = get_config(dataset, profile)
     d = results_dir(profile, dataset)
@@ -117,7 +117,8 @@ def fake_results(profile, dataset, perfect=False, seed=0, n=5, T=4, J=3, default
                        files=[gp.with_suffix(".json")])
     a, _ = ex.evaluation_gold(ex.load_gold(cfg, *res.config.values()))
     dot = a[:, -1, :].T.copy() if perfect else rng.normal(size=(J, n))
-    for m, s in (("grad_dot", dot), ("grad_cos", rng.normal(size=(J, n)))):
+    for m, s in (("grad_dot", dot), ("grad_cos", rng.normal(size=(J, n))),
+                 *((m, rng.normal(size=(J, n))) for m in extra)):
         store.write_record(save_npz(d / f"scores_{m}.npz", scores=s, loo_indices=np.arange(n),
                                     test_indices=np.arange(J)), scores_reader_inputs(cfg, m, d))
     return cfg
@@ -195,3 +196,168 @@ def test_fig2_order_and_grid_shape():
         "concrete", "folktables", "adult", "sst2"]
     assert [plots.grid_shape(n) for n in (1, 2, 3, 4, 5, 6, 7)] == [
         (1, 1), (1, 2), (1, 3), (2, 2), (2, 3), (2, 3), (3, 3)]
+
+
+# ----------------------------------------------------------------------------- one look
+def drawn_looks(ax) -> dict:
+    """{legend label: (colour, line style, marker)} of the labelled curves of ``ax``, read back
+    from its Line2D objects (matplotlib's names: '-', '--', '-.', ':' and marker codes)."""
+    from matplotlib.colors import to_hex
+    lines = [(ln.get_label(), ln) for ln in ax.get_lines()]
+    lines += [(c.get_label(), c.lines[0]) for c in ax.containers]     # errorbar: the data line
+    return {lab: (to_hex(ln.get_color()), ln.get_linestyle(), ln.get_marker())
+            for lab, ln in lines if not lab.startswith("_")}
+
+
+# The thirteen methods as the paper's table names them, with hand-written legend labels
+PAPER_LABELS = {"grad_dot": "Grad-Dot", "grad_cos": "Grad-Cos", "cg": "CG", "lissa": "LiSSA",
+                "lissa_h": "LiSSA-H", "trak": "TRAK (M=1)", "ekfac": "EK-FAC",
+                "datainf": "DataInf", "arnoldi": "Arnoldi", "prop1": "Prop. 1", "cor2": "Cor. 2",
+                "eq16": "Eq. (16)", "dense": "Dense IF"}
+
+
+def test_every_method_has_its_own_colour_and_line_style_marker_pair():
+    from matplotlib.colors import to_hex
+    assert set(plots.METHOD_KEYS) == set(PAPER_LABELS)
+    assert {m: plots.method_style(m)["label"] for m in PAPER_LABELS} == PAPER_LABELS
+    everything = plots.STYLE_KEYS          # gold, 13 methods, notebook 07's trajectory curves
+    assert len(everything) >= 14 + 12
+    pairs = [(plots.method_style(m)["linestyle"], plots.method_style(m)["marker"])
+             for m in everything]
+    assert len(set(pairs)) == len(pairs), pairs          # greyscale print separates them
+    colours = [to_hex(plots.method_style(m)["color"]) for m in plots.METHOD_KEYS]
+    assert len(set(colours)) == 13
+    labels = [plots.method_style(m)["label"] for m in everything]
+    assert len(set(labels)) == len(labels)
+    with pytest.raises(ValueError, match="no look for 'grad_dott'"):
+        plots.method_style("grad_dott")
+
+
+def test_damping_variants_keep_the_marker_and_darken_with_smaller_damping():
+    from matplotlib.colors import to_rgb
+    base = plots.method_style("dense")
+    looks = [plots.method_style(plots.damping_label("dense", g)) for g in (0.1, 1.0, 10.0, 100.0)]
+    assert [lk["label"] for lk in looks] == [f"Dense IF, λ = λ_G × {g}" for g in
+                                             ("0.1", "1", "10", "100")]
+    assert all((lk["marker"], lk["linestyle"]) == (base["marker"], base["linestyle"])
+               for lk in looks)
+    grey = [0.299 * r + 0.587 * g + 0.114 * b for r, g, b in (to_rgb(lk["color"]) for lk in looks)]
+    assert all(b - a > 0.05 for a, b in zip(grey, grey[1:])), grey    # apart in greyscale too
+    # notebook 04 builds the same keys by hand
+    assert plots.damping_label("cg", 10.0) == f"{plots.label('cg')}, λ = λ_G × {10.0:g}"
+
+
+def curve_results(methods, T=6, seed=0):
+    rng = np.random.default_rng(seed)
+    return {m: (rng.uniform(-1, 1, T), np.full(T, 0.05)) for m in methods}
+
+
+def test_single_panel_figures_draw_a_method_alike_whichever_others_they_draw():
+    full = plots.cosine_figure(np.arange(6), curve_results(plots.METHOD_KEYS), "all")
+    # a dataset that skips methods, given in another order
+    few = ["datainf", "trak", "grad_dot", "lissa"]
+    part = plots.cosine_figure(np.arange(6), curve_results(few), "some")
+    seeds = plots.seeds_figure([1, 2, 4], {m: (np.ones(3), np.zeros(3)) for m in few}, "seeds")
+    looks_full = drawn_looks(full.axes[0])
+    assert len(looks_full) == 13
+    for fig in (part, seeds):
+        looks = drawn_looks(fig.axes[0])
+        assert set(looks) == {PAPER_LABELS[m] for m in few}
+        assert all(looks[k] == looks_full[k] for k in looks), fig
+        # the legend: the fixed order (Grad-Dot, DataInf, TRAK, LiSSA), each handle in its look
+        leg = fig.axes[0].get_legend()
+        assert [t.get_text() for t in leg.get_texts()] == ["Grad-Dot", "DataInf", "TRAK (M=1)",
+                                                           "LiSSA"]
+    from matplotlib.colors import to_hex
+    leg = part.axes[0].get_legend()
+    assert [(to_hex(h.get_color()), h.get_linestyle(), h.get_marker())
+            for h in leg.legend_handles] == [looks_full[t.get_text()] for t in leg.get_texts()]
+
+
+def test_grid_with_a_panel_that_skips_methods_keeps_every_look_and_one_legend(results):
+    """As SST-2 skips CG and LiSSA-H: its panel draws DataInf and TRAK in their own colours,
+    not in the ones the panels beside it give to the methods it skips."""
+    every = ["cg", "lissa", "lissa_h", "trak", "datainf"]
+    fake_results("smoke", "concrete", seed=0, extra=every)
+    fake_results("smoke", "sst2", seed=1, extra=["lissa", "trak", "datainf"])
+    fig, _ = ex.summary("smoke", ["sst2", "concrete"], optimizer="sgd", mechanism="subtract",
+                        methods=["grad_dot", "grad_cos"] + every)
+    concrete, sst2 = (drawn_looks(ax) for ax in fig.axes)
+    assert len(concrete) == 7 and set(sst2) == set(concrete) - {"CG", "LiSSA-H"}
+    assert all(sst2[k] == concrete[k] for k in sst2)
+    assert all(concrete[PAPER_LABELS[m]][:2] == (plots.method_style(m)["color"],
+                                                 plots.method_style(m)["linestyle"])
+               for m in ["grad_dot", "grad_cos"] + every)
+    (leg,) = fig.legends
+    assert [t.get_text() for t in leg.get_texts()] == [
+        "Grad-Dot", "Grad-Cos", "DataInf", "TRAK (M=1)", "CG", "LiSSA", "LiSSA-H"]
+    from matplotlib.colors import to_hex
+    assert [(to_hex(h.get_color()), h.get_linestyle(), h.get_marker())
+            for h in leg.legend_handles] == [concrete[t.get_text()] for t in leg.get_texts()]
+
+
+def test_trajectory_figure_draws_notebook_07_curves_from_the_one_map():
+    from fimoda import beyond
+    keys = ["grad_dot", "cg", "trajectory", "trajectory_h", "schedule", "trajectory_prop1"]
+    study = {"eval_points": np.arange(1, 7), "curves": curve_results(keys)}
+    fig = beyond.trajectory_figure(study, "t")
+    looks = drawn_looks(fig.axes[0])
+    for m in keys:
+        st = plots.method_style(m)
+        assert looks[st["label"]] == (st["color"], st["linestyle"], st["marker"]), m
+    assert looks["trajectory (GN)"][1:] == ("-", "H") and looks["trajectory (true H)"][1:] == \
+        ("--", "H")
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
+        "Grad-Dot", "CG", "trajectory (GN)", "trajectory (true H)", "CG, λ(t)=1/(ηt) (GN)",
+        "trajectory + Prop. 1 term (true H)"]
+
+
+def test_importing_plots_leaves_the_backend_alone():
+    import os
+    import subprocess
+    import sys
+    code = ("import matplotlib; before = matplotlib.get_backend(); import fimoda.plots, "
+            "fimoda.experiment, fimoda.beyond; import matplotlib.pyplot as plt; plt.figure(); "
+            "print(before, matplotlib.get_backend())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "MPLBACKEND": "svg"}).stdout.split()
+    assert out == ["svg", "svg"]
+
+
+def test_figures_do_not_change_global_settings_and_savefig_closes(tmp_path):
+    import matplotlib
+    before = dict(matplotlib.rcParams)
+    fig = plots.cosine_figure(np.arange(6), curve_results(["grad_dot"]), "t")
+    assert fig.axes[0].get_title() == "t"
+    assert dict(matplotlib.rcParams) == before
+    assert plt.fignum_exists(fig.number)
+    plots.savefig(fig, tmp_path / "x.png", pdf=False)
+    assert not plt.fignum_exists(fig.number)       # no figure leak in long batch runs
+    assert (tmp_path / "x.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_savefig_in_a_kernel_shows_each_saved_figure_exactly_once(tmp_path):
+    """A tiny notebook run by nbclient in an IPython kernel with the inline backend: every saved
+    figure is one image output of its cell, carrying its file name; no second copy at the end
+    of the cell, nothing from a cell that saves nothing."""
+    import nbclient
+    import nbformat
+    cells = [f"import matplotlib, numpy as np\nfrom pathlib import Path\nfrom fimoda import plots\n"
+             f"out = Path({str(tmp_path)!r})\nprint(matplotlib.get_backend())",
+             "fig = plots.cosine_figure(np.arange(5), {'grad_dot': (np.ones(5), np.zeros(5))}, 't')\n"
+             "plots.savefig(fig, out / 'a.png')",
+             "import matplotlib.pyplot as plt\nfor name in ('b', 'c'):\n"
+             "    fig, ax = plt.subplots()\n    ax.plot([0, 1])\n"
+             "    plots.savefig(fig, out / f'{name}.png', pdf=False)",
+             "print('nothing drawn')"]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nbclient.NotebookClient(nb, kernel_name="python3", timeout=120).execute()
+    assert "inline" in nb.cells[0].outputs[0]["text"]
+    shown = [[(o["output_type"], o["metadata"]["image/png"]["filename"]) for o in c.outputs
+              if "image/png" in o.get("data", {})] for c in nb.cells]
+    assert shown == [[], [("display_data", "a.png")],
+                     [("display_data", "b.png"), ("display_data", "c.png")], []]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["a.png", "b.png", "c.png"]
+    import base64
+    assert base64.b64decode(nb.cells[1].outputs[0]["data"]["image/png"]) == \
+        (tmp_path / "a.png").read_bytes()             # what is shown is the file saved

@@ -19,13 +19,13 @@ from .infinitesimal import (INFINITESIMAL_DATASETS, INFINITESIMAL_WORK, infinite
                             infinitesimal_figure, infinitesimal_study, infinitesimal_table,
                             rel_error, work_plan)
 from .summary import save_summary
-from .trajectory import (ADAM_VARIANTS, LABELS, PAPER_SIDE, STYLES, best_paper_gap,
+from .trajectory import (ADAM_VARIANTS, LABELS, PAPER_SIDE, best_paper_gap,
                          curves_at_points, eval_steps, trajectory_banner, trajectory_config,
                          trajectory_figure, trajectory_gaps, trajectory_study, trajectory_table)
 
 __all__ = ["applies", "full_hessian_applies", "gold_cosine", "INFINITESIMAL_DATASETS", "INFINITESIMAL_WORK",
            "infinitesimal_applies", "infinitesimal_figure", "infinitesimal_study",
            "infinitesimal_table", "rel_error", "work_plan", "save_summary", "ADAM_VARIANTS",
-           "LABELS", "PAPER_SIDE", "STYLES", "best_paper_gap", "curves_at_points", "eval_steps",
+           "LABELS", "PAPER_SIDE", "best_paper_gap", "curves_at_points", "eval_steps",
            "trajectory_banner", "trajectory_config", "trajectory_figure", "trajectory_gaps",
            "trajectory_study", "trajectory_table"]

@@ -180,22 +180,31 @@ def infinitesimal_table(study: dict):
 
 
 def infinitesimal_figure(study: dict, title: str, unit: str = "epochs"):
+    """Left: the cosine of each comparison over further training (mean +- 1 SE over test
+    points); right: the relative error of each float32 computation. Comparisons are not
+    methods: they take the theme's colour and line-style cycle (:func:`fimoda.plots.theme`)."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    t = study["eval_points"]
-    for name, (mean, se) in study["curves"].items():
-        line, = axes[0].plot(t, mean, label=name, lw=1.5)
-        axes[0].fill_between(t, mean - se, mean + se, color=line.get_color(), alpha=0.2, lw=0)
-    axes[0].set_ylabel("cosine (mean over test points)")
-    axes[0].set_xlabel(f"further training ({unit})")
-    axes[0].legend(fontsize=7)
-    axes[0].set_title(title)
-    for name, e in study["errors"].items():
-        axes[1].semilogy(t, np.maximum(e, 1e-17), label=name, lw=1.5)
-    axes[1].set_ylabel("relative error of the gold scores")
-    axes[1].set_xlabel(f"further training ({unit})")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
+    from matplotlib.ticker import MaxNLocator
+    from ..plots import theme
+    with theme():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        t = study["eval_points"]
+        for name, (mean, se) in study["curves"].items():
+            line, = axes[0].plot(t, mean, label=name, lw=1.6)
+            axes[0].fill_between(t, mean - se, mean + se, color=line.get_color(), alpha=0.18,
+                                 lw=0)
+        axes[0].set_ylabel("cosine (mean over test points)")
+        axes[0].set_xlabel(f"further training ({unit})")
+        axes[0].legend(fontsize="x-small")
+        axes[0].set_title(title)
+        for name, e in study["errors"].items():
+            axes[1].semilogy(t, np.maximum(e, 1e-17), label=name, lw=1.6)
+        axes[1].set_ylabel("relative error of the gold scores")
+        axes[1].set_xlabel(f"further training ({unit})")
+        axes[1].legend(fontsize="x-small")
+        for ax in axes:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))     # epochs or steps
+        fig.tight_layout()
     return fig
 
 

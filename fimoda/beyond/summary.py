@@ -7,7 +7,7 @@ from typing import Optional
 import numpy as np
 
 from .. import experiment as ex
-from .trajectory import LABELS
+from ..style import label
 
 
 def save_summary(cfg, inf: Optional[dict], traj: Optional[dict], directory=None) -> Path:
@@ -27,10 +27,9 @@ def save_summary(cfg, inf: Optional[dict], traj: Optional[dict], directory=None)
             rows.append({"part": "float32", "what": f"relative error, {name}", "first": e[0],
                          "min": float(e[k]), "min at": int(inf["eval_points"][k]), "last": e[-1]})
     if traj is not None:
-        from ..plots import label
         for m, (mean, _) in traj["curves"].items():
             k = int(np.argmin(mean))
-            rows.append({"part": "trajectory", "what": LABELS.get(m, label(m)), "first": mean[0],
+            rows.append({"part": "trajectory", "what": label(m), "first": mean[0],
                          "min": mean[k], "min at": int(traj["eval_points"][k]), "last": mean[-1],
                          "max": float(np.max(mean)), "mean": float(np.mean(mean))})
     path = Path(directory or ex.out_dir(cfg)) / f"beyond_summary_{opt}.csv"

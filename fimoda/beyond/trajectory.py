@@ -17,6 +17,7 @@ from .. import experiment as ex
 from .. import store
 from ..experiment.records import config_without
 from ..io import load_npz, save_npz, sha256_arrays
+from ..style import label            # the legend labels of notebook 07's curves live there
 from .common import _inputs
 
 # the paper's methods drawn beside the trajectory curves (those notebook 03 computed): Figure 2's,
@@ -206,7 +207,7 @@ def trajectory_banner(study: dict) -> str:
     which curves are left out and why."""
     lines = [f"lr {study['lr']:g}, gold standard {study['optimizer']}/{study['mechanism']}"]
     if study["optimizer"] != "sgd":
-        pre = [LABELS[k] for k in study["curves"] if "_adam" in k]
+        pre = [label(k) for k in study["curves"] if "_adam" in k]
         lines.append(f"the gold standard trains with {study['optimizer']}: the SGD-form series "
                      f"with its lr ({study['lr']:g}) is compared"
                      + (f", and with Adam's preconditioner: {', '.join(pre)}" if pre else
@@ -215,41 +216,27 @@ def trajectory_banner(study: dict) -> str:
         lines.append(f"smallest Ritz value of the true mean-loss Hessian: {study['ritz_min']:.3g}")
     lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in study["seconds"].items()))
     for why in dict.fromkeys(study["skipped"].values()):          # each reason once
-        names = [LABELS[k] for k, w in study["skipped"].items() if w == why]
+        names = [label(k) for k, w in study["skipped"].items() if w == why]
         lines.append(f"left out: {', '.join(names)}. {why}")
     return "\n".join(lines)
 
 
-LABELS = {"trajectory": "trajectory (GN)", "trajectory_h": "trajectory (true H)",
-          "schedule": "CG, λ(t)=1/(ηt) (GN)", "schedule_h": "λ(t)=1/(ηt) (true H)",
-          "trajectory_adam": "trajectory, Adam D (GN)",
-          "trajectory_adam_h": "trajectory, Adam D (true H)",
-          "trajectory_adam_dv": "trajectory, Adam D_eff (GN)",
-          "trajectory_adam_dv_h": "trajectory, Adam D_eff (true H)",
-          "trajectory_prop1": "trajectory + Prop. 1 term (true H)",
-          "trajectory_cor2": "trajectory + Cor. 2 term (GN)",
-          "trajectory_adam_prop1": "trajectory, Adam D + Prop. 1 term (true H)",
-          "trajectory_adam_cor2": "trajectory, Adam D + Cor. 2 term (GN)"}
-STYLES = {"trajectory": ("k", "-", 2.4), "trajectory_h": ("tab:red", "-", 1.8),
-          "schedule": ("k", ":", 2.0), "schedule_h": ("tab:red", ":", 1.5),
-          "trajectory_adam": ("tab:blue", "-", 2.4), "trajectory_adam_h": ("tab:purple", "-", 1.8),
-          "trajectory_adam_dv": ("tab:blue", "--", 2.0),
-          "trajectory_adam_dv_h": ("tab:purple", "--", 1.5),
-          "trajectory_prop1": ("tab:orange", "-", 1.8), "trajectory_cor2": ("tab:green", "-", 1.8),
-          "trajectory_adam_prop1": ("tab:orange", "--", 1.8),
-          "trajectory_adam_cor2": ("tab:green", "--", 1.8)}
+# notebook 07's curves and their legend labels (their whole look lives in fimoda.style)
+LABELS = {k: label(k) for k in ("trajectory", "trajectory_h", "schedule", "schedule_h",
+                                 "trajectory_adam", "trajectory_adam_h", "trajectory_adam_dv",
+                                 "trajectory_adam_dv_h", "trajectory_prop1", "trajectory_cor2",
+                                 "trajectory_adam_prop1", "trajectory_adam_cor2")}
 
 
 def trajectory_table(study: dict):
     """Per method: cosine at the first point, max (and where), last; and, per evaluation point,
     whether the trajectory (GN) curve is at or above the best paper method there."""
     import pandas as pd
-    from ..plots import label
     t = study["eval_points"]
     rows = []
     for m, (mean, se) in study["curves"].items():
         k = int(np.argmax(mean))
-        rows.append({"method": LABELS.get(m, label(m)), "cos first": mean[0], "cos max": mean[k],
+        rows.append({"method": label(m), "cos first": mean[0], "cos max": mean[k],
                      "max at": int(t[k]), "cos last": mean[-1],
                      "cos mean over t": float(np.mean(mean))})
     return pd.DataFrame(rows).set_index("method")
@@ -271,38 +258,41 @@ def trajectory_gaps(study: dict):
     """:func:`best_paper_gap` of every curve of the study that is not a paper method, one row
     each."""
     import pandas as pd
-    rows = [{"method": LABELS.get(m, m), **best_paper_gap(study, m)}
+    rows = [{"method": label(m), **best_paper_gap(study, m)}
             for m in study["curves"] if m not in PAPER_SIDE]
     return pd.DataFrame(rows).set_index("method")
 
 
 def trajectory_figure(study: dict, title: str, unit: str = "epochs", curves=None):
-    """Figure-2 style: the paper's methods (thin, their usual styles) and the trajectory-matched
-    curves (thick). ``curves``: the names (keys of ``study["curves"]``) to draw, None: all; a
-    name the study did not compute is passed over, so a figure can be built up family by family."""
+    """Figure-2 style: the paper's methods (thin) and the trajectory-matched curves (thick, with
+    their +-1 SE bands), each in its look of :func:`fimoda.plots.method_style`. ``curves``: the
+    names (keys of ``study["curves"]``) to draw, None: all; a name the study did not compute is
+    passed over, so a figure can be built up family by family; an unknown name is refused."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     from ..influence import METHODS
-    from ..plots import STYLE, label
+    from ..plots import legend, method_style, theme
     keep = None if curves is None else set(curves)
     unknown = sorted((keep or set()) - set(LABELS) - set(METHODS))
     if unknown:
         raise ValueError(f"unknown curves {unknown}; choose from {sorted(LABELS)} and the paper's "
                          f"methods {list(METHODS)}")
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    t = study["eval_points"]
-    for m, (mean, se) in study["curves"].items():
-        if keep is not None and m not in keep:
-            continue
-        if m in LABELS:
-            c, ls, lw = STYLES[m]
-            ax.plot(t, mean, ls, color=c, lw=lw, label=LABELS[m])
-            ax.fill_between(t, mean - se, mean + se, color=c, alpha=0.15, lw=0)
-        else:
-            ax.plot(t, mean, STYLE.get(m, "-"), lw=1.0, alpha=0.8, label=label(m))
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_xlabel(f"further training ({unit})")
-    ax.set_ylabel("cosine similarity to the gold standard")
-    ax.set_title(title)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    drawn = {m: c for m, c in study["curves"].items() if keep is None or m in keep}
+    with theme():
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        t = study["eval_points"]
+        for m, (mean, se) in drawn.items():
+            style = method_style(m)
+            if m in PAPER_SIDE:
+                ax.plot(t, mean, lw=1.0, alpha=0.8, **style)
+            else:
+                ax.plot(t, mean, lw=2.2, **style)
+                ax.fill_between(t, mean - se, mean + se, color=style["color"], alpha=0.07, lw=0)
+        ax.axhline(0, color="k", lw=0.6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))     # epochs or steps
+        ax.set_xlabel(f"further training ({unit})")
+        ax.set_ylabel("cosine similarity to the gold standard")
+        ax.set_title(title)
+        fig.tight_layout()
+        legend(ax, drawn, fontsize="x-small", ncol=2)
     return fig

@@ -54,19 +54,28 @@ def summary(profile: str, datasets, optimizer: Optional[str] = None,
     up to three per row; the x-axis is in epochs for datasets whose further training is
     evaluated per epoch (tabular) and in steps where the config sets ``further.max_steps`` or
     ``further.eval_every`` (image, text). One legend for the whole figure. The table's columns
-    are the datasets in panel order."""
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    from ..metrics import curve
-    from ..plots import curves, grid_shape, label, panel_letter
+    are the datasets in panel order. Every method keeps its look (:func:`fimoda.plots.method_style`)
+    in every panel, whichever methods a panel skips; the legend lists every method drawn in any
+    panel, in the fixed order of :data:`fimoda.plots.STYLE_KEYS`."""
+    from ..plots import theme
     have = with_results(profile, datasets, optimizer, mechanism, methods, seeds)
     if not have:
         raise FileNotFoundError(f"no gold results for {list(datasets)} in the {profile} profile")
+    with theme():
+        return _grid(have, optimizer, mechanism, adjust)
+
+
+def _grid(have, optimizer, mechanism, adjust):
+    """:func:`summary`'s figure and table for ``have`` (from :func:`with_results`)."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    from ..metrics import curve
+    from ..plots import curves, grid_shape, label, legend, panel_letter
     nrows, ncols = grid_shape(len(have))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
     flat = axes.ravel()
     rows = {}
-    handles = {}
+    drawn = []
     for k, (ax, (cfg, gold, scores)) in enumerate(zip(flat, have)):
         a, t = evaluation_gold(gold, adjust)
         res = {m: curve(a, s) for m, s in scores.items()}
@@ -75,15 +84,13 @@ def summary(profile: str, datasets, optimizer: Optional[str] = None,
         eq = "" if adjust == "mean" else ", eq. 17"
         curves(ax, t, res, title=f"{panel_letter(k)} {name}\n({opt}, {mech}{eq})")
         ax.set_xlabel(f"further training ({eval_unit(cfg)}s)")
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
+        drawn += res
         rows[name] = {label(m): float(np.max(v[0])) for m, v in res.items()}
     for ax in flat[len(have):]:      # the unused cells of the last row
         ax.remove()
     fig.tight_layout()
-    if handles:
-        fig.legend(list(handles.values()), list(handles), fontsize=8, loc="center left",
-                   bbox_to_anchor=(1.0, 0.5), frameon=False)
+    if drawn:
+        legend(fig, drawn, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     return fig, pd.DataFrame(rows)
 
 

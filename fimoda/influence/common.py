@@ -14,6 +14,7 @@ import torch
 
 from ..config import MethodConfig
 from ..gradients import Problem, mean_sq_grad
+from ..memory import storable
 from ..tensors import check_data
 
 
@@ -70,10 +71,58 @@ class Attributor:
         """grad g(z; theta^f) = grad L(z; theta^f) for the test instances, (T, P)."""
         return self.problem.loss_grads(self.X_test, self.Y_test, desc="test gradients")
 
+    def _side(self, side: str):
+        if side == "left":
+            return "train_grads", self.X_loo, self.Y_loo, "left-out gradients"
+        if side == "test":
+            return "test_grads", self.X_test, self.Y_test, "test gradients"
+        raise ValueError(f"side must be 'left' or 'test', got {side!r}")
+
+    def keeps(self, side: str) -> bool:
+        """Whether the loss gradients of ``side`` ("left": the left-out set, "test") are, or
+        may be, kept whole under the memory budget (:func:`fimoda.memory.storable`)."""
+        name, X, _, _ = self._side(side)
+        p = self.problem
+        return name in self.__dict__ or storable(p.memory, len(X), p.n_params, p.dtype)
+
+    def grad_blocks(self, side: str):
+        """``(rows, G)`` blocks covering the loss gradients of ``side`` ("left" | "test"): the
+        whole cached matrix as one block when it is kept (:meth:`keeps`), else chunks streamed
+        under the memory budget (:meth:`fimoda.gradients.Problem.stream`), recomputed on every
+        pass and never held together."""
+        name, X, Y, desc = self._side(side)
+        if self.keeps(side):
+            yield slice(None), getattr(self, name)
+        else:
+            yield from self.problem.stream(self.problem.loss_grads, X, Y, desc=desc)
+
+    def pairwise(self, transform: Callable = lambda G: G,
+                 left: Optional[Callable] = None) -> torch.Tensor:
+        """``out[j, i] = transform(g_j)^T left(l_i)`` (T, n') over test gradients g_j and
+        left-out gradients l_i (``left`` defaults to ``transform``; both map (B, P) row blocks
+        to (B, K)), each side kept or streamed (:meth:`grad_blocks`); with both kept this is one
+        product of the two matrices."""
+        left = transform if left is None else left
+        out = None
+        for ts, Gt in self.grad_blocks("test"):
+            Gt = transform(Gt)
+            for ls, Gl in self.grad_blocks("left"):
+                block = Gt @ left(Gl).T
+                if out is None and ts == slice(None) and ls == slice(None):
+                    return block
+                if out is None:
+                    out = block.new_empty(len(self.X_test), len(self.X_loo))
+                out[ts, ls] = block
+        return out
+
     @cached_property
     def lambda_G(self) -> float:
-        """Mean squared element of the left-out training gradients (the reference's lambda_G)."""
-        return mean_sq_grad(self.train_grads)
+        """Mean squared element of the left-out training gradients (the reference's lambda_G);
+        summed chunk by chunk (float64) when they are not kept."""
+        if self.keeps("left"):
+            return mean_sq_grad(self.train_grads)
+        total = sum(float((G.to(torch.float64) ** 2).sum()) for _, G in self.grad_blocks("left"))
+        return total / (len(self.X_loo) * self.problem.n_params)
 
 
 def damping_value(att: Attributor, grid, index: int, damping: Optional[float] = None) -> float:

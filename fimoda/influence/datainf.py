@@ -19,7 +19,9 @@ and scores (positive = the test loss rises when z_i is left out, as (12))
 with t_jl = grad_l g(z_j) (test loss) and v_il = grad_l L(z_i) (left-out). Only inner products
 are formed: <t_jl, g_k>, <g_k, v_il>, ||g_k||^2 per chunk of k (memory (T + n') x m x layers),
 never a d_l x d_l matrix. A layer whose training gradients are all zero (a parameter that does not
-affect the loss) has no finite lambda_l and is left out with a warning.
+affect the loss, or only through round-off: lambda_l at most eps^2 times the largest) has no
+meaningful lambda_l and is left out with a warning. The training set streams in chunks sized by
+the memory budget (:mod:`fimoda.memory`); the test and left-out gradients are kept.
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ class DatainfConfig:
     c_index: int = MethodConfig.datainf_index     # 0 -> c = 10 (reference lambda_const_param)
     n_samples: Optional[int] = None   # training instances k averaged over (None: all n)
     seed: int = 0                     # seed of the subsample
-    chunk: Optional[int] = None       # training gradients per chunk (None: problem.chunk)
+    chunk: Optional[int] = None       # training gradients per chunk (None: the memory budget's)
 
 
 def datainf_indices(n: int, cfg: DatainfConfig, keep=None) -> np.ndarray:
@@ -95,7 +97,7 @@ def datainf(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> np.ndarray
     sq = {l: [] for l in layers}          # ||g_k||^2
     ip_te = {l: [] for l in layers}       # <t_jl, g_k>
     ip_tr = {l: [] for l in layers}       # <v_il, g_k>
-    chunk = cfg.chunk or problem.chunk
+    chunk = cfg.chunk or problem.grad_rows()
     it = range(0, m, chunk)
     if problem.progress and m > chunk:
         it = tqdm(it, desc="DataInf: training gradients", total=(m + chunk - 1) // chunk,
@@ -109,12 +111,15 @@ def datainf(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> np.ndarray
             ip_te[l].append(te[:, sl[l]] @ gl.T)
             ip_tr[l].append(tr[:, sl[l]] @ gl.T)
     scores = torch.zeros(te.shape[0], tr.shape[0], dtype=torch.float64, device=tr.device)
+    s2s = {l: torch.cat(sq[l]).to(torch.float64) for l in layers}
+    lams = {l: float(s2s[l].sum()) / (m * (sl[l].stop - sl[l].start)) / c for l in layers}
+    # a layer whose gradients are zero up to round-off (e.g. attention key biases, which softmax
+    # ignores) has lambda_l ~ eps^2 of the others: dividing by it would amplify round-off alone
+    floor = torch.finfo(problem.dtype).eps ** 2 * max(lams.values())
     skipped = []
     for l in layers:
-        s2 = torch.cat(sq[l]).to(torch.float64)
-        d_l = sl[l].stop - sl[l].start
-        lam = float(s2.sum()) / (m * d_l) / c
-        if not lam > 0:
+        s2, lam = s2s[l], lams[l]
+        if not lam > floor:
             skipped.append(l)
             continue
         a = torch.cat(ip_te[l], dim=1).to(torch.float64)      # (T, m)
@@ -123,7 +128,8 @@ def datainf(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> np.ndarray
         correction = (a / (lam + s2)) @ b.T / m
         scores += (first - correction) / lam
     if skipped:
-        warnings.warn(f"DataInf: layers with all-zero training gradients left out: {skipped}")
+        warnings.warn(f"DataInf: layers whose training gradients are zero (to round-off) left "
+                      f"out: {skipped}")
     if len(skipped) == len(layers):
         raise ValueError("DataInf: every layer has all-zero training gradients")
     return scores.cpu().numpy()
@@ -137,7 +143,7 @@ def datainf_lambdas(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> di
     idx = _sample(att, cfg)
     sl = block_slices(problem.params, problem.names)
     tot = {l: 0.0 for l in problem.names}
-    chunk = cfg.chunk or problem.chunk
+    chunk = cfg.chunk or problem.grad_rows()
     for s in range(0, len(idx), chunk):
         k = idx[s:s + chunk]
         g = problem.loss_grads(problem.X[k], problem.Y[k], desc=None)

@@ -247,19 +247,30 @@ def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
         if cfg.batch_size not in cache:
             cache[cfg.batch_size] = fit_ekfac(problem, cfg.batch_size)
         factors = cache[cfg.batch_size]
-    tr, te = att.train_grads, att.test_grads
     per = float(factors.n) if cfg.risk == "mean" else 1.0   # eigenvalues of G/n or of G
-    scores = torch.zeros(te.shape[0], tr.shape[0], dtype=torch.float64, device=tr.device)
-    for lf in factors.layers:
-        if not float(lf.Lambda.max()) > 0:
-            continue        # the layer does not affect f: zero GN block and zero gradients
+    live = [lf for lf in factors.layers if float(lf.Lambda.max()) > 0]   # others: zero GN block
+    damp = {}
+    for lf in live:
         if cfg.damping_mode == "heuristic" and cfg.damping is None:
-            lam = 0.1 * float(lf.Lambda.mean()) / per
-            if not lam > 0:
+            damp[lf.module] = 0.1 * float(lf.Lambda.mean()) / per
+            if not damp[lf.module] > 0:
                 raise ValueError(f"EK-FAC heuristic damping is 0 for layer {lf.module!r}")
-        qs, qa = lf.Q_S.to(tr.dtype), lf.Q_A.to(tr.dtype)
-        rot_tr = qs.T @ layer_matrices(problem, lf, tr) @ qa
-        rot_te = qs.T @ layer_matrices(problem, lf, te) @ qa
-        rot_te = rot_te / (lf.Lambda / per + lam).to(tr.dtype)
-        scores += (rot_te.reshape(len(te), -1) @ rot_tr.reshape(len(tr), -1).T).to(torch.float64)
+        else:
+            damp[lf.module] = lam
+
+    def rotated(G: torch.Tensor, damped: bool) -> torch.Tensor:
+        """Rows of G as Q_S^T V_l Q_A over the live layers, divided by Lambda_l / per + lambda
+        when ``damped`` (the test side), flattened and concatenated: (N, sum_l out_l in_l')."""
+        out = []
+        for lf in live:
+            qs, qa = lf.Q_S.to(G.dtype), lf.Q_A.to(G.dtype)
+            r = qs.T @ layer_matrices(problem, lf, G) @ qa
+            if damped:
+                r = r / (lf.Lambda / per + damp[lf.module]).to(G.dtype)
+            out.append(r.reshape(len(G), -1))
+        return torch.cat(out, dim=1) if out else G.new_zeros(len(G), 0)
+
+    # each side kept or streamed under the memory budget (Attributor.pairwise)
+    scores = att.pairwise(lambda G: rotated(G, True), lambda G: rotated(G, False))
+    scores = scores.to(torch.float64)
     return scores.cpu().numpy()

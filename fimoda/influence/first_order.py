@@ -38,8 +38,9 @@ class GradCosConfig:
 
 
 def grad_dot(att: Attributor, cfg: GradDotConfig = GradDotConfig()) -> np.ndarray:
-    """Grad-Dot, eq. (6): scores[j, i] = grad g(z_j)^T grad L(z_i) (times 1/lambda if ``scale``)."""
-    scores = att.test_grads @ att.train_grads.T
+    """Grad-Dot, eq. (6): scores[j, i] = grad g(z_j)^T grad L(z_i) (times 1/lambda if ``scale``);
+    the gradients of either side stream in chunks when the memory budget cannot keep them."""
+    scores = att.pairwise()
     if cfg.scale:
         lam = damping_value(att, cfg.damping_grid, cfg.damping_index, cfg.damping)
         if not lam > 0:
@@ -59,5 +60,5 @@ def grad_cos(att: Attributor, cfg: GradCosConfig = GradCosConfig()) -> np.ndarra
     (eq. 6 with both gradients normalised; a zero gradient gives 0)."""
     if cfg.eps < 0:
         raise ValueError(f"eps must be >= 0, got {cfg.eps}")
-    scores = _normalised(att.test_grads, cfg.eps) @ _normalised(att.train_grads, cfg.eps).T
+    scores = att.pairwise(lambda G: _normalised(G, cfg.eps))
     return scores.detach().cpu().numpy()

@@ -37,26 +37,31 @@ from tqdm import tqdm
 
 from ..config import MethodConfig
 from ..losses import loss_derivatives
+from ..memory import row_bytes
 from .common import Attributor
 
-PROJ_TYPES = ("normal", "rademacher")
+PROJ_TYPES = ("normal", "rademacher", "sjlt")
 TEST_SIDES = ("loss", "output")
 
 
 @dataclass(frozen=True)
 class TrakConfig:
     proj_dim: int = MethodConfig.trak_proj_dim   # k
-    proj_type: str = "normal"          # normal (Gaussian) | rademacher (+-1)
+    # normal (Gaussian) | rademacher (+-1) | sjlt (sparse: one +-1 per parameter, P kept as
+    # p bucket indices and signs, for models whose dense p x k matrix is too large to keep)
+    proj_type: str = "normal"
     seed: int = 0                      # seed of the projection matrix
     skip_projection: bool = True       # k >= p: use the identity (exact, see module docstring)
     ridge: Optional[float] = None      # absolute ridge added to Phi_p^T Phi_p; None: automatic
     ridge_rel: float = 1e-10           # automatic ridge = ridge_rel * largest eigenvalue, used only
     max_cond: float = 1e12             # ... if k > n or cond(Phi_p^T Phi_p) > max_cond
     test_side: str = "loss"            # loss: grad g = l'(z) grad f (our sign) | output: TRAK's tau
-    # instances projected at once (None: as many gradient rows as fit in grad_bytes, at least
-    # problem.chunk): a P too large to keep is regenerated once per projected chunk
+    # instances projected at once (None: as many gradient rows as fit in grad_bytes): a P too
+    # large to keep is regenerated once per projected chunk
     chunk: Optional[int] = None
-    grad_bytes: int = 2 ** 32          # budget of one projected chunk of gradient rows
+    # bytes of one projected chunk of gradient rows (None: the problem's memory budget,
+    # fimoda.memory.chunk_rows)
+    grad_bytes: Optional[int] = None
     block_elems: int = 2 ** 24         # elements of P generated at once (rows * k)
     cache_bytes: int = 2 ** 29         # keep P in memory if it is at most this large
 
@@ -76,25 +81,28 @@ def _check(cfg: TrakConfig) -> None:
                          f"{cfg.max_cond!r}")
     if cfg.chunk is not None and cfg.chunk < 1:
         raise ValueError(f"TRAK chunk must be >= 1 or None, got {cfg.chunk!r}")
-    if cfg.grad_bytes < 1:
+    if cfg.grad_bytes is not None and cfg.grad_bytes < 1:
         raise ValueError(f"TRAK grad_bytes must be >= 1, got {cfg.grad_bytes!r}")
     if cfg.block_elems < 1:
         raise ValueError(f"TRAK block_elems must be >= 1, got {cfg.block_elems!r}")
 
 
 class Projector:
-    """x -> x P for a p x k random matrix P (entries N(0, 1/k) or +-1/sqrt(k)), generated in row
-    blocks, block b from seed (seed, b): the same seed gives the same P on a given device."""
+    """x -> x P for a p x k random matrix P (entries N(0, 1/k) or +-1/sqrt(k); ``"sjlt"``: the
+    sparse Johnson-Lindenstrauss transform, row i of P is +-1 in one column h(i), so P is
+    p bucket indices and signs and x P is a scatter-add), generated in row blocks, block b from
+    seed (seed, b): the same seed gives the same P on a given device."""
 
     def __init__(self, p: int, k: int, kind: str, seed: int, dtype, device,
                  block_elems: int = 2 ** 24, cache_bytes: int = 2 ** 29):
         self.p, self.k, self.kind, self.seed = p, k, kind, seed
         self.dtype, self.device = dtype, torch.device(device)
-        rows = max(1, block_elems // k)
+        rows = max(1, block_elems // k) if kind != "sjlt" else block_elems
         self.starts = list(range(0, p, rows))
         self.rows = rows
         itemsize = torch.empty((), dtype=dtype).element_size()
-        self.cache = [] if p * k * itemsize <= cache_bytes else None
+        size = p * (8 + itemsize) if kind == "sjlt" else p * k * itemsize   # index + sign
+        self.cache = [] if size <= cache_bytes else None
         if self.cache is not None:
             self.cache = [self._block(b) for b in range(len(self.starts))]
 
@@ -103,6 +111,10 @@ class Projector:
         shape = (min(self.rows, self.p - start), self.k)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed * 1_000_003 + b)
+        if self.kind == "sjlt":
+            h = torch.randint(0, self.k, shape[:1], generator=gen, device=self.device)
+            sign = torch.randint(0, 2, shape[:1], generator=gen, device=self.device)
+            return h, (2 * sign - 1).to(self.dtype)
         if self.kind == "normal":
             R = torch.randn(shape, generator=gen, device=self.device, dtype=self.dtype)
         else:
@@ -114,16 +126,21 @@ class Projector:
         out = torch.zeros(x.shape[0], self.k, dtype=x.dtype, device=x.device)
         for b, start in enumerate(self.starts):
             R = self.cache[b] if self.cache is not None else self._block(b)
-            out += x[:, start:start + R.shape[0]] @ R.to(x.dtype)
+            if self.kind == "sjlt":
+                h, sign = R
+                out.index_add_(1, h, x[:, start:start + len(h)] * sign.to(x.dtype))
+            else:
+                out += x[:, start:start + R.shape[0]] @ R.to(x.dtype)
         return out
 
 
 def _projected_rows(problem, cfg: TrakConfig) -> int:
-    """Gradient rows projected at once: as many as fit in ``cfg.grad_bytes`` (the random blocks
-    of an uncached P are generated once per chunk, so the chunk should be large), at least
-    ``problem.chunk`` (the per-example gradients are computed in chunks of that size anyway)."""
-    row = problem.n_params * torch.empty((), dtype=problem.dtype).element_size()
-    return max(problem.chunk, int(cfg.grad_bytes // row))
+    """Gradient rows projected at once: as many as fit in ``cfg.grad_bytes`` (at least one), or
+    under the problem's memory budget (:meth:`fimoda.gradients.Problem.grad_rows`). The random
+    blocks of an uncached P are generated once per chunk, so the chunk should be large."""
+    if cfg.grad_bytes is None:
+        return problem.grad_rows()
+    return max(1, int(cfg.grad_bytes // row_bytes(problem.n_params, problem.dtype)))
 
 
 def _features(problem, X, Y, project, chunk, desc):
