@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch.func import functional_call, grad, jvp, vjp, vmap
-from tqdm import tqdm
+from .progress import progress_bar
 
 from .losses import check_task, gn_output, loss_derivatives, loss_from_f
 from .memory import chunk_rows, resolve_budget
@@ -150,7 +150,7 @@ class Problem:
     def _chunks(self, n: int, size: int, desc: Optional[str]):
         it = range(0, n, size)
         if desc and self.progress and n > size:
-            it = tqdm(it, desc=desc, total=(n + size - 1) // size, leave=False)
+            it = progress_bar(it, desc=desc, total=(n + size - 1) // size, leave=False)
         return (slice(s, s + size) for s in it)
 
     def groups(self, X, size: int, desc: Optional[str] = None):
@@ -158,7 +158,7 @@ class Problem:
         with a progress bar when there are several."""
         gs = row_groups(self.model, X, size)
         if desc and self.progress and len(gs) > 1:
-            return tqdm(gs, desc=desc, leave=False)
+            return progress_bar(gs, desc=desc, leave=False)
         return gs
 
     # -- per-example gradients

@@ -93,14 +93,17 @@ def plan(profile: str, datasets: list[str], seeds: int | None = None, variants: 
     return steps
 
 
-def ipc_kernel_manager(socket_dir: str, log_path: Path, threads: int | None = None):
+def ipc_kernel_manager(socket_dir: str, log_path: Path, threads: int | None = None,
+                       label: str = "kernel"):
     """A kernel manager whose kernel talks over Unix sockets in ``socket_dir`` instead of TCP on
     localhost (the kernel and papermill share this machine, and ipykernel warns at every start of
     a TCP kernel without transport encryption; the socket path must be absolute: the kernel runs
     in notebooks/, papermill elsewhere), and whose own stderr -- kernel-level log lines such as
     the interrupt at shutdown, never a cell's output or error, which the executed notebook holds
     -- is appended to ``log_path`` instead of the console. ``threads``: the kernel's intra-op
-    thread count (its OMP/MKL environment), None to inherit."""
+    thread count (its OMP/MKL environment), None to inherit. ``label`` names the notebook in
+    the kernel's lines of that log (``FIMODA_KERNEL_LABEL``: each finished progress bar's
+    summary, :mod:`fimoda.progress`)."""
     from jupyter_client.manager import AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
@@ -111,9 +114,9 @@ def ipc_kernel_manager(socket_dir: str, log_path: Path, threads: int | None = No
             super().__init__(**kwargs)
 
         async def start_kernel(self, **kw):
+            kw["env"] = {**os.environ, **kw.get("env", {}), "FIMODA_KERNEL_LABEL": label}
             if threads is not None:
-                kw["env"] = {**os.environ, **kw.get("env", {}),
-                             "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+                kw["env"].update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
             with open(log_path, "ab") as log:        # the child keeps its own descriptor
                 kw.setdefault("stderr", log)
                 return await super().start_kernel(**kw)
@@ -194,7 +197,8 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
         try:
             pm.execute_notebook(str(NB / nb), str(path), parameters=params, kernel_name=kernel,
                                 cwd=str(NB), progress_bar=False, log_output=False,
-                                kernel_manager_class=ipc_kernel_manager(socket_dir, log, threads))
+                                kernel_manager_class=ipc_kernel_manager(socket_dir, log, threads,
+                                                                         label))
         except pm.PapermillExecutionError as e:
             raise SystemExit(f"notebook {label} failed ({e.ename}: {e.evalue}); "
                              f"see the executed copy at {path}") from None
@@ -313,7 +317,8 @@ def run_args(a: argparse.Namespace) -> None:
                 "FIMODA_FIGURES_DIR", "FIMODA_EXECUTED_DIR"):
         if os.environ.get(var):
             os.environ[var] = os.path.abspath(os.environ[var])
-    # progress bars inside executed notebooks: update every 10 s rather than filling the output
+    # other libraries' tqdm bars inside executed notebooks: a redraw every 10 s at most rather
+    # than one stored output each (fimoda's own bars are one display per cell: fimoda.progress)
     os.environ.setdefault("TQDM_MININTERVAL", "10")
     # tqdm.auto's notice that the kernel has no ipywidgets (the bars fall back to text), printed
     # into every executed notebook whose imports load it: not about fimoda's results

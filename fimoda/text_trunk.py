@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from .progress import progress_bar
 
 from . import store
 from .config import ExperimentConfig
@@ -37,7 +37,8 @@ def trunk_features(clf, k: int, X: torch.Tensor, batch: int = TRUNK_BATCH,
         length = trim(X).shape[-1]
         out = None
         it = range(0, len(X), batch)
-        for s in tqdm(it, desc="frozen trunk", leave=False, disable=not progress or len(X) <= batch):
+        for s in progress_bar(it, desc="frozen trunk", leave=False,
+                              disable=not progress or len(X) <= batch):
             rows = order[s:s + batch].to(X.device)
             f = clf.trunk_features(trim(X[rows]), k)
             if out is None:

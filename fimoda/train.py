@@ -29,10 +29,15 @@ After training the model is in ``eval()`` mode (BatchNorm uses running statistic
 ``<out_dir>/final_model.pt`` (state_dict) and ``final_model.json`` (record) are written atomically,
 the JSON last; a later call with the same config, procedure and data loads them instead of
 retraining, a different one retrains (never a silent reuse of a mismatched model).
+
+Every final model must beat its trivial predictor (majority class and class prior; training mean)
+on the test rows by :data:`fimoda.config.FINAL_MODEL_MARGIN` (:mod:`fimoda.baselines`): a model
+that does not is neither saved nor loaded, and the record holds the comparison (``baseline``).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io as _io
 import json
@@ -43,7 +48,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .config import ExperimentConfig
+from .baselines import TrivialModelError, baseline_check, require_beaten, trivial_baseline
+from .config import FINAL_MODEL_MARGIN, BaselineMargin, ExperimentConfig
 from .io import atomic_write, load_json, save_json, sha256_arrays, sha256_file
 from .locks import result_lock
 from .models import build_model, n_params, resolve_dtype
@@ -98,11 +104,14 @@ def _build(cfg: ExperimentConfig, ds, device):
     return model.to(device)
 
 
-def load_final_model(cfg: ExperimentConfig, ds, out_dir, device="cpu") -> torch.nn.Module:
+def load_final_model(cfg: ExperimentConfig, ds, out_dir, device="cpu",
+                     margin: Optional[BaselineMargin] = FINAL_MODEL_MARGIN) -> torch.nn.Module:
     """theta^f saved in ``out_dir``, in eval mode; ValueError if it was trained with another
-    config, procedure or data, FileNotFoundError if there is none. Its record:
-    :func:`load_record`."""
-    return _load(cfg, ds, out_dir, device)[0]
+    config, procedure or data, :class:`fimoda.baselines.TrivialModelError` if it does not beat
+    its trivial predictor by ``margin`` (checked again on every load, so a model saved by an
+    older version without the check is refused too), FileNotFoundError if there is none. Its
+    record: :func:`load_record`."""
+    return _load(cfg, ds, out_dir, device, margin)[0]
 
 
 def load_record(out_dir) -> dict:
@@ -113,7 +122,21 @@ def load_record(out_dir) -> dict:
     return load_json(path)
 
 
-def _load(cfg: ExperimentConfig, ds, out_dir, device="cpu"):
+def _baseline(cfg: ExperimentConfig, ds, test_metrics: dict, margin) -> dict:
+    """The record's ``baseline`` entry: the trivial predictor of the rows theta^f trained on,
+    scored on the test rows its metrics were computed on (the same seed-0 sample of
+    ``test_metrics["n"]`` rows), and :func:`fimoda.baselines.baseline_check` against ``margin``
+    (None: the default margin, reported but not enforced)."""
+    rows = train_rows(cfg, ds)[0]
+    test = _eval_rows(len(ds.y_test), int(test_metrics["n"]))
+    trivial = trivial_baseline(cfg.task, np.asarray(ds.y_train)[rows],
+                               np.asarray(ds.y_test)[test], ds.n_classes)
+    used = FINAL_MODEL_MARGIN if margin is None else margin
+    return dict(baseline_check(cfg.task, test_metrics, trivial, used), trivial=trivial,
+                margin=dataclasses.asdict(used), enforced=margin is not None)
+
+
+def _load(cfg: ExperimentConfig, ds, out_dir, device="cpu", margin=FINAL_MODEL_MARGIN):
     """(model, record) from ``out_dir`` after checking both against the experiment."""
     out_dir = Path(out_dir)
     mpath, rpath = out_dir / MODEL_FILE, out_dir / RECORD_FILE
@@ -127,6 +150,10 @@ def _load(cfg: ExperimentConfig, ds, out_dir, device="cpu"):
                          f"(differs in {diff}); retrain with train_final_model")
     if sha256_file(mpath) != record.get("model_sha256"):
         raise ValueError(f"{mpath} is not the file its record describes (sha256 differs)")
+    # recomputed from the record's test metrics: records saved before the check have none
+    record["baseline"] = _baseline(cfg, ds, record["metrics"]["test"], margin)
+    if margin is not None:
+        require_beaten(record["baseline"], f"the final model saved in {out_dir} is refused")
     model = _build(cfg, ds, device)
     model.load_state_dict(torch.load(mpath, map_location=device, weights_only=True))
     model.eval()
@@ -155,7 +182,8 @@ def _eval_rows(n: int, max_rows: Optional[int]) -> np.ndarray:
 
 
 def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, progress=True,
-                      force=False, max_eval_rows: Optional[int] = None):
+                      force=False, max_eval_rows: Optional[int] = None,
+                      margin: Optional[BaselineMargin] = FINAL_MODEL_MARGIN):
     """Train theta^f for ``ds`` as ``cfg`` says (module docstring), or load it from ``out_dir``
     when a saved one matches. Returns (model in eval mode, record).
 
@@ -164,23 +192,33 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
     ``cfg.train.eval_rows``, whose None evaluates everything. It does not change the model.
 
     With ``out_dir`` the model file's lock (:func:`fimoda.locks.result_lock`) is held throughout:
-    a second process training the same model waits, then loads the first one's."""
+    a second process training the same model waits, then loads the first one's.
+
+    The trained model must beat its trivial predictor (:mod:`fimoda.baselines`) by ``margin``;
+    otherwise :class:`fimoda.baselines.TrivialModelError` gives the numbers and nothing is saved
+    (no model file, no record). A saved model is checked again when loaded, and one that fails is
+    refused the same way (retraining with the same settings would give the same model).
+    ``margin=None`` reports the check in the record without enforcing it: only for tests of the
+    training machinery on toy data, never for a model that is attributed."""
     _check(cfg, ds)                  # bad input: one error before anything is written
     if out_dir is None:
-        return _train_or_load(cfg, ds, device, out_dir, progress, force, max_eval_rows)
+        return _train_or_load(cfg, ds, device, out_dir, progress, force, max_eval_rows, margin)
     with result_lock(Path(out_dir) / MODEL_FILE, f"the final model of {cfg.dataset}"):
-        return _train_or_load(cfg, ds, device, out_dir, progress, force, max_eval_rows)
+        return _train_or_load(cfg, ds, device, out_dir, progress, force, max_eval_rows, margin)
 
 
-def _train_or_load(cfg: ExperimentConfig, ds, device, out_dir, progress, force, max_eval_rows):
+def _train_or_load(cfg: ExperimentConfig, ds, device, out_dir, progress, force, max_eval_rows,
+                   margin):
     if out_dir is not None and not force:
         try:
-            model, record = _load(cfg, ds, out_dir, device)
+            model, record = _load(cfg, ds, out_dir, device, margin)
             if progress:
                 print(f"final model: loaded from {Path(out_dir) / MODEL_FILE}")
             return model, record
         except FileNotFoundError:
             pass
+        except TrivialModelError:
+            raise
         except ValueError as err:
             print(f"final model: not reusing the saved one ({err}); retraining")
     rows, val = train_rows(cfg, ds)
@@ -222,6 +260,10 @@ def _train_or_load(cfg: ExperimentConfig, ds, device, out_dir, progress, force, 
                    "test": evaluate(fitted, Xte[t], yte[t], cfg.task, eval_bs)}
         if Xval is not None:
             metrics["val"] = evaluate(fitted, Xval, yval, cfg.task, eval_bs)
+    baseline = _baseline(cfg, ds, metrics["test"], margin)
+    if margin is not None:          # before anything is written
+        require_beaten(baseline, f"the final model of {cfg.dataset} ({cfg.profile} profile) "
+                                 f"is refused and not saved")
 
     buf = _io.BytesIO()
     torch.save(model.state_dict(), buf)
@@ -234,7 +276,8 @@ def _train_or_load(cfg: ExperimentConfig, ds, device, out_dir, progress, force, 
         n_train_total=len(ds.X_train), n_train_used=len(rows),
         train_rows=None if len(rows) == len(ds.X_train) else rows.tolist(),
         val_rows=val.tolist() if len(val) else None,
-        best_epoch=best_epoch + 1, epochs=cfg.train.epochs, metrics=metrics, curves=curves,
+        best_epoch=best_epoch + 1, epochs=cfg.train.epochs, metrics=metrics, baseline=baseline,
+        curves=curves,
         wall_time_s=wall, torch_version=torch.__version__, num_threads=threads,
         device=str(device), model_sha256=hashlib.sha256(blob).hexdigest(),
     )

@@ -9,7 +9,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from .progress import progress_bar
 
 from .config import ExperimentConfig
 from .losses import per_example_loss
@@ -146,14 +146,15 @@ def _fit(model, cfg: ExperimentConfig, Xtr, ytr, Xte, yte, Xval, yval, progress:
     full_train, full_test, val_acc = [], [], []
     best = (-1.0, -1, None)  # (val accuracy, epoch, state)
     step = 0
-    bar = tqdm(range(tc.epochs), desc=f"train {cfg.dataset}", disable=not progress)
+    bar = progress_bar(range(tc.epochs), desc=f"train {cfg.dataset}", unit="epoch",
+                       disable=not progress)
     for epoch in bar:
         model.train()
         perm = torch.randperm(n, generator=order_gen).to(Xtr.device)
         running = torch.zeros((), dtype=torch.float64, device=Xtr.device)
         inner = range(n_batches)
         if not tabular and progress:
-            inner = tqdm(inner, desc=f"epoch {epoch + 1}", leave=False)
+            inner = progress_bar(inner, desc=f"epoch {epoch + 1}", leave=False)
         for b in inner:
             idx = perm[b * bs:(b + 1) * bs]
             xb, yb = Xtr[idx], ytr[idx]

@@ -28,7 +28,7 @@ def env(**extra):
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """main() sets these from its options: restored after every test."""
-    for var in ("FIMODA_RESULTS_DIR", "FIMODA_FIGURES_DIR", "TQDM_DISABLE"):
+    for var in ("FIMODA_RESULTS_DIR", "FIMODA_FIGURES_DIR", "TQDM_DISABLE", "FIMODA_PROGRESS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
 

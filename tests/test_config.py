@@ -55,7 +55,7 @@ def test_every_profile_builds_and_reports_reductions(dataset, profile):
     text = describe(c)
     assert dataset in text
     if profile != "paper":
-        assert reductions(c) and "reduced from the paper" in text
+        assert reductions(c) and "changed from the paper" in text
     if dataset in ("adult", "fashion_mnist"):
         assert "STAND-IN" in text
 

@@ -404,7 +404,8 @@ def test_retrain_full_run_is_the_final_model(tmp_path):
     cfg = get_config("concrete", "smoke")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=4))
     ds = load_dataset("concrete", data_dir=data_dir())
-    model, _ = train_final_model(cfg, ds, out_dir=tmp_path, progress=False)
+    # 4 epochs need not beat the trivial predictor: the check is off (margin=None)
+    model, _ = train_final_model(cfg, ds, out_dir=tmp_path, progress=False, margin=None)
     X, y, Xt, yt = (torch.as_tensor(np.asarray(a)) for a in (ds.X_train, ds.y_train, ds.X_test,
                                                              ds.y_test))
     init = build_model(cfg, n_features=X.shape[1])

@@ -107,6 +107,10 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, nb.name
     check_hand_written(isolated / "executed" / "smoke", "concrete")
+    check_clean_outputs(executed)
+    # the kernels' log keeps each finished training bar's summary, labelled with its notebook
+    log = (isolated / "executed" / "smoke" / "kernels.log").read_text()
+    assert re.search(r"01_final_models \[concrete\]: train concrete: 40/40 epoch in ", log), log
     res = isolated / "results" / "smoke" / "concrete"
     for name in ("final_model.pt", "final_model.json", "gold_sgd_remove.npz",
                  "gold_sgd_subtract.npz", "gold_adam_remove.npz", "scores_dense_damping0.npz",
@@ -209,6 +213,24 @@ def check_report(isolated, ds, retrain=False, adam=False):
     assert rows.drop("CG")["paper sp first"].isna().all()
 
 
+def check_clean_outputs(executed):
+    """No cell of an executed notebook stores more than 3 stream outputs (a progress bar is one
+    display updated in place, not one output per redraw), and none shows an empty or bare
+    Python value ({}, [], None) or a path object's repr."""
+    for nb in executed:
+        for k, cell in enumerate(json.loads(nb.read_text())["cells"]):
+            outputs = cell.get("outputs", [])
+            streams = [o for o in outputs if o["output_type"] == "stream"]
+            assert len(streams) <= 3, (nb.name, k, [o["text"] for o in streams][:5])
+            for o in outputs:
+                text = o["text"] if "text" in o else o.get("data", {}).get("text/plain")
+                if text is None:                 # an image or HTML only
+                    continue
+                text = "".join(text).strip()
+                assert text not in ("{}", "[]", "None", "()", ""), (nb.name, k, o)
+                assert not text.startswith(("PosixPath(", "WindowsPath(")), (nb.name, k, text)
+
+
 def test_mislabel_detection_runs_on_a_classification_dataset(isolated):
     require_file("heloc/heloc_dataset_v1.csv")
     pipeline.run("smoke", ["fico"], only=["01", "02", "06"])
@@ -237,6 +259,7 @@ def test_smoke_pipeline_for_images_and_text(isolated, capfd):
         cells = json.loads(nb.read_text())["cells"]
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, nb.name
+    check_clean_outputs(executed)
     for ds, gold in (("fashion_mnist", "gold_sgd_subtract.npz"), ("sst2", "gold_adamw_subtract.npz")):
         res = isolated / "results" / "smoke" / ds
         for name in ("final_model.pt", "final_model.json", gold,

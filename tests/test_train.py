@@ -20,6 +20,11 @@ from fimoda.models import ResNet9, TextClassifier, n_params
 
 
 
+# The tests below exercise the training machinery on toy data and a few epochs, with the rule
+# that theta^f must beat its trivial predictor off (margin=None); tests/test_baselines.py tests
+# the rule itself.
+
+
 def FakeDataset(name, task, n_classes, X_train, y_train, X_test, y_test, **kw):
     """A synthetic fimoda.data.Dataset (no files behind it)."""
     fields = dict(ids_train=np.arange(len(X_train)), ids_test=np.arange(len(X_test)),
@@ -50,9 +55,9 @@ def reg_cfg(**train):
 
 def test_tabular_bit_identical_reruns():
     ds = regression_ds()
-    a, ra = T.train_final_model(reg_cfg(), ds, progress=False)
-    b, rb = T.train_final_model(reg_cfg(), ds, progress=False)
-    c, _ = T.train_final_model(reg_cfg(seed=1), ds, progress=False)
+    a, ra = T.train_final_model(reg_cfg(), ds, progress=False, margin=None)
+    b, rb = T.train_final_model(reg_cfg(), ds, progress=False, margin=None)
+    c, _ = T.train_final_model(reg_cfg(seed=1), ds, progress=False, margin=None)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert ra["model_sha256"] == rb["model_sha256"]
@@ -62,7 +67,7 @@ def test_tabular_bit_identical_reruns():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        d, rd = T.train_final_model(reg_cfg(), ds, progress=False)
+        d, rd = T.train_final_model(reg_cfg(), ds, progress=False, margin=None)
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
@@ -74,7 +79,7 @@ def test_batch_order_is_the_seeded_randperm():
     """One epoch equals a hand-written SGD loop over torch.randperm(n, Generator(seed))."""
     ds = regression_ds(n=200)
     cfg = reg_cfg(epochs=1, lr=0.1)
-    model, _ = T.train_final_model(cfg, ds, progress=False)
+    model, _ = T.train_final_model(cfg, ds, progress=False, margin=None)
     ref = T._build(cfg, ds, "cpu")
     X = torch.as_tensor(ds.X_train)
     y = torch.as_tensor(ds.y_train)
@@ -95,7 +100,7 @@ def test_loss_decreases_and_metrics():
     ds = regression_ds()
     untrained = T._build(reg_cfg(), ds, "cpu")
     before = TL.evaluate(untrained, ds.X_train, ds.y_train, "regression")
-    model, rec = T.train_final_model(reg_cfg(epochs=30), ds, progress=False)
+    model, rec = T.train_final_model(reg_cfg(epochs=30), ds, progress=False, margin=None)
     curve = rec["curves"]["train_loss"]
     assert len(curve) == 30 and len(rec["curves"]["test_loss"]) == 30
     assert rec["curves"]["eval_epoch"] == list(range(1, 31))
@@ -108,7 +113,7 @@ def test_loss_decreases_and_metrics():
     cds = classification_ds()
     cfg = get_config("adult", "smoke")
     cfg = replace(cfg, train=replace(cfg.train, epochs=20, lr=0.1))
-    model, rec = T.train_final_model(cfg, cds, progress=False)
+    model, rec = T.train_final_model(cfg, cds, progress=False, margin=None)
     curve = rec["curves"]["train_loss"]
     assert curve[-1] < curve[0] < 0.8
     assert rec["metrics"]["train"]["accuracy"] > 0.8
@@ -136,7 +141,7 @@ def test_evaluate_matches_hand_computation():
 def test_record_json(tmp_path):
     ds = classification_ds()
     cfg = get_config("adult", "smoke")
-    model, rec = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False)
+    model, rec = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False, margin=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == [T.RECORD_FILE, T.MODEL_FILE]
     saved = json.loads((tmp_path / T.RECORD_FILE).read_text())
     full = json.loads(json.dumps(cfg.to_dict()))
@@ -160,7 +165,8 @@ def test_record_json(tmp_path):
 
 def test_curve_epochs_are_spaced_for_long_runs(monkeypatch):
     monkeypatch.setattr(TL, "CURVE_POINTS", 4)
-    _, rec = T.train_final_model(reg_cfg(epochs=10), regression_ds(n=100), progress=False)
+    _, rec = T.train_final_model(reg_cfg(epochs=10), regression_ds(n=100), progress=False,
+                                 margin=None)
     assert rec["curves"]["eval_epoch"] == [3, 6, 9, 10]
     assert len(rec["curves"]["train_loss"]) == 4 and len(rec["curves"]["minibatch_loss"]) == 10
 
@@ -168,66 +174,71 @@ def test_curve_epochs_are_spaced_for_long_runs(monkeypatch):
 def test_reuse_and_retrain(tmp_path, monkeypatch, capsys):
     ds = regression_ds()
     cfg = reg_cfg()
-    first, rec1 = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False)
+    first, rec1 = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False, margin=None)
     fit = T._fit
 
     def must_not_train(*a, **k):
         raise AssertionError("retrained although a matching model was saved")
     monkeypatch.setattr(T, "_fit", must_not_train)
-    again, rec2 = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False)
+    again, rec2 = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False, margin=None)
     assert not again.training and rec2 == json.loads(json.dumps(rec1))
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
                                                  again.state_dict().values()))
-    loaded = T.load_final_model(cfg, ds, tmp_path)
+    loaded = T.load_final_model(cfg, ds, tmp_path, margin=None)
     assert torch.equal(loaded.out.weight, first.out.weight) and not loaded.training
     assert T.load_record(tmp_path) == rec2
 
     # Settings downstream of theta^f (further training, methods) do not invalidate it.
     downstream = replace(cfg, further=replace(cfg.further, seeds=7),
                          methods=replace(cfg.methods, memory_gb=1.0))
-    assert torch.equal(T.load_final_model(downstream, ds, tmp_path).out.weight, first.out.weight)
+    assert torch.equal(T.load_final_model(downstream, ds, tmp_path, margin=None).out.weight,
+                       first.out.weight)
 
     # A different config, different data, or force=True retrains; a mismatch never loads.
     other = reg_cfg(lr=0.02)
     with pytest.raises(ValueError, match="does not match"):
-        T.load_final_model(other, ds, tmp_path)
+        T.load_final_model(other, ds, tmp_path, margin=None)
     with pytest.raises(AssertionError, match="retrained"):
-        T.train_final_model(other, ds, out_dir=tmp_path, progress=False)
+        T.train_final_model(other, ds, out_dir=tmp_path, progress=False, margin=None)
     with pytest.raises(AssertionError, match="retrained"):
-        T.train_final_model(cfg, regression_ds(seed=1), out_dir=tmp_path, progress=False)
+        T.train_final_model(cfg, regression_ds(seed=1), out_dir=tmp_path, progress=False,
+                            margin=None)
     with pytest.raises(AssertionError, match="retrained"):
-        T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False, force=True)
+        T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False, margin=None, force=True)
     monkeypatch.setattr(T, "_fit", fit)
-    m3, rec3 = T.train_final_model(other, ds, out_dir=tmp_path, progress=False)
+    m3, rec3 = T.train_final_model(other, ds, out_dir=tmp_path, progress=False, margin=None)
     assert rec3["config"]["train"]["lr"] == 0.02
     assert "not reusing" in capsys.readouterr().out
     assert not torch.equal(m3.out.weight, first.out.weight)
-    assert torch.equal(T.load_final_model(other, ds, tmp_path).out.weight, m3.out.weight)
+    assert torch.equal(T.load_final_model(other, ds, tmp_path, margin=None).out.weight,
+                       m3.out.weight)
     assert T.load_record(tmp_path)["model_sha256"] == rec3["model_sha256"]
     with pytest.raises(FileNotFoundError):
-        T.load_final_model(cfg, ds, tmp_path / "nothing")
+        T.load_final_model(cfg, ds, tmp_path / "nothing", margin=None)
 
 
 def test_no_partial_files_when_training_fails(tmp_path):
     ds = regression_ds()
     with pytest.raises(FloatingPointError, match="diverged"):
-        T.train_final_model(reg_cfg(lr=1e6), ds, out_dir=tmp_path / "a", progress=False)
+        T.train_final_model(reg_cfg(lr=1e6), ds, out_dir=tmp_path / "a", progress=False,
+                            margin=None)
     assert not (tmp_path / "a").exists() or list((tmp_path / "a").iterdir()) == []
     # A failure after an earlier success leaves the earlier files whole and consistent.
-    T.train_final_model(reg_cfg(), ds, out_dir=tmp_path / "b", progress=False)
+    T.train_final_model(reg_cfg(), ds, out_dir=tmp_path / "b", progress=False, margin=None)
     before = {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()}
     with pytest.raises(FloatingPointError):
-        T.train_final_model(reg_cfg(lr=1e6), ds, out_dir=tmp_path / "b", progress=False)
+        T.train_final_model(reg_cfg(lr=1e6), ds, out_dir=tmp_path / "b", progress=False,
+                            margin=None)
     assert {p.name: p.read_bytes() for p in (tmp_path / "b").iterdir()} == before
     # A weights file that is not the one its record describes is refused.
     (tmp_path / "b" / T.MODEL_FILE).write_bytes(b"junk")
     with pytest.raises(ValueError, match="sha256"):
-        T.load_final_model(reg_cfg(), ds, tmp_path / "b")
+        T.load_final_model(reg_cfg(), ds, tmp_path / "b", margin=None)
     # Bad input: one clear error, nothing written.
     bad = regression_ds()
     bad.X_train[3, 1] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        T.train_final_model(reg_cfg(), bad, out_dir=tmp_path / "c", progress=False)
+        T.train_final_model(reg_cfg(), bad, out_dir=tmp_path / "c", progress=False, margin=None)
     with pytest.raises(ValueError, match="task"):
         T.train_final_model(get_config("fico", "smoke"), ds, out_dir=tmp_path / "c",
                             progress=False)
@@ -270,7 +281,8 @@ def test_resnet9_tiny_run(tmp_path, capsys):
     cfg = get_config("cifar10", "smoke")
     cfg = replace(cfg, train=replace(cfg.train, epochs=1, batch_size=4, n_train_subset=6))
     init = T._build(cfg, ds, "cpu")
-    model, rec = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False, max_eval_rows=3)
+    model, rec = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False, margin=None,
+                                     max_eval_rows=3)
     assert "training on 6 of 8" in capsys.readouterr().out
     assert rec["metrics"]["train"]["n"] == 3 and rec["metrics"]["test"]["n"] == 3
     assert isinstance(model, ResNet9) and not model.training
@@ -306,7 +318,7 @@ def test_text_tiny_run(tmp_path, monkeypatch):
     ds = FakeDataset("sst2", "classification", 2, X[:16], y[:16], X[16:], y[16:])
     cfg = replace(cfg, train=replace(cfg.train, epochs=2, batch_size=8, n_train_subset=None,
                                      select_epoch_by_val=True))
-    model, rec = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False)
+    model, rec = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False, margin=None)
     assert isinstance(model, TextClassifier) and not model.training
     assert len(rec["val_rows"]) == 3 and rec["n_train_used"] == 13
     assert len(rec["curves"]["val_accuracy"]) == 2

@@ -96,7 +96,8 @@ def _output(a, program: bool):
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr,     # others: warnings
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("fimoda").setLevel(logging.INFO)
-        if program and "tqdm" not in sys.modules:   # the methods' inner bars: read at import
+        if program:     # the methods' inner bars (fimoda.progress), and other libraries' tqdm
+            os.environ.setdefault("FIMODA_PROGRESS", "off")
             os.environ.setdefault("TQDM_DISABLE", "1")
 
 

@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from .. import io as fio
 
@@ -251,7 +251,7 @@ def _fetch(url: str, dest: Path, desc: str) -> None:
     """Stream ``url`` into ``dest`` (a temporary path the caller owns), with a progress bar."""
     with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as fh:
         total = int(r.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
             for block in iter(lambda: r.read(1 << 20), b""):
                 fh.write(block)
                 bar.update(len(block))

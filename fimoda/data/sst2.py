@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from .. import io as fio
 from .files import DataFileError
@@ -42,7 +42,7 @@ def _tokenize(tok, sentences: list, max_length: int, desc: str) -> np.ndarray:
     """(N, 2, L) int32: input ids and attention mask, padded / truncated to ``max_length``."""
     out = np.zeros((len(sentences), 2, max_length), np.int32)
     step = 2048
-    for i in tqdm(range(0, len(sentences), step), desc=desc, leave=False,
+    for i in progress_bar(range(0, len(sentences), step), desc=desc, leave=False,
                   disable=len(sentences) <= step):
         enc = tok(sentences[i:i + step], padding="max_length", truncation=True,
                   max_length=max_length, return_tensors="np")

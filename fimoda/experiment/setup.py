@@ -19,16 +19,16 @@ def setup(dataset: str, profile: str, data_dir=None, dtype: Optional[str] = None
           seeds: Optional[int] = None):
     """What every per-dataset notebook starts with: ``$FIMODA_DATA_DIR`` set from ``data_dir``
     (if given), the dataset's config under ``profile`` (``dtype`` overriding the dataset's,
-    ``seeds`` the number of further-training seeds), its banner printed (stand-ins,
-    gold-standard settings, reductions), and the profile's figures folder. Returns (cfg,
+    ``seeds`` the number of further-training seeds), its banner shown (a table in a notebook,
+    text elsewhere: :mod:`fimoda.banner`), and the profile's figures folder. Returns (cfg,
     figures folder)."""
     import os
-    from ..config import describe
+    from ..banner import show_banner
     from ..io import figures_dir
     if data_dir:
         os.environ["FIMODA_DATA_DIR"] = str(data_dir)
     cfg = run_config(dataset, profile, dtype, seeds)
-    print(describe(cfg))
+    show_banner(cfg)
     return cfg, figures_dir(profile)
 
 

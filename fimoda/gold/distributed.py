@@ -37,7 +37,7 @@ import uuid
 from typing import Callable, Optional, Union
 
 import torch
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from .runner import GoldJob, executing, write_piece
 
@@ -132,8 +132,9 @@ def dask_executor(client, retries: int = 2, threads: Optional[int] = None,
         futures = {client.submit(write_piece, job_f, s, c, block_threads=block_threads,
                                  threads=n_threads, key=f"fimoda-gold-{tag}-seed{s}-chunk{c}",
                                  retries=retries, pure=False): (s, c) for s, c in pieces}
-        bar = tqdm(total=len(pieces), unit="piece", disable=not progress,
-                   desc=f"gold pieces on {len(client.scheduler_info()['workers'])} dask workers")
+        bar = progress_bar(total=len(pieces), unit="piece", disable=not progress,
+                           desc=f"gold pieces on {len(client.scheduler_info()['workers'])} "
+                                "dask workers")
         try:
             for done, f in enumerate(as_completed(futures), 1):
                 f.result()                   # a task's exception (after its retries) is raised

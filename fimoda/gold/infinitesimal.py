@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 import torch
 from torch.func import functional_call, grad, jvp, vmap
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..losses import per_example_loss
 from .config import GoldConfig, GoldResult
@@ -167,9 +167,9 @@ def infinitesimal_further_train(model: torch.nn.Module, task: str, X_train, y_tr
     stepper = _Step(engine, cfg)
     loo_t = torch.as_tensor(loo, device=X.device)
     adam = cfg.optimizer != "sgd"
-    bar = tqdm(total=len(seeds) * len(chunks) * sched.total, unit="step",
-               disable=not cfg.progress,
-               desc=f"infinitesimal gold ({cfg.optimizer}, {n_loo} tangents)")
+    bar = progress_bar(total=len(seeds) * len(chunks) * sched.total, unit="step",
+                       disable=not cfg.progress,
+                       desc=f"infinitesimal gold ({cfg.optimizer}, {n_loo} tangents)")
     try:
         for si, seed in enumerate(seeds):
             perms = epoch_permutations(n, seed, sched.n_epochs, cfg.shuffle)

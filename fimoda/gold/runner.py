@@ -24,7 +24,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..losses import check_task
 from ..tensors import as_inputs, as_targets, check_data
@@ -269,7 +269,8 @@ def shard_executor(k: int, n: int, progress: bool = True) -> Callable:
     def run(job: GoldJob, pieces):
         mine = set(job.pieces()[k - 1::n])
         todo = [p for p in pieces if p in mine]
-        for s, c in tqdm(todo, desc=f"gold shard {k}/{n}", unit="piece", disable=not progress):
+        for s, c in progress_bar(todo, desc=f"gold shard {k}/{n}", unit="piece",
+                                 disable=not progress):
             write_piece(job, s, c)
         log.info("gold shard %d/%d: %d piece(s) written to %s", k, n, len(todo), job.workdir)
     run.concurrent = True       # the other shards write into the same work directory meanwhile
@@ -339,10 +340,10 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
     dist_full = np.empty((len(seeds), T))
     dist_loo = np.empty((len(seeds), n_loo, T))
     threads = torch.get_num_threads()   # worker threads set their own; restored at the end
-    bar = tqdm(total=len(seeds) * len(runs), unit="run", disable=not cfg.progress,
-               desc=f"further training ({cfg.optimizer}, {cfg.mechanism})",
-               bar_format="{l_bar}{bar}| {n:.1f}/{total} runs [{elapsed}<{remaining}, "
-                          "{rate_fmt}{postfix}]")
+    bar = progress_bar(total=len(seeds) * len(runs), unit="run", disable=not cfg.progress,
+                       desc=f"further training ({cfg.optimizer}, {cfg.mechanism})",
+                       bar_format="{l_bar}{bar}| {n:.1f}/{total} runs [{elapsed}<{remaining}, "
+                                  "{rate_fmt}{postfix}]")
     computed_runs, computed_s = 0, 0.0
     try:
         for si, seed in enumerate(seeds):

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from .common import Attributor, DampedConfig, damping_value
 from .errors import MemoryBudgetError
@@ -56,7 +56,7 @@ def arnoldi_eig(matvec: Callable, P: int, n_iter: int, seed: int, dtype, device,
     q = rand()
     q = q / q.norm()
     anorm = 0.0
-    for j in tqdm(range(m), desc="Arnoldi", leave=False, disable=not progress):
+    for j in progress_bar(range(m), desc="Arnoldi", leave=False, disable=not progress):
         Q[:, j] = q
         w = matvec(q)
         anorm = max(anorm, float(w.norm()))

@@ -31,7 +31,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..config import MethodConfig
 from ..gradients import block_slices
@@ -100,8 +100,8 @@ def datainf(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> np.ndarray
     chunk = cfg.chunk or problem.grad_rows()
     it = range(0, m, chunk)
     if problem.progress and m > chunk:
-        it = tqdm(it, desc="DataInf: training gradients", total=(m + chunk - 1) // chunk,
-                  leave=False)
+        it = progress_bar(it, desc="DataInf: training gradients",
+                          total=(m + chunk - 1) // chunk, leave=False)
     for s in it:
         k = idx[s:s + chunk]
         g = problem.loss_grads(problem.X[k], problem.Y[k], desc=None)

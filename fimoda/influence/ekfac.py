@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..gradients import block_slices
 from ..losses import gn_output, loss_derivatives
@@ -146,7 +146,7 @@ def _passes(problem, layers, batch_size: int, desc: str):
     n = len(problem.X)
     it = range(0, n, batch_size)
     if problem.progress and n > batch_size:
-        it = tqdm(it, desc=desc, total=(n + batch_size - 1) // batch_size, leave=False)
+        it = progress_bar(it, desc=desc, total=(n + batch_size - 1) // batch_size, leave=False)
     try:
         for s in it:
             x, y = problem.trim(problem.X[s:s + batch_size]), problem.Y[s:s + batch_size]

@@ -85,7 +85,8 @@ def _lissa(att: Attributor, cfg: LissaConfig, hessian: str, desc: str) -> np.nda
                                          f"scale={next_scale(scale):g}") from e
             continue
         if i > 0:
-            warnings.warn(f"{desc} diverged at scale {scales[:i]}; used scale={scale:g}")
+            tried = ", ".join(f"{v:g}" for v in scales[:i])
+            warnings.warn(f"{desc} diverged at scale {tried}; used scale={scale:g}")
         return out
 
 

@@ -48,7 +48,7 @@ from typing import Optional
 import numpy as np
 import torch
 from torch.func import grad
-from tqdm.auto import tqdm
+from ..progress import progress_bar
 
 from ..gold.optim import ADAM_BETAS, ADAM_EPS
 from ..gradients import flatten
@@ -72,7 +72,7 @@ def adam_moments(att: Attributor, batch_size: int, weight_decay: float = 0.0,
     gsum, v = torch.zeros_like(theta), torch.zeros_like(theta)
     it = range(K)
     if progress and K > 1:
-        it = tqdm(it, desc="Adam's state at theta^f", leave=False)
+        it = progress_bar(it, desc="Adam's state at theta^f", leave=False)
     for k in it:
         idx = order[k * batch_size:(k + 1) * batch_size]
         g = flatten(batch_grad(p.params, p.trim(p.X[idx]), p.Y[idx]), p.names).detach()

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..gradients import flatten
 from .common import Attributor
@@ -118,7 +118,7 @@ def nonstationary_curve(att: Attributor, cfg: "TrajectoryConfig", steps: np.ndar
     R = projected_products(att, cfg.hessian, sq[:, None] * V, sq[:, None] * Wq)
     wanted, out = {int(t) for t in steps}, {}
     e, p_t = torch.zeros_like(Zl), torch.zeros_like(theta)
-    for k in tqdm(range(t_max + 1), desc="trajectory (non-stationary)", leave=False,
+    for k in progress_bar(range(t_max + 1), desc="trajectory (non-stationary)", leave=False,
                   disable=not progress or t_max < 2):
         if k in wanted:
             s = Zg.T @ (p_t[:, None] * Zl + e) / n     # (m, n_loo)

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from .common import Attributor
 from .errors import finite_trajectory
@@ -90,7 +90,7 @@ def recurrence_curve(att: Attributor, cfg: "TrajectoryConfig", steps: np.ndarray
     wanted = {int(t) for t in steps}
     t_max = max(wanted)
     rec, H = {}, torch.zeros_like(B)
-    for k in tqdm(range(t_max + 1), desc="trajectory (recurrence)", leave=False,
+    for k in progress_bar(range(t_max + 1), desc="trajectory (recurrence)", leave=False,
                   disable=not progress or t_max < 2):
         if k in wanted:
             S = other @ H / n                          # (m, k): the other side's dot products

@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from ..config import MethodConfig
 from ..losses import loss_derivatives
@@ -148,7 +148,7 @@ def _features(problem, X, Y, project, chunk, desc):
     rows = []
     it = range(0, len(X), chunk)
     if problem.progress and len(X) > chunk:
-        it = tqdm(it, desc=desc, total=(len(X) + chunk - 1) // chunk, leave=False)
+        it = progress_bar(it, desc=desc, total=(len(X) + chunk - 1) // chunk, leave=False)
     for s in it:
         g = problem.output_grads(X[s:s + chunk], Y[s:s + chunk], desc=None)
         rows.append(project(g).to(torch.float64))
@@ -171,8 +171,8 @@ def trak_kernel(att: Attributor, cfg: TrakConfig):
     XtX = torch.zeros(k, k, dtype=torch.float64, device=problem.device)
     it = range(0, n, chunk)
     if problem.progress and n > chunk:
-        it = tqdm(it, desc="TRAK: projected training gradients", total=(n + chunk - 1) // chunk,
-                  leave=False)
+        it = progress_bar(it, desc="TRAK: projected training gradients",
+                          total=(n + chunk - 1) // chunk, leave=False)
     for s in it:
         g = problem.output_grads(problem.X[s:s + chunk], problem.Y[s:s + chunk], desc=None)
         phi = project(g).to(torch.float64)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from tqdm import tqdm
+from ...progress import progress_bar
 
 from ..errors import NotConvergedError, NotPositiveDefiniteError
 from ..operators import DampedHessian, orth
@@ -146,7 +146,7 @@ def cg_solve(matmat: Callable, B: torch.Tensor, tol: float = 1e-8, max_iter: int
     run = _cg_block if block else _cg_columns
     # CG stops when the residual does, usually long before max_iter: the bar counts steps and
     # shows their rate, with no total (max_iter as a total would give a meaningless ETA)
-    bar = tqdm(desc=f"{desc} ({k} right-hand sides)", unit="step", leave=False,
+    bar = progress_bar(desc=f"{desc} ({k} right-hand sides)", unit="step", leave=False,
                disable=not progress)
     try:
         rnorm = norm(R)                       # X = 0: R = B exactly, the estimate suffices

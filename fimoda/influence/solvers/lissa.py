@@ -21,7 +21,7 @@ import warnings
 from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
-from tqdm import tqdm
+from ...progress import progress_bar
 
 from ..errors import LissaDivergedError
 from ..operators import DampedHessian
@@ -67,7 +67,7 @@ def lissa_solve(matmat: Callable, B: torch.Tensor, scale: float, depth: int,
     bound = None
     if stochastic:
         bound = divergence_factor * max(1.0, scale / lam) * bnorm if lam and lam > 0 else None
-    for t in tqdm(range(depth), desc=desc, leave=False, disable=not progress):
+    for t in progress_bar(range(depth), desc=desc, leave=False, disable=not progress):
         Vn = B + V - matmat(t, V) / scale
         bad = not bool(torch.isfinite(Vn).all())
         if not bad and not stochastic:
@@ -180,7 +180,7 @@ def krylov_lissa_solve(matmat: Callable, B: torch.Tensor, scale: float, depth: i
         Z = U[:C0.shape[0]].T @ C0                    # coordinates of B in T's eigenbasis
         return Q[:, :m] @ (U @ lissa_diagonal(theta, Z, scale, depth, divergence_factor))
 
-    bar = tqdm(desc=f"{desc} (Krylov blocks)", leave=False, disable=not progress)
+    bar = progress_bar(desc=f"{desc} (Krylov blocks)", leave=False, disable=not progress)
     try:
         while True:
             s, e = blocks[-1]
