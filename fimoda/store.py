@@ -171,7 +171,8 @@ def check(path, inputs: dict, rerun: str) -> dict:
 
 def cached(path, inputs: dict, compute: Callable[[], object], load: Callable[[Path], object],
            what: str = "", reuse: str = "auto", device="cpu", lock: bool = True,
-           files: Iterable = (), rerun: str = "", quiet: bool = False):
+           files: Iterable = (), rerun: str = "", quiet: bool = False,
+           threads: Optional[int] = None):
     """The result at ``path`` for ``inputs``: loaded (``load(path)``) when its record says it
     was computed from these inputs in this environment and its files are intact, else computed.
     ``compute()`` writes the data files itself (atomically: ``path`` and the extra ``files``) and
@@ -180,11 +181,15 @@ def cached(path, inputs: dict, compute: Callable[[], object], load: Callable[[Pa
     ``reuse``: "auto" (reuse or recompute), "only" (reuse, or :class:`StaleResult` naming what
     differs -- nothing is computed), "never" (always recompute). ``lock``: hold the result's
     file lock throughout (False where the caller coordinates itself, e.g. job-array shards).
-    A recomputation that replaces an existing result prints one line saying why."""
+    A recomputation that replaces an existing result prints one line saying why. ``threads``:
+    the intra-op thread count the computation runs with when it sets its own (None: this
+    process's)."""
     if reuse not in REUSE:
         raise ValueError(f"reuse must be one of {REUSE}, got {reuse!r}")
     path = Path(path)
     env = environment(device)
+    if threads is not None:
+        env["threads"] = int(threads)
     import contextlib
     guard = result_lock(path, what) if lock else contextlib.nullcontext()
     with guard:
@@ -197,7 +202,6 @@ def cached(path, inputs: dict, compute: Callable[[], object], load: Callable[[Pa
                               + (f"; rerun {rerun}" if rerun else ""))
         if why != "none" and not quiet:
             print(f"{what or path.name}: recomputing, the stored one cannot be reused ({why})")
-        record_path(path).unlink(missing_ok=True)       # no record stands for half-new files
-        info = compute() or {}
+        info = compute() or {}      # a failure midway leaves files the old record's sha256 refuse
         write_record(path, inputs, files, env, what, **info)
         return load(path)

@@ -79,7 +79,7 @@ def test_a_file_changed_behind_its_record_or_without_one_is_recomputed(tmp_path)
     assert store.cached(p, {"a": 1}, compute, load_x) == 1.0 and len(calls) == 3
 
 
-def test_a_failed_computation_leaves_no_record_standing(tmp_path):
+def test_a_failed_computation_leaves_no_record_that_stands_for_its_files(tmp_path):
     p = tmp_path / "r.npz"
     compute, _ = _computer(p, 1.0)
     store.cached(p, {"a": 1}, compute, load_x)
@@ -89,9 +89,10 @@ def test_a_failed_computation_leaves_no_record_standing(tmp_path):
         raise RuntimeError("boom")
     with pytest.raises(RuntimeError, match="boom"):
         store.cached(p, {"a": 2}, broken, load_x)
-    assert not store.record_path(p).exists()                  # neither a=1 nor a=2 stands for it
-    with pytest.raises(store.StaleResult, match="no record"):
+    with pytest.raises(store.StaleResult, match="sha256 differs"):   # a=1's record refuses it
         store.check(p, {"a": 1}, "step 1")
+    with pytest.raises(store.StaleResult, match="differs in: a"):    # and a=2 has none
+        store.check(p, {"a": 2}, "step 1")
 
 
 def test_another_thread_count_recomputes_but_readers_accept_it(tmp_path, capsys):
@@ -120,7 +121,7 @@ def _experiment(tmp_path):
                          X_train=X, y_train=X @ np.ones(8) + 0.1 * g.normal(size=40),
                          X_test=g.normal(size=(5, 8)), y_test=g.normal(size=5), extra={},
                          stand_in_for=None)
-    model, _ = train_final_model(cfg, ds, out_dir=tmp_path, progress=False)
+    model, _ = train_final_model(cfg, ds, out_dir=tmp_path, progress=False, margin=None)
     return cfg, ds, model
 
 
@@ -148,12 +149,15 @@ def test_a_replaced_final_model_invalidates_gold_and_scores_downstream(tmp_path,
     import hashlib
     rec["model_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
     save_json(tmp_path / "final_model.json", rec)
+    from fimoda import train
+    store.write_record(tmp_path / "final_model.pt", train._key(cfg, ds),     # as a retrain would
+                       files=[tmp_path / "final_model.json"])
     with pytest.raises(ex.StaleResult, match=r"gold_sgd_remove.npz.*final_model"):
         ex.load_gold(cfg, directory=tmp_path)
     with pytest.raises(ex.StaleResult, match=r"scores_grad_dot.npz.*final_model"):
         ex.load_scores(cfg, ["grad_dot"], directory=tmp_path)
     from fimoda.train import load_final_model
-    model2 = load_final_model(cfg, ds, tmp_path)               # the new theta^f, as notebook 02 loads it
+    model2 = load_final_model(cfg, ds, tmp_path, margin=None)              # the new theta^f, as notebook 02 loads it
     gold2 = ex.run_gold(model2, ds, cfg, loo, test, directory=tmp_path)
     scores2 = ex.run_method("grad_dot", _attributor(model2, ds, loo), cfg, loo, test,
                             directory=tmp_path)
