@@ -15,7 +15,7 @@ from .gold_runs import (eval_unit, gold_path, gold_reader_inputs, gold_settings,
 from .methods import (MethodFailed, fit_rows, load_scores, make_attributor, method_config,
                       run_method, run_methods, scores_path, scores_reader_inputs)
 from .records import StaleResult, final_model_source
-from .setup import (dataset_summary, final_model, load_data, out_dir, run_config,
+from .setup import (check_parameters, dataset_summary, final_model, load_data, out_dir, run_config,
                     select_loo_indices, select_test_indices, setup, tensors)
 from .studies import (mislabel_applies, mislabel_detection, retrain_comparison, seed_reliability,
                       seeds_study)
@@ -32,4 +32,4 @@ __all__ = ["setup", "run_config", "load_data", "final_model", "dataset_summary",
            "seeds_study", "retrain_comparison", "mislabel_applies", "mislabel_detection",
            "gold_datasets", "with_results", "summary", "grid_name", "summary_figure", "adam_figure",
            "influential_examples", "load_json", "gold_path", "scores_path", "StaleResult",
-           "final_model_source", "gold_reader_inputs", "scores_reader_inputs"]
+           "final_model_source", "gold_reader_inputs", "scores_reader_inputs", "check_parameters"]
