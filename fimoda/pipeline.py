@@ -280,6 +280,17 @@ def _clock(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: an integer >= 1 (else exit status 2 with one message)."""
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1 or str(v) != text.strip():
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return v
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The pipeline's options (also ``fimoda run``'s)."""
     ap.add_argument("--profile", default="cpu", choices=PROFILES)
@@ -287,9 +298,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
                     help="comma-separated; default: the profile's datasets")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", default=None, help="comma-separated notebook prefixes, e.g. 00,01")
-    ap.add_argument("--jobs", type=int, default=None,
+    ap.add_argument("--jobs", type=_at_least_one, default=None,
                     help="datasets run at once (default: the number of cores, at most 2)")
-    ap.add_argument("--seeds", type=int, default=None,
+    ap.add_argument("--seeds", type=_at_least_one, default=None,
                     help="further-training seeds of the gold standard (default: the profile's; "
                          "printed in every banner as a reduction)")
     return ap

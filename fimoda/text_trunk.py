@@ -6,13 +6,13 @@ train and attribute (:func:`frozen_trunk`); the features are cached next to the 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 from .progress import progress_bar
 
+from . import store
 from .config import ExperimentConfig
 from .io import load_npz, save_npz, sha256_arrays
 from .models import TextTop, input_trimmer
@@ -68,21 +68,26 @@ def frozen_trunk(cfg: ExperimentConfig, clf, ds, directory=None, progress: bool 
     k = cfg.trainable_layers
     key = {"k": k, "dtype": cfg.dtype, "trunk_sha256": _trunk_sha(clf, k),
            "tokens_sha256": sha256_arrays(ds.X_train, ds.X_test)}
-    path = None if directory is None else Path(directory) / TRUNK_FILE
-    feats = None
-    if path is not None and path.exists():
-        z = load_npz(path)
-        if str(z["key"]) == json.dumps(key, sort_keys=True):
-            feats = [_unpack(z[f"{part}_tokens"], z[f"{part}_lengths"]) for part in ("train", "test")]
-    if feats is None:
-        p = next(clf.parameters())
-        feats = [trunk_features(clf, k, as_inputs(a, p.dtype, p.device), progress=progress)
-                 for a in (ds.X_train, ds.X_test)]
-        if path is not None:
+    p = next(clf.parameters())
+    features = lambda: [trunk_features(clf, k, as_inputs(a, p.dtype, p.device), progress=progress)
+                        for a in (ds.X_train, ds.X_test)]
+    if directory is None:
+        feats = features()
+    else:
+        path = Path(directory) / TRUNK_FILE
+
+        def compute():        # only the real tokens are kept; padding comes back as zeros
             packed = {}
-            for part, f in zip(("train", "test"), feats):
+            for part, f in zip(("train", "test"), features()):
                 packed[f"{part}_tokens"], packed[f"{part}_lengths"] = _pack(f)
-            save_npz(path, key=np.asarray(json.dumps(key, sort_keys=True)), **packed)
+            save_npz(path, **packed)
+
+        def load(q):
+            z = load_npz(q)
+            return [_unpack(z[f"{part}_tokens"], z[f"{part}_lengths"]) for part in ("train", "test")]
+
+        feats = store.cached(path, key, compute, load, device=p.device,
+                             what=f"the frozen trunk's features of {cfg.dataset}")
     top = TextTop(clf, k).eval()
     X_train, X_test = (f.cpu().numpy() for f in feats)
     changes = dict(X_train=X_train, X_test=X_test,

@@ -27,8 +27,9 @@ training must use.
 
 After training the model is in ``eval()`` mode (BatchNorm uses running statistics, no dropout).
 ``<out_dir>/final_model.pt`` (state_dict) and ``final_model.json`` (record) are written atomically,
-the JSON last; a later call with the same config, procedure and data loads them instead of
-retraining, a different one retrains (never a silent reuse of a mismatched model).
+then the result store's record (``final_model.pt.record.json``, :mod:`fimoda.store`); a later call
+with the same config, procedure and data loads them instead of retraining, a different one
+retrains (never a silent reuse of a mismatched model).
 
 Every final model must beat its trivial predictor (majority class and class prior; training mean)
 on the test rows by :data:`fimoda.config.FINAL_MODEL_MARGIN` (:mod:`fimoda.baselines`): a model
@@ -50,8 +51,8 @@ import torch
 
 from .baselines import TrivialModelError, baseline_check, require_beaten, trivial_baseline
 from .config import FINAL_MODEL_MARGIN, BaselineMargin, ExperimentConfig
-from .io import atomic_write, load_json, save_json, sha256_arrays, sha256_file
-from .locks import result_lock
+from . import store
+from .io import atomic_write, load_json, save_json, sha256_arrays
 from .models import build_model, n_params, resolve_dtype
 from .tensors import as_inputs, as_targets, check_finite
 from .text_trunk import frozen_trunk, trunk_features
@@ -136,20 +137,19 @@ def _baseline(cfg: ExperimentConfig, ds, test_metrics: dict, margin) -> dict:
                 margin=dataclasses.asdict(used), enforced=margin is not None)
 
 
+FINAL_MODEL_NOTEBOOK = "notebooks/01_final_models"
+
+
 def _load(cfg: ExperimentConfig, ds, out_dir, device="cpu", margin=FINAL_MODEL_MARGIN):
-    """(model, record) from ``out_dir`` after checking both against the experiment."""
+    """(model, record) from ``out_dir`` after checking both against the experiment: the result
+    store's record (:func:`fimoda.store.check`: config, procedure and data as :func:`_key`, and
+    the sha256 of the model file and its JSON record), then the trivial-predictor check."""
     out_dir = Path(out_dir)
     mpath, rpath = out_dir / MODEL_FILE, out_dir / RECORD_FILE
     if not (mpath.exists() and rpath.exists()):
         raise FileNotFoundError(f"no final model in {out_dir}: run train_final_model first")
+    store.check(mpath, _key(cfg, ds), f"{FINAL_MODEL_NOTEBOOK} (train_final_model)")
     record = load_json(rpath)
-    key = _key(cfg, ds)
-    diff = [k for k in key if record.get(k) != key[k]]
-    if diff:
-        raise ValueError(f"the final model in {out_dir} does not match this experiment "
-                         f"(differs in {diff}); retrain with train_final_model")
-    if sha256_file(mpath) != record.get("model_sha256"):
-        raise ValueError(f"{mpath} is not the file its record describes (sha256 differs)")
     # recomputed from the record's test metrics: records saved before the check have none
     record["baseline"] = _baseline(cfg, ds, record["metrics"]["test"], margin)
     if margin is not None:
@@ -191,8 +191,10 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
     each (a seed-0 random sample; ``n`` in the record says how many); None takes
     ``cfg.train.eval_rows``, whose None evaluates everything. It does not change the model.
 
-    With ``out_dir`` the model file's lock (:func:`fimoda.locks.result_lock`) is held throughout:
-    a second process training the same model waits, then loads the first one's.
+    With ``out_dir`` the model is a stored result (:func:`fimoda.store.cached`): its file lock is
+    held throughout (a second process training the same model waits, then loads the first
+    one's), and a saved model is reused only while its record names this config, procedure and
+    data and its files are intact (``force``: retrain regardless).
 
     The trained model must beat its trivial predictor (:mod:`fimoda.baselines`) by ``margin``;
     otherwise :class:`fimoda.baselines.TrivialModelError` gives the numbers and nothing is saved
@@ -202,25 +204,28 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
     training machinery on toy data, never for a model that is attributed."""
     _check(cfg, ds)                  # bad input: one error before anything is written
     if out_dir is None:
-        return _train_or_load(cfg, ds, device, out_dir, progress, force, max_eval_rows, margin)
-    with result_lock(Path(out_dir) / MODEL_FILE, f"the final model of {cfg.dataset}"):
-        return _train_or_load(cfg, ds, device, out_dir, progress, force, max_eval_rows, margin)
+        return _train(cfg, ds, device, None, progress, max_eval_rows, margin)
+    out_dir = Path(out_dir)
+
+    def load(path):
+        model, record = _load(cfg, ds, out_dir, device, margin)
+        if progress and not trained:
+            print(f"final model: loaded from {path}")
+        return model, record
+
+    trained = []
+    compute = lambda: trained.append(_train(cfg, ds, device, out_dir, progress, max_eval_rows,
+                                            margin))
+    # the training's own thread count (the procedure's, where it fixes one) sets its bits
+    return store.cached(out_dir / MODEL_FILE, _key(cfg, ds), compute, load, device=device,
+                        what=f"the final model of {cfg.dataset}", files=[out_dir / RECORD_FILE],
+                        reuse="never" if force else "auto",
+                        threads=PROCEDURE[cfg.model].get("threads"))
 
 
-def _train_or_load(cfg: ExperimentConfig, ds, device, out_dir, progress, force, max_eval_rows,
-                   margin):
-    if out_dir is not None and not force:
-        try:
-            model, record = _load(cfg, ds, out_dir, device, margin)
-            if progress:
-                print(f"final model: loaded from {Path(out_dir) / MODEL_FILE}")
-            return model, record
-        except FileNotFoundError:
-            pass
-        except TrivialModelError:
-            raise
-        except ValueError as err:
-            print(f"final model: not reusing the saved one ({err}); retraining")
+def _train(cfg: ExperimentConfig, ds, device, out_dir, progress, max_eval_rows, margin):
+    """Train theta^f (module docstring), check it against its trivial predictor, and with
+    ``out_dir`` write the model file and its JSON record; returns (model, record)."""
     rows, val = train_rows(cfg, ds)
     if len(rows) < len(ds.X_train):
         print(f"final model: training on {len(rows)} of {len(ds.X_train)} training rows"

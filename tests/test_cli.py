@@ -208,6 +208,13 @@ def load():
 
 def broken():
     return {"model": None}
+
+def huber(outputs, targets):        # a library loss, per example
+    return torch.nn.functional.huber_loss(outputs.reshape(-1), targets, reduction="none",
+                                          delta=0.5)
+
+def load_huber():
+    return {**load(), "loss": huber}
 """
 
 
@@ -232,3 +239,24 @@ def test_attribute_own_model(tmp_path, capsys):
     assert main(["attribute", "--model", "no_such_module_xyz:load", "--out", str(bad)]) == 1
     assert "cannot import 'no_such_module_xyz'" in capsys.readouterr().err
     assert not bad.exists()
+
+
+def test_attribute_own_model_passes_its_loss_through(tmp_path, capsys):
+    """load() returning loss=huber: the command's scores are the API's with that loss (not the
+    squared-error ones), and a method that cannot use a custom loss is reported refused."""
+    from fimoda import api
+    (tmp_path / "own_model_huber.py").write_text(textwrap.dedent(OWN))
+    out = tmp_path / "scores.npz"
+    assert main(["attribute", "--model", "own_model_huber:load_huber", "--methods",
+                 "grad_dot,ekfac", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "loss: huber" in printed and "ekfac: refused" in printed
+    import own_model_huber as mod
+    spec = mod.load_huber()
+    args = (spec["model"], spec["X_train"], spec["y_train"], [1, 7, 30], spec["X_test"],
+            spec["y_test"])
+    with_loss = api.attribute(*args, task="regression", method="grad_dot", loss=mod.huber)
+    without = api.attribute(*args, task="regression", method="grad_dot")
+    z = load_npz(out)
+    assert np.array_equal(z["scores_grad_dot"], with_loss) and "scores_ekfac" not in z
+    assert not np.allclose(with_loss, without)          # the loss matters for these data

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from fimoda import experiment as ex
+from fimoda import experiment as ex, store
 from fimoda.config import get_config
 from fimoda.gradients import Problem
 from fimoda.influence import Attributor
@@ -83,23 +83,32 @@ def att_rows(att):
     return att.X_loo, att.Y_loo, att.X_test, att.Y_test
 
 
-def test_run_method_saves_loads_and_invalidates(att, tmp_path):
+def test_run_method_saves_loads_and_invalidates(att, tmp_path, monkeypatch):
     cfg = get_config("concrete", "smoke")
     loo, test = np.arange(8), np.arange(30, 34)
     s = ex.run_method("grad_dot", att, cfg, loo, test, directory=tmp_path)
     assert s.shape == (4, 8) and (tmp_path / "scores_grad_dot.npz").exists()
     expected = (att.test_grads @ att.train_grads.T).numpy()
     np.testing.assert_allclose(s, expected, rtol=1e-12)
-    # a saved result with another config is recomputed, not reused
+    import fimoda.influence as inf
+    real, calls = inf.compute_scores, []
+    monkeypatch.setattr(inf, "compute_scores", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    # reused while nothing it depends on changed; the gold standard's settings are not part of a
+    # method's identity
+    assert np.array_equal(ex.run_method("grad_dot", att, cfg, loo, test, directory=tmp_path), s)
+    cfg_f = dataclasses.replace(cfg, further=dataclasses.replace(cfg.further, seeds=9))
+    assert np.array_equal(ex.run_method("grad_dot", att, cfg_f, loo, test, directory=tmp_path), s)
+    assert calls == []
+    # a file edited behind its record's back is recomputed, not reused
     z = dict(np.load(tmp_path / "scores_grad_dot.npz"))
     np.savez(tmp_path / "scores_grad_dot.npz", **{**z, "scores": z["scores"] * 0})
-    assert np.all(ex.run_method("grad_dot", att, cfg, loo, test, directory=tmp_path) == 0)
-    # ... and the gold standard's settings are not part of a method's identity
-    cfg_f = dataclasses.replace(cfg, further=dataclasses.replace(cfg.further, seeds=9))
-    assert np.all(ex.run_method("grad_dot", att, cfg_f, loo, test, directory=tmp_path) == 0)
+    np.testing.assert_allclose(ex.run_method("grad_dot", att, cfg, loo, test, directory=tmp_path), expected)
+    assert calls == ["grad_dot"]
+    # ... and so is a result of another method config
     cfg2 = dataclasses.replace(cfg, methods=dataclasses.replace(cfg.methods, damping_index=2))
     np.testing.assert_allclose(ex.run_method("grad_dot", att, cfg2, loo, test, directory=tmp_path), expected)
-    assert set(ex.load_scores(cfg, ["grad_dot", "cg"], directory=tmp_path)) == {"grad_dot"}
+    assert calls == ["grad_dot"] * 2
+    assert set(ex.load_scores(cfg2, ["grad_dot", "cg"], directory=tmp_path)) == {"grad_dot"}
 
 
 def test_numerical_breakdown_is_reported_not_hidden(att, tmp_path):
@@ -119,6 +128,10 @@ def test_retrain_comparison_uses_eq17_at_the_final_epoch(tmp_path):
     loo = np.repeat(full[:, None], 4, axis=1)
     loo[0, :, -1, :] += effect
     np.savez(tmp_path / "retrain_remove.npz", loss_full=full, loss_loo=loo)
+    with pytest.raises(ex.StaleResult, match="no record"):      # not from the experiment's run
+        ex.retrain_comparison(cfg, {"grad_dot": effect.T}, directory=tmp_path)
+    store.write_record(tmp_path / "retrain_remove.npz",
+                       {"experiment": ex.records.config_without(cfg, "methods")})
     table = ex.retrain_comparison(cfg, {"grad_dot": effect.T, "cg": -effect.T}, directory=tmp_path)
     assert table.loc["Grad-Dot", "cosine to re-training"] == pytest.approx(1.0)
     assert table.loc["CG", "cosine to re-training"] == pytest.approx(-1.0)
@@ -207,8 +220,10 @@ def test_adam_gold_runs_its_own_number_of_epochs(tmp_path):
     adam = ex.run_gold(model, ds, cfg, loo, test, optimizer="adam", directory=tmp_path)
     assert list(sgd["eval_points"]) == [0, 1, 2, 3] and list(adam["eval_points"]) == [0, 1, 2]
     longer = dataclasses.replace(cfg, further=dataclasses.replace(cfg.further, adam_epochs=3))
-    with pytest.raises(ValueError, match="different configuration .*epochs"):
-        ex.run_gold(model, ds, longer, loo, test, optimizer="adam", directory=tmp_path)   # not the cached 2 epochs
+    again = ex.run_gold(model, ds, longer, loo, test, optimizer="adam", directory=tmp_path)
+    assert list(again["eval_points"]) == [0, 1, 2, 3]       # recomputed, not the stored 2 epochs
+    with pytest.raises(ex.StaleResult, match=r"differs in: .*adam_epochs"):
+        ex.load_gold(cfg, "adam", directory=tmp_path)      # and the 2-epoch one is gone
 
 
 def test_mislabel_detection_runs_where_its_auc_can_mean_something():

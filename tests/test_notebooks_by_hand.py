@@ -58,3 +58,29 @@ def test_notebooks_run_by_hand_in_reading_order_on_a_fresh_clone(tmp_path, monke
               "evaluation_sgd_remove_eq13.csv"):
         assert (results / f).exists(), f
     assert (tmp_path / "fimoda_figures_dir" / "smoke" / "INDEX.md").exists()
+
+
+def test_a_misspelled_parameter_is_an_error_in_the_first_cell(tmp_path):
+    """papermill only warns about a parameter the notebook does not define; the notebook stops
+    in the cell after its parameters, naming it and the parameters it has."""
+    import papermill as pm
+    out = tmp_path / "out.ipynb"
+    with pytest.raises(pm.PapermillExecutionError, match=r"unknown parameter\(s\) sedes: this "
+                       r"notebook's parameters are .*seeds"):
+        pm.execute_notebook(str(pipeline.NB / "04_evaluation.ipynb"), str(out),
+                            parameters={"sedes": 3, "profile": "smoke"}, progress_bar=False,
+                            cwd=str(pipeline.NB), log_output=False)
+    cells = json.loads(out.read_text())["cells"]
+    first_error = next(i for i, c in enumerate(cells)
+                       if any(o.get("output_type") == "error" for o in c.get("outputs", [])))
+    assert "check_parameters" in "".join(cells[first_error]["source"])
+
+
+def test_every_notebook_checks_its_parameters_first():
+    for nb in sorted(pipeline.NB.glob("*.ipynb")):
+        cells = json.loads(nb.read_text())["cells"]
+        k = next(i for i, c in enumerate(cells) if "parameters" in c["metadata"].get("tags", []))
+        assert "".join(cells[k]["source"]).rstrip().splitlines()[-1].startswith(
+            "PARAMETERS = set(dir())"), nb.name
+        first = next(c for c in cells[k + 1:] if c["cell_type"] == "code")
+        assert "check_parameters(PARAMETERS, globals())" in "".join(first["source"][:2]), nb.name

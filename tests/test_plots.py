@@ -7,7 +7,10 @@ from fimoda import experiment as ex
 from fimoda import plots
 from fimoda.config import get_config
 from fimoda.gold import GoldResult, save_gold
-from fimoda.experiment.records import _canon, _without
+from fimoda import store
+from fimoda.experiment.gold_runs import gold_reader_inputs
+from fimoda.experiment.methods import scores_reader_inputs
+from fimoda.experiment.records import config_without
 from fimoda.io import results_dir, save_npz
 
 # Two test instances (rows) x three left-out instances. Each row sorted on its own:
@@ -108,15 +111,16 @@ def fake_results(profile, dataset, perfect=False, seed=0, n=5, T=4, J=3, default
                      config=dict(zip(("optimizer", "mechanism"),
                                      gold or (ex.gold_settings(cfg) if defaults
                                               else ("sgd", "subtract")))))
-    record = {"gold": res.config, "experiment": _without(cfg, "methods")}   # as run_gold's
-    save_gold(d, res, {"record": record, "loo_indices": np.arange(n), "test_indices": np.arange(J)})
+    record = {"gold": res.config, "experiment": config_without(cfg, "methods")}   # as run_gold's
+    gp = save_gold(d, res, {"record": record, "loo_indices": np.arange(n), "test_indices": np.arange(J)})
+    store.write_record(gp, gold_reader_inputs(cfg, *res.config.values(), d),
+                       files=[gp.with_suffix(".json")])
     a, _ = ex.evaluation_gold(ex.load_gold(cfg, *res.config.values()))
     dot = a[:, -1, :].T.copy() if perfect else rng.normal(size=(J, n))
     for m, s in (("grad_dot", dot), ("grad_cos", rng.normal(size=(J, n))),
                  *((m, rng.normal(size=(J, n))) for m in extra)):
-        record = {"method": m, "experiment": _without(cfg, "further", "methods")}   # as run_method's
-        save_npz(d / f"scores_{m}.npz", scores=s, loo_indices=np.arange(n),
-                 test_indices=np.arange(J), config=np.asarray(_canon(record)))
+        store.write_record(save_npz(d / f"scores_{m}.npz", scores=s, loo_indices=np.arange(n),
+                                    test_indices=np.arange(J)), scores_reader_inputs(cfg, m, d))
     return cfg
 
 

@@ -112,16 +112,16 @@ def tiny_experiment(tmp_path, dtype="float64"):
     return cfg, ds, MLP(8, 1, hidden=4).double()
 
 
-def test_final_gold_file_unreadable_is_named_then_recomputed(tmp_path):
+def test_final_gold_file_unreadable_is_named_then_recomputed(tmp_path, capsys):
     cfg, ds, model = tiny_experiment(tmp_path)
     loo, test = np.array([0, 3, 7]), np.arange(5)
     z = ex.run_gold(model, ds, cfg, loo, test, directory=tmp_path)
     path = tmp_path / "gold_sgd_remove.npz"
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(UnreadableFile, match=str(path)):
+    with pytest.raises(ex.StaleResult, match=str(path) + ".*truncated"):
         ex.load_gold(cfg, directory=tmp_path)
-    with pytest.warns(UserWarning, match="cannot read .*gold_sgd_remove.npz.*recomputing"):
-        again = ex.run_gold(model, ds, cfg, loo, test, directory=tmp_path)
+    again = ex.run_gold(model, ds, cfg, loo, test, directory=tmp_path)
+    assert "gold_sgd_remove.npz is not the one its record describes" in capsys.readouterr().out
     assert np.array_equal(again["loss_loo"], z["loss_loo"])
 
 
@@ -145,16 +145,26 @@ def test_loaders_check_what_produced_the_results(tmp_path):
     with pytest.raises(ValueError, match=r"experiment\.dtype.*03_attribution_methods"):
         ex.load_scores(f32, ["grad_dot"], directory=tmp_path)
     (tmp_path / "gold_sgd_remove.json").unlink()
-    with pytest.raises(ValueError, match="holds no record"):
+    with pytest.raises(ValueError, match="its file gold_sgd_remove.json is missing"):
+        ex.load_gold(cfg, directory=tmp_path)
+    (tmp_path / "gold_sgd_remove.npz.record.json").unlink()
+    with pytest.raises(ValueError, match="no record of what it was computed from"):
         ex.load_gold(cfg, directory=tmp_path)
 
 
 def test_truncated_scores_file_is_named(tmp_path):
-    path = tmp_path / "scores_cg.npz"
-    save_npz(path, scores=np.zeros((3, 4)))
+    cfg, ds, model = tiny_experiment(tmp_path)
+    loo, test = np.array([0, 3, 7]), np.arange(5)
+    X, y = torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train)
+    att = Attributor(Problem(model, X, y, "regression", progress=False), X[loo], y[loo],
+                     torch.as_tensor(ds.X_test), torch.as_tensor(ds.y_test))
+    ex.run_method("grad_dot", att, cfg, loo, test, directory=tmp_path)
+    path = tmp_path / "scores_grad_dot.npz"
     path.write_bytes(path.read_bytes()[:50])
-    cfg = get_config("concrete", "smoke")
-    with pytest.raises(UnreadableFile, match="scores_cg.npz"):
+    with pytest.raises(ex.StaleResult, match="scores_grad_dot.npz.*truncated"):
+        ex.load_scores(cfg, ["grad_dot"], directory=tmp_path)
+    save_npz(tmp_path / "scores_cg.npz", scores=np.zeros((3, 4)))      # no record at all
+    with pytest.raises(ex.StaleResult, match="scores_cg.npz.*no record"):
         ex.load_scores(cfg, ["cg"], directory=tmp_path)
 
 
@@ -211,8 +221,11 @@ def test_run_method_never_saves_non_finite_scores(tmp_path, monkeypatch):
     cfg, ds, model = tiny_experiment(tmp_path)
     import fimoda.influence as inf
     monkeypatch.setattr(inf, "compute_scores", lambda *a, **k: np.full((5, 3), np.nan))
+    X, y = torch.as_tensor(ds.X_train), torch.as_tensor(ds.y_train)
+    att = Attributor(Problem(model, X, y, "regression", progress=False), X[[0, 3, 7]],
+                     y[[0, 3, 7]], torch.as_tensor(ds.X_test), torch.as_tensor(ds.y_test))
     with pytest.raises(ex.MethodFailed, match="grad_dot: 15 of its 15 scores are NaN or inf"):
-        ex.run_method("grad_dot", None, cfg, [0, 3, 7], np.arange(5), directory=tmp_path)
+        ex.run_method("grad_dot", att, cfg, [0, 3, 7], np.arange(5), directory=tmp_path)
     assert not (tmp_path / "scores_grad_dot.npz").exists()
 
 
@@ -263,10 +276,11 @@ def test_final_model_of_another_dataset_or_configuration_is_refused(tmp_path):
     ds = ex.load_data(cfg)
     train_final_model(cfg, ds, out_dir=tmp_path, progress=False)
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.1))
-    with pytest.raises(ValueError, match=r"does not match this experiment \(differs in"):
+    with pytest.raises(ValueError, match=r"final_model.pt cannot be used here: .*differs in: "
+                                         r"config.train.lr"):
         load_final_model(other, ds, tmp_path)
     energy = get_config("energy", "smoke")
-    with pytest.raises(ValueError, match="does not match this experiment"):
+    with pytest.raises(ValueError, match=r"cannot be used here: .*differs in: .*config.dataset"):
         load_final_model(energy, ex.load_data(energy), tmp_path)
 
 

@@ -10,7 +10,10 @@ import pytest
 from fimoda import report
 from fimoda import reproduction as rep
 from fimoda.config import get_config
-from fimoda.experiment.records import _canon, _without
+from fimoda import store
+from fimoda.experiment.gold_runs import gold_reader_inputs
+from fimoda.experiment.methods import scores_reader_inputs
+from fimoda.experiment.records import config_without
 from fimoda.gold import GoldResult, save_gold
 from fimoda.io import results_dir, save_npz
 
@@ -92,12 +95,13 @@ def _save_results(cfg, gold, scores, optimizer, mechanism):
                      eval_points=gold["eval_points"], eval_unit="epoch", seeds=np.arange(S),
                      loo_indices=np.arange(n), test_indices=np.arange(J),
                      config={"optimizer": optimizer, "mechanism": mechanism})
-    record = {"gold": res.config, "experiment": _without(cfg, "methods")}
-    save_gold(d, res, {"record": record, "loo_indices": np.arange(n), "test_indices": np.arange(J)})
+    record = {"gold": res.config, "experiment": config_without(cfg, "methods")}
+    gp = save_gold(d, res, {"record": record, "loo_indices": np.arange(n), "test_indices": np.arange(J)})
+    store.write_record(gp, gold_reader_inputs(cfg, *res.config.values(), d),
+                       files=[gp.with_suffix(".json")])
     for m, s in scores.items():
-        record = {"method": m, "experiment": _without(cfg, "further", "methods")}
-        save_npz(d / f"scores_{m}.npz", scores=s, loo_indices=np.arange(n),
-                 test_indices=np.arange(J), config=np.asarray(_canon(record)))
+        store.write_record(save_npz(d / f"scores_{m}.npz", scores=s, loo_indices=np.arange(n),
+                                    test_indices=np.arange(J)), scores_reader_inputs(cfg, m, d))
 
 
 def test_write_folder_reads_each_gold_standard_once(isolated, monkeypatch):

@@ -142,7 +142,8 @@ def test_record_json(tmp_path):
     ds = classification_ds()
     cfg = get_config("adult", "smoke")
     model, rec = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False, margin=None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [T.RECORD_FILE, T.MODEL_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [T.RECORD_FILE, T.MODEL_FILE,
+                                                          T.MODEL_FILE + ".record.json"]
     saved = json.loads((tmp_path / T.RECORD_FILE).read_text())
     full = json.loads(json.dumps(cfg.to_dict()))
     assert saved["config"] == {k: full[k] for k in ("dataset", "task", "model", "dtype",
@@ -196,7 +197,7 @@ def test_reuse_and_retrain(tmp_path, monkeypatch, capsys):
 
     # A different config, different data, or force=True retrains; a mismatch never loads.
     other = reg_cfg(lr=0.02)
-    with pytest.raises(ValueError, match="does not match"):
+    with pytest.raises(ValueError, match="differs in: config.train.lr"):
         T.load_final_model(other, ds, tmp_path, margin=None)
     with pytest.raises(AssertionError, match="retrained"):
         T.train_final_model(other, ds, out_dir=tmp_path, progress=False, margin=None)
@@ -208,7 +209,7 @@ def test_reuse_and_retrain(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(T, "_fit", fit)
     m3, rec3 = T.train_final_model(other, ds, out_dir=tmp_path, progress=False, margin=None)
     assert rec3["config"]["train"]["lr"] == 0.02
-    assert "not reusing" in capsys.readouterr().out
+    assert "cannot be reused" in capsys.readouterr().out
     assert not torch.equal(m3.out.weight, first.out.weight)
     assert torch.equal(T.load_final_model(other, ds, tmp_path, margin=None).out.weight,
                        m3.out.weight)

@@ -4,7 +4,6 @@ against notebook 02's gold standard."""
 from __future__ import annotations
 
 import copy
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -12,8 +11,9 @@ from typing import Optional
 import numpy as np
 
 from .. import experiment as ex
-from ..experiment.records import _canon, _without   # the key a cached result is stored with
-from ..io import load_json, load_npz, save_json, save_npz
+from .. import store
+from ..experiment.records import config_without
+from ..io import load_json, load_npz, save_json, save_npz, sha256_arrays
 from .common import _inputs, full_hessian_applies, gold_cosine
 
 # The infinitesimal gold standard costs a jvp per left-out instance per step (about 3 gradients'
@@ -99,12 +99,14 @@ def infinitesimal_study(cfg, optimizer: Optional[str] = None, device: str = "cpu
     path = d / f"beyond_infinitesimal_{opt}.npz"
     gcfg = _gold_config(cfg, opt, work, device)
     record = {"gold": gcfg.numeric(), "seeds": gcfg.seed_list, "work": work,
-              "experiment": _without(cfg, "methods")}
-    if path.exists() and path.with_suffix(".json").exists() \
-            and load_json(path.with_suffix(".json")).get("record") == json.loads(_canon(record)):
-        z = load_npz(path)
-    else:
-        loo = loo[: work["n_loo"]] if work["n_loo"] else loo
+              "experiment": config_without(cfg, "methods")}
+    loo = loo[: work["n_loo"]] if work["n_loo"] else loo
+    inputs = {**record, **ex.final_model_source(d),
+              "theta": sha256_arrays(*[v for _, v in sorted(model.state_dict().items())]),
+              "data": sha256_arrays(ds.X_train, ds.y_train, ds.X_test, ds.y_test),
+              "loo_indices": np.asarray(loo).tolist(), "test_indices": np.asarray(test).tolist()}
+
+    def compute():
         Xtr, ytr, Xte, yte = ex.tensors(ds, cfg, device)
         t = torch.as_tensor(test)
         args = (cfg.task, Xtr, ytr, Xte[t], yte[t], loo)
@@ -126,7 +128,10 @@ def infinitesimal_study(cfg, optimizer: Optional[str] = None, device: str = "cpu
         save_npz(path, eval_points=inf.eval_points, loo_indices=loo, test_indices=test,
                  **arrays)
         save_json(path.with_suffix(".json"), {"record": record, "seconds": seconds})
-        z = load_npz(path)
+
+    z = store.cached(path, inputs, compute, load_npz, device=device,
+                     files=[path.with_suffix(".json")],
+                     what=f"notebook 07's infinitesimal study of {cfg.dataset} ({opt})")
     ep = np.asarray(z["eval_points"])
     sl = slice(1, None) if ep[0] == 0 and len(ep) > 1 else slice(None)
     A = {k: np.asarray(z[k])[:, sl] for k in ("inf64", "fin64", "inf32", "fin32")}

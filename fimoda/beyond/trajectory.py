@@ -14,8 +14,9 @@ from typing import Optional
 import numpy as np
 
 from .. import experiment as ex
-from ..experiment.records import _canon, _without   # the key a cached result is stored with
-from ..io import load_npz, save_npz
+from .. import store
+from ..experiment.records import config_without
+from ..io import load_npz, save_npz, sha256_arrays
 from ..style import label            # the legend labels of notebook 07's curves live there
 from .common import _inputs
 
@@ -131,18 +132,17 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
     path = d / f"beyond_trajectory_{opt}.npz"
     record = {"trajectory": dataclasses.asdict(tcfg), "eval_points": t.tolist(),
               "recurrence_products": RECURRENCE_PRODUCTS,
-              "experiment": _without(cfg, "further", "methods"),
+              "experiment": config_without(cfg, "further", "methods"),
               "preconditioners": list(ADAM_VARIANTS) if opt == "adam" else [],
               "nonstationary": ["prop1", "cor2"]}
     model, ds, loo, test = _inputs(cfg, device)
     if not (np.array_equal(loo, gold["loo_indices"]) and np.array_equal(test, gold["test_indices"])):
         raise ValueError("notebook 02's gold standard was computed for other instances: rerun it")
-    if path.exists() and str(load_npz(path).get("config")) == _canon(record):
-        z = load_npz(path)
-        per = {k[4:]: z[k] for k in z if k.startswith("per_")}
-        seconds, skipped = json.loads(str(z["seconds"])), json.loads(str(z["skipped"]))
-        ritz_min = float(z["ritz_min"]) if np.isfinite(z["ritz_min"]) else None
-    else:
+    inputs = {**record, **ex.final_model_source(d),
+              "theta": sha256_arrays(*[v for _, v in sorted(model.state_dict().items())]),
+              "loo_indices": np.asarray(loo).tolist(), "test_indices": np.asarray(test).tolist()}
+
+    def compute():
         att = ex.make_attributor(model, ds, cfg, loo, test, device)
         steps = eval_steps(cfg, t, att.n_train, tcfg.batch_size)
         seconds, ritz_min = {}, None
@@ -182,10 +182,15 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
             if m not in side and (m != "cg" or mlp):      # CG: skipped for images and text
                 side[m] = np.asarray(compute_scores(m, att, ex.method_config(m, cfg)))
         save_npz(path, **{f"per_{k}": v for k, v in per.items()},
-                 **{f"side_{k}": v for k, v in side.items()}, config=np.asarray(_canon(record)),
+                 **{f"side_{k}": v for k, v in side.items()},
                  seconds=np.asarray(json.dumps(seconds)), skipped=np.asarray(json.dumps(skipped)),
                  ritz_min=np.asarray(np.nan if ritz_min is None else ritz_min))
-        z = load_npz(path)
+
+    z = store.cached(path, inputs, compute, load_npz, device=device,
+                     what=f"notebook 07's trajectory curves of {cfg.dataset} ({opt})")
+    per = {k[4:]: z[k] for k in z if k.startswith("per_")}
+    seconds, skipped = json.loads(str(z["seconds"])), json.loads(str(z["skipped"]))
+    ritz_min = float(z["ritz_min"]) if np.isfinite(z["ritz_min"]) else None
     side = {k[5:]: z[k] for k in z if k.startswith("side_")}
     side.update(ex.load_scores(cfg, PAPER_SIDE, directory=d))     # notebook 03's, if newer
     from ..metrics import curve

@@ -152,14 +152,15 @@ def _load_entry_point(spec: str):
     missing = [k for k in need if get(k) is None]
     if missing:
         raise CommandError(f"--model {spec}: the returned value lacks {', '.join(missing)} "
-                           f"(needs {', '.join(need)}, optionally left_out)")
-    return {k: get(k) for k in need + ("left_out",)}
+                           f"(needs {', '.join(need)}, optionally left_out and loss)")
+    return {k: get(k) for k in need + ("left_out", "loss")}
 
 
 def _attribute_own(a):
     import numpy as np
     from .. import api
     from ..influence import METHODS
+    from ..gradients import CustomLossError
     from ..influence.errors import MethodBreakdown
     from ..io import save_npz
     spec = _load_entry_point(a.model)
@@ -167,18 +168,25 @@ def _attribute_own(a):
     if left is None:
         left = np.arange(len(spec["X_train"]))
     methods = a.methods or [m for m in METHODS if m != "dense"]
+    loss = spec["loss"]                          # the model's own loss, where load() gives one
     att = api.attributor(spec["model"], spec["X_train"], spec["y_train"], left,
-                         spec["X_test"], spec["y_test"], task=spec["task"], progress=a.progress)
+                         spec["X_test"], spec["y_test"], task=spec["task"], progress=a.progress,
+                         loss=loss)
+    if loss is not None:
+        print(f"loss: {getattr(loss, '__qualname__', repr(loss))} (load()'s), not the task's",
+              flush=True)
     out, failed = {}, {}
     options = {} if a.damping_index is None else {"damping_index": a.damping_index}
     for m in methods:
         try:
             out[f"scores_{m}"] = api.attribute(spec["model"], None, None, left, None, None,
-                                               task=spec["task"], method=m, att=att, **options)
+                                               task=spec["task"], method=m, att=att, loss=loss,
+                                               **options)
             print(f"{m}: scores {out[f'scores_{m}'].shape} (test, left-out)", flush=True)
-        except MethodBreakdown as e:
+        except (MethodBreakdown, CustomLossError) as e:
             failed[m] = str(e)
-            print(f"{m}: failed ({e})", flush=True)
+            print(f"{m}: {'refused' if isinstance(e, CustomLossError) else 'failed'} ({e})",
+                  flush=True)
     if not out:
         raise CommandError(f"every method failed: {failed}")
     path = save_npz(a.out, left_out=np.asarray(left), **out)

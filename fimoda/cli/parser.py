@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fimoda", description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=doc.split("\n\n", 1)[1].split("\n\nThe package:")[0])
+    ap.add_argument("--debug", action="store_true",
+                    help="on a failure, print the full traceback instead of one line")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _command(sub, cmd_run, pipeline.add_arguments)
     _command(sub, cmd_gold, _experiment_options(), _gold_options, _dask_or_shard,

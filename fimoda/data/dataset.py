@@ -18,6 +18,7 @@ from .. import io as fio
 from .cache import CACHE_FORMAT, _cache_paths, _decode, _encode, _read_cache, _write_cache
 from .fico import _build_fico
 from .files import FOLKTABLES_DEFS, FOLKTABLES_PUMS, _ensure, _env_dir, verify_file
+from .files import data_dir as default_data_dir
 from .images import _build_cifar10, _build_fashion_mnist, _finish_images
 from .income import _build_adult, _build_folktables
 from .regression import _build_concrete, _build_energy
@@ -107,8 +108,7 @@ def load_dataset(name: str, data_dir=None, cache_dir=None, download: Optional[bo
         kw["encoder"] = kw.get("encoder") or DEFAULT_ENCODER
         if kw.get("limit") is not None and (int(kw["limit"]) != kw["limit"] or kw["limit"] < 1):
             raise ValueError(f"sst2: limit must be a positive integer, got {kw['limit']!r}")
-    root = Path(data_dir) if data_dir is not None else _env_dir(
-        "FIMODA_DATA_DIR", fio.REPO_ROOT / "data" / "raw")
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
     cache = Path(cache_dir) if cache_dir is not None else _env_dir(
         "FIMODA_CACHE_DIR", fio.REPO_ROOT / "data" / "cache")
 

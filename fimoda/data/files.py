@@ -45,8 +45,13 @@ def _env_dir(var: str, default: Path) -> Path:
 
 
 def data_dir() -> Path:
-    """The raw-data folder: ``$FIMODA_DATA_DIR``, else ``<repo>/data/raw``."""
-    return _env_dir("FIMODA_DATA_DIR", fio.REPO_ROOT / "data" / "raw")
+    """The raw-data folder: ``$FIMODA_DATA_DIR``, else ``<repo>/data/raw``;
+    :class:`DataFileError` when that names a file rather than a folder."""
+    d = _env_dir("FIMODA_DATA_DIR", fio.REPO_ROOT / "data" / "raw")
+    if d.exists() and not d.is_dir():
+        raise DataFileError(f"FIMODA_DATA_DIR is a file ({d}), not a folder: point it at the "
+                            "folder that holds the data files (layout in data/README.md)")
+    return d
 
 
 def cache_dir() -> Path:

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from .. import store
 from ..config import ExperimentConfig
 from ..io import load_json, save_json
-from .records import _canon
 
 
 # Methods whose damped TRUE Hessian must be positive definite for their linear solve: their
@@ -21,22 +21,28 @@ def smallest_hessian_eigenvalue(att, n_iter: int = 60, seed: int = 0, path=None,
     """lambda_min of the mean-loss Hessian H/n at theta^f, by Lanczos (the smallest Ritz value:
     an upper bound that is tight for the extreme eigenvalues after a few dozen steps). Computed
     once per model (Prop. 1 and eq. 16 share it); with ``path`` it is also kept on disk under
-    ``key`` (what it depends on), so a rerun whose scores are cached does not recompute it."""
+    ``key`` (what it depends on) in the result store, so a rerun whose scores are cached does not
+    recompute it."""
     from ..influence.arnoldi import arnoldi_eig
     from ..influence.operators import block_products
     mem = ("lambda_min(H/n)", n_iter, seed)
     if mem not in att.shared:
-        record = _canon({"n_iter": n_iter, "seed": seed, "n_train": att.n_train, **(key or {})})
-        kept = load_json(path) if path is not None and Path(path).exists() else {}
-        if kept.get("key") == record:
-            att.shared[mem] = float(kept["lambda_min"])
-            return att.shared[mem]
         p = att.problem
-        mv = lambda v: block_products(p, p.X, p.Y, v[:, None], "true")[:, 0] / att.n_train
-        mu, _ = arnoldi_eig(mv, p.n_params, n_iter, seed, p.dtype, p.device, progress=False)
-        att.shared[mem] = float(mu.min())
-        if path is not None:
-            save_json(path, {"key": record, "lambda_min": att.shared[mem]})
+
+        def compute():
+            mv = lambda v: block_products(p, p.X, p.Y, v[:, None], "true")[:, 0] / att.n_train
+            mu, _ = arnoldi_eig(mv, p.n_params, n_iter, seed, p.dtype, p.device, progress=False)
+            att.shared[mem] = float(mu.min())
+            if path is not None:
+                save_json(path, {"lambda_min": att.shared[mem]})
+
+        if path is None:
+            compute()
+        else:
+            inputs = {"n_iter": n_iter, "seed": seed, "n_train": att.n_train, **(key or {})}
+            att.shared[mem] = store.cached(path, inputs, compute,
+                                           lambda q: float(load_json(q)["lambda_min"]),
+                                           what="lambda_min of the Hessian", device=p.device)
     return att.shared[mem]
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import store
 from ..config import ExperimentConfig
 from ..io import load_npz
-from .methods import MethodFailed, run_method
+from .methods import METHODS_NOTEBOOK, MethodFailed, run_method, scores_reader_inputs
 from .setup import out_dir
 
 
@@ -47,5 +48,7 @@ def load_damping_sweep(cfg: ExperimentConfig, name: str, directory=None) -> dict
     for k, g in enumerate(cfg.methods.damping_grid):
         p = d / _sweep_file(cfg, name, k)
         if p.exists():
+            store.check(p, scores_reader_inputs(cfg, name, d),
+                        f"{METHODS_NOTEBOOK} for {cfg.dataset} ({cfg.profile} profile)")
             out[float(g)] = load_npz(p)["scores"]
     return out

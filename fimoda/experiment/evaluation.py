@@ -8,6 +8,7 @@ from typing import Optional
 
 import numpy as np
 
+from .. import store
 from ..config import ExperimentConfig
 from .gold_runs import load_gold
 from .setup import out_dir
@@ -33,7 +34,9 @@ def evaluate(gold: dict, scores: dict, adjust: str = "mean"):
     a, t = evaluation_gold(gold, adjust)
     cos = {m: curve(a, s, "cosine") for m, s in scores.items()}
     sp = {m: curve(a, s, "spearman") for m, s in scores.items()}
-    return t, cos, sp, evaluation_table(t, cos, sp)
+    table = evaluation_table(t, cos, sp)
+    table.attrs["derived_from"] = store.derived_from(gold, scores)     # saved with it
+    return t, cos, sp, table
 
 
 def evaluation_table(eval_points, cos: dict, sp: dict):
@@ -51,10 +54,18 @@ def evaluation_table(eval_points, cos: dict, sp: dict):
 
 
 def save_table(table, cfg: ExperimentConfig, name: str, directory=None) -> Path:
-    """Write a pandas table as CSV (atomically) next to the results."""
+    """Write a pandas table as CSV (atomically) next to the results, with a store record
+    (:func:`fimoda.store.write_record`) naming the stored results it was derived from
+    (``table.attrs["derived_from"]``: {file: sha256}, set by :func:`evaluate`) and the
+    experiment, so a table never outlives, unnoticed, the gold standard or scores behind it."""
     from ..io import atomic_write
+    from .records import config_without
     path = Path(directory or out_dir(cfg)) / name
-    return atomic_write(path, lambda fh: fh.write(table.to_csv().encode()))
+    atomic_write(path, lambda fh: fh.write(table.to_csv().encode()))
+    store.write_record(path, {"derived_from": table.attrs.get("derived_from", {}),
+                              "experiment": config_without(cfg, "methods")},
+                       what=f"table {name} of {cfg.dataset}")
+    return path
 
 
 def mechanism_curves(cfg: ExperimentConfig, optimizer: Optional[str], scores: dict,

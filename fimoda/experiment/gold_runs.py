@@ -3,9 +3,7 @@ optimizer and leave-out mechanism (``gold_<optimizer>_<mechanism>.npz``, reused 
 matches), and LOO re-training from scratch (paper Fig. 11)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -13,9 +11,9 @@ import numpy as np
 import torch
 
 from ..config import ExperimentConfig
-from ..io import UnreadableFile, load_json, load_npz, save_npz
-from ..locks import result_lock
-from .records import _canon, _without, check_record
+from .. import store
+from ..io import load_npz, save_npz
+from .records import config_without, final_model_source
 from .setup import out_dir, tensors
 
 
@@ -38,74 +36,75 @@ def eval_unit(cfg: ExperimentConfig) -> str:
 GOLD_NOTEBOOK = "notebooks/02_gold_further_training"
 
 
+def gold_path(cfg: ExperimentConfig, optimizer: Optional[str] = None,
+              mechanism: Optional[str] = None, directory=None) -> Path:
+    """``<results>/gold_<optimizer>_<mechanism>.npz`` of the experiment."""
+    optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
+    return Path(directory or out_dir(cfg)) / f"gold_{optimizer}_{mechanism}.npz"
+
+
+def gold_reader_inputs(cfg: ExperimentConfig, optimizer: str, mechanism: str,
+                       directory) -> dict:
+    """What a reader of the gold standard knows it must have been computed from: the gold
+    standard's optimizer and mechanism, the experiment config but the methods' settings, and the
+    saved theta^f of ``directory`` (where there is one)."""
+    return {"gold": {"optimizer": optimizer, "mechanism": mechanism},
+            "experiment": config_without(cfg, "methods"), **final_model_source(directory)}
+
+
 def load_gold(cfg: ExperimentConfig, optimizer: Optional[str] = None,
               mechanism: Optional[str] = None, directory=None) -> dict:
-    """The arrays of ``gold_<optimizer>_<mechanism>.npz`` after checking that its record says it
+    """The arrays of ``gold_<optimizer>_<mechanism>.npz`` (a :class:`fimoda.store.Sourced` dict
+    naming the file and its sha256) after checking that its record says it
     was computed for ``cfg`` (the whole experiment config but the methods' settings) with this
-    optimizer and mechanism: :class:`~.records.StaleResult` naming what differs otherwise,
-    FileNotFoundError when there is none, :class:`fimoda.io.UnreadableFile` when it is corrupt."""
+    optimizer and mechanism, from the theta^f saved beside it: :class:`~.records.StaleResult`
+    naming what differs otherwise, FileNotFoundError when there is none,
+    :class:`fimoda.io.UnreadableFile` when it is corrupt."""
     optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
-    d = Path(directory or out_dir(cfg))
-    p = d / f"gold_{optimizer}_{mechanism}.npz"
+    p = gold_path(cfg, optimizer, mechanism, directory)
     rerun = f"{GOLD_NOTEBOOK} for {cfg.dataset} ({cfg.profile} profile)"
-    if not p.exists():
-        raise FileNotFoundError(f"no gold standard at {p}: run {rerun} first")
-    z = load_npz(p)
-    meta = load_json(p.with_suffix(".json")) if p.with_suffix(".json").exists() else {}
-    check_record(p, meta.get("record"), {
-        "gold": {"optimizer": optimizer, "mechanism": mechanism},
-        "experiment": _without(cfg, "methods")}, rerun)
-    return z
+    store.check(p, gold_reader_inputs(cfg, optimizer, mechanism, p.parent), rerun)
+    return store.Sourced(load_npz(p), {p.name: store.source(p)["sha256"]})
 
 
 def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: Optional[str] = None,
-             mechanism: Optional[str] = None, device="cpu", directory=None, **overrides) -> dict:
+             mechanism: Optional[str] = None, device="cpu", directory=None, reuse: str = "auto",
+             **overrides) -> dict:
     """Further training from theta^f for the full set and every left-out set, all seeds
-    (``gold_<optimizer>_<mechanism>.npz``); resumes from ``work_gold_*`` if interrupted. Holds
-    the file's lock (:func:`fimoda.locks.result_lock`) while it checks, computes and writes it,
-    so a second process on the same directory waits and then reuses the result (job-array
-    shards, which share the work directory by design, do not take it)."""
+    (``gold_<optimizer>_<mechanism>.npz``), kept in the result store (:func:`fimoda.store.cached`:
+    reused while theta^f, the data, the instances, the settings and the environment are these,
+    recomputed otherwise; ``reuse="only"`` refuses instead); resumes from ``work_gold_*`` if
+    interrupted. Holds the file's lock while it checks, computes and writes it, so a second
+    process on the same directory waits and then reuses the result (job-array shards, which
+    share the work directory by design, do not take it)."""
     from ..gold import GoldConfig
+    from ..gold.runner import concurrent_executor
+    from ..io import sha256_arrays
     optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
-    d = Path(directory or out_dir(cfg))
-    path = d / f"gold_{optimizer}_{mechanism}.npz"
+    path = gold_path(cfg, optimizer, mechanism, directory)
     if optimizer == "adam" and cfg.further.adam_epochs is not None:
         overrides = {"epochs": cfg.further.adam_epochs, **overrides}
     gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
                                       device=device, **overrides)
-    record = {"gold": dataclasses.asdict(gcfg), "experiment": _without(cfg, "methods")}
+    record = {"gold": dataclasses.asdict(gcfg), "experiment": config_without(cfg, "methods")}
     for k in ("device", "progress", "workers"):     # where and how fast, not what
         record["gold"].pop(k, None)
-    from ..gold.runner import concurrent_executor
-    lock = contextlib.nullcontext() if concurrent_executor() else \
-        result_lock(path, f"the {optimizer}/{mechanism} gold standard of {cfg.dataset}")
-    with lock:
-        z = _reusable(path, record, loo_idx, test_idx)
-        if z is not None:
-            return z
-        return _compute_gold(model, ds, cfg, gcfg, record, path, loo_idx, test_idx, device)
-
-
-def _reusable(path: Path, record: dict, loo_idx, test_idx) -> Optional[dict]:
-    """The stored gold standard at ``path`` when its record and instances are these, else None
-    (also, with a warning naming it, when it cannot be read: it is then recomputed)."""
-    if not (path.exists() and path.with_suffix(".json").exists()):
-        return None
-    try:
-        old = load_json(path.with_suffix(".json"))
-        z = load_npz(path)
-    except UnreadableFile as e:
-        warnings.warn(f"{e}; recomputing it")
-        return None
-    if (_canon(old.get("record")) == _canon(record)
-            and np.array_equal(z["loo_indices"], loo_idx)
-            and np.array_equal(z["test_indices"], test_idx)):
-        return z
-    return None
+    inputs = {**record, **final_model_source(path.parent),
+              "theta": sha256_arrays(*[v for _, v in sorted(model.state_dict().items())]),
+              "data": sha256_arrays(ds.X_train, ds.y_train, ds.X_test, ds.y_test),
+              "loo_indices": np.asarray(loo_idx).tolist(),
+              "test_indices": np.asarray(test_idx).tolist()}
+    compute = lambda: _compute_gold(model, ds, cfg, gcfg, record, path, loo_idx, test_idx, device)
+    return store.cached(path, inputs, compute, load_npz, device=device,
+                        what=f"the {optimizer}/{mechanism} gold standard of {cfg.dataset}",
+                        reuse=reuse, lock=not concurrent_executor(),
+                        files=[path.with_suffix(".json")],
+                        rerun=f"{GOLD_NOTEBOOK} for {cfg.dataset}")
 
 
 def _compute_gold(model, ds, cfg, gcfg, record, path, loo_idx, test_idx, device) -> dict:
     from ..gold import further_train, save_gold
+    from ..gold.runner import concurrent_executor
     optimizer, mechanism = gcfg.optimizer, gcfg.mechanism
     d = path.parent
     Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
@@ -119,9 +118,10 @@ def _compute_gold(model, ds, cfg, gcfg, record, path, loo_idx, test_idx, device)
     t = torch.as_tensor(test_idx)
     result = further_train(model, cfg.task, Xtr, ytr, Xte[t], yte[t], torch.as_tensor(loo_idx),
                            gcfg, workdir=d / f"work_gold_{optimizer}_{mechanism}",
-                           augment=augment, test_indices=np.asarray(test_idx))
+                           augment=augment, test_indices=np.asarray(test_idx),
+                           workdir_mismatch="error" if concurrent_executor() else "replace")
     save_gold(path, result, {"record": record, "loo_indices": loo_idx, "test_indices": test_idx})
-    return load_npz(path)
+    return {"seconds": result.seconds}
 
 
 def run_retrain(ds, cfg: ExperimentConfig, loo_idx, test_idx, device="cpu", directory=None,
@@ -130,19 +130,24 @@ def run_retrain(ds, cfg: ExperimentConfig, loo_idx, test_idx, device="cpu", dire
     init, with each left-out instance removed; ``retrain_remove.npz``."""
     from ..gold import retrain_loo
     from ..models import build_model
+    from ..io import sha256_arrays
     d = Path(directory or out_dir(cfg))
     path = d / "retrain_remove.npz"
-    if path.exists():
-        z = load_npz(path)
-        if np.array_equal(z["loo_indices"], loo_idx) and np.array_equal(z["test_indices"], test_idx):
-            return z
-    Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
-    init = build_model(cfg, n_features=Xtr.shape[1], n_classes=ds.n_classes).to(device)
-    t = torch.as_tensor(test_idx)
-    result = retrain_loo(init, cfg, Xtr, ytr, Xte[t], yte[t], torch.as_tensor(loo_idx),
-                         seeds=seeds, device=device, workdir=d / "work_retrain")
-    arrays = {"loss_full": result.loss_full, "loss_loo": result.loss_loo,
-              "eval_points": result.eval_points, "param_dist": result.param_dist,
-              "loo_indices": np.asarray(loo_idx), "test_indices": np.asarray(test_idx)}
-    save_npz(path, **arrays)
-    return arrays
+    inputs = {"retrain": {"seeds": seeds, "mechanism": "remove"},
+              "experiment": config_without(cfg, "methods"),
+              "data": sha256_arrays(ds.X_train, ds.y_train, ds.X_test, ds.y_test),
+              "loo_indices": np.asarray(loo_idx).tolist(),
+              "test_indices": np.asarray(test_idx).tolist()}
+
+    def compute():
+        Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
+        init = build_model(cfg, n_features=Xtr.shape[1], n_classes=ds.n_classes).to(device)
+        t = torch.as_tensor(test_idx)
+        result = retrain_loo(init, cfg, Xtr, ytr, Xte[t], yte[t], torch.as_tensor(loo_idx),
+                             seeds=seeds, device=device, workdir=d / "work_retrain")
+        save_npz(path, loss_full=result.loss_full, loss_loo=result.loss_loo,
+                 eval_points=result.eval_points, param_dist=result.param_dist,
+                 loo_indices=np.asarray(loo_idx), test_indices=np.asarray(test_idx))
+
+    return store.cached(path, inputs, compute, load_npz, device=device,
+                        what=f"LOO re-training of {cfg.dataset}")

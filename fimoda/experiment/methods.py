@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -13,11 +12,14 @@ import numpy as np
 import torch
 
 from ..config import ExperimentConfig
-from ..io import UnreadableFile, load_npz, save_npz
-from ..locks import result_lock
+from .. import store
+from ..io import load_npz, save_npz
 from .assumption1 import ASSUMPTION1_METHODS, assumption1_damping
-from .records import _canon, _without, check_record
+from .records import config_without, final_model_source
 from .setup import out_dir, tensors
+
+
+METHODS_NOTEBOOK = "notebooks/03_attribution_methods"
 
 
 def method_config(name: str, cfg: ExperimentConfig, **overrides):
@@ -86,32 +88,47 @@ class MethodFailed(RuntimeError):
     or the damped Hessian is not positive definite: Assumption 1 of the paper fails)."""
 
 
+def scores_path(cfg: ExperimentConfig, name: str, directory=None, file=None) -> Path:
+    """``<results>/scores_<name>.npz`` (or ``file``) of the experiment."""
+    return Path(directory or out_dir(cfg)) / (file or f"scores_{name}.npz")
+
+
+def scores_reader_inputs(cfg: ExperimentConfig, name: str, directory) -> dict:
+    """What a reader of a method's scores knows they must have been computed from: the method,
+    the experiment config but the gold standard's and the methods' settings, and the saved
+    theta^f of ``directory`` (where there is one)."""
+    return {"method": name, "experiment": config_without(cfg, "further", "methods"),
+            **final_model_source(directory)}
+
+
 def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None,
-               force: bool = False, file: Optional[str] = None, **overrides) -> np.ndarray:
-    """Compute (or load) ``scores_<name>.npz`` (or ``file``) for the experiment. Numerical
-    breakdowns, and scores that come out NaN or inf, are raised as :class:`MethodFailed` with the
-    reason (nothing is written for that method). The file's lock
-    (:func:`fimoda.locks.result_lock`) is held while it is checked, computed and written."""
+               force: bool = False, file: Optional[str] = None, reuse: str = "auto",
+               **overrides) -> np.ndarray:
+    """Compute (or load) ``scores_<name>.npz`` (or ``file``) for the experiment, kept in the
+    result store (:func:`fimoda.store.cached`: reused while the method's config, theta^f, the
+    rows and instances and the environment are these; ``force``: recompute; ``reuse="only"``:
+    refuse instead of computing). Numerical breakdowns, and scores that come out NaN or inf, are
+    raised as :class:`MethodFailed` with the reason (nothing is written for that method)."""
     from ..influence import compute_scores
+    from ..io import sha256_arrays
+    d = Path(directory or out_dir(cfg))
     if name in ASSUMPTION1_METHODS and "damping" not in overrides \
             and getattr(method_config(name, cfg), "hessian", "true") == "true":
-        overrides = {**overrides, "damping": assumption1_damping(
-            att, cfg, directory=Path(directory or out_dir(cfg)))}
+        overrides = {**overrides, "damping": assumption1_damping(att, cfg, directory=d)}
     mcfg = method_config(name, cfg, **overrides)
     record = {"method": name, "method_config": dataclasses.asdict(mcfg),
-              "experiment": _without(cfg, "further", "methods")}
-    path = Path(directory or out_dir(cfg)) / (file or f"scores_{name}.npz")
-    with result_lock(path, f"the {name} scores of {cfg.dataset}"):
-        if path.exists() and not force:
-            try:
-                z = load_npz(path)
-            except UnreadableFile as e:
-                warnings.warn(f"{e}; recomputing it")
-            else:
-                if (str(z.get("config")) == _canon(record)
-                        and np.array_equal(z["loo_indices"], loo_idx)
-                        and np.array_equal(z["test_indices"], test_idx)):
-                    return z["scores"]
+              "experiment": config_without(cfg, "further", "methods")}
+    path = scores_path(cfg, name, d, file)
+    p = att.problem
+    inputs = {**record, **final_model_source(d),
+              "theta": sha256_arrays(*[p.params[n] for n in p.names]),
+              "fit_rows": sha256_arrays(p.X, p.Y),
+              "left_out": sha256_arrays(att.X_loo, att.Y_loo),
+              "test": sha256_arrays(att.X_test, att.Y_test),
+              "loo_indices": np.asarray(loo_idx).tolist(),
+              "test_indices": np.asarray(test_idx).tolist()}
+
+    def compute():
         from ..influence.errors import MethodBreakdown
         t0 = time.perf_counter()
         try:
@@ -125,9 +142,13 @@ def run_method(name: str, att, cfg: ExperimentConfig, loo_idx, test_idx, directo
             raise MethodFailed(f"{name}: {int((~np.isfinite(scores)).sum())} of its "
                                f"{scores.size} scores are NaN or inf (nothing saved)")
         save_npz(path, scores=scores, loo_indices=np.asarray(loo_idx),
-                 test_indices=np.asarray(test_idx), config=np.asarray(_canon(record)),
-                 wall_time=np.asarray(wall))
-    return scores
+                 test_indices=np.asarray(test_idx), wall_time=np.asarray(wall))
+        return {"wall_time_s": wall}
+
+    return store.cached(path, inputs, compute, lambda q: load_npz(q)["scores"], device=p.device,
+                        what=f"the {name} scores of {cfg.dataset}",
+                        reuse="never" if force else reuse,
+                        rerun=f"{METHODS_NOTEBOOK} for {cfg.dataset}")
 
 
 def run_methods(methods, att, cfg: ExperimentConfig, loo_idx, test_idx, directory=None):
@@ -149,22 +170,20 @@ def run_methods(methods, att, cfg: ExperimentConfig, loo_idx, test_idx, director
     return scores, pd.DataFrame(status).T
 
 
-METHODS_NOTEBOOK = "notebooks/03_attribution_methods"
-
 
 def load_scores(cfg: ExperimentConfig, methods: Iterable[str], directory=None) -> dict:
-    """{method: scores} for every method whose file exists, after checking that each file's
+    """{method: scores} for every method whose file exists (a :class:`fimoda.store.Sourced`
+    dict naming each file and its sha256), after checking that each file's
     record says it was computed for ``cfg`` (its experiment config but the gold standard's and
-    the methods' settings): :class:`~.records.StaleResult` naming what differs otherwise,
-    :class:`fimoda.io.UnreadableFile` for a corrupt file."""
+    the methods' settings) from the theta^f saved beside it: :class:`~.records.StaleResult`
+    naming what differs otherwise, :class:`fimoda.io.UnreadableFile` for a corrupt file."""
     d = Path(directory or out_dir(cfg))
-    out = {}
+    out = store.Sourced()
     for m in methods:
-        p = d / f"scores_{m}.npz"
+        p = scores_path(cfg, m, d)
         if p.exists():
-            z = load_npz(p)
-            check_record(p, str(z["config"]) if "config" in z else None,
-                         {"method": m, "experiment": _without(cfg, "further", "methods")},
-                         f"{METHODS_NOTEBOOK} for {cfg.dataset} ({cfg.profile} profile)")
-            out[m] = z["scores"]
+            store.check(p, scores_reader_inputs(cfg, m, d),
+                        f"{METHODS_NOTEBOOK} for {cfg.dataset} ({cfg.profile} profile)")
+            out[m] = load_npz(p)["scores"]
+            out.sources[p.name] = store.source(p)["sha256"]
     return out

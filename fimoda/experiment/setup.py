@@ -32,6 +32,27 @@ def setup(dataset: str, profile: str, data_dir=None, dtype: Optional[str] = None
     return cfg, figures_dir(profile)
 
 
+_IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
+
+
+def check_parameters(declared, namespace: dict) -> None:
+    """One ValueError naming every parameter papermill passed that the notebook's parameters
+    cell does not define (papermill itself only warns, and the misspelled value would be
+    silently ignored). ``declared``: the names that existed when the parameters cell ended
+    (``PARAMETERS = set(dir())`` as its last line); ``namespace``: the notebook's ``globals()``
+    when the check runs, before anything else is assigned. Modules, functions and classes
+    (imports) and private names are not parameters."""
+    import inspect
+    unknown = sorted(k for k, v in namespace.items()
+                     if k not in declared and not k.startswith("_") and k != "PARAMETERS"
+                     and not (inspect.ismodule(v) or callable(v)))
+    if unknown:
+        known = sorted(k for k in declared if not k.startswith("_") and k not in _IPYTHON_NAMES
+                       and not (inspect.ismodule(namespace.get(k)) or callable(namespace.get(k))))
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)}: this notebook's parameters "
+                         f"are {', '.join(known)} (a misspelled -p name would be ignored)")
+
+
 def run_config(dataset: str, profile: str, dtype: Optional[str] = None,
                seeds: Optional[int] = None) -> ExperimentConfig:
     """The config a run of the pipeline uses for ``dataset``: the profile's, with ``dtype`` and

@@ -9,9 +9,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .. import store
 from ..config import ExperimentConfig
 from ..io import load_npz
 from .gold_runs import gold_settings
+from .records import config_without
 from .methods import make_attributor
 from .setup import final_model, out_dir, select_loo_indices, select_test_indices, tensors
 
@@ -60,6 +62,8 @@ def retrain_comparison(cfg: ExperimentConfig, scores: dict, directory=None):
     p = Path(directory or out_dir(cfg)) / "retrain_remove.npz"
     if not p.exists():
         return None
+    store.check(p, {"experiment": config_without(cfg, "methods")},
+                f"notebooks/02_gold_further_training for {cfg.dataset} with retrain=True")
     z = load_npz(p)
     a = gold_scores(z["loss_full"], z["loss_loo"], adjust="full")[:, -1:, :]
     rows = {}

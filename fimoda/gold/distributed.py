@@ -149,6 +149,7 @@ def dask_executor(client, retries: int = 2, threads: Optional[int] = None,
         finally:
             bar.close()
             client.cancel(job_f)
+    run.threads = threads          # the pieces' intra-op thread count (None: the submitter's)
     return run
 
 

@@ -28,6 +28,7 @@ from ..progress import progress_bar
 
 from ..losses import check_task
 from ..tensors import as_inputs, as_targets, check_data
+from ..store import environment
 from .chunks import MLP_RUN_BLOCK_CPU, _chunk_runs, _cores, _train_chunk
 from .config import GoldConfig, GoldResult
 from .engines import _make_engine
@@ -97,7 +98,8 @@ class GoldJob:
 
     def __init__(self, model: nn.Module, task: str, X_train, y_train, X_test, y_test,
                  loo_indices, cfg: GoldConfig, workdir=None, augment: Optional[Callable] = None,
-                 test_indices=None, loss: Optional[Callable] = None):
+                 test_indices=None, loss: Optional[Callable] = None,
+                 workdir_mismatch: str = "error"):
         self.model, self.X, self.Y, self.Xt, self.Yt, self.loo = _prepare(
             model, task, X_train, y_train, X_test, y_test, loo_indices, cfg)
         self.task, self.cfg, self.augment, self.loss = task, cfg, augment, loss
@@ -119,10 +121,18 @@ class GoldJob:
         self.T = len(self.sched.eval_steps)
         self.n_chunks = math.ceil(len(self.runs) / self.chunk)
         self.workdir, self.config_hash = None, None
+        # the arithmetic environment every piece must be computed in (an executor that runs its
+        # tasks with another intra-op thread count sets it: :meth:`expect_threads`)
+        self.env = environment(cfg.device)
         if workdir is not None:
             self.workdir, self.config_hash = open_workdir(workdir, fingerprint(
                 self.model, task, self.X, self.Y, self.Xt, self.Yt, self.loo, cfg, self._engine,
-                self.chunk, self.block, augment, loss))
+                self.chunk, self.block, augment, loss), workdir_mismatch)
+
+    def expect_threads(self, threads: Optional[int]) -> None:
+        """Pieces are computed with ``threads`` intra-op threads (None: this process's count)."""
+        if threads is not None:
+            self.env = {**self.env, "threads": int(threads)}
 
     # pickling: tensors travel on the CPU, the engine is rebuilt on arrival
     _TENSORS = ("X", "Y", "Xt", "Yt")
@@ -165,7 +175,7 @@ class GoldJob:
         verification (:func:`fimoda.gold.workdir.load_piece`: reported, to be recomputed)."""
         a, b = self.bounds(c)
         return load_piece(self.path(seed, c), self.config_hash, seed, c, self.runs[a:b],
-                          (b - a, self.T, len(self.Xt)))
+                          (b - a, self.T, len(self.Xt)), self.env)
 
     def missing(self) -> list[tuple[int, int]]:
         """The pieces not yet validly in the work directory (all of them without one)."""
@@ -177,6 +187,7 @@ class GoldJob:
         their inverses when already drawn; ``workers``: block threads (no effect on the
         numbers; default :attr:`workers`)."""
         cfg, n = self.cfg, len(self.X)
+        env = environment(cfg.device)       # recorded with the piece
         if perms is None:
             perms = epoch_permutations(n, seed, self.sched.n_epochs, cfg.shuffle)
             perms = (perms, torch.argsort(perms, dim=1))
@@ -205,7 +216,7 @@ class GoldJob:
                 f"non-finite test losses or parameter distances (lr {cfg.lr}, optimizer "
                 f"{cfg.optimizer}); lower lr. Nothing was saved for it")
         if self.workdir is not None:
-            save_piece(self.path(seed, c), self.config_hash, seed, c, self.runs[a:b], L, D)
+            save_piece(self.path(seed, c), self.config_hash, seed, c, self.runs[a:b], L, D, env)
         return L, D
 
 
@@ -282,7 +293,8 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
                   cfg: GoldConfig, workdir=None, augment: Optional[Callable] = None,
                   test_indices=None, callback: Optional[Callable] = None,
                   loss: Optional[Callable] = None,
-                  executor: Optional[Callable] = None) -> GoldResult:
+                  executor: Optional[Callable] = None,
+                  workdir_mismatch: str = "error") -> GoldResult:
     """LOO further training from theta^f (eqs. 2, 3): for every seed, the full run and one run
     per left-out index, all from ``model``'s parameters with the seed's batch order; test losses
     and ||theta_t - theta^f|| at every evaluation point. Vectorised over runs
@@ -302,16 +314,20 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
     differentiable per-example loss in place of the task's (squared error / cross-entropy).
     ``executor(job, pieces)`` (default: the one set by :func:`executing`, else none): computes
     the missing pieces elsewhere (a Dask cluster, a shard), into ``workdir``; without one,
-    every piece is trained here, in order.
+    every piece is trained here, in order. ``workdir_mismatch``: what to do with a work directory
+    of other inputs (another theta^f, data or configuration): "error" (a ValueError saying what
+    differs), or "replace" it (what the result store does when it recomputes a gold standard
+    whose inputs changed).
     """
     t_start = time.perf_counter()
     job = GoldJob(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg, workdir,
-                  augment, test_indices, loss)
+                  augment, test_indices, loss, workdir_mismatch)
     executor = executor if executor is not None else _EXECUTOR.get()
     if executor is not None:
         if job.workdir is None:
             raise ValueError("a gold-standard executor writes its pieces into a work directory: "
                              "give workdir")
+        job.expect_threads(getattr(executor, "threads", None))
         todo = job.missing()
         if todo:
             executor(job, todo)

@@ -2,9 +2,13 @@
 training depends on) and one ``seed<s>_chunk<c>.npz`` per finished (seed, chunk) piece.
 
 Each piece carries its own provenance: the work-directory format, the configuration hash, its
-seed and chunk, and a sha256 of its arrays. :func:`load_piece` verifies all of them, so a
-truncated or half-written file, a piece of another configuration, or one of another seed or chunk
-copied over it is reported (a warning naming the file) and recomputed, never used.
+seed and chunk, the arithmetic environment it was computed in (torch version, device kind, torch
+intra-op thread count: :func:`fimoda.store.environment`) and a sha256 of its arrays.
+:func:`load_piece` verifies all of them, so a truncated or half-written file, a piece of another
+configuration, or one of another seed or chunk copied over it is reported (a warning naming the
+file) and recomputed, never used. A piece computed under another thread count (a run interrupted
+on one thread and resumed on two) is recomputed too, with one warning naming both counts: every
+result equals a clean run under the environment that finishes it, never a mix of two.
 """
 from __future__ import annotations
 
@@ -46,13 +50,28 @@ def fingerprint_hash(fp: dict) -> str:
     return hashlib.sha256(json.dumps(fp, sort_keys=True).encode()).hexdigest()
 
 
-def open_workdir(workdir, fp: dict) -> tuple[Path, str]:
+def open_workdir(workdir, fp: dict, mismatch: str = "error") -> tuple[Path, str]:
     """(the work directory, created with ``fp`` recorded if new, and ``fp``'s hash). A directory
     of another configuration, or written in another layout version, is a ValueError saying
-    what differs."""
+    what differs (``mismatch="replace"``: it is removed, with a warning saying what differed,
+    and started anew -- for a work directory that belongs to a stored result being recomputed
+    because its inputs changed)."""
+    if mismatch not in ("error", "replace"):
+        raise ValueError(f"mismatch must be 'error' or 'replace', got {mismatch!r}")
     wd = Path(workdir)
     meta = wd / "config.json"
     h = fingerprint_hash(fp)
+    if meta.exists() and mismatch == "replace":
+        try:
+            old = load_json(meta)
+        except UnreadableFile:
+            old = {}
+        if old.get("hash") != h:
+            import shutil
+            diff = differences(old.get("fingerprint", {}), fp)
+            log.warning("work directory %s holds pieces of other inputs (differs in: %s): "
+                        "removing it", wd, ", ".join(diff) or "format")
+            shutil.rmtree(wd)
     if meta.exists():
         try:
             old = load_json(meta)
@@ -76,15 +95,27 @@ def open_workdir(workdir, fp: dict) -> tuple[Path, str]:
 
 
 def save_piece(path: Path, config_hash: str, seed: int, chunk: int, left: np.ndarray,
-               loss: np.ndarray, dist: np.ndarray) -> Path:
-    """Write one piece atomically with its provenance and checksum."""
+               loss: np.ndarray, dist: np.ndarray, env: Optional[dict] = None) -> Path:
+    """Write one piece atomically with its provenance (``env``: the arithmetic environment it
+    was computed in) and checksum."""
     meta = {"format": FORMAT, "hash": config_hash, "seed": int(seed), "chunk": int(chunk),
-            "sha256": sha256_arrays(loss, dist, left)}
+            "env": env, "sha256": sha256_arrays(loss, dist, left)}
     return save_npz(path, loss=loss, dist=dist, left=left, meta=np.asarray(json.dumps(meta)))
 
 
+class OtherEnvironment(str):
+    """Why a piece is not used: it was computed under another arithmetic environment."""
+
+
+def _env_text(env) -> str:
+    if not isinstance(env, dict):
+        return "an unrecorded environment"
+    return (f"{env.get('threads')} intra-op thread(s), torch {env.get('torch')}, "
+            f"{env.get('device')}")
+
+
 def _problem(z: dict, config_hash: str, seed: int, chunk: int, left: np.ndarray,
-             shape: tuple) -> Optional[str]:
+             shape: tuple, env: Optional[dict] = None) -> Optional[str]:
     """Why the arrays ``z`` of a piece file are not piece (seed, chunk), or None when they are."""
     if not {"loss", "dist", "left", "meta"} <= set(z):
         return f"it lacks arrays (has {sorted(z)})"
@@ -104,13 +135,21 @@ def _problem(z: dict, config_hash: str, seed: int, chunk: int, left: np.ndarray,
         return "its runs or shapes are not this chunk's"
     if sha256_arrays(z["loss"], z["dist"], z["left"]) != meta.get("sha256"):
         return "its arrays do not match their checksum"
+    if env is not None and meta.get("env") != env:
+        return OtherEnvironment(f"computed with {_env_text(meta.get('env'))}, and this run uses "
+                                f"{_env_text(env)}")
     return None
 
 
+_TOLD: set = set()      # (work directory, what) told once per process
+
+
 def load_piece(path: Optional[Path], config_hash: str, seed: int, chunk: int, left: np.ndarray,
-               shape: tuple):
-    """(test losses, distances) of the piece at ``path`` after verifying it, or None when it is
-    absent or fails verification (then a warning names the file and why; it is recomputed)."""
+               shape: tuple, env: Optional[dict] = None):
+    """(test losses, distances) of the piece at ``path`` after verifying it (``env``: the
+    arithmetic environment it must have been computed in; None: any), or None when it is absent
+    or fails verification (then a warning names the file and why -- once per work directory for
+    pieces of another environment --; it is recomputed)."""
     if path is None or not path.exists():
         return None
     try:
@@ -118,9 +157,17 @@ def load_piece(path: Optional[Path], config_hash: str, seed: int, chunk: int, le
     except UnreadableFile as e:
         why = str(e)
     else:
-        why = _problem(z, config_hash, seed, chunk, left, shape)
+        why = _problem(z, config_hash, seed, chunk, left, shape, env)
         if why is None:
             return z["loss"], z["dist"]
+        if isinstance(why, OtherEnvironment):
+            if (str(path.parent), str(why)) not in _TOLD:
+                _TOLD.add((str(path.parent), str(why)))
+                log.warning("pieces in %s were %s (the thread count changes the last bits of "
+                            "the sums): recomputing them rather than mixing the two; set "
+                            "OMP_NUM_THREADS to the first run's count to reuse them",
+                            path.parent, why)
+            return None
         why = f"{path} is not a valid piece: {why}"
     log.warning("%s; recomputing it", why)
     return None
