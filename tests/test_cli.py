@@ -55,10 +55,11 @@ def arrays_equal(a, b):
 
 
 def seeded(root: Path, unsharded: Path):
-    """A results root holding the unsharded run's final model (the same theta^f)."""
+    """A results root holding the unsharded run's final model (the same theta^f: its files and
+    the result store's record of them)."""
     d = root / "smoke" / "concrete"
     d.mkdir(parents=True)
-    for f in ("final_model.pt", "final_model.json"):
+    for f in ("final_model.pt", "final_model.json", "final_model.pt.record.json"):
         (d / f).write_bytes((unsharded / "smoke" / "concrete" / f).read_bytes())
     return root
 

@@ -195,7 +195,8 @@ def test_seeds_override_reaches_every_per_dataset_notebook_and_the_banner(capsys
     assert all("seeds" not in p for _, p, _ in pipeline.plan("smoke", ["concrete"]))
     cfg, _ = ex.setup("concrete", "paper", seeds=10)
     assert cfg.further.seeds == 10 and get_config("concrete", "paper").further.seeds == 100
-    assert "further.seeds: 100 -> 10" in capsys.readouterr().out
+    assert "further-training seeds averaged: 10 (paper: 100) -- set for this run" in \
+        capsys.readouterr().out                                 # the banner names the change
     for bad in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
             ex.setup("concrete", "paper", seeds=bad)
