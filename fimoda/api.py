@@ -222,7 +222,7 @@ def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
     ``loss(outputs, targets) -> (B,)``: the model's per-example training loss when it is not the
     task's (squared error / cross-entropy), e.g. a Huber loss; it must be twice differentiable.
     Methods built on loss gradients and the true Hessian use it (grad_dot, grad_cos, datainf,
-    lissa_h, arnoldi, prop1, eq16; cg and dense with ``hessian="true"``). The Gauss-Newton
+    lissa_h, arnoldi, prop1, eq16; cg, dense and trajectory with ``hessian="true"``). The Gauss-Newton
     methods (cg, lissa, dense, trak, ekfac, cor2) need the loss as l(f), convex in one scalar
     output f, which is known for the task's losses only: with a custom loss they raise
     :class:`fimoda.gradients.CustomLossError`.
