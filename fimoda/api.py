@@ -78,8 +78,26 @@ def _model_left_as_it_was(model: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+def _as_indices(left_out, n: int):
+    """``left_out`` with a boolean mask over the n training rows turned into its indices (a
+    mask of another length is named as one); anything else as given."""
+    a = left_out.cpu().numpy() if torch.is_tensor(left_out) else left_out
+    if isinstance(a, (list, tuple, np.ndarray)) and np.asarray(a, dtype=object).ndim == 1 \
+            and len(a) and all(isinstance(v, (bool, np.bool_)) for v in np.asarray(a).tolist()):
+        if len(a) != n:
+            raise ValueError(f"left_out is a boolean mask of {len(a)} entries; a mask must have "
+                             f"one entry per training row ({n})")
+        return np.flatnonzero(np.asarray(a, dtype=bool))
+    return left_out
+
+
 def _rows(left_out, n: int) -> torch.Tensor:
-    idx = torch.as_tensor(np.asarray(left_out, dtype=np.int64))
+    left_out = _as_indices(left_out, n)
+    a = np.asarray(left_out.cpu() if torch.is_tensor(left_out) else left_out)
+    if a.size and not np.issubdtype(a.dtype, np.integer):
+        raise ValueError(f"left_out must hold integer training indices (or a boolean mask over "
+                         f"the training rows), got dtype {a.dtype}: e.g. {a.reshape(-1)[:3]}")
+    idx = torch.as_tensor(a.astype(np.int64))
     if idx.dim() != 1 or len(idx) == 0:
         raise ValueError("left_out must be a non-empty 1-D sequence of training indices")
     if int(idx.min()) < 0 or int(idx.max()) >= n:
@@ -90,16 +108,41 @@ def _rows(left_out, n: int) -> torch.Tensor:
     return idx
 
 
-def _check_model(model, X, y, loss) -> torch.nn.Module:
+def _check_outputs(out: torch.Tensor, task: str, y: torch.Tensor, yt: torch.Tensor) -> None:
+    """The model's output width against the task, and class labels against the output width."""
+    if task == "regression":
+        if not (out.dim() == 1 or (out.dim() == 2 and out.shape[1] == 1)):
+            raise ValueError(f"task 'regression' needs one output per row, but the model "
+                             f"returns shape {tuple(out.shape)} for 2 rows")
+        return
+    if out.dim() != 2 or out.shape[1] < 2:
+        raise ValueError(f"task 'classification' needs one logit per class (2 or more), but "
+                         f"the model returns shape {tuple(out.shape)} for 2 rows")
+    classes = out.shape[1]
+    for name, labels in (("y_train", y), ("y_test", yt)):
+        bad = (labels < 0) | (labels >= classes)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{name} holds label {int(labels[row])} in row {row}, outside "
+                             f"[0, {classes}): the model has {classes} outputs")
+
+
+def _check_model(model, X, y, loss, task: str, yt) -> torch.nn.Module:
     """Run the model on two rows: it must return a tensor of outputs or an object holding
     ``.logits`` (a Hugging Face model: returned wrapped, :class:`fimoda.hf.HFModel`), and a
-    custom ``loss`` must give one value per row. Returns the model to attribute."""
+    custom ``loss`` must give one value per row; it must have a trainable parameter, and its
+    output width must fit ``task`` and the labels ``y``, ``yt``. Returns the model to
+    attribute."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no trainable parameter (every requires_grad is False): "
+                         "attribution differentiates the loss with respect to them")
     with torch.no_grad(), _model_left_as_it_was(model):
         model = wrap_if_logits(model, model(X[:2]))
         out = model(X[:2])
         if not torch.is_tensor(out):
             raise TypeError(f"model(x) must return a tensor of outputs (or an object holding "
                             f".logits), got {type(out).__name__}")
+        _check_outputs(out, task, y, yt)
         if loss is not None:
             value = loss(out, y[:2])
             if not torch.is_tensor(value) or tuple(value.shape) != (len(out),):
@@ -107,6 +150,17 @@ def _check_model(model, X, y, loss) -> torch.nn.Module:
                                  f"shape ({len(out)},), got "
                                  f"{tuple(value.shape) if torch.is_tensor(value) else value!r}")
     return model
+
+
+def _check_numeric(name: str, a) -> None:
+    """A ValueError naming ``name`` when it holds strings or objects rather than numbers."""
+    if torch.is_tensor(a) or a is None:
+        return
+    kind = np.asarray(a).dtype.kind if not hasattr(a, "dtypes") else \
+        ("O" if any(d.kind in "OSU" for d in np.asarray(a.dtypes)) else "f")
+    if kind in "OSU":
+        raise ValueError(f"{name} holds strings or objects (dtype {np.asarray(a).dtype}), not "
+                         "numbers: encode them (e.g. one-hot columns, label indices) first")
 
 
 def _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss=None,
@@ -117,15 +171,25 @@ def _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss=None,
     takes (indices or groups)."""
     check_task(task)
     model, X_train, y_train, X_test, y_test = adapt(model, X_train, y_train, X_test, y_test)
+    dtype, _ = _model_dtype_device(model)
+    if not dtype.is_floating_point or dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"the model's parameters are {str(dtype).replace('torch.', '')}, which "
+                         "fimoda does not support: use float32 or float64 (gold scores are "
+                         "tiny differences of losses)")
+    for name, a in (("X_train", X_train), ("y_train", y_train), ("X_test", X_test),
+                    ("y_test", y_test)):
+        _check_numeric(name, a)
     X, y = _inputs(model, X_train), _targets(model, y_train, task)
     Xt, yt = _inputs(model, X_test), _targets(model, y_test, task)
+    if len(Xt) == 0:
+        raise ValueError("X_test is empty: give at least one test point")
     check_data(task, X, y, Xt, yt, padded=hasattr(model, "trim_inputs"))
     if groups:
         from .gold.groups import as_left_out
-        idx = torch.as_tensor(as_left_out(left_out, len(X)))
+        idx = torch.as_tensor(as_left_out(_as_indices(left_out, len(X)), len(X)))
     else:
         idx = _rows(left_out, len(X))
-    model = _check_model(model, X, y, loss)
+    model = _check_model(model, X, y, loss, task, yt)
     return model, X, y, idx, Xt, yt
 
 
@@ -158,7 +222,7 @@ def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
     ``loss(outputs, targets) -> (B,)``: the model's per-example training loss when it is not the
     task's (squared error / cross-entropy), e.g. a Huber loss; it must be twice differentiable.
     Methods built on loss gradients and the true Hessian use it (grad_dot, grad_cos, datainf,
-    lissa_h, arnoldi, prop1, eq16; cg and dense with ``hessian="true"``). The Gauss-Newton
+    lissa_h, arnoldi, prop1, eq16; cg, dense and trajectory with ``hessian="true"``). The Gauss-Newton
     methods (cg, lissa, dense, trak, ekfac, cor2) need the loss as l(f), convex in one scalar
     output f, which is known for the task's losses only: with a custom loss they raise
     :class:`fimoda.gradients.CustomLossError`.
@@ -207,6 +271,12 @@ def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: st
     gcfg = GoldConfig(optimizer=optimizer, lr=lr, epochs=epochs, seeds=seeds,
                       batch_size=batch_size, mechanism=mechanism,
                       **{"progress": False, **gold_options})
+    if at is not None:                   # before any training: the evaluation points are known
+        from .gold.schedule import make_schedule
+        T = len(make_schedule(len(X), gcfg).eval_steps)
+        if isinstance(at, bool) or not isinstance(at, (int, np.integer)) or not -T <= at < T:
+            raise ValueError(f"at={at!r} is not an evaluation point: there are {T} (0 = theta^f "
+                             f"itself ... {T - 1}; negative counts from the end; None: all)")
     with _model_left_as_it_was(model):
         res = further_train(wrapped, task, X, y, Xt, yt, idx.numpy(), gcfg, loss=loss)
     a = gold_scores(res.loss_full, res.loss_loo, adjust=adjust)      # a[i, t, j]

@@ -326,6 +326,9 @@ def get_config(dataset: str, profile: str = "cpu", **overrides) -> ExperimentCon
     """The config of ``dataset`` under ``profile``; ``overrides`` replace top-level fields."""
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {PROFILES}")
+    if overrides.get("dtype") is not None and overrides["dtype"] not in ("float32", "float64"):
+        raise ValueError(f"dtype {overrides['dtype']!r} is not supported: choose float32 or "
+                         "float64 (the gold standard's scores are tiny differences of losses)")
     cfg = _paper(dataset)
     table = {"cpu": _CPU, "smoke": _SMOKE}.get(profile, {})
     for part, changes in table.get(dataset, {}).items():

@@ -144,8 +144,8 @@ class Problem:
                 "output f per example (docs/equations.md), which is known only for the task's "
                 "own loss (squared error / cross-entropy), not for a custom loss. Use a method "
                 "that needs only loss gradients and the true Hessian (grad_dot, grad_cos, "
-                "datainf, lissa_h, arnoldi, prop1, eq16, or cg / dense with hessian='true'), or "
-                "loss=None")
+                "datainf, lissa_h, arnoldi, prop1, eq16, or cg / dense / trajectory with "
+                "hessian='true'), or loss=None")
 
     def _chunks(self, n: int, size: int, desc: Optional[str]):
         it = range(0, n, size)
@@ -230,15 +230,28 @@ class Problem:
             total += flatten(grad(self._risk)(params, self.trim(self.X[sl]), self.Y[sl]), self.names)
         return total
 
+    def _hessian_vector(self, gfun, vd: dict) -> dict:
+        """d/dt gfun(theta^f + t v) at t = 0 for a gradient function ``gfun``: H v by
+        forward-over-reverse, or -- where the loss has no forward-mode derivative in torch (e.g.
+        ``F.huber_loss``) -- by reverse-over-reverse, (grad of gfun)^T v, equal since H is
+        symmetric. The choice is made once per problem."""
+        if getattr(self, "_forward_ad", True):
+            try:
+                return jvp(gfun, (self.params,), (vd,))[1]
+            except NotImplementedError as e:
+                if "forward AD" not in str(e) and "forward-mode" not in str(e):
+                    raise
+                self._forward_ad = False
+        return vjp(gfun, self.params)[1](vd)[0]
+
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """H v with H = the true Hessian of R(D; theta^f) (forward-over-reverse)."""
+        """H v with H = the true Hessian of R(D; theta^f) (:meth:`_hessian_vector`)."""
         vd = unflatten(v, self.params, self.names)
         total = torch.zeros_like(v)
         for s in range(0, len(self.X), self.batch_size):
             sl = slice(s, s + self.batch_size)
             gfun = lambda p: grad(self._risk)(p, self.trim(self.X[sl]), self.Y[sl])
-            _, hv = jvp(gfun, (self.params,), (vd,))
-            total += flatten(hv, self.names)
+            total += flatten(self._hessian_vector(gfun, vd), self.names)
         return total
 
     def gnvp(self, v: torch.Tensor) -> torch.Tensor:
@@ -260,7 +273,7 @@ class Problem:
 
         def one(x, y):
             gfun = lambda p: grad(lambda q: self.loss(q, x[None], y[None]).sum())(p)
-            return jvp(gfun, (self.params,), (vd,))[1]
+            return self._hessian_vector(gfun, vd)
 
         g = vmap(one) if self.vmap_ok else _looped(lambda p, x, y: one(x, y))
         rows = []

@@ -184,3 +184,34 @@ def test_a_model_returning_an_output_object_is_taken_as_it_is():
     np.testing.assert_allclose(fimoda.gold_standard(model, X, y, [0, 1], X[:3], y[:3], **kw),
                                fimoda.gold_standard(model.net, X, y, [0, 1], X[:3], y[:3], **kw),
                                rtol=1e-12, atol=1e-15)
+
+
+def torch_huber(out, y):
+    """torch's own Huber loss, per example: it has no forward-mode derivative in torch."""
+    return torch.nn.functional.huber_loss(out.reshape(y.shape), y, reduction="none", delta=1.0)
+
+
+def torch_smooth_l1(out, y):
+    """torch's smooth L1 (beta 1, the same function as Huber with delta 1 here)."""
+    return torch.nn.functional.smooth_l1_loss(out.reshape(y.shape), y, reduction="none",
+                                              beta=1.0)
+
+
+@pytest.mark.parametrize("library_loss", [torch_huber, torch_smooth_l1])
+def test_library_losses_work_for_every_method_that_takes_a_loss(small, library_loss):
+    """Every method documented as accepting ``loss=`` runs with a torch loss that lacks a
+    forward-mode derivative (the true-Hessian products fall back to reverse-over-reverse) and
+    gives the hand-written Huber's scores; the trajectory method with the true Hessian too."""
+    model, X, y = small
+    args = (model, X, y, [0, 5, 7, 11], X[30:34], y[30:34])
+    att_lib = fimoda.attributor(*args, task="regression", loss=library_loss)
+    att_hand = fimoda.attributor(*args, task="regression", loss=huber)
+    cases = [(m, {"damping": 10.0} if m in ("lissa_h", "prop1", "eq16") else {})
+             for m in LOSS_METHODS]
+    cases += [("cg", {"hessian": "true", "damping": 10.0}),
+              ("dense", {"hessian": "true", "damping": 10.0}),
+              ("trajectory", {"hessian": "true", "lr": 0.01, "epochs": 2})]
+    for method, opts in cases:
+        lib = fimoda.attribute(*args, task="regression", method=method, att=att_lib, **opts)
+        hand = fimoda.attribute(*args, task="regression", method=method, att=att_hand, **opts)
+        np.testing.assert_allclose(lib, hand, rtol=1e-7, atol=1e-12, err_msg=method)
