@@ -31,6 +31,7 @@ def test_every_notebook_defaults_to_the_smoke_profile():
         assert ns.get("device", "cpu") == "cpu", name
 
 
+@pytest.mark.slow      # every notebook once more, as the smoke pipeline test already runs them
 def test_notebooks_run_by_hand_in_reading_order_on_a_fresh_clone(tmp_path, monkeypatch):
     import nbclient
     import nbformat
