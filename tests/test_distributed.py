@@ -172,9 +172,10 @@ def test_bad_input_is_an_error_before_any_work(client, problem, tmp_path):
 
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores for 2 intra-op threads")
 def test_tasks_run_with_the_clients_thread_count(client, tmp_path):
-    """The intra-op thread count changes the last bits of the 2x128 MLP's sums (checked here);
-    tasks use the submitting process's count, so the cluster equals the serial run at 2
-    threads, and with threads=1 the serial run at 1 thread."""
+    """Tasks use the submitting process's intra-op thread count: the cluster equals the serial
+    run at 2 threads, and with threads=1 the serial run at 1 thread. Where the count changes the
+    last bits of the 2x128 MLP's sums (it does with some BLAS builds and processors, not with
+    others), the two comparisons also tell the counts apart."""
     import torch
     from fimoda.models import MLP
     g = torch.Generator().manual_seed(0)
@@ -190,7 +191,6 @@ def test_tasks_run_with_the_clients_thread_count(client, tmp_path):
     one = further_train(model, "regression", X, y, Xt, yt, loo, cfg)
     torch.set_num_threads(2)
     two = further_train(model, "regression", X, y, Xt, yt, loo, cfg)
-    assert not np.array_equal(one.loss_loo, two.loss_loo)        # the count matters here
     with dd.on_dask(client, progress=False):
         assert_same(two, further_train(model, "regression", X, y, Xt, yt, loo, cfg,
                                        workdir=tmp_path / "a"))
