@@ -82,8 +82,12 @@ def _as_indices(left_out, n: int):
     """``left_out`` with a boolean mask over the n training rows turned into its indices (a
     mask of another length is named as one); anything else as given."""
     a = left_out.cpu().numpy() if torch.is_tensor(left_out) else left_out
-    if isinstance(a, (list, tuple, np.ndarray)) and np.asarray(a, dtype=object).ndim == 1 \
-            and len(a) and all(isinstance(v, (bool, np.bool_)) for v in np.asarray(a).tolist()):
+    if isinstance(a, np.ndarray):
+        is_mask = a.dtype == bool and a.ndim == 1
+    else:       # a list of indices, of groups (ragged), or of booleans
+        is_mask = isinstance(a, (list, tuple)) and len(a) > 0 and \
+            all(isinstance(v, (bool, np.bool_)) for v in a)
+    if is_mask:
         if len(a) != n:
             raise ValueError(f"left_out is a boolean mask of {len(a)} entries; a mask must have "
                              f"one entry per training row ({n})")
