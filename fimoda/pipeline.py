@@ -114,7 +114,9 @@ def ipc_kernel_manager(socket_dir: str, log_path: Path, threads: int | None = No
             super().__init__(**kwargs)
 
         async def start_kernel(self, **kw):
-            kw["env"] = {**os.environ, **kw.get("env", {}), "FIMODA_KERNEL_LABEL": label}
+            kw["env"] = {**os.environ, **kw.get("env", {}), "FIMODA_KERNEL_LABEL": label,
+                         # Hugging Face's own bars (loading weights) would be stored redraws
+                         "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
             if threads is not None:
                 kw["env"].update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
             with open(log_path, "ab") as log:        # the child keeps its own descriptor
