@@ -10,8 +10,8 @@ from .assumption1 import ASSUMPTION1_METHODS, assumption1_damping, smallest_hess
 from .damping import damping_sweep, damping_sweeps, load_damping_sweep
 from .evaluation import evaluate, evaluation_gold, evaluation_table, mechanism_curves, save_table
 from .examples import influential_examples
-from .gold_runs import (eval_unit, gold_path, gold_reader_inputs, gold_settings, load_gold,
-                        run_gold, run_retrain)
+from .gold_runs import (eval_unit, gold_augment, gold_path, gold_reader_inputs, gold_run,
+                        gold_settings, load_gold, run_gold, run_retrain)
 from .methods import (MethodFailed, fit_rows, load_scores, make_attributor, method_config,
                       run_method, run_methods, scores_path, scores_reader_inputs)
 from .records import StaleResult, final_model_source
@@ -27,7 +27,7 @@ __all__ = ["setup", "run_config", "load_data", "final_model", "dataset_summary",
            "make_attributor", "MethodFailed", "run_method", "run_methods", "load_scores",
            "ASSUMPTION1_METHODS", "smallest_hessian_eigenvalue", "assumption1_damping",
            "damping_sweep", "damping_sweeps", "load_damping_sweep", "gold_settings", "eval_unit",
-           "load_gold", "run_gold", "run_retrain", "evaluation_gold", "evaluate",
+           "load_gold", "run_gold", "gold_run", "gold_augment", "run_retrain", "evaluation_gold", "evaluate",
            "evaluation_table", "save_table", "mechanism_curves", "seed_reliability",
            "seeds_study", "retrain_comparison", "mislabel_applies", "mislabel_detection",
            "gold_datasets", "with_results", "summary", "grid_name", "summary_figure", "adam_figure",

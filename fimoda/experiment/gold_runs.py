@@ -108,20 +108,53 @@ def _compute_gold(model, ds, cfg, gcfg, record, path, loo_idx, test_idx, device)
     optimizer, mechanism = gcfg.optimizer, gcfg.mechanism
     d = path.parent
     Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
-    augment = None
-    if cfg.model == "resnet9":      # the same augmentation as the final model's training
-        import functools
-        from ..data import augment_images
-        fill = ds.extra.get("pad_value")
-        augment = functools.partial(augment_images,
-                                    fill=0.0 if fill is None else torch.as_tensor(fill))
     t = torch.as_tensor(test_idx)
     result = further_train(model, cfg.task, Xtr, ytr, Xte[t], yte[t], torch.as_tensor(loo_idx),
                            gcfg, workdir=d / f"work_gold_{optimizer}_{mechanism}",
-                           augment=augment, test_indices=np.asarray(test_idx),
+                           augment=gold_augment(cfg, ds), test_indices=np.asarray(test_idx),
                            workdir_mismatch="error" if concurrent_executor() else "replace")
     save_gold(path, result, {"record": record, "loo_indices": loo_idx, "test_indices": test_idx})
     return {"seconds": result.seconds}
+
+
+def gold_augment(cfg: ExperimentConfig, ds):
+    """The augmentation the gold standard replays (None for data without one): for ResNet-9 the
+    final model's random crop + flip, padding with the dataset's ``pad_value``."""
+    if cfg.model != "resnet9":
+        return None
+    import functools
+    from ..data import augment_images
+    fill = ds.extra.get("pad_value")
+    return functools.partial(augment_images, fill=0.0 if fill is None else torch.as_tensor(fill))
+
+
+def gold_run(model, ds, cfg: ExperimentConfig, test_idx, seed: int, left_out: int,
+             until: int, optimizer: Optional[str] = None, mechanism: Optional[str] = None,
+             dtype=torch.float64, device="cpu"):
+    """The engine's full run and one left-out run (instance ``left_out``) of ``seed``, in
+    ``dtype``, until ``until`` (an evaluation point of the gold standard, in its unit:
+    epochs, or steps where it evaluates every few steps), with the gold standard's evaluation
+    points up to there: a :class:`fimoda.gold.GoldResult` with one seed and one left-out instance, computed, not
+    stored. Notebook 02 checks its hand-written run against it in float64, where only the order
+    of sums differs between the two."""
+    from ..gold import GoldConfig, further_train
+    import copy
+    optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
+    overrides = {"epochs": cfg.further.adam_epochs} if (
+        optimizer == "adam" and cfg.further.adam_epochs is not None) else {}
+    gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
+                                      device=device, seeds=(int(seed),), progress=False,
+                                      **overrides)
+    if eval_unit(cfg) == "epoch":
+        gcfg = dataclasses.replace(gcfg, epochs=int(until))
+    else:
+        gcfg = dataclasses.replace(gcfg, max_steps=int(until))
+    cast = lambda a: a.to(dtype) if a.is_floating_point() else a
+    Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
+    t = torch.as_tensor(test_idx)
+    return further_train(copy.deepcopy(model).to(dtype), cfg.task, cast(Xtr), ytr,
+                         cast(Xte[t]), yte[t], torch.as_tensor([int(left_out)]), gcfg,
+                         augment=gold_augment(cfg, ds), test_indices=np.asarray(test_idx))
 
 
 def run_retrain(ds, cfg: ExperimentConfig, loo_idx, test_idx, device="cpu", directory=None,
