@@ -168,7 +168,12 @@ _REGISTRY: dict[str, Mechanism] = {}
 
 def register_mechanism(cls: type) -> type:
     """Register a :class:`Mechanism` subclass under its ``name`` (usable as a class decorator);
-    a name already registered is a ValueError. Returns ``cls``."""
+    a name already registered is a ValueError. Returns ``cls``.
+
+    The name, not the code, identifies the mechanism in a gold standard's work-directory
+    fingerprint and file names (``gold_<optimizer>_<mechanism>``): a changed mechanism needs a
+    new name. Worker processes (Dask, job-array shards) look it up too, so the module that
+    registers it must be imported there as well."""
     if not (isinstance(cls, type) and issubclass(cls, Mechanism)):
         raise ValueError(f"register_mechanism takes a Mechanism subclass, got {cls!r}")
     name = getattr(cls, "name", None)
