@@ -23,8 +23,9 @@ registered by name), ``schedule`` (batch orders and the batch plan of every run,
 each (seed, chunk) piece stored with its seed, chunk, config hash and checksum, and checked on
 load), ``runner`` (:func:`further_train`, one piece at a time for executors), ``distributed``
 (the pieces as Dask tasks; imported on demand), ``infinitesimal`` (the exact derivative of the
-test losses in the left-out weight, by forward-mode AD through the whole run), ``scores`` (eqs. 13 and 17), ``reference`` (the one-model loop the tests compare
-against; LOO re-training from scratch) and ``store`` (results on disk).
+test losses in the left-out weight, by forward-mode AD through the whole run), ``scores`` (eqs.
+13 and 17), ``reference`` (the one-model loop the tests compare against; LOO re-training from
+scratch) and ``store`` (results on disk).
 """
 from .config import ENGINES, OPTIMIZERS, SHUFFLES, GoldConfig, GoldResult
 from .groups import as_left_out, group_list, is_groups

@@ -10,11 +10,12 @@ Batch order (paper App. D.3): a ``torch.Generator`` seeded with s drives the shu
 ``fimoda.train``, used by :func:`fimoda.gold.retrain_loo` so that its full run is the final
 model's training).
 
-Leaving out z_i is the run's mechanism (``cfg.mechanism``, a
+How a run leaves out z_i is its mechanism (``cfg.mechanism``, a
 :class:`~fimoda.gold.mechanisms.Mechanism`): which instances of ``perm_e`` its epoch order keeps
 (``remove``: all but z_i, so the batches after i's position shift by one; ``subtract``: all) and
-which extra loss terms its batch loss carries (``subtract``: -(1/n) L(z_i) at every step). A run may leave out a group S instead
-(:mod:`fimoda.gold.groups`); a group of one runs exactly the steps of leave-one-out.
+which extra loss terms its batch loss carries (``subtract``: -(1/n) L(z_i) at every step). A run
+may leave out a group S instead (:mod:`fimoda.gold.groups`); a group of one runs exactly the
+steps of leave-one-out.
 """
 from __future__ import annotations
 
