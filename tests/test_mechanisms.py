@@ -163,3 +163,22 @@ def test_an_unregistered_mechanism_is_refused_by_the_config():
     with pytest.raises(ValueError, match="GoldConfig: unknown mechanism 'keep_toy'; choose from "
                                          r"\('remove', 'subtract'\)"):
         GoldConfig(mechanism="keep_toy")
+
+
+def test_a_mechanism_whose_runs_keep_more_than_the_full_set_is_refused_before_any_work(tmp_path):
+    class DuplicateToy(KeepToy):          # z_i twice per epoch: more batches than the full run
+        name = "duplicate_toy"
+
+        def kept(self, n, size):
+            return n + size
+
+    register_mechanism(DuplicateToy)
+    try:
+        model, X, y, Xt, yt = _problem(n=32)            # 32 % 8 = 0: one instance more is a batch
+        cfg = GoldConfig(mechanism="duplicate_toy", epochs=1, batch_size=B, seeds=1,
+                         progress=False)
+        with pytest.raises(ValueError, match="keeps more than the full set's 32"):
+            further_train(model, "regression", X, y, Xt, yt, [0], cfg, workdir=tmp_path / "w")
+        assert not (tmp_path / "w").exists()
+    finally:
+        unregister_mechanism("duplicate_toy")

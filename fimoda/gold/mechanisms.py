@@ -55,7 +55,8 @@ class Mechanism(ABC):
     @abstractmethod
     def kept(self, n: int, size):
         """Instances in the epoch order of a run leaving out ``size`` of the n (an int, or an
-        int64 tensor of runs' sizes, 0 for the full run; same type back), at most n. The run's
+        int64 tensor of runs' sizes, 0 for the full run; same type back): at most n and not
+        increasing with ``size`` (the schedule draws the epochs the largest group needs). The run's
         epoch has ceil(kept / B) batches, the last one smaller; in epoch units a run with fewer
         batches than the full run idles for the missing steps."""
 

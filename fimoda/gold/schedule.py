@@ -88,6 +88,9 @@ def make_schedule(n: int, cfg: GoldConfig, group: int = 1) -> Schedule:
     B = cfg.batch_size
     k_full = math.ceil(n / B)
     k_loo = math.ceil(mechanism(cfg.mechanism).kept(n, group) / B)
+    if k_loo > k_full:
+        raise ValueError(f"mechanism {cfg.mechanism!r}: a run leaving out {group} instance(s) "
+                         f"keeps more than the full set's {n} in its epoch order")
     if cfg.eval_every is None:
         total = cfg.epochs * k_full
         steps = k_full * np.arange(cfg.epochs + 1)
