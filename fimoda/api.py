@@ -262,6 +262,9 @@ def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: st
     group g's gold; with ``adjust="full"`` it is a_S(z_j) = mean_s (loss_{-S} - loss_full), the
     group effect to set beside the additive estimate sum_{i in S} a_i(z_j) (``"mean"``
     subtracts its mean over the groups, per test point).
+    ``mechanism``: how each run leaves out z_i, the name of a registered leave-out mechanism
+    (:mod:`fimoda.gold.mechanisms`: ``remove`` drops it from every epoch's batch order,
+    ``subtract`` subtracts L(z_i)/n from every batch's loss).
     ``gold_options``: other :class:`fimoda.gold.GoldConfig` fields
     (``weight_decay``, ``max_steps``, ...). ``loss(outputs, targets) -> (B,)``: the per-example
     loss further training minimises when it is not the task's (any twice differentiable loss).

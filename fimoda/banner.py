@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config import ExperimentConfig, _paper, get_config
+from .gold.mechanisms import mechanism
 
 __all__ = ["banner_rows", "banner_table", "banner_text", "show_banner", "PAPER_ENCODER",
            "COLUMNS"]
@@ -134,10 +135,9 @@ def _gold(cfg: ExperimentConfig) -> str:
     fc = cfg.further
     lr = fc.adam_lr if fc.optimizer == "adam" else fc.lr
     length = _count(fc.max_steps, "step") if fc.max_steps else _count(fc.epochs, "epoch")
-    how = ("z_i dropped from every epoch's batch order" if fc.mechanism == "remove"
-           else "z_i's scaled loss term subtracted")
     return (f"{fc.optimizer.upper()}, lr {lr:g}, {length}, batch {fc.batch_size}, "
-            f"{_count(fc.seeds, 'seed')}; leave-out '{fc.mechanism}': {how}")
+            f"{_count(fc.seeds, 'seed')}; leave-out '{fc.mechanism}': "
+            f"{mechanism(fc.mechanism).how}")
 
 
 def _count(k: int, noun: str) -> str:
@@ -148,13 +148,11 @@ def banner_rows(cfg: ExperimentConfig) -> list[tuple[str, str, str, str]]:
     """The banner's rows: (item, this run, paper, why), all human text."""
     paper = _paper(cfg.dataset)
     data = cfg.dataset + (f" (STAND-IN for {cfg.stand_in_for})" if cfg.stand_in_for else "")
-    mech_why = ("the reference code behind the paper's tabular figures"
-                if cfg.further.mechanism == "remove" else "paper App. D.3 and its SST-2 code")
     rows = [("dataset", data, cfg.stand_in_for or cfg.dataset,
              _STAND_IN if cfg.stand_in_for else ""),
             ("profile", cfg.profile, "paper", _PROFILE.get(cfg.profile, "")),
             ("model", *_model(cfg)),
-            ("gold standard", _gold(cfg), _gold(paper), mech_why)]
+            ("gold standard", _gold(cfg), _gold(paper), mechanism(cfg.further.mechanism).source)]
     keys = list(_LABELS) + [f"{part}.{f.name}" for part in ("train", "further", "methods")
                             for f in dataclasses.fields(getattr(cfg, part))
                             if f"{part}.{f.name}" not in _LABELS and f.name != "skip"]

@@ -16,17 +16,21 @@ Every run may leave out a group S of instances instead of one (``groups``: the a
 the left-out runs; ``loss_loo[s, g]`` is then group g's run).
 
 Modules: ``config`` (:class:`GoldConfig`, :class:`GoldResult`), ``groups`` (what each run leaves
-out: an index or a group), ``schedule`` (batch orders, how z_i or S is left out, augmentation),
+out: an index or a group), ``mechanisms`` (how a run leaves it out: ``remove``, ``subtract``,
+registered by name), ``schedule`` (batch orders and the batch plan of every run, augmentation),
 ``optim`` (SGD/Adam/AdamW on stacked runs), ``engines`` (per-run gradients: mlp, func, loop),
 ``chunks`` (sizing and training one chunk of runs), ``workdir`` (the resumable work directory:
 each (seed, chunk) piece stored with its seed, chunk, config hash and checksum, and checked on
 load), ``runner`` (:func:`further_train`, one piece at a time for executors), ``distributed``
 (the pieces as Dask tasks; imported on demand), ``infinitesimal`` (the exact derivative of the
-test losses in the left-out weight, by forward-mode AD through the whole run), ``scores`` (eqs. 13 and 17), ``reference`` (the one-model loop the tests compare
-against; LOO re-training from scratch) and ``store`` (results on disk).
+test losses in the left-out weight, by forward-mode AD through the whole run), ``scores`` (eqs.
+13 and 17), ``reference`` (the one-model loop the tests compare against; LOO re-training from
+scratch) and ``store`` (results on disk).
 """
-from .config import ENGINES, MECHANISMS, OPTIMIZERS, SHUFFLES, GoldConfig, GoldResult
+from .config import ENGINES, OPTIMIZERS, SHUFFLES, GoldConfig, GoldResult
 from .groups import as_left_out, group_list, is_groups
+from .mechanisms import (MECHANISMS, Mechanism, Remove, Subtract, mechanism, mechanism_names,
+                         register_mechanism, unregister_mechanism)
 from .reference import reference_further_train, retrain_loo
 from .runner import further_train
 from .schedule import Schedule, epoch_permutations, make_schedule, run_batches
@@ -36,4 +40,6 @@ from .store import load_gold_result, save_gold
 __all__ = ["GoldConfig", "GoldResult", "further_train", "gold_scores", "seed_group_scores",
            "save_gold", "load_gold_result", "reference_further_train", "retrain_loo", "make_schedule",
            "run_batches", "epoch_permutations", "Schedule", "OPTIMIZERS", "MECHANISMS",
-           "SHUFFLES", "ENGINES", "ADJUSTMENTS", "as_left_out", "group_list", "is_groups"]
+           "SHUFFLES", "ENGINES", "ADJUSTMENTS", "as_left_out", "group_list", "is_groups",
+           "Mechanism", "Remove", "Subtract", "mechanism", "mechanism_names",
+           "register_mechanism", "unregister_mechanism"]

@@ -111,7 +111,7 @@ def _train_chunk(engine, cfg: GoldConfig, sched: Schedule, perms, inv, left: tor
     T, J = len(sched.eval_steps), len(Xt)
     losses = torch.empty(R, T, J, dtype=torch.float64, device=dev)
     dist = torch.empty(R, T, dtype=torch.float64, device=dev)
-    subtract = sched.mechanism == "subtract"
+    extra = sched.slots > sched.batch_size     # slots of the mechanism's extra loss terms
     run = _GroupRunner(len(groups), workers if stream is None else 1)
 
     def evaluate(t, gi):
@@ -129,7 +129,7 @@ def _train_chunk(engine, cfg: GoldConfig, sched: Schedule, perms, inv, left: tor
                 x = X[ii]
             else:
                 x = _stream_gather(stream, ep[k, sl], ii)
-                if subtract:       # the subtracted instances, un-augmented
+                if extra:          # the extra loss terms' instances, un-augmented
                     x[:, sched.batch_size:] = X[ii[:, sched.batch_size:]]
             g = engine.grads(Pg[gi], x, Y[ii], w_d[k, sl])
             if cfg.grad_clip is not None:

@@ -10,8 +10,9 @@ from typing import Optional, Union
 
 import numpy as np
 
+from .mechanisms import MECHANISMS, mechanism  # noqa: F401  (MECHANISMS: re-exported here)
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
-MECHANISMS = ("remove", "subtract")
 SHUFFLES = ("sampler", "randperm")
 ENGINES = ("auto", "mlp", "func", "loop")
 
@@ -28,7 +29,9 @@ class GoldConfig:
     permutation per epoch, ``fimoda.train``'s). ``engine``: ``auto`` picks ``mlp`` for
     Linear/ReLU stacks, else ``func`` (vmap), else ``loop`` (models vmap cannot batch).
     ``run_block``: runs per block inside a chunk (None: 8 for the mlp engine on a CPU, the whole
-    chunk otherwise). ``max_runs_per_chunk`` (or, when None, ``memory_budget_mb``) sizes the
+    chunk otherwise). ``mechanism``: how a run leaves out z_i, the name of a registered
+    :class:`~fimoda.gold.mechanisms.Mechanism` (``MECHANISMS``: ``remove``, ``subtract``).
+    ``max_runs_per_chunk`` (or, when None, ``memory_budget_mb``) sizes the
     chunks. ``device``: where the runs are trained (``cpu``, ``cuda``, ...).
     """
     optimizer: str = "sgd"
@@ -58,8 +61,10 @@ class GoldConfig:
             raise ValueError(f"GoldConfig: {msg}")
         if self.optimizer not in OPTIMIZERS:
             bad(f"unknown optimizer {self.optimizer!r}; choose from {OPTIMIZERS}")
-        if self.mechanism not in MECHANISMS:
-            bad(f"unknown mechanism {self.mechanism!r}; choose from {MECHANISMS}")
+        try:
+            mechanism(self.mechanism)
+        except ValueError as e:
+            bad(str(e))
         if self.shuffle not in SHUFFLES:
             bad(f"unknown shuffle {self.shuffle!r}; choose from {SHUFFLES}")
         if self.engine not in ENGINES:

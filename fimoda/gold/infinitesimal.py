@@ -2,7 +2,8 @@
 weight of one training instance (beyond the paper: its §7 asks what to do about the cost and noise
 of the finite leave-one-out difference).
 
-The ``subtract`` mechanism (:mod:`.schedule`) trains run i on ``mean_{z in batch} L(z) - L(z_i)/n``
+The ``subtract`` mechanism (:class:`fimoda.gold.mechanisms.Subtract`; a mechanism whose
+``infinitesimal`` is True) trains run i on ``mean_{z in batch} L(z) - L(z_i)/n``
 at every step. Give the subtracted term a weight eps,
 
     R_k(theta; eps) = mean_{z in batch_k} L(z; theta) - eps L(z_i; theta) / n,
@@ -45,6 +46,7 @@ from ..progress import progress_bar
 from ..losses import per_example_loss
 from .config import GoldConfig, GoldResult
 from .engines import _FuncEngine, _used_parameters
+from .mechanisms import mechanism, mechanism_names
 from .optim import ADAM_BETAS, ADAM_EPS, _clip_per_run_, _StackedOptimizer
 from .runner import _prepare, _test_indices
 from .schedule import batch_plan, epoch_permutations, make_schedule
@@ -123,10 +125,11 @@ def _zero_moment_fix(cfg: GoldConfig, k: int, dth_old, dth, dm, v):
 
 
 def _check(cfg: GoldConfig, augment) -> None:
-    if cfg.mechanism != "subtract":
-        raise ValueError("the infinitesimal gold standard is the eps -> 0 limit of the 'subtract' "
-                         f"mechanism (z_i's loss weighted by -eps/n); got mechanism="
-                         f"{cfg.mechanism!r}: pass a GoldConfig with mechanism='subtract'")
+    if not mechanism(cfg.mechanism).infinitesimal:
+        limits = " or ".join(repr(m) for m in mechanism_names() if mechanism(m).infinitesimal)
+        raise ValueError("the infinitesimal gold standard is the eps -> 0 limit of a mechanism "
+                         "that weights z_i's loss by -eps/n; got mechanism="
+                         f"{cfg.mechanism!r}: pass a GoldConfig with mechanism={limits}")
     if augment is not None:
         raise ValueError("the infinitesimal gold standard does not augment inputs (images: run "
                          "the finite gold standard)")

@@ -26,8 +26,11 @@ def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_tes
                             augment: Optional[Callable] = None, test_indices=None) -> GoldResult:
     """The same gold standard as :func:`further_train`, one model at a time: ``nn.Module`` in
     eval mode + ``torch.optim``, each run drawing its own epoch orders from a fresh generator
-    seeded with s and cutting ``perm`` (``remove``: ``perm[perm != i]``) into batches of B; for
-    ``subtract`` the loss is ``mean(batch losses) - L(z_i) / n``. Groups S (``loo_indices`` as
+    seeded with s and cutting the mechanism's order of ``perm``
+    (:meth:`~fimoda.gold.mechanisms.Mechanism.order`; ``remove``: ``perm[perm != i]``) into
+    batches of B, with the mechanism's loss
+    (:meth:`~fimoda.gold.mechanisms.Mechanism.reference_loss`; ``subtract``:
+    ``mean(batch losses) - L(z_i) / n``). Groups S (``loo_indices`` as
     :func:`fimoda.gold.groups.as_left_out` takes them): ``perm[~isin(perm, S)]`` and
     ``mean(batch losses) - sum_{i in S} L(z_i) / n``. Slow; for tests."""
     t_start = time.perf_counter()
@@ -36,6 +39,7 @@ def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_tes
     n, J, B = len(X), len(Xt), cfg.batch_size
     test_idx = _test_indices(test_indices, J)
     sched = make_schedule(n, cfg, loo.shape[1] if is_groups(loo) else 1)
+    mech = sched.strategy
     loss_fn = per_example_loss(task)
     seeds = cfg.seed_list
     T = len(sched.eval_steps)
@@ -65,14 +69,13 @@ def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_tes
             while True:
                 perm = draw_permutation(g, n, cfg.shuffle)
                 drawn.append(perm)
-                order = perm[~torch.isin(perm, i)] if (cfg.mechanism == "remove"
-                                                        and i is not None) else perm
+                order = perm if i is None else mech.order(perm, i)
                 for batch in order.split(B):
                     batch = batch.to(X.device)
                     xb = X[batch] if stream is None else stream.get(epoch, batch)
                     loss = loss_fn(m(trim(xb)), Y[batch]).mean()
-                    if cfg.mechanism == "subtract" and i is not None:
-                        loss = loss - loss_fn(m(trim(X[i])), Y[i]).sum() / n
+                    if i is not None:
+                        loss = mech.reference_loss(loss, lambda: loss_fn(m(trim(X[i])), Y[i]), n)
                     opt.zero_grad()
                     loss.backward()
                     if cfg.grad_clip is not None:

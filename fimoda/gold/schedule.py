@@ -10,16 +10,12 @@ Batch order (paper App. D.3): a ``torch.Generator`` seeded with s drives the shu
 ``fimoda.train``, used by :func:`fimoda.gold.retrain_loo` so that its full run is the final
 model's training).
 
-Leaving out z_i (``mechanism``):
-- ``remove``: z_i is taken out of each epoch's order, ``order_i = perm[perm != i]``, which is then
-  cut into batches of B; the batches of run i shift by one instance after i's position. When
-  (n - 1) % B == 0 run i has one batch fewer per epoch: in epoch units it idles for that step.
-- ``subtract`` (§6.1, App. D.3): every run sees the full set's batches and run i minimises
-  ``mean_{z in batch} L(z) - (1/n) L(z_i)`` at every step; the full run subtracts nothing.
-
-A run may leave out a group S instead (:mod:`fimoda.gold.groups`): ``remove`` takes every member
-out of the order, ``order_S = perm[~isin(perm, S)]``; ``subtract`` subtracts
-``(1/n) sum_{i in S} L(z_i)``. A group of one runs exactly the steps of leave-one-out.
+How a run leaves out z_i is its mechanism (``cfg.mechanism``, a
+:class:`~fimoda.gold.mechanisms.Mechanism`): which instances of ``perm_e`` its epoch order keeps
+(``remove``: all but z_i, so the batches after i's position shift by one; ``subtract``: all) and
+which extra loss terms its batch loss carries (``subtract``: -(1/n) L(z_i) at every step). A run
+may leave out a group S instead (:mod:`fimoda.gold.groups`); a group of one runs exactly the
+steps of leave-one-out.
 """
 from __future__ import annotations
 
@@ -31,6 +27,7 @@ import numpy as np
 import torch
 
 from .config import GoldConfig
+from .mechanisms import Mechanism, mechanism
 
 AUGMENT_SEED_OFFSET = 1     # augmentation generator seed = s + 1 (as fimoda.train)
 
@@ -74,9 +71,15 @@ class Schedule:
     group: int = 1             # the most instances one run leaves out (G)
 
     @property
+    def strategy(self) -> Mechanism:
+        """The leave-out mechanism (:func:`fimoda.gold.mechanisms.mechanism` of its name)."""
+        return mechanism(self.mechanism)
+
+    @property
     def slots(self) -> int:
-        """Index slots per run and step: the batch, plus (``subtract``) the G subtracted."""
-        return self.batch_size + (self.mechanism == "subtract") * self.group
+        """Index slots per run and step: the batch, plus the mechanism's extra loss terms
+        (``subtract``: the G subtracted)."""
+        return self.batch_size + self.strategy.extra_slots(self.group)
 
 
 def make_schedule(n: int, cfg: GoldConfig, group: int = 1) -> Schedule:
@@ -84,7 +87,10 @@ def make_schedule(n: int, cfg: GoldConfig, group: int = 1) -> Schedule:
     (``k_loo``: batches per epoch of a run leaving out that many)."""
     B = cfg.batch_size
     k_full = math.ceil(n / B)
-    k_loo = math.ceil((n - group) / B) if cfg.mechanism == "remove" else k_full
+    k_loo = math.ceil(mechanism(cfg.mechanism).kept(n, group) / B)
+    if k_loo > k_full:
+        raise ValueError(f"mechanism {cfg.mechanism!r}: a run leaving out {group} instance(s) "
+                         f"keeps more than the full set's {n} in its epoch order")
     if cfg.eval_every is None:
         total = cfg.epochs * k_full
         steps = k_full * np.arange(cfg.epochs + 1)
@@ -104,52 +110,43 @@ def batch_plan(sched: Schedule, perms: torch.Tensor, inv: torch.Tensor, left: to
     Returns ``idx`` (S, R, M) int64 into the training set, ``w`` (S, R, M) float64 per-slot loss
     weights, ``epoch`` (S, R) int64 and ``active`` (S, R) bool (False: the run idles).
 
-    ``remove``: run r leaves out k_r instances, at positions p_0 < ... < p_{k-1} of ``perm_e``;
-    its batch b of epoch e covers positions q = bB..bB+B-1 of its own order, i.e. position
-    q + #{m : p_m - m <= q} of ``perm_e`` (p_m - m instances are kept before p_m), valid while
-    q < n - k_r. ``subtract``: the full batch plus G slots holding the group's members
-    with weight -1/n (padding: weight 0).
+    Run r's epoch order keeps ``kept(n, k_r)`` instances of ``perm_e`` (k_r: its group's
+    size); its batch b of epoch e covers positions q = bB..bB+B-1 of that order, valid while
+    q < kept, which the mechanism maps to positions of ``perm_e``
+    (:meth:`~fimoda.gold.mechanisms.Mechanism.positions`). The mechanism's extra loss terms
+    follow in the last slots (``subtract``: the group's members with weight -1/n, padding 0).
     """
     n, B = sched.n, sched.batch_size
+    mech = sched.strategy
     left = left.reshape(len(left), -1)                                   # (R, G)
     R = len(left)
     s = torch.arange(s0, s1)[:, None]                                    # (S, 1)
     member = left >= 0                                                   # (R, G)
     size = member.sum(1)                                                 # (R,)
-    loo = size > 0
-    if sched.mechanism == "remove":
-        k_r = (n - size + B - 1) // B                                    # ceil((n - k_r) / B)
-    else:
-        k_r = torch.full_like(size, sched.k_full)
+    kept = mech.kept(n, size)                                            # (R,)
+    k_r = (kept + B - 1) // B                                            # ceil(kept / B)
     if sched.by_epoch:
         e, b = (s // sched.k_full).expand(-1, R), (s % sched.k_full).expand(-1, R)
     else:
         e, b = s // k_r, s % k_r
     q = b[..., None] * B + torch.arange(B)                               # (S, R, B)
-    if sched.mechanism == "remove":
-        valid = q < (n - size)[None, :, None]
-        p = torch.where(member, inv[e[..., None], left.clamp(min=0)], n)   # (S, R, G)
-        p = p.sort(-1).values if p.shape[-1] > 1 else p
-        kept_before = torch.where(p < n, p - torch.arange(p.shape[-1]), n)  # ascending
-        pos = q + torch.searchsorted(kept_before, q, right=True)
-    else:
-        valid = q < n
-        pos = q
+    valid = q < kept[None, :, None]
+    pos = mech.positions(q, e, inv, left, member, n)
     idx = perms[e[..., None], pos.clamp(max=n - 1)]
     cnt = valid.sum(-1)
     w = valid.double() / cnt.clamp(min=1)[..., None].double()
-    if sched.mechanism == "subtract":
-        extra = left.clamp(min=0).expand(len(s), R, -1)
-        wx = torch.where(member, torch.tensor(-1.0 / n, dtype=torch.float64),
-                         torch.tensor(0.0, dtype=torch.float64)).expand(len(s), R, -1)
-        idx, w = torch.cat([idx, extra], -1), torch.cat([w, wx], -1)
+    extra = mech.extra_terms(left, member, n)
+    if extra is not None:
+        ix, wx = (t.expand(len(s), R, -1) for t in extra)
+        idx, w = torch.cat([idx, ix], -1), torch.cat([w, wx], -1)
     return idx, w, e, cnt > 0
 
 
 def run_batches(n: int, cfg: GoldConfig, seed: int, leave_out=None) -> list:
     """The index batches one run takes, in order (idle steps skipped), from the same plan the
     vectorised engine uses. ``leave_out``: None (the full run), an index, or a group (a sequence
-    of distinct indices); for ``subtract`` the subtracted instances are not listed."""
+    of distinct indices); the instances of a mechanism's extra loss terms (``subtract``: the
+    subtracted) are not listed."""
     members = [] if leave_out is None else np.atleast_1d(np.asarray(leave_out, np.int64))
     sched = make_schedule(n, cfg, max(1, len(members)))
     perms = epoch_permutations(n, seed, sched.n_epochs, cfg.shuffle)
@@ -174,7 +171,8 @@ class _AugmentStream:
     a run of any mechanism uses ``view_e[j]`` for instance j in epoch e, so full and LOO runs see
     identical augmentations. Views are computed lazily in that order (requesting epoch e first
     completes the earlier epochs), so the result does not depend on the order of requests. The
-    instance subtracted by the ``subtract`` mechanism is used un-augmented.
+    instances of a mechanism's extra loss terms (``subtract``: the subtracted) are used
+    un-augmented.
     """
 
     def __init__(self, augment: Callable, X: torch.Tensor, batch_size: int, seed: int, perm_of):
