@@ -4,21 +4,13 @@ reasons, and where each appears in Figure 2 and the pipeline.
 
 The ``paper`` profile is exactly the paper (App. D and the issues' tables). ``cpu`` (the default
 of ``run_all.sh``) reduces seeds, epochs and subsets so the whole pipeline fits its budget on 2
-cores; ``smoke`` takes seconds per notebook and is what the tests run.
+cores; ``smoke`` takes seconds per notebook and is what the tests run. Each reduction is printed
+by :func:`fimoda.config.reductions` and in every notebook's banner; its reason is the comment
+beside it here.
 
-Reductions, cpu profile: the gold standard is most of its time on 2 cores: Concrete and Energy
-keep a fifth of the paper's further training with 4 of its 100 seeds, FICO 10 of 200 epochs with
-4 seeds (cosines to gold rise with the seeds averaged: notebook 04 draws that curve for the seeds
-run); the classifiers attribute 50 of the paper's 100 test points. The Adam gold standard of
-App. E.1 (Figs. 4, 8) runs for every tabular dataset too, over half the SGD run's epochs where
-that is more than a few. LiSSA-H runs as in the paper (full-batch true-Hessian products, depth
-5000) in every profile but smoke: its truncated series is evaluated in a block Krylov subspace
+LiSSA-H runs as in the paper (full-batch true-Hessian products, depth 5000) in every profile but
+smoke: its truncated series is evaluated in a block Krylov subspace
 (fimoda.influence.solvers.lissa.krylov_lissa_solve), a few dozen block products instead of 5000.
-
-Smoke profile: its models still learn (fimoda.baselines refuses one that does not beat its
-trivial predictor): Concrete 40 epochs, FICO and Folktables/Adult a larger lr on their 1,000
-rows, ResNet-9 8 epochs on its 512 images (32 steps; its metrics on 1,000 rows of each set),
-SST-2 the cpu profile's lr on 512 sentences.
 """
 from __future__ import annotations
 
@@ -59,8 +51,18 @@ _SMOKE_METHODS = dict(lissa_depth=300, lissa_h_depth=100, lissa_h_batch_size=128
 _SMOKE_LARGE_METHODS = dict(lissa_depth=10, lissa_h_depth=10, lissa_batch_size=32,
                             lissa_h_batch_size=32, arnoldi_rank=4, arnoldi_iter=6,
                             trak_proj_dim=128, fit_rows=64, datainf_samples=64)
+# Smoke models still learn (fimoda.baselines refuses one that does not beat its trivial
+# predictor): Concrete 40 epochs, FICO and Folktables/Adult a larger lr on their 1,000 rows,
+# ResNet-9 8 epochs on its 512 images (32 steps; its metrics on 1,000 rows of each set), SST-2
+# the cpu profile's lr on 512 sentences.
 _SMOKE_FURTHER = dict(mislabel_trials=1, seeds=2, n_loo=8, n_test=6)   # every tabular dataset
 _ALL = ("smoke", "cpu", "paper")
+# cpu: the gold standard is most of the profile's time on 2 cores: Concrete and Energy keep a
+# fifth of the paper's further training with 4 of its 100 seeds, FICO 10 of 200 epochs with 4
+# seeds (cosines to gold rise with the seeds averaged: notebook 04 draws that curve for the seeds
+# run); the classifiers attribute 50 of the paper's 100 test points. The Adam gold standard of
+# App. E.1 (Figs. 4, 8) runs for every tabular dataset too, over half the SGD run's epochs
+# (adam_epochs) where that is more than a few.
 
 
 def _regression_paper(stride: int, grid: tuple):
