@@ -93,8 +93,8 @@ EXPERIMENT = [
 
 
 def _experiment_options(dataset_required: bool = True):
-    return _options(PROFILE, ("--dataset", dict(required=dataset_required, choices=DATASET_NAMES)),
-                    *EXPERIMENT)
+    return _options(PROFILE, ("--dataset", dict(required=dataset_required,
+                                                 choices=DATASET_NAMES)), *EXPERIMENT)
 
 
 def _gold_options(p):

@@ -34,5 +34,5 @@ from .images import augment_images
 
 __all__ = ["CACHE_FORMAT", "DATASETS", "LOADERS", "Dataset", "Loader", "load_dataset",
            "DatasetSpec", "Overrides", "get_spec", "register_dataset", "unregister_dataset",
-           "SOURCES", "ChecksumError", "DataFileError", "Source", "cache_dir", "content_fingerprint", "data_dir",
-           "verify_file", "augment_images"]
+           "SOURCES", "ChecksumError", "DataFileError", "Source", "cache_dir",
+           "content_fingerprint", "data_dir", "verify_file", "augment_images"]
