@@ -73,10 +73,14 @@ class DatasetSpec:
     loader: Loader
     # the model family trained on it: "mlp" (tabular), "resnet9" (images) or "text" (encoder)
     model: str
-    # the paper's settings (App. D): training of theta^f, the gold standard's further training
-    # and the approximations' settings; the ``paper`` profile is exactly these
+    # The paper's settings (App. D); the ``paper`` profile is exactly these.
+    # how the final model theta^f is trained (App. D.2)
     train: TrainConfig
+    # the gold standard's further training from theta^f: optimizer, epochs or steps, seeds, the
+    # left-out and test instances, the leave-out mechanism (App. D.3)
     further: FurtherTrainConfig
+    # the approximations' settings: damping grid, LiSSA depth and scale, TRAK's dimension,
+    # methods skipped and why (App. D.4)
     methods: MethodConfig = field(default_factory=MethodConfig)
     # floating-point type of the model and every computation: "float64" or "float32"
     dtype: str = "float64"
@@ -97,7 +101,7 @@ class DatasetSpec:
 
     @property
     def task(self) -> str:
-        """ "regression" or "classification" (the loader's)."""
+        """The task: "regression" or "classification" (the loader's)."""
         return self.loader.task
 
     @property
