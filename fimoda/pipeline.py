@@ -16,7 +16,8 @@ import threading
 import time
 from pathlib import Path
 
-from .config import DATASETS, PROFILES, TABULAR
+from .config import PROFILES
+from .data.specs import cost_order, dataset_names, default_datasets, tabular_names
 
 ROOT = Path(__file__).resolve().parent.parent
 NB = ROOT / "notebooks"
@@ -46,17 +47,18 @@ DATA_FREE = ("00_walkthrough.ipynb",)
 RETRAIN_DATASETS = ("concrete", "energy")
 RETRAIN_PROFILES = ("smoke", "paper")
 # A dataset's notebook run again with other parameters, right after its default run:
-# (notebook prefix, datasets, profiles, parameters, suffix of the executed copy)
+# (notebook prefix, datasets (a tuple, or a function returning one), profiles, parameters,
+#  suffix of the executed copy)
 VARIANTS = [
     # Concrete's gold standard also under the other leave-out mechanism, for notebook 04's
     # side-by-side comparison of the two (one more gold run, so not in the cpu profile)
     ("02", ("concrete",), ("smoke", "paper"), {"mechanism": "subtract"}, "subtract"),
     # the Adam gold standard of App. E.1 for every tabular dataset (Figs. 4 and 8), evaluated
-    ("02", TABULAR, PROFILES, {"optimizer": "adam"}, "adam"),
-    ("04", TABULAR, PROFILES, {"optimizer": "adam"}, "adam"),
+    ("02", tabular_names, PROFILES, {"optimizer": "adam"}, "adam"),
+    ("04", tabular_names, PROFILES, {"optimizer": "adam"}, "adam"),
     # notebook 07's trajectory-matched influence against that Adam gold standard (Adam's lr, and
     # Adam's preconditioner); part 2 only: the infinitesimal study is the SGD run's
-    ("07", TABULAR, PROFILES, {"optimizer": "adam", "infinitesimal": False}, "adam"),
+    ("07", tabular_names, PROFILES, {"optimizer": "adam", "infinitesimal": False}, "adam"),
 ]
 
 
@@ -87,6 +89,7 @@ def plan(profile: str, datasets: list[str], seeds: int | None = None, variants: 
                 first["retrain"] = True     # LOO re-training from scratch (paper Fig. 11)
             steps.append((nb, first, out / nb.replace(".ipynb", f"_{ds}.ipynb")))
             for prefix, names, profiles, extra, suffix in VARIANTS if variants else ():
+                names = names() if callable(names) else names
                 if nb.startswith(prefix) and ds in names and profile in profiles:
                     steps.append((nb, {**params, **extra},
                                   out / nb.replace(".ipynb", f"_{ds}_{suffix}.ipynb")))
@@ -142,26 +145,30 @@ def chains(steps):
     return steps[:first], list(by_ds.values()), tail
 
 
-# The order in which datasets' chains start when several run at once: the longest first, so no
-# job is left running one alone at the end, and the two large models (whose convolutions and
-# attention use every core well) apart, each beside tabular chains (whose small ops do not).
-COST_ORDER = ("sst2", "fico", "folktables", "cifar10", "fashion_mnist", "concrete", "adult",
-              "energy")
+def __getattr__(name: str):
+    """``COST_ORDER``: the order in which datasets' chains start when several run at once, a view
+    of the dataset specs' ``cost_rank`` (:func:`fimoda.data.specs.cost_order`): the longest
+    first, so no job is left running one alone at the end, and the two large models (whose
+    convolutions and attention use every core well) apart, each beside tabular chains (whose
+    small ops do not)."""
+    if name == "COST_ORDER":
+        return cost_order()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "python3",
         only: list[str] | None = None, jobs: int = 1, seeds: int | None = None,
         variants: bool = True) -> None:
     """Execute the notebooks of ``profile`` for ``datasets``. With ``jobs`` > 1 that many
-    datasets' notebook chains run at once, longest first (:data:`COST_ORDER`), each kernel with
+    datasets' notebook chains run at once, longest first (``COST_ORDER``), each kernel with
     ``cpu_count // jobs`` intra-op threads: small models use one thread better than two (the gold
     engine runs its own blocks in parallel, and the methods' many small ops wait on each other).
     The count is fixed by ``jobs``, not by which chains happen to run together: a model trained
     with another thread count sums in another order, and reruns must give identical numbers."""
     import papermill as pm
     for ds in datasets:
-        if ds not in DATASETS:
-            raise SystemExit(f"unknown dataset {ds!r}; choose from {', '.join(DATASETS)}")
+        if ds not in dataset_names():
+            raise SystemExit(f"unknown dataset {ds!r}; choose from {', '.join(dataset_names())}")
     if jobs < 1:
         raise SystemExit(f"--jobs must be at least 1 (got {jobs})")
     if seeds is not None and seeds < 1:
@@ -223,7 +230,7 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
                 for s in chain:
                     execute(*s)
         else:
-            rank = {d: k for k, d in enumerate(COST_ORDER)}
+            rank = {d: k for k, d in enumerate(cost_order())}
             queue = sorted(per_ds, key=lambda c: rank.get(c[0][1]["dataset"], -1))
             failed: list[BaseException] = []
 
@@ -310,8 +317,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_args(a: argparse.Namespace) -> None:
     """:func:`run` with options parsed by :func:`add_arguments`."""
-    from .config import PROFILE_DATASETS
-    datasets = a.datasets.split(",") if a.datasets else list(PROFILE_DATASETS[a.profile])
+    datasets = a.datasets.split(",") if a.datasets else list(default_datasets(a.profile))
     datasets = [d.strip() for d in datasets if d.strip()]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # notebooks run in notebooks/: relative directories given by the caller must not move

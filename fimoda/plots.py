@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 import numpy as np
 
+from .data.specs import fig2_panel_order
 from .io import atomic_write
 from .style import (LABELS, METHOD_KEYS, STYLE_KEYS, damping_label, label, legend_handles,
                     method_style, theme, themed)
@@ -24,9 +25,12 @@ __all__ = ["LABELS", "METHOD_KEYS", "STYLE_KEYS", "FIG2_ORDER", "NORMALISATIONS"
            "show", "theme", "themed", "training_curves_figure"]
 
 
-# The datasets of the paper's Figure 2 in its panel order; a stand-in takes its original's place.
-FIG2_ORDER = ("concrete", "energy", "fico", "folktables", "adult", "cifar10", "fashion_mnist",
-              "sst2")
+def __getattr__(name: str):
+    """``FIG2_ORDER``: the datasets of the paper's Figure 2 in its panel order, a stand-in in its
+    original's place (a view of the dataset specs: :func:`fimoda.data.specs.fig2_panel_order`)."""
+    if name == "FIG2_ORDER":
+        return fig2_panel_order()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fig2_order(datasets) -> list:
@@ -34,7 +38,7 @@ def fig2_order(datasets) -> list:
     (b) energy, (c) fico, (d) folktables / adult, (e) cifar10 / fashion_mnist, (f) sst2; any other
     name after these, in the order given."""
     seen = list(dict.fromkeys(datasets))
-    rank = {d: k for k, d in enumerate(FIG2_ORDER)}
+    rank = {d: k for k, d in enumerate(fig2_panel_order())}
     return sorted(seen, key=lambda d: (rank.get(d, len(rank)), seen.index(d)))
 
 

@@ -26,7 +26,7 @@ from .io import atomic_write, figures_dir, results_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "reproduction"
-DATASETS = ("concrete", "energy")
+REPRODUCTION_DATASETS = ("concrete", "energy")   # the datasets the reproduction runs
 SEEDS = 10                   # further-training seeds of the reproduction (the paper: 100)
 SPREAD_DATASET = "energy"
 SPREAD_INIT_SEEDS = (0, 1, 2)  # theta^f's init and batch-order seed (TrainConfig.seed)
@@ -283,7 +283,7 @@ def main(argv=None):
     from . import pipeline
     ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     ap.add_argument("--profile", default="paper")
-    ap.add_argument("--datasets", default=",".join(DATASETS))
+    ap.add_argument("--datasets", default=",".join(REPRODUCTION_DATASETS))
     ap.add_argument("--seeds", type=int, default=SEEDS)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--spread-seeds", type=int, default=SPREAD_SEEDS)

@@ -8,6 +8,7 @@ import pytest
 from fimoda import banner
 from fimoda.banner import banner_rows, banner_table, banner_text, show_banner
 from fimoda.config import DATASETS, get_config, reductions
+from fimoda.data.catalog import STAND_IN_WHY
 
 REPR = re.compile(r"\(\(|\('|\{'|\[\(|None\b|True\b|False\b")    # tuple, dict, Python literals
 
@@ -82,7 +83,7 @@ def test_the_paper_profile_flags_the_offline_encoder_and_nothing_else():
 def test_stand_ins_and_the_gold_standard_rows():
     rows = {r[0]: r for r in banner_rows(get_config("adult", "cpu"))}
     assert rows["dataset"][1:] == ("adult (STAND-IN for folktables)", "folktables",
-                                   banner._STAND_IN)
+                                   STAND_IN_WHY)
     gold = rows["gold standard"]
     assert gold[1] == ("SGD, lr 0.0001, 5 epochs, batch 128, 4 seeds; leave-out 'remove': z_i "
                        "dropped from every epoch's batch order")

@@ -178,7 +178,7 @@ def test_adult(cache):
 
 
 def test_fashion_mnist(cache):
-    need(*fd_dataset._FMNIST_FILES)
+    need(*fd_dataset.LOADERS["fashion_mnist"].files)
     t = time.time()
     d = load_dataset("fashion_mnist", cache_dir=cache)
     assert time.time() - t < 30

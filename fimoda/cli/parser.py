@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 from .. import pipeline
-from ..config import DATASETS, PROFILES
+from ..config import DATASET_NAMES, PROFILES
 
 from .commands import (cmd_attribute, cmd_evaluate, cmd_figures, cmd_gold, cmd_merge, cmd_run)
 
@@ -52,7 +52,7 @@ def _methods(text: str) -> list[str]:
     return _names("method", list(METHODS))(text)
 
 
-_datasets = _names("dataset", DATASETS)
+_datasets = _names("dataset", DATASET_NAMES)
 
 
 def _entry_point(text: str) -> str:
@@ -93,8 +93,8 @@ EXPERIMENT = [
 
 
 def _experiment_options(dataset_required: bool = True):
-    return _options(PROFILE, ("--dataset", dict(required=dataset_required, choices=DATASETS)),
-                    *EXPERIMENT)
+    return _options(PROFILE, ("--dataset", dict(required=dataset_required,
+                                                 choices=DATASET_NAMES)), *EXPERIMENT)
 
 
 def _gold_options(p):

@@ -12,7 +12,12 @@ Reading the modules in order:
    :func:`augment_images`, training-time image augmentation of the CIFAR-10 recipe), :mod:`.sst2`;
 3. :mod:`.cache`: the built arrays are written once to ``<cache>/<name>[_<encoder>].npz`` with a
    JSON record of the source sha256s; a later call whose sources have other hashes rebuilds it;
-4. :mod:`.dataset`: :class:`Dataset` and :func:`load_dataset`, the one entry point.
+4. :mod:`.dataset`: :class:`Dataset`, :class:`Loader` (how one dataset is loaded) and
+   :func:`load_dataset`, the one entry point;
+5. :mod:`.specs`: one :class:`DatasetSpec` per dataset (its loader, model, the paper's
+   settings, the profiles' reductions, its place in Figure 2 and the pipeline) and the registry
+   (:func:`register_dataset`) every per-dataset table is derived from; :mod:`.catalog`: the
+   paper's datasets, registered on import.
 
 Datasets (``name``): ``concrete``, ``energy`` (regression), ``fico``, ``folktables``, ``adult``
 (binary classification), ``cifar10``, ``fashion_mnist`` (10 classes, images) and ``sst2`` (binary,
@@ -20,11 +25,14 @@ text). ``adult`` and ``fashion_mnist`` are offline stand-ins for ``folktables`` 
 (their originals cannot be had here) and say so in ``Dataset.stand_in_for``.
 """
 from .cache import CACHE_FORMAT
-from .dataset import DATASETS, Dataset, load_dataset
+from .dataset import DATASETS, LOADERS, Dataset, Loader, load_dataset
+from .specs import DatasetSpec, Overrides, get_spec, register_dataset, unregister_dataset
+from . import catalog  # noqa: F401  (registers the paper's datasets)
 from .files import (SOURCES, ChecksumError, DataFileError, Source, cache_dir,
                     content_fingerprint, data_dir, verify_file)
 from .images import augment_images
 
-__all__ = ["CACHE_FORMAT", "DATASETS", "Dataset", "load_dataset", "SOURCES", "ChecksumError",
-           "DataFileError", "Source", "cache_dir", "content_fingerprint", "data_dir",
-           "verify_file", "augment_images"]
+__all__ = ["CACHE_FORMAT", "DATASETS", "LOADERS", "Dataset", "Loader", "load_dataset",
+           "DatasetSpec", "Overrides", "get_spec", "register_dataset", "unregister_dataset",
+           "SOURCES", "ChecksumError", "DataFileError", "Source", "cache_dir",
+           "content_fingerprint", "data_dir", "verify_file", "augment_images"]

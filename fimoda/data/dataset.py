@@ -1,7 +1,9 @@
-"""The entry point: :class:`Dataset`, the table of datasets and :func:`load_dataset`.
+"""The entry point: :class:`Dataset`, how a dataset is loaded (:class:`Loader`) and
+:func:`load_dataset`.
 
-:data:`DATASETS` gives each name its task, raw files, builder and finishing step;
-:func:`load_dataset` gets and verifies the files, reuses the cached arrays when their key
+:data:`LOADERS` gives each registered name its :class:`Loader` (task, raw files, builder and
+finishing step); it is filled by :func:`fimoda.data.specs.register_dataset` from each dataset's
+spec. :func:`load_dataset` gets and verifies the files, reuses the cached arrays when their key
 matches (else builds and caches them), finishes them and returns a :class:`Dataset`.
 """
 from __future__ import annotations
@@ -16,13 +18,9 @@ import pandas as pd
 
 from .. import io as fio
 from .cache import CACHE_FORMAT, _cache_paths, _decode, _encode, _read_cache, _write_cache
-from .fico import _build_fico
-from .files import FOLKTABLES_DEFS, FOLKTABLES_PUMS, _ensure, _env_dir, verify_file
+from .files import _ensure, _env_dir, verify_file
 from .files import data_dir as default_data_dir
-from .images import _build_cifar10, _build_fashion_mnist, _finish_images
-from .income import _build_adult, _build_folktables
-from .regression import _build_concrete, _build_energy
-from .sst2 import _build_sst2, _finish_text, _tokenizer_key
+from .sst2 import _tokenizer_key
 
 
 @dataclass
@@ -55,34 +53,33 @@ class Dataset:
 
 
 @dataclass(frozen=True)
-class _Spec:
+class Loader:
+    """How one dataset's raw files become a :class:`Dataset` (the loading half of its
+    :class:`fimoda.data.specs.DatasetSpec`)."""
+    # "regression" (one real target, MSE) or "classification" (integer labels, cross-entropy)
     task: str
+    # number of classes (classification) or of targets (regression: 1)
     n_classes: int
+    # the raw files it needs, as paths relative to the data directory (each a key of
+    # fimoda.data.SOURCES, verified against its sha256)
     files: tuple
+    # build(paths, root, **kwargs) -> dict of Dataset's array fields (X_train, y_train, X_test,
+    # y_test, ids_train, ids_test, feature_names, raw_train, raw_test, extra); its result is cached
     build: Callable
+    # finish(parts) -> parts, applied after the cache on every load (None: none)
     finish: Optional[Callable] = None
+    # the dataset of the paper it replaces where the original cannot be had (None: it is one)
     stand_in_for: Optional[str] = None
+    # files used when present and not required (relative paths, as ``files``)
     optional: tuple = ()
+    # names of the keyword arguments load_dataset accepts for it (others are an error)
     kwargs: tuple = ()
 
 
-_FMNIST_FILES = tuple(f"fashion-mnist/{s}-{k}" for s in ("train", "t10k")
-                      for k in ("images-idx3-ubyte.gz", "labels-idx1-ubyte.gz"))
-DATASETS: dict[str, _Spec] = {
-    "concrete": _Spec("regression", 1, ("concrete/Concrete_Data.xls",), _build_concrete),
-    "energy": _Spec("regression", 1, ("energy/ENB2012_data.xlsx",), _build_energy),
-    "fico": _Spec("classification", 2, ("heloc/heloc_dataset_v1.csv",), _build_fico),
-    "folktables": _Spec("classification", 2, (FOLKTABLES_PUMS,), _build_folktables,
-                        optional=(FOLKTABLES_DEFS,)),
-    "adult": _Spec("classification", 2, ("adult/adult.data", "adult/adult.test"), _build_adult,
-                   stand_in_for="folktables"),
-    "cifar10": _Spec("classification", 10, ("cifar10/cifar-10-python.tar.gz",), _build_cifar10,
-                     finish=_finish_images),
-    "fashion_mnist": _Spec("classification", 10, _FMNIST_FILES, _build_fashion_mnist,
-                           finish=_finish_images, stand_in_for="cifar10"),
-    "sst2": _Spec("classification", 2, ("sst2/train.tsv", "sst2/dev.tsv"), _build_sst2,
-                  finish=_finish_text, kwargs=("encoder", "limit")),
-}
+# name -> Loader of every registered dataset (fimoda.data.specs.register_dataset fills it)
+LOADERS: dict[str, Loader] = {}
+# the old name of LOADERS, public in fimoda.data
+DATASETS = LOADERS
 
 
 def load_dataset(name: str, data_dir=None, cache_dir=None, download: Optional[bool] = None,
@@ -96,9 +93,9 @@ def load_dataset(name: str, data_dir=None, cache_dir=None, download: Optional[bo
     checksum (:class:`ChecksumError`). Keyword arguments: ``sst2``: ``encoder`` (default
     ``fimoda.config.DEFAULT_ENCODER``), ``limit`` (first ``limit`` train and dev rows; not
     cached)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {sorted(DATASETS)}")
-    spec = DATASETS[name]
+    if name not in LOADERS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(LOADERS)}")
+    spec = LOADERS[name]
     bad = set(kw) - set(spec.kwargs)
     if bad:
         raise ValueError(f"{name}: unknown keyword argument(s) {sorted(bad)}; "
