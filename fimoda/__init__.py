@@ -9,8 +9,9 @@ Modules follow the paper's concepts: ``config`` (datasets, profiles), ``data`` (
 ``models``, ``losses`` (the per-example loss, also in Gauss-Newton form), ``tensors`` (input
 conversion), ``train`` (final models), ``gold`` (the gold standard), ``gradients`` (the
 shared base of every approximation), ``influence`` (the methods), ``metrics``, ``plots``,
-``report`` (figure index and summary), ``experiment`` and ``pipeline`` (the notebooks' runs),
-``render`` (the executed notebooks as HTML pages and their index).
+``figures`` (every figure file's kind and name), ``report`` (figure index and summary),
+``experiment`` and ``pipeline`` (the notebooks' runs), ``render`` (the executed notebooks as
+HTML pages and their index).
 """
 from .api import TASKS, attribute, attributor, cosine_to_gold, gold_standard
 from .gradients import CustomLossError

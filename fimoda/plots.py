@@ -61,7 +61,8 @@ def savefig(fig, path, pdf: bool = True) -> Path:
     cell's image output, its file name in the output's metadata (``{"image/png": {"filename":
     ...}}``). The figure is then closed (pyplot forgets it: no second copy from the inline
     backend at the end of the cell, no figures piling up in long batch runs); the object stays
-    usable. Returns the PNG's path."""
+    usable. Returns the PNG's path. In a profile's figures folder, name the file by its kind
+    (:func:`fimoda.figures.figure_path`): the figure index lists no other name."""
     path = Path(path)
     targets = [(path, "png")] + ([(path.with_suffix(".pdf"), "pdf")] if pdf else [])
     for target, fmt in targets:

@@ -3,8 +3,8 @@ the numbers behind them (``results/<profile>/summary.md``), with the paper's own
 ours where its notebooks printed one for the same setting.
 
 Both are written by notebook 05 from what the other notebooks saved; nothing here computes a
-score. A figure's settings are read from its file name, which the notebooks build as
-``<dataset>_<kind>_<optimizer>_<mechanism>_eq<13|17>.png``.
+score. What each figure shows, and its settings, are read from its file name by the registry of
+figure kinds (:mod:`fimoda.figures`) that the notebooks build the names with.
 """
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Optional
 
 import numpy as np
 
+from .figures import KINDS, paper_figure, read_figure_name
 from .io import atomic_write, figures_dir, results_dir
 
 # The paper's values where its reference notebooks (IBM/fimoda) printed them: mean cosine (or
@@ -53,114 +54,49 @@ PAPER_VALUES = {
     },
 }
 
-# file-name pattern -> (paper figure, what it shows); {opt}/{eq} pick the figure number
-_KINDS = [
-    (r"^figure2(?:_(?P<opt>sgd|adam|adamw))?(?:_(?P<mech>remove|subtract))?(?:_eq(?P<eq>17))?"
-     r"\.png$", "fig2grid",
-     "cosine (gold vs method) against further training, every dataset, one panel each"),
-    (r"^max_cosine(?:_(?P<opt>sgd|adam|adamw))?(?:_(?P<mech>remove|subtract))?"
-     r"(?:_eq(?P<eq>17))?\.csv$", "table-max",
-     "each method's maximum mean cosine per dataset (the numbers of the grid)"),
-    (r"^(?P<ds>\w+?)_cosine_(?P<opt>\w+?)_(?P<mech>remove|subtract)_eq(?P<eq>13|17)\.png$",
-     "cosine", "cosine against further training, mean +- SE over test points"),
-    (r"^(?P<ds>\w+?)_spearman_(?P<opt>\w+?)_(?P<mech>remove|subtract)_eq(?P<eq>13|17)\.png$",
-     "spearman", "Spearman correlation against further training"),
-    (r"^(?P<ds>\w+?)_seeds_(?P<opt>\w+?)_(?P<mech>remove|subtract)_eq(?P<eq>13|17)\.png$",
-     "seeds", "maximum cosine against the number of seeds averaged in the gold standard"),
-    (r"^(?P<ds>\w+?)_fig10_sorted_scores_(?P<opt>\w+?)_(?P<mech>remove|subtract)\.png$", "fig10",
-     "gold scores sorted per test point and averaged (with Grad-Dot, Grad-Cos), normalised"),
-    (r"^(?P<ds>\w+?)_sorted_gold_(?P<opt>\w+?)_(?P<mech>remove|subtract)\.png$", "sorted1",
-     "sorted gold scores of one test point at several amounts of further training"),
-    (r"^(?P<ds>\w+?)_table2_(?P<opt>\w+?)_(?P<mech>remove|subtract)\.csv$", "table2",
-     "most helpful / most harmful training instances for the first test points"),
-    (r"^(?P<ds>\w+?)_mislabel_auc_(?P<opt>\w+?)_(?P<mech>remove|subtract)\.csv$", "mislabel",
-     "mislabelled-example detection AUC, mean +- SE over trials"),
-    (r"^(?P<ds>\w+?)_retrain_cosine\.csv$", "fig11",
-     "cosine to LOO re-training from scratch"),
-    (r"^(?P<ds>\w+?)_damping_sweep_(?P<m>[a-z0-9]+)_(?P<opt>\w+?)_(?P<mech>remove|subtract)_eq"
-     r"(?P<eq>13|17)\.png$", "sweep",
-     "cosine of one method at every damping of its grid (beyond the paper, Sec. 7), with "
-     "Grad-Dot for reference"),
-    (r"^(?P<ds>\w+?)_mechanisms_(?P<opt>\w+?)_eq(?P<eq>13|17)\.png$", "mech",
-     "Grad-Dot, CG and LiSSA against the gold standard under each leave-out mechanism "
-     "(remove, subtract), side by side (beyond the paper)"),
-    (r"^(?P<ds>\w+?)_infinitesimal_(?P<opt>\w+?)\.png$", "infinitesimal",
-     "the exact infinitesimal gold standard against the finite subtract gold on identical work, "
-     "and float32 against float64 (beyond the paper, notebook 07)"),
-    (r"^(?P<ds>\w+?)_trajectory_(?P<opt>\w+?)_(?P<mech>remove|subtract)_eq(?P<eq>13|17)\.png$",
-     "trajectory", "trajectory-matched influence and the damping schedule 1/(lr t) at every "
-     "evaluation point, beside the paper's methods (beyond the paper, notebook 07)"),
-    (r"^(?P<ds>\w+?)_param_distance_(?P<opt>\w+?)\.png$", "dist",
-     "distance of further-trained parameters from theta^f"),
-    (r"^(?P<ds>\w+?)_final_training\.png$", "final", "training curves of the final model"),
-    (r"^(?P<ds>\w+?)_method_agreement\.png$", "agree", "cosine between every pair of methods"),
-    (r"^walkthrough_landscape\.png$", "walk1", "the unifying view on a two-parameter toy "
-     "(notebook 00): further training without a point, and where each approximation puts it"),
-    (r"^walkthrough_difference\.png$", "walk2", "notebook 00's toy: one test-loss change "
-     "against further-training steps, exact, first order, second order, linearised"),
-    (r"^walkthrough_cosine\.png$", "walk3", "notebook 00's toy: cosine to further training "
-     "against steps (Figure 2 in miniature)"),
-]
-
+__all__ = ["PAPER_VALUES", "NOTEBOOK_OF_KIND", "paper_figure", "figure_index", "paper_order",
+           "write_figure_index", "summary_rows", "mislabel_rows", "beyond_rows", "write_summary"]
 
 # which notebook writes each kind of file (its prefix in fimoda.pipeline.STEPS)
-NOTEBOOK_OF_KIND = {
-    "final": "01", "dist": "02", "sorted1": "02", "agree": "03", "cosine": "04",
-    "spearman": "04", "seeds": "04", "fig10": "04", "fig11": "04", "sweep": "04", "mech": "04",
-    "fig2grid": "05", "table-max": "05", "table2": "06", "mislabel": "06",
-    "infinitesimal": "07", "trajectory": "07",
-    "walk1": "00_walkthrough", "walk2": "00_walkthrough", "walk3": "00_walkthrough",
-}
+NOTEBOOK_OF_KIND = {k.name: k.notebook for k in KINDS.values()}
 
-
-def paper_figure(kind: str, opt: Optional[str], eq: Optional[str]) -> str:
-    """The paper's figure or table number for a file of ``kind`` at these settings ("" if the
-    paper has none)."""
-    adam = opt == "adam"
-    eq17 = eq == "17"
-    if kind in ("fig2grid", "table-max"):
-        return "Fig. 5" if eq17 else ("Fig. 4" if adam else "Fig. 2")
-    if kind == "cosine":
-        return "Fig. 5 (panel)" if eq17 else ("Fig. 4 (panel)" if adam else "Fig. 2 (panel)")
-    if kind == "spearman":
-        return "Fig. 6 (panel)" if not (adam or eq17) else ""
-    if kind == "seeds":
-        return "Fig. 9" if eq17 else ("Fig. 8" if adam else "Figs. 3, 7")
-    return {"fig10": "Fig. 10", "sorted1": "Fig. 10 (one test point)", "table2": "Table 2",
-            "mislabel": "App. E.2.1", "fig11": "Fig. 11"}.get(kind, "")
+# besides the figures and tables: the index itself, and the store records of tables
+_NOT_FIGURES = ("INDEX.md",)
 
 
 def figure_index(profile: str, directory=None) -> list[dict]:
-    """One row per file in ``figures/<profile>/`` the notebooks wrote: paper figure, file, what
+    """One row per figure or table in ``figures/<profile>/``, read from its file name by the
+    registry of figure kinds (:func:`fimoda.figures.read_figure_name`): paper figure, file, what
     it shows, settings (dataset, gold optimizer, leave-out mechanism, eq.). PDFs are listed with
-    their PNG. Also, for other readers than INDEX.md: ``name`` (the file name), ``notebook``
-    (the prefix of the notebook that writes it, :data:`NOTEBOOK_OF_KIND`) and ``dataset``,
-    ``optimizer``, ``mechanism`` (None where the name has none)."""
+    their PNG. Also, for other readers than INDEX.md: ``name`` (the file name), ``kind`` (its
+    key in :data:`fimoda.figures.KINDS`), ``notebook`` (the prefix of the notebook that writes
+    it) and ``dataset``, ``optimizer``, ``mechanism`` (None where the name has none).
+
+    Any other file (a PDF without such a PNG, a ``.record.json`` without its table, a name no
+    kind has) is a ValueError naming it: a figure is never left out of the index unnoticed.
+    ``INDEX.md``, hidden files (``.``-prefixed: temporary files of a write in progress) and
+    folders are passed over."""
     d = Path(directory) if directory is not None else figures_dir(profile)
     rows = []
     for path in sorted(d.glob("*")):
-        if path.suffix not in (".png", ".csv") or path.name.startswith("."):
+        if path.name.startswith(".") or path.name in _NOT_FIGURES or not path.is_file():
             continue
-        for pattern, kind, what in _KINDS:
-            m = re.match(pattern, path.name)
-            if m:
-                g = {k: v for k, v in m.groupdict().items() if v}
-                settings = [f"{k}={g[k]}" for k in ("ds", "m", "opt", "mech") if k in g]
-                if "eq" in g:
-                    settings.append(f"eq. {g['eq']}")
-                if kind in ("fig2grid", "table-max") and "opt" not in g:
-                    settings.append("each dataset's default gold standard")
-                if kind in ("fig2grid", "table-max") and "eq" not in g:
-                    settings.append("eq. 13")
-                pdf = path.with_suffix(".pdf")
-                rows.append({"paper": paper_figure(kind, g.get("opt"), g.get("eq")),
-                             "file": f"`{path.name}`" + (f" (+ `{pdf.name}`)" if pdf.exists()
-                                                         else ""),
-                             "shows": what, "settings": ", ".join(settings),
-                             "name": path.name, "notebook": NOTEBOOK_OF_KIND[kind],
-                             "dataset": g.get("ds"), "optimizer": g.get("opt"),
-                             "mechanism": g.get("mech")})
-                break
+        base = (path.with_suffix(".png").name if path.suffix == ".pdf"
+                else path.name.removesuffix(".record.json"))
+        try:
+            kind, settings = read_figure_name(base)
+        except ValueError as e:
+            raise ValueError(f"{path}: not a file of any figure kind (fimoda.figures.KINDS); "
+                             f"remove it, or register its kind. {e}") from None
+        if base != path.name:                  # a PNG's PDF, a table's store record
+            continue
+        pdf = path.with_suffix(".pdf")
+        rows.append({"paper": kind.paper_figure(settings),
+                     "file": f"`{path.name}`" + (f" (+ `{pdf.name}`)" if pdf.exists() else ""),
+                     "shows": kind.shows, "settings": kind.describe(settings),
+                     "name": path.name, "kind": kind.name, "notebook": kind.notebook,
+                     "dataset": settings.get("dataset"), "optimizer": settings.get("optimizer"),
+                     "mechanism": settings.get("mechanism")})
     return rows
 
 
@@ -233,12 +169,13 @@ def mislabel_rows(profile: str, datasets, directory=None):
     """The mislabel-detection AUC tables notebook 06 saved (dataset, detector, mean, se, trials)."""
     import pandas as pd
     d = Path(directory) if directory is not None else figures_dir(profile)
+    tables = [f for f in figure_index(profile, d) if f["kind"] == "mislabel_auc"]
     out = []
     for ds in datasets:
-        for path in sorted(d.glob(f"{ds}_mislabel_auc_*.csv")):
-            t = pd.read_csv(path, index_col=0)
+        for f in (f for f in tables if f["dataset"] == ds):
+            t = pd.read_csv(d / f["name"], index_col=0)
             for det, r in t.iterrows():
-                out.append({"dataset": ds, "file": path.name, "detector": det,
+                out.append({"dataset": ds, "file": f["name"], "detector": det,
                             "AUC mean": r["AUC mean"], "se": r["se"], "trials": int(r["trials"])})
     return pd.DataFrame(out)
 

@@ -223,10 +223,9 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
     have = ex.with_results(profile, datasets, seeds=seeds)   # each gold file read once, used below
     shutil.copyfile(write_summary(profile, datasets, seeds=seeds, results=have),
                     out / "summary.md")
-    figs = figures_dir(profile)
-    ours = tuple(f"{d}_" for d in datasets) + ("figure2",)
-    copied = {p.name for p in sorted(figs.glob("*.png")) + sorted(figs.glob("*.csv"))
-              if p.name.startswith(ours + ("max_cosine",))}
+    figs, index = figures_dir(profile), figure_index(profile)
+    copied = {r["name"] for r in index                 # these datasets' files, and the grids
+              if r["dataset"] in datasets or r["kind"] in ("figure2", "max_cosine")}
     for name in copied:
         shutil.copyfile(figs / name, out / name)
     for ds in datasets:
@@ -264,7 +263,7 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
                   " `theta_spread.csv` has every row.", "",
                   _markdown(spread_summary(spread).reset_index()), ""]
         spread.to_csv(out / "theta_spread.csv", index=False)
-    rows = [r for r in figure_index(profile) if r["file"].split("`")[1] in copied]
+    rows = [r for r in index if r["name"] in copied]
     lines += ["## Figures and tables", "", "| paper | file | shows | settings |",
               "|---|---|---|---|"]
     lines += [f"| {r['paper'] or '—'} | `{r['file'].split('`')[1]}` | {r['shows']} | "

@@ -97,11 +97,16 @@ def _grid(have, optimizer, mechanism, adjust):
 def grid_name(optimizer: Optional[str] = None, mechanism: Optional[str] = None,
               adjust: str = "mean", kind: str = "figure2") -> str:
     """File stem of a Figure-2-style grid (``kind="figure2"``) or its max-cosine table
-    (``"max_cosine"``): the gold optimizer and mechanism when one was chosen for every panel,
-    ``eq17`` for eq. (17); e.g. ``figure2`` (Fig. 2), ``figure2_adam`` (Fig. 4),
-    ``figure2_eq17`` (Fig. 5)."""
-    return "_".join([kind] + [p for p in (optimizer, mechanism) if p]
-                    + (["eq17"] if adjust == "full" else []))
+    (``"max_cosine"``), :func:`fimoda.figures.figure_name`: the gold optimizer and mechanism
+    when one was chosen for every panel, ``eq17`` for eq. (17); e.g. ``figure2`` (Fig. 2),
+    ``figure2_adam`` (Fig. 4), ``figure2_eq17`` (Fig. 5)."""
+    from ..figures import figure_name
+    return figure_name(kind, **_grid_settings(optimizer, mechanism, adjust)).rsplit(".", 1)[0]
+
+
+def _grid_settings(optimizer, mechanism, adjust) -> dict:
+    """The file-name settings (:mod:`fimoda.figures`) of a grid and its table."""
+    return {"optimizer": optimizer, "mechanism": mechanism, "eq": 13 if adjust == "mean" else 17}
 
 
 def summary_figure(profile: str, datasets, optimizer: Optional[str] = None,
@@ -109,13 +114,14 @@ def summary_figure(profile: str, datasets, optimizer: Optional[str] = None,
                    seeds: Optional[int] = None):
     """:func:`summary` saved to the profile's figures folder as ``<grid_name>.png`` (+ PDF) and
     its table as ``max_cosine<...>.csv``; returns (path of the figure, table)."""
+    from ..figures import figure_path
     from ..io import figures_dir
     from ..plots import savefig
+    d, settings = figures_dir(profile), _grid_settings(optimizer, mechanism, adjust)
+    path, csv = figure_path(d, "figure2", **settings), figure_path(d, "max_cosine", **settings)
     fig, table = summary(profile, datasets, optimizer, mechanism, adjust, seeds=seeds)
-    d = figures_dir(profile)
-    path = d / f"{grid_name(optimizer, mechanism, adjust)}.png"
     savefig(fig, path, pdf=True)
-    table.to_csv(d / f"{grid_name(optimizer, mechanism, adjust, kind='max_cosine')}.csv")
+    table.to_csv(csv)
     return path, table
 
 
