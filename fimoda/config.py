@@ -94,28 +94,15 @@ DAMPING_GRID = (0.1, 1.0, 10.0, 100.0)
 
 @dataclass(frozen=True)
 class MethodConfig:
-    """Settings of the gradient-based approximations (paper App. D.4)."""
+    """Settings of the gradient-based approximations (paper App. D.4): the experiment-wide ones
+    below, which reach every method whose spec takes them (:attr:`MethodSpec.shared
+    <fimoda.influence.specs.MethodSpec>`), and each method's own by name in ``settings``."""
     damping_grid: tuple = DAMPING_GRID
     # the reference notebooks (IBM/fimoda) compute CG and LiSSA over the whole grid and plot the
     # largest damping (cg[..., 3], lissa[..., 3]); LiSSA-H "with largest damping value"
     damping_index: int = 3
-    lissa_depth: int = 5000
-    lissa_repeat: int = 1
-    lissa_scale: float = 10.0
-    lissa_h_scale: float = 10.0
-    # the paper took the smallest scale of the reference's grid for which LiSSA did not diverge
-    lissa_scale_grid: tuple = (10.0, 20.0, 50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 400.0, 500.0)
-    lissa_h_depth: int = 5000
-    lissa_h_batch_size: Optional[int] = None   # None: full-batch Hessian-vector products
     memory_gb: float = 8.0                     # budget for materialising output gradients
-    trak_proj_dim: int = 2048
-    datainf_c_grid: tuple = (10.0, 1.0, 0.1, 0.01)
-    datainf_index: int = 0
-    arnoldi_rank: int = 50
-    arnoldi_iter: int = 200
     grad_chunk: int = 256
-    lissa_batch_size: Optional[int] = None     # LiSSA (GN): None = full-batch products
-    datainf_samples: Optional[int] = None      # DataInf's lambda_l from this many rows (None: n)
     # training rows (seed 0, the left-out rows always among them) on which every training-set-wide
     # quantity is estimated: Hessian products, EK-FAC factors, TRAK's kernel (None: all n). Only
     # mean-risk operators: the generalized influence functions (sum risk) must be skipped with it
@@ -127,6 +114,20 @@ class MethodConfig:
     # The exact Gauss-Newton solve: what CG converges to, without CG's iterations, which at the
     # grid's small dampings (ill-conditioned) cost many times the largest's
     damping_sweep: tuple = ("dense",)
+    # each method's own settings by name, {method: {config field: value}}; a field not named
+    # keeps its config's default (fimoda.influence.specs: every method's config and defaults)
+    settings: dict = field(default_factory=dict)
+
+    def setting(self, method: str, name: str):
+        """Field ``name`` of ``method``'s config as this config sets it: its value in
+        ``settings``, else the config's own default; an unknown method or field is a
+        ValueError naming it."""
+        from .influence.specs import method_spec
+        spec = method_spec(method)
+        spec.check_fields([name])
+        if name in self.settings.get(method, {}):
+            return self.settings[method][name]
+        return {f.name: f for f in dataclasses.fields(spec.config)}[name].default
 
 
 @dataclass(frozen=True)
@@ -152,17 +153,20 @@ class ExperimentConfig:
 
 
 DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-# ResNet-9 and the encoder: what the paper did not run either, and why
-_SKIP_LARGE = (
-    ("cg", "CG needs full-batch Hessian products to convergence; the paper could not run it on "
-           "ResNet-9 or BERT"),
-    ("prop1", "the generalized influence functions (Prop. 1, Cor. 2, eq. 16) need full-batch "
-              "solves with the summed risk; the paper ran them on the tabular datasets only"),
-    ("cor2", "as Prop. 1: tabular datasets only in the paper"),
-    ("eq16", "as Prop. 1: tabular datasets only in the paper"),
-    ("trajectory", "beyond the paper: its series needs full-batch Hessian products, as CG's does; "
-                   "notebook 07 runs it per evaluation point on the tabular datasets"),
-)
+
+
+def _skip_large() -> tuple:
+    """ResNet-9 and the encoder: what the paper did not run either, and why (the methods'
+    specs say it)."""
+    from .influence.specs import large_model_skips
+    return large_model_skips()
+
+
+def _large_settings(batch_size: int) -> dict:
+    """The paper's methods on ResNet-9 and the encoder: TRAK at k = 4096, LiSSA's products on
+    batches of the training batch size, DataInf's per-layer damping from 1,000 rows."""
+    return {"trak": {"proj_dim": 4096}, "lissa": {"batch_size": batch_size},
+            "lissa_h": {"batch_size": batch_size}, "datainf": {"n_samples": 1000}}
 
 
 def _paper(dataset: str) -> ExperimentConfig:
@@ -189,7 +193,8 @@ def _paper(dataset: str) -> ExperimentConfig:
             train=TrainConfig(lr=1e-2, epochs=100),
             further=FurtherTrainConfig(lr=1e-4, adam_lr=1e-6, epochs=25, n_loo=100,
                                        loo_selection="random", n_test=100, mechanism="remove"),
-            methods=MethodConfig(lissa_scale=20.0, lissa_h_scale=200.0),
+            methods=MethodConfig(settings={"lissa": {"scale": 20.0},
+                                           "lissa_h": {"scale": 200.0}}),
             stand_in_for=STAND_INS.get(dataset),
         )
     if dataset in ("cifar10", "fashion_mnist"):
@@ -200,9 +205,8 @@ def _paper(dataset: str) -> ExperimentConfig:
                                        batch_size=512, weight_decay=1e-3, n_loo=50,
                                        loo_selection="random", n_test=100,
                                        test_selection="random"),
-            methods=MethodConfig(trak_proj_dim=4096, grad_chunk=64, lissa_batch_size=512,
-                                 lissa_h_batch_size=512, datainf_samples=1000,
-                                 skip=_SKIP_LARGE, damping_sweep=()),
+            methods=MethodConfig(grad_chunk=64, skip=_skip_large(), damping_sweep=(),
+                                 settings=_large_settings(512)),
             stand_in_for=STAND_INS.get(dataset),
         )
     if dataset == "sst2":
@@ -214,9 +218,8 @@ def _paper(dataset: str) -> ExperimentConfig:
             further=FurtherTrainConfig(optimizer="adamw", lr=1e-6, epochs=1, eval_every=5,
                                        batch_size=64, grad_clip=1.0, n_loo=50,
                                        loo_selection="random", n_test=100),
-            methods=MethodConfig(trak_proj_dim=4096, grad_chunk=16, lissa_batch_size=64,
-                                 lissa_h_batch_size=64, datainf_samples=1000,
-                                 skip=_SKIP_LARGE, damping_sweep=()),
+            methods=MethodConfig(grad_chunk=16, skip=_skip_large(), damping_sweep=(),
+                                 settings=_large_settings(64)),
         )
     raise ValueError(f"unknown dataset {dataset!r}; choose from {DATASETS}")
 
@@ -235,9 +238,11 @@ def _paper(dataset: str) -> ExperimentConfig:
 # Images and text on 2 cores: ResNet-9 at width 16 (0.41 M parameters) on 10,000 training images;
 # the encoder's top layers only (trainable_layers) on 16,000 sentences; Hessian products,
 # factors and TRAK's kernel from 256 training rows; short LiSSA series on small batches.
-_CPU_LARGE_METHODS = dict(lissa_depth=50, lissa_h_depth=20, lissa_batch_size=32,
-                          lissa_h_batch_size=32, arnoldi_rank=10, arnoldi_iter=12,
-                          trak_proj_dim=512, fit_rows=256, datainf_samples=256)
+# A profile's ``methods`` entry sets experiment-wide fields of MethodConfig (fit_rows, ...) and,
+# under a method's name, that method's config fields; its ``skip`` adds to the paper's skips.
+_CPU_LARGE_METHODS = dict(fit_rows=256, lissa=dict(depth=50, batch_size=32),
+                          lissa_h=dict(depth=20, batch_size=32), arnoldi=dict(rank=10, n_iter=12),
+                          trak=dict(proj_dim=512), datainf=dict(n_samples=256))
 # The encoder's top 3 layers (5.3 M parameters) on 2 cores: one true-Hessian product on a batch
 # of sentences costs about as much as a training step, per column, so LiSSA-H (one column per
 # test point at every step) is skipped as the paper skipped it; its Gauss-Newton LiSSA runs 20
@@ -245,11 +250,11 @@ _CPU_LARGE_METHODS = dict(lissa_depth=50, lissa_h_depth=20, lissa_batch_size=32,
 # 256 dimensions (its random 5.3 M x k matrix is generated anew for each chunk of rows); every
 # training-set-wide quantity comes from 128 rows.
 _CPU_TEXT_METHODS = dict(
-    _CPU_LARGE_METHODS, fit_rows=128, datainf_samples=128, lissa_depth=20, lissa_scale=20.0,
-    trak_proj_dim=256,
-    skip=_SKIP_LARGE + (("lissa_h", "true-Hessian products on the encoder cost one double "
-                         "backward pass per test point per step (the paper ran out of GPU "
-                         "memory; on 2 CPU cores it would outlast the whole profile)"),))
+    _CPU_LARGE_METHODS, fit_rows=128, datainf=dict(n_samples=128),
+    lissa=dict(depth=20, batch_size=32, scale=20.0), trak=dict(proj_dim=256),
+    skip=(("lissa_h", "true-Hessian products on the encoder cost one double "
+                      "backward pass per test point per step (the paper ran out of GPU "
+                      "memory; on 2 CPU cores it would outlast the whole profile)"),))
 # Mislabelled-example detection flips 20 % of the left-out set: 2 of the cpu profile's 10 SST-2
 # sentences, whose AUC can only be 0, 1/2 or 1 (one trial of it gave 0 on one theta^f, 1 on another)
 _SST2_CPU_MISLABEL = ("2 flipped sentences among the cpu profile's 10 left out give an AUC of 0, "
@@ -280,11 +285,11 @@ _CPU = {
                               mislabel_skip=_SST2_CPU_MISLABEL),
                  methods=_CPU_TEXT_METHODS),
 }
-_SMOKE_METHODS = dict(lissa_depth=300, lissa_h_depth=100, lissa_h_batch_size=128,
-                      arnoldi_rank=10, trak_proj_dim=256)
-_SMOKE_LARGE_METHODS = dict(lissa_depth=10, lissa_h_depth=10, lissa_batch_size=32,
-                            lissa_h_batch_size=32, arnoldi_rank=4, arnoldi_iter=6,
-                            trak_proj_dim=128, fit_rows=64, datainf_samples=64)
+_SMOKE_METHODS = dict(lissa=dict(depth=300), lissa_h=dict(depth=100, batch_size=128),
+                      arnoldi=dict(rank=10), trak=dict(proj_dim=256))
+_SMOKE_LARGE_METHODS = dict(fit_rows=64, lissa=dict(depth=10, batch_size=32),
+                            lissa_h=dict(depth=10, batch_size=32), arnoldi=dict(rank=4, n_iter=6),
+                            trak=dict(proj_dim=128), datainf=dict(n_samples=64))
 _SMOKE_MODEL = {"cifar10": dict(width=8), "fashion_mnist": dict(width=8),
                 "sst2": dict(trainable_layers=2)}
 # Smoke models still learn (fimoda.baselines refuses one that does not beat its trivial
@@ -332,10 +337,40 @@ def get_config(dataset: str, profile: str = "cpu", **overrides) -> ExperimentCon
     cfg = _paper(dataset)
     table = {"cpu": _CPU, "smoke": _SMOKE}.get(profile, {})
     for part, changes in table.get(dataset, {}).items():
-        cfg = replace(cfg, **{part: replace(getattr(cfg, part), **changes)})
+        new = _methods(cfg.methods, changes) if part == "methods" \
+            else replace(getattr(cfg, part), **changes)
+        cfg = replace(cfg, **{part: new})
     model = {"cpu": _CPU_MODEL, "smoke": _SMOKE_MODEL}.get(profile, {})
     cfg = replace(cfg, profile=profile, **model.get(dataset, {}))
     return replace(cfg, **overrides) if overrides else cfg
+
+
+def _methods(m: MethodConfig, changes: dict) -> MethodConfig:
+    """``m`` with a profile's ``changes``: fields of MethodConfig set, ``skip`` added to its
+    skips, and each method's entry ({config field: value}) merged into its settings, field by
+    field. A key that is neither a field nor a method, or a field the method's config lacks, is
+    a ValueError naming it."""
+    from .influence.specs import check_settings, method_specs
+    own = {f.name for f in dataclasses.fields(MethodConfig)} - {"settings"}
+    methods = {s.name for s in method_specs()}
+    unknown = sorted(set(changes) - own - methods)
+    if unknown:
+        raise ValueError(f"unknown method setting(s) {unknown}: neither fields of MethodConfig "
+                         f"({', '.join(sorted(own))}) nor methods ({', '.join(methods)})")
+    settings = {k: v for k, v in changes.items() if k in methods}
+    check_settings(settings)
+    fields = {k: v for k, v in changes.items() if k in own}
+    if "skip" in fields:
+        fields["skip"] = tuple(m.skip) + tuple(fields["skip"])
+    merged = {k: dict(v) for k, v in m.settings.items()}
+    for name, values in settings.items():
+        merged.setdefault(name, {}).update(values)
+    return replace(m, settings=merged, **fields)
+
+
+def _method_settings(m: MethodConfig) -> dict:
+    """{(method, field): value} of every method field that ``m`` sets explicitly."""
+    return {(name, k): v for name, values in m.settings.items() for k, v in values.items()}
 
 
 def reductions(cfg: ExperimentConfig) -> list[str]:
@@ -346,8 +381,13 @@ def reductions(cfg: ExperimentConfig) -> list[str]:
         a, b = getattr(paper, part), getattr(cfg, part)
         for f in dataclasses.fields(a):
             va, vb = getattr(a, f.name), getattr(b, f.name)
-            if va != vb:
+            if va != vb and f.name != "settings":
                 out.append(f"{part}.{f.name}: {va} -> {vb}")
+    keys = dict.fromkeys([*_method_settings(paper.methods), *_method_settings(cfg.methods)])
+    for name, k in keys:
+        va, vb = paper.methods.setting(name, k), cfg.methods.setting(name, k)
+        if va != vb:
+            out.append(f"methods.{name}.{k}: {va} -> {vb}")
     for name in ("dtype", "encoder", "width", "trainable_layers"):
         if getattr(paper, name) != getattr(cfg, name):
             out.append(f"{name}: {getattr(paper, name)} -> {getattr(cfg, name)}")
