@@ -108,11 +108,13 @@ def eq16(att: Attributor, cfg: Eq16Config = Eq16Config()) -> np.ndarray:
 _LARGE = "as Prop. 1: tabular datasets only in the paper"
 SPECS = (
     MethodSpec("prop1", prop1, Prop1Config, "(7) with Delta-theta(D) of (15)", shared=DAMPED,
+               assumption1=True,
                large_model_skip="the generalized influence functions (Prop. 1, Cor. 2, eq. 16) "
                                 "need full-batch solves with the summed risk; the paper ran "
                                 "them on the tabular datasets only"),
     MethodSpec("cor2", cor2, Cor2Config, "Cor. 2 (Gauss-Newton form of (7))", shared=DAMPED,
                large_model_skip=_LARGE),
     MethodSpec("eq16", eq16, Eq16Config, "(16) near-stationary", shared=DAMPED,
+               assumption1=True,
                large_model_skip=_LARGE),
 )

@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Mapping, Optional
 
 __all__ = ["MethodSpec", "BUILTIN_MODULES", "DAMPING", "DAMPED", "register", "unregister",
            "method_spec", "method_specs", "default_methods", "figure2_methods",
-           "paper_methods", "large_model_skips", "check_settings"]
+           "paper_methods", "assumption1_methods", "large_model_skips", "check_settings"]
 
 # The modules whose SPECS make up the registry, in registry order: the order methods run in when
 # none are named, and the order of every listing of them.
@@ -57,7 +57,8 @@ class MethodSpec:
     :data:`DAMPED`). ``from_experiment``: None, or a function of the whole experiment config
     returning further config fields (the trajectory's: the dataset's further training).
     ``large_model_skip``: why the paper's runs on ResNet-9 and the text encoder skip it (None:
-    they run it)."""
+    they run it). ``assumption1``: its linear solve needs the damped true Hessian positive
+    definite (the paper's Assumption 1), so the experiment raises its damping where needed."""
     name: str
     function: Callable
     config: type
@@ -69,6 +70,7 @@ class MethodSpec:
     shared: tuple = ()
     from_experiment: Optional[Callable] = None
     large_model_skip: Optional[str] = None
+    assumption1: bool = False
 
     @property
     def look(self) -> str:
@@ -184,6 +186,11 @@ def paper_methods() -> tuple:
     fig2 = figure2_methods()
     return fig2 + tuple(s.name for s in method_specs()
                         if s.paper and s.run_by_default and s.name not in fig2)
+
+
+def assumption1_methods() -> tuple:
+    """The methods whose damping the experiment raises to satisfy Assumption 1."""
+    return tuple(s.name for s in method_specs() if s.assumption1)
 
 
 def large_model_skips() -> tuple:
