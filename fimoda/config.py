@@ -118,6 +118,15 @@ class MethodConfig:
     # keeps its config's default (fimoda.influence.specs: every method's config and defaults)
     settings: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        named = [n for n, _ in self.skip] + list(self.damping_sweep) + list(self.settings)
+        if named:                        # an unknown method or field: one error naming it
+            from .influence.specs import check_settings, method_spec
+            for name in named:
+                method_spec(name)
+            check_settings(self.settings)
+        object.__setattr__(self, "settings", {k: dict(v) for k, v in self.settings.items()})
+
     def setting(self, method: str, name: str):
         """Field ``name`` of ``method``'s config as this config sets it: its value in
         ``settings``, else the config's own default; an unknown method or field is a
