@@ -11,6 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+# The damping grid of the paper (App. D.4), multiples of lambda_G (Energy: x10): the methods' own
+from .influence.common import DAMPING_GRID
+
 PROFILES = ("smoke", "cpu", "paper")
 TABULAR = ("concrete", "energy", "fico", "folktables", "adult")
 DATASETS = TABULAR + ("cifar10", "fashion_mnist", "sst2")
@@ -86,10 +89,6 @@ class BaselineMargin:
 
 # The margin applied to every final model (the default of train_final_model/load_final_model)
 FINAL_MODEL_MARGIN = BaselineMargin()
-
-
-# The damping grid of the paper (App. D.4): multiples of lambda_G (Energy: x10)
-DAMPING_GRID = (0.1, 1.0, 10.0, 100.0)
 
 
 @dataclass(frozen=True)

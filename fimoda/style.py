@@ -70,7 +70,7 @@ CONTEXT, FONT_SCALE, STYLE_NAME = "paper", 1.15, "whitegrid"
 
 
 def __getattr__(name: str):
-    if name == "METHOD_KEYS":     # the paper's attribution methods in legend order, from their specs
+    if name == "METHOD_KEYS":     # the paper's methods in legend order, from their specs
         from .influence.specs import method_specs
         paper = {s.look for s in method_specs() if s.paper}
         return tuple(k for k in _LOOK if k in paper)
@@ -92,7 +92,8 @@ def add_look(key: str, colour: str, linestyle: str, marker: str, label: str) -> 
         raise ValueError(f"{key!r} has a look already")
     taken = {(v[1], v[2]): k for k, v in _LOOK.items()}
     if (linestyle, marker) in taken:
-        raise ValueError(f"line style {linestyle!r} with marker {marker!r} is {taken[(linestyle, marker)]!r}'s")
+        raise ValueError(f"line style {linestyle!r} with marker {marker!r} is "
+                         f"{taken[(linestyle, marker)]!r}'s")
     if label in _BY_LABEL:
         raise ValueError(f"label {label!r} is {_BY_LABEL[label]!r}'s")
     _LOOK[key] = (colour, linestyle, marker, label)
@@ -158,12 +159,13 @@ def legend_handles(methods) -> tuple:
     line sample per key drawn with its :func:`method_style`."""
     from matplotlib.lines import Line2D
 
+    order = list(_LOOK)
+
     def rank(m):
         d = _DAMPING.match(m)
         if d and d["label"] in _BY_LABEL:
             return order.index(_BY_LABEL[d["label"]]), float(d["factor"])
         return order.index(m), 0.0
-    order = list(_LOOK)
     keys = sorted(dict.fromkeys(methods), key=rank)
     handles = [Line2D([], [], **{**method_style(m), "markevery": None}) for m in keys]
     return handles, [h.get_label() for h in handles]

@@ -10,22 +10,12 @@ The damped-inverse methods are layered as in pyDVL: :mod:`.operators` (the dampe
 Gauss-Newton operators), :mod:`.solvers` (CG, LiSSA), and a method module that says which
 operator and solver a method uses; :mod:`.errors` holds the typed numerical breakdowns.
 
-| name       | module       | equation (docs/equations.md)                               |
-|------------|--------------|------------------------------------------------------------|
-| grad_dot   | first_order  | (6)                                                        |
-| grad_cos   | first_order  | (6), both gradients normalised                             |
-| cg         | cg           | (12) by conjugate gradients on G + lambda I                 |
-| lissa      | lissa        | (12) by LiSSA on G + lambda I                               |
-| lissa_h    | lissa        | (8) by LiSSA on the true H + lambda I                       |
-| dense      | dense        | (8)/(12) by a dense solve (small models; the reference)     |
-| arnoldi    | arnoldi      | (8) in the top-k eigenspace of H                            |
-| trak       | trak         | TRAK_{M=1}                                                  |
-| ekfac      | ekfac        | (12) with layer-block EK-FAC                                |
-| datainf    | datainf      | kwon2024datainf eq. (5)                                     |
-| prop1      | generalized  | (7) with Delta-theta(D) of (15)                             |
-| cor2       | generalized  | Cor. 2 (Gauss-Newton form of (7))                           |
-| eq16       | generalized  | (16) near-stationary                                        |
-| trajectory | trajectory   | linearised SGD further training, (eta/n) sum_k (I-eta A)^k  |
+The methods (:data:`METHODS`, in registry order) and the equation each computes
+(docs/equations.md), from their specs: grad_dot and grad_cos (6), cg (12) by conjugate gradients,
+lissa (12) and lissa_h (8) by LiSSA, dense (8)/(12) by a dense solve (the reference), arnoldi (8)
+in the top-k eigenspace of H, trak (TRAK_{M=1}), ekfac (12) with layer-block EK-FAC, datainf
+(kwon2024datainf eq. 5), prop1 (7), cor2 (Cor. 2), eq16 (16), and beyond the paper trajectory
+(linearised SGD further training). ``[(s.name, s.equation) for s in method_specs()]`` lists them.
 """
 from __future__ import annotations
 

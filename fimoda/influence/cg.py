@@ -29,7 +29,7 @@ class CgConfig(DampedConfig):
     hessian: str = "gn"             # "gn": Gauss-Newton G (eq. 12) | "true": the Hessian H (eq. 8)
     tol: Optional[float] = None     # relative residual per right-hand side; None: by precision
     max_iter: int = 2000            # CG steps in total
-    cg_block: bool = True           # one block recurrence over all right-hand sides, else per column
+    cg_block: bool = True           # one block recurrence for all right-hand sides, else one each
 
 
 def cg(att: Attributor, cfg: CgConfig = CgConfig()) -> np.ndarray:

@@ -21,8 +21,8 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable, Iterator, Mapping, Optional
 
-__all__ = ["MethodSpec", "BUILTIN_MODULES", "DAMPING", "DAMPED", "register", "unregister",
-           "method_spec", "method_specs", "default_methods", "figure2_methods",
+__all__ = ["MethodSpec", "Registry", "BUILTIN_MODULES", "DAMPING", "DAMPED", "register",
+           "unregister", "method_spec", "method_specs", "default_methods", "figure2_methods",
            "paper_methods", "assumption1_methods", "large_model_skips", "check_settings"]
 
 # The modules whose SPECS make up the registry, in registry order: the order methods run in when
