@@ -44,13 +44,13 @@ _LABELS = {
     "further.mislabel_trials": "mislabelled-example detection: trials",
     "further.mislabel_seeds": "mislabelled-example detection: seeds",
     "further.mislabel_skip": "mislabelled-example detection",
-    "methods.lissa_depth": "LiSSA (Gauss-Newton): series depth",
-    "methods.lissa_h_depth": "LiSSA-H: series depth", "methods.lissa_scale": "LiSSA: scale",
-    "methods.lissa_batch_size": "LiSSA (Gauss-Newton): rows per Hessian product",
-    "methods.lissa_h_batch_size": "LiSSA-H: rows per Hessian product",
-    "methods.trak_proj_dim": "TRAK: projection dimension", "methods.arnoldi_rank": "Arnoldi: rank",
-    "methods.arnoldi_iter": "Arnoldi: iterations",
-    "methods.datainf_samples": "DataInf: rows for its per-layer damping",
+    "methods.lissa.depth": "LiSSA (Gauss-Newton): series depth",
+    "methods.lissa_h.depth": "LiSSA-H: series depth", "methods.lissa.scale": "LiSSA: scale",
+    "methods.lissa.batch_size": "LiSSA (Gauss-Newton): rows per Hessian product",
+    "methods.lissa_h.batch_size": "LiSSA-H: rows per Hessian product",
+    "methods.trak.proj_dim": "TRAK: projection dimension", "methods.arnoldi.rank": "Arnoldi: rank",
+    "methods.arnoldi.n_iter": "Arnoldi: iterations",
+    "methods.datainf.n_samples": "DataInf: rows for its per-layer damping",
     "methods.fit_rows": "rows for Hessian products, EK-FAC factors and TRAK's kernel",
     "dtype": "precision", "width": "ResNet-9: width (prep-layer channels)",
     "trainable_layers": "encoder layers trained",
@@ -75,7 +75,7 @@ _CPU_WHY = {
     "train.select_epoch_by_val": "a single epoch: nothing to choose",
     "train.eval_rows": "the final metrics of θ^f from a subset of rows",
     "methods.fit_rows": "training-set-wide quantities estimated from a subset of rows on 2 cores",
-    "methods.lissa_scale": "the scale grid starts at 20: 10 diverged on this profile's θ^f",
+    "methods.lissa.scale": "the scale grid starts at 20: 10 diverged on this profile's θ^f",
     "width": "ResNet-9 on 2 CPU cores",
     "trainable_layers": "the frozen pretrained trunk below the top layers runs once per sentence",
 }
@@ -84,8 +84,8 @@ _CPU_METHODS_WHY = "short series, small batches and low ranks on 2 CPU cores"
 
 # What None means for a setting that can be None (default: "all")
 _NONE = {"further.adam_epochs": "as the SGD run", "further.max_steps": "whole epochs",
-         "further.mislabel_seeds": "the gold standard's", "methods.lissa_batch_size": "all rows",
-         "methods.lissa_h_batch_size": "all rows", "encoder": "none"}
+         "further.mislabel_seeds": "the gold standard's", "methods.lissa.batch_size": "all rows",
+         "methods.lissa_h.batch_size": "all rows", "encoder": "none"}
 
 
 def _show(key: str, value) -> str:
@@ -115,6 +115,8 @@ def _why(cfg: ExperimentConfig, key: str) -> str:
 
 def _get(cfg: ExperimentConfig, key: str):
     part, _, name = key.rpartition(".")
+    if part.count(".") == 1:                      # methods.<method>.<field>: a method's setting
+        return cfg.methods.setting(part.partition(".")[2], name)
     return getattr(getattr(cfg, part) if part else cfg, name)
 
 
@@ -155,7 +157,11 @@ def banner_rows(cfg: ExperimentConfig) -> list[tuple[str, str, str, str]]:
             ("gold standard", _gold(cfg), _gold(paper), mechanism(cfg.further.mechanism).source)]
     keys = list(_LABELS) + [f"{part}.{f.name}" for part in ("train", "further", "methods")
                             for f in dataclasses.fields(getattr(cfg, part))
-                            if f"{part}.{f.name}" not in _LABELS and f.name != "skip"]
+                            if f"{part}.{f.name}" not in _LABELS
+                            and f.name not in ("skip", "settings")]
+    keys = list(dict.fromkeys(keys + [f"methods.{m}.{f}" for c in (paper, cfg)  # methods' own
+                                      for m, values in c.methods.settings.items()
+                                      for f in values]))
     for key in keys:                # a setting without a label still gets its own row
         a, b = _get(paper, key), _get(cfg, key)
         if a == b:

@@ -14,6 +14,9 @@ import dataclasses
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+# The damping grid of the paper (App. D.4), multiples of lambda_G (Energy: x10): the methods' own
+from .influence.common import DAMPING_GRID
+
 PROFILES = ("smoke", "cpu", "paper")
 
 
@@ -87,34 +90,17 @@ class BaselineMargin:
 FINAL_MODEL_MARGIN = BaselineMargin()
 
 
-# The damping grid of the paper (App. D.4): multiples of lambda_G (Energy: x10)
-DAMPING_GRID = (0.1, 1.0, 10.0, 100.0)
-
-
 @dataclass(frozen=True)
 class MethodConfig:
-    """Settings of the gradient-based approximations (paper App. D.4)."""
+    """Settings of the gradient-based approximations (paper App. D.4): the experiment-wide ones
+    below, which reach every method whose spec takes them (:attr:`MethodSpec.shared
+    <fimoda.influence.specs.MethodSpec>`), and each method's own by name in ``settings``."""
     damping_grid: tuple = DAMPING_GRID
     # the reference notebooks (IBM/fimoda) compute CG and LiSSA over the whole grid and plot the
     # largest damping (cg[..., 3], lissa[..., 3]); LiSSA-H "with largest damping value"
     damping_index: int = 3
-    lissa_depth: int = 5000
-    lissa_repeat: int = 1
-    lissa_scale: float = 10.0
-    lissa_h_scale: float = 10.0
-    # the paper took the smallest scale of the reference's grid for which LiSSA did not diverge
-    lissa_scale_grid: tuple = (10.0, 20.0, 50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 400.0, 500.0)
-    lissa_h_depth: int = 5000
-    lissa_h_batch_size: Optional[int] = None   # None: full-batch Hessian-vector products
     memory_gb: float = 8.0                     # budget for materialising output gradients
-    trak_proj_dim: int = 2048
-    datainf_c_grid: tuple = (10.0, 1.0, 0.1, 0.01)
-    datainf_index: int = 0
-    arnoldi_rank: int = 50
-    arnoldi_iter: int = 200
     grad_chunk: int = 256
-    lissa_batch_size: Optional[int] = None     # LiSSA (GN): None = full-batch products
-    datainf_samples: Optional[int] = None      # DataInf's lambda_l from this many rows (None: n)
     # training rows (seed 0, the left-out rows always among them) on which every training-set-wide
     # quantity is estimated: Hessian products, EK-FAC factors, TRAK's kernel (None: all n). Only
     # mean-risk operators: the generalized influence functions (sum risk) must be skipped with it
@@ -126,6 +112,29 @@ class MethodConfig:
     # The exact Gauss-Newton solve: what CG converges to, without CG's iterations, which at the
     # grid's small dampings (ill-conditioned) cost many times the largest's
     damping_sweep: tuple = ("dense",)
+    # each method's own settings by name, {method: {config field: value}}; a field not named
+    # keeps its config's default (fimoda.influence.specs: every method's config and defaults)
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        named = [n for n, _ in self.skip] + list(self.damping_sweep) + list(self.settings)
+        if named:                        # an unknown method or field: one error naming it
+            from .influence.specs import check_settings, method_spec
+            for name in named:
+                method_spec(name)
+            check_settings(self.settings)
+        object.__setattr__(self, "settings", {k: dict(v) for k, v in self.settings.items()})
+
+    def setting(self, method: str, name: str):
+        """Field ``name`` of ``method``'s config as this config sets it: its value in
+        ``settings``, else the config's own default; an unknown method or field is a
+        ValueError naming it."""
+        from .influence.specs import method_spec
+        spec = method_spec(method)
+        spec.check_fields([name])
+        if name in self.settings.get(method, {}):
+            return self.settings[method][name]
+        return {f.name: f for f in dataclasses.fields(spec.config)}[name].default
 
 
 @dataclass(frozen=True)
@@ -172,11 +181,41 @@ def get_config(dataset: str, profile: str = "cpu", **overrides) -> ExperimentCon
     from .data.specs import get_spec
     cfg = _paper(dataset)
     changes = get_spec(dataset).profiles.get(profile)      # this profile's Overrides, if any
-    for part in ("train", "further", "methods") if changes is not None else ():
+    for part in ("train", "further") if changes is not None else ():
         if getattr(changes, part):
             cfg = replace(cfg, **{part: replace(getattr(cfg, part), **getattr(changes, part))})
+    if changes is not None and changes.methods:
+        cfg = replace(cfg, methods=apply_method_overrides(cfg.methods, changes.methods))
     cfg = replace(cfg, profile=profile, **(changes.model_size if changes is not None else {}))
     return replace(cfg, **overrides) if overrides else cfg
+
+
+def apply_method_overrides(m: MethodConfig, changes: dict) -> MethodConfig:
+    """``m`` with a profile's ``changes``: fields of MethodConfig set, ``skip`` added to its
+    skips, and each method's entry ({config field: value}) merged into its settings, field by
+    field. A key that is neither a field nor a method, or a field the method's config lacks, is
+    a ValueError naming it."""
+    from .influence.specs import check_settings, method_specs
+    own = {f.name for f in dataclasses.fields(MethodConfig)} - {"settings"}
+    methods = {s.name for s in method_specs()}
+    unknown = sorted(set(changes) - own - methods)
+    if unknown:
+        raise ValueError(f"unknown method setting(s) {unknown}: neither fields of MethodConfig "
+                         f"({', '.join(sorted(own))}) nor methods ({', '.join(methods)})")
+    settings = {k: v for k, v in changes.items() if k in methods}
+    check_settings(settings)
+    fields = {k: v for k, v in changes.items() if k in own}
+    if "skip" in fields:
+        fields["skip"] = tuple(m.skip) + tuple(fields["skip"])
+    merged = {k: dict(v) for k, v in m.settings.items()}
+    for name, values in settings.items():
+        merged.setdefault(name, {}).update(values)
+    return replace(m, settings=merged, **fields)
+
+
+def _method_settings(m: MethodConfig) -> dict:
+    """{(method, field): value} of every method field that ``m`` sets explicitly."""
+    return {(name, k): v for name, values in m.settings.items() for k, v in values.items()}
 
 
 def reductions(cfg: ExperimentConfig) -> list[str]:
@@ -187,8 +226,13 @@ def reductions(cfg: ExperimentConfig) -> list[str]:
         a, b = getattr(paper, part), getattr(cfg, part)
         for f in dataclasses.fields(a):
             va, vb = getattr(a, f.name), getattr(b, f.name)
-            if va != vb:
+            if va != vb and f.name != "settings":
                 out.append(f"{part}.{f.name}: {va} -> {vb}")
+    keys = dict.fromkeys([*_method_settings(paper.methods), *_method_settings(cfg.methods)])
+    for name, k in keys:
+        va, vb = paper.methods.setting(name, k), cfg.methods.setting(name, k)
+        if va != vb:
+            out.append(f"methods.{name}.{k}: {va} -> {vb}")
     for name in ("dtype", "encoder", "width", "trainable_layers"):
         if getattr(paper, name) != getattr(cfg, name):
             out.append(f"{name}: {getattr(paper, name)} -> {getattr(cfg, name)}")

@@ -53,7 +53,6 @@ _LOOK = {
 }
 STYLE_KEYS = tuple(_LOOK)
 LABELS = {k: v[3] for k, v in _LOOK.items()}
-METHOD_KEYS = STYLE_KEYS[1:14]               # the thirteen attribution methods, legend order
 
 # markers on every curve at about this fraction of the axes diagonal apart, each key starting a
 # little further along so that curves over the same x do not stack their markers
@@ -63,10 +62,54 @@ _MARK_OFFSET = {k: (i % 8) * MARK_STEP / 8 for i, k in enumerate(STYLE_KEYS)}
 # "CG, λ = λ_G × 10": a method at one damping of a sweep (notebook 04)
 _DAMPING = re.compile(r"^(?P<label>.+), λ = λ_G × (?P<factor>\S+)$")
 _BY_LABEL = {v: k for k, v in LABELS.items()}
+_BUILTIN_KEYS = frozenset(_LOOK)
 
 # seaborn's "whitegrid" style and "paper" context scaled up a little: the PNG a notebook shows is
 # the file saved for print, so one context has to read at notebook width and in a paper column
 CONTEXT, FONT_SCALE, STYLE_NAME = "paper", 1.15, "whitegrid"
+
+
+def __getattr__(name: str):
+    if name == "METHOD_KEYS":     # the paper's methods in legend order, from their specs
+        from .influence.specs import method_specs
+        paper = {s.look for s in method_specs() if s.paper}
+        return tuple(k for k in _LOOK if k in paper)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def has_look(key: str) -> bool:
+    """Whether ``key`` has a look of its own here."""
+    return key in _LOOK
+
+
+def add_look(key: str, colour: str, linestyle: str, marker: str, label: str) -> None:
+    """Give ``key`` (e.g. a method registered with :func:`fimoda.influence.register`) its look:
+    a hex ``colour``, a matplotlib ``linestyle`` and ``marker``, and its legend ``label``; it
+    goes last in the legend order. A key that has one, a (line style, marker) pair or a label
+    already taken is a ValueError: every key must stay distinguishable, in greyscale too."""
+    global STYLE_KEYS
+    if key in _LOOK:
+        raise ValueError(f"{key!r} has a look already")
+    taken = {(v[1], v[2]): k for k, v in _LOOK.items()}
+    if (linestyle, marker) in taken:
+        raise ValueError(f"line style {linestyle!r} with marker {marker!r} is "
+                         f"{taken[(linestyle, marker)]!r}'s")
+    if label in _BY_LABEL:
+        raise ValueError(f"label {label!r} is {_BY_LABEL[label]!r}'s")
+    _LOOK[key] = (colour, linestyle, marker, label)
+    LABELS[key], _BY_LABEL[label] = label, key
+    _MARK_OFFSET[key] = (len(_LOOK) - 1) % 8 * MARK_STEP / 8
+    STYLE_KEYS = tuple(_LOOK)
+
+
+def remove_look(key: str) -> None:
+    """Take back a look given by :func:`add_look` (the built-in looks stay)."""
+    global STYLE_KEYS
+    if key not in _LOOK or key in _BUILTIN_KEYS:
+        raise ValueError(f"{key!r} is not a look added by add_look")
+    _BY_LABEL.pop(_LOOK.pop(key)[3])
+    del LABELS[key], _MARK_OFFSET[key]
+    STYLE_KEYS = tuple(_LOOK)
 
 
 def damping_label(method: str, factor: float) -> str:
@@ -116,11 +159,13 @@ def legend_handles(methods) -> tuple:
     line sample per key drawn with its :func:`method_style`."""
     from matplotlib.lines import Line2D
 
+    order = list(_LOOK)
+
     def rank(m):
         d = _DAMPING.match(m)
         if d and d["label"] in _BY_LABEL:
-            return STYLE_KEYS.index(_BY_LABEL[d["label"]]), float(d["factor"])
-        return STYLE_KEYS.index(m), 0.0
+            return order.index(_BY_LABEL[d["label"]]), float(d["factor"])
+        return order.index(m), 0.0
     keys = sorted(dict.fromkeys(methods), key=rank)
     handles = [Line2D([], [], **{**method_style(m), "markevery": None}) for m in keys]
     return handles, [h.get_label() for h in handles]

@@ -17,13 +17,13 @@ from .. import experiment as ex
 from .. import store
 from ..experiment.records import config_without
 from ..io import load_npz, save_npz, sha256_arrays
+from ..influence.specs import paper_methods
 from ..style import label            # the legend labels of notebook 07's curves live there
 from .common import _inputs
 
 # the paper's methods drawn beside the trajectory curves (those notebook 03 computed): Figure 2's,
 # Arnoldi, and the generalised influence functions (Prop. 1, Cor. 2, eq. 16; tabular only)
-PAPER_SIDE = ("grad_dot", "grad_cos", "datainf", "cg", "lissa", "lissa_h", "trak", "ekfac",
-              "arnoldi", "prop1", "cor2", "eq16")
+PAPER_SIDE = paper_methods()
 # against the Adam gold standard, the trajectory with Adam's diagonal preconditioner too (D, the
 # frozen state; D_eff, "adam_dv", measured no better: fimoda.influence.preconditioner)
 ADAM_VARIANTS = ("adam",)

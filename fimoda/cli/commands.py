@@ -159,7 +159,7 @@ def _load_entry_point(spec: str):
 def _attribute_own(a):
     import numpy as np
     from .. import api
-    from ..influence import METHODS
+    from ..influence import default_methods
     from ..gradients import CustomLossError
     from ..influence.errors import MethodBreakdown
     from ..io import save_npz
@@ -167,7 +167,7 @@ def _attribute_own(a):
     left = spec["left_out"]
     if left is None:
         left = np.arange(len(spec["X_train"]))
-    methods = a.methods or [m for m in METHODS if m != "dense"]
+    methods = a.methods or list(default_methods())
     loss = spec["loss"]                          # the model's own loss, where load() gives one
     att = api.attributor(spec["model"], spec["X_train"], spec["y_train"], left,
                          spec["X_test"], spec["y_test"], task=spec["task"], progress=a.progress,
@@ -202,7 +202,7 @@ def cmd_attribute(a):
         return _attribute_own(a)
     import dataclasses
     from .. import experiment as ex
-    from ..influence import METHODS
+    from ..influence import default_methods
     cfg = _setup(a)
     if a.damping_index is not None:
         cfg = dataclasses.replace(cfg, methods=dataclasses.replace(
@@ -211,7 +211,7 @@ def cmd_attribute(a):
     loo_idx, test_idx = _instances(cfg, ds)
     att = ex.make_attributor(model, ds, cfg, loo_idx, test_idx, device=a.device,
                              progress=a.progress)
-    methods = a.methods or [m for m in METHODS if m != "dense"]
+    methods = a.methods or list(default_methods())
     _, status = ex.run_methods(methods, att, cfg, loo_idx, test_idx)
     print(status.to_string(), flush=True)
     print(f"scores in {ex.out_dir(cfg)}", flush=True)
@@ -224,11 +224,11 @@ def cmd_evaluate(a):
     method's scores against the gold standard, max over eval points per method, saved as
     evaluation_<optimizer>_<mechanism>_eq<13|17>.csv next to the results."""
     from .. import experiment as ex
-    from ..influence import METHODS
+    from ..influence import default_methods
     cfg = _setup(a)
     opt, mech = ex.gold_settings(cfg, a.optimizer, a.mechanism)
     gold = ex.load_gold(cfg, opt, mech)
-    scores = ex.load_scores(cfg, a.methods or [m for m in METHODS if m != "dense"])
+    scores = ex.load_scores(cfg, a.methods or list(default_methods()))
     if not scores:
         raise CommandError(f"no method scores in {ex.out_dir(cfg)}: run 'fimoda attribute "
                            f"--profile {a.profile} --dataset {a.dataset}' first")

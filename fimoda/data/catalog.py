@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from ..config import (DAMPING_GRID, DEFAULT_ENCODER, FurtherTrainConfig, MethodConfig,
                       TrainConfig)
+from ..influence.specs import large_model_skips
 from .dataset import Loader
 from .fico import _build_fico
 from .files import FOLKTABLES_DEFS, FOLKTABLES_PUMS
@@ -30,27 +31,29 @@ __all__ = ["SKIP_LARGE", "STAND_IN_WHY", "CONCRETE", "ENERGY", "FICO", "FOLKTABL
 
 # why a stand-in replaces its original (every banner's dataset row)
 STAND_IN_WHY = "the original cannot be had offline (data/README.md)"
-# ResNet-9 and the encoder: what the paper did not run either, and why
-SKIP_LARGE = (
-    ("cg", "CG needs full-batch Hessian products to convergence; the paper could not run it on "
-           "ResNet-9 or BERT"),
-    ("prop1", "the generalized influence functions (Prop. 1, Cor. 2, eq. 16) need full-batch "
-              "solves with the summed risk; the paper ran them on the tabular datasets only"),
-    ("cor2", "as Prop. 1: tabular datasets only in the paper"),
-    ("eq16", "as Prop. 1: tabular datasets only in the paper"),
-    ("trajectory", "beyond the paper: its series needs full-batch Hessian products, as CG's does; "
-                   "notebook 07 runs it per evaluation point on the tabular datasets"),
-)
+# ResNet-9 and the encoder: what the paper did not run either, and why (each method's spec says)
+SKIP_LARGE = large_model_skips()
+
+
+def _large_settings(batch_size: int) -> dict:
+    """The paper's methods on ResNet-9 and the encoder: TRAK at k = 4096, LiSSA's products on
+    batches of the training batch size, DataInf's per-layer damping from 1,000 rows."""
+    return {"trak": {"proj_dim": 4096}, "lissa": {"batch_size": batch_size},
+            "lissa_h": {"batch_size": batch_size}, "datainf": {"n_samples": 1000}}
+
+
+# A profile's ``methods`` entry sets experiment-wide fields of MethodConfig (fit_rows, ...) and,
+# under a method's name, that method's config fields; its ``skip`` adds to the paper's skips.
 # Images and text on 2 cores: Hessian products, factors and TRAK's kernel from 256 training
 # rows; short LiSSA series on small batches.
-_CPU_LARGE_METHODS = dict(lissa_depth=50, lissa_h_depth=20, lissa_batch_size=32,
-                          lissa_h_batch_size=32, arnoldi_rank=10, arnoldi_iter=12,
-                          trak_proj_dim=512, fit_rows=256, datainf_samples=256)
-_SMOKE_METHODS = dict(lissa_depth=300, lissa_h_depth=100, lissa_h_batch_size=128,
-                      arnoldi_rank=10, trak_proj_dim=256)
-_SMOKE_LARGE_METHODS = dict(lissa_depth=10, lissa_h_depth=10, lissa_batch_size=32,
-                            lissa_h_batch_size=32, arnoldi_rank=4, arnoldi_iter=6,
-                            trak_proj_dim=128, fit_rows=64, datainf_samples=64)
+_CPU_LARGE_METHODS = dict(fit_rows=256, lissa=dict(depth=50, batch_size=32),
+                          lissa_h=dict(depth=20, batch_size=32), arnoldi=dict(rank=10, n_iter=12),
+                          trak=dict(proj_dim=512), datainf=dict(n_samples=256))
+_SMOKE_METHODS = dict(lissa=dict(depth=300), lissa_h=dict(depth=100, batch_size=128),
+                      arnoldi=dict(rank=10), trak=dict(proj_dim=256))
+_SMOKE_LARGE_METHODS = dict(fit_rows=64, lissa=dict(depth=10, batch_size=32),
+                            lissa_h=dict(depth=10, batch_size=32), arnoldi=dict(rank=4, n_iter=6),
+                            trak=dict(proj_dim=128), datainf=dict(n_samples=64))
 # Smoke models still learn (fimoda.baselines refuses one that does not beat its trivial
 # predictor): Concrete 40 epochs, FICO and Folktables/Adult a larger lr on their 1,000 rows,
 # ResNet-9 8 epochs on its 512 images (32 steps; its metrics on 1,000 rows of each set), SST-2
@@ -107,7 +110,7 @@ _INCOME = dict(
     train=TrainConfig(lr=1e-2, epochs=100),
     further=FurtherTrainConfig(lr=1e-4, adam_lr=1e-6, epochs=25, n_loo=100,
                                loo_selection="random", n_test=100, mechanism="remove"),
-    methods=MethodConfig(lissa_scale=20.0, lissa_h_scale=200.0))
+    methods=MethodConfig(settings={"lissa": {"scale": 20.0}, "lissa_h": {"scale": 200.0}}))
 # cpu: theta^f on 4,000 rows with the paper's lr (1e-2) and 100 epochs: 3,200 SGD steps, where
 # the paper's 30,000 rows make 23,500. Its 20 epochs before (640 steps) left a classifier that
 # predicted the majority class for every row (fimoda.baselines refuses it now).
@@ -136,9 +139,8 @@ _IMAGES = dict(
     further=FurtherTrainConfig(lr=0.04, epochs=1, max_steps=50, eval_every=1, batch_size=512,
                                weight_decay=1e-3, n_loo=50, loo_selection="random", n_test=100,
                                test_selection="random"),
-    methods=MethodConfig(trak_proj_dim=4096, grad_chunk=64, lissa_batch_size=512,
-                         lissa_h_batch_size=512, datainf_samples=1000, skip=SKIP_LARGE,
-                         damping_sweep=()))
+    methods=MethodConfig(grad_chunk=64, skip=SKIP_LARGE, damping_sweep=(),
+                         settings=_large_settings(512)))
 # cpu: ResNet-9 at width 16 (0.41 M parameters) on 10,000 training images
 _IMAGES_PROFILES = {
     "cpu": Overrides(train=dict(epochs=5, n_train_subset=10000, batch_size=256),
@@ -170,11 +172,11 @@ FASHION_MNIST = register_dataset(DatasetSpec(
 # projects to 256 dimensions (its random 5.3 M x k matrix is generated anew for each chunk of
 # rows); every training-set-wide quantity comes from 128 rows.
 _CPU_TEXT_METHODS = dict(
-    _CPU_LARGE_METHODS, fit_rows=128, datainf_samples=128, lissa_depth=20, lissa_scale=20.0,
-    trak_proj_dim=256,
-    skip=SKIP_LARGE + (("lissa_h", "true-Hessian products on the encoder cost one double "
-                        "backward pass per test point per step (the paper ran out of GPU "
-                        "memory; on 2 CPU cores it would outlast the whole profile)"),))
+    _CPU_LARGE_METHODS, fit_rows=128, datainf=dict(n_samples=128),
+    lissa=dict(depth=20, batch_size=32, scale=20.0), trak=dict(proj_dim=256),
+    skip=(("lissa_h", "true-Hessian products on the encoder cost one double "
+                      "backward pass per test point per step (the paper ran out of GPU "
+                      "memory; on 2 CPU cores it would outlast the whole profile)"),))
 # Mislabelled-example detection flips 20 % of the left-out set: 2 of the cpu profile's 10 SST-2
 # sentences, whose AUC can only be 0, 1/2 or 1 (one trial of it gave 0 on one theta^f, 1 on another)
 _SST2_CPU_MISLABEL = ("2 flipped sentences among the cpu profile's 10 left out give an AUC of 0, "
@@ -189,9 +191,8 @@ SST2 = register_dataset(DatasetSpec(
                       select_epoch_by_val=True),
     further=FurtherTrainConfig(optimizer="adamw", lr=1e-6, epochs=1, eval_every=5, batch_size=64,
                                grad_clip=1.0, n_loo=50, loo_selection="random", n_test=100),
-    methods=MethodConfig(trak_proj_dim=4096, grad_chunk=16, lissa_batch_size=64,
-                         lissa_h_batch_size=64, datainf_samples=1000, skip=SKIP_LARGE,
-                         damping_sweep=()),
+    methods=MethodConfig(grad_chunk=16, skip=SKIP_LARGE, damping_sweep=(),
+                         settings=_large_settings(64)),
     fig2_panel=5, cost_rank=0, default_in=("cpu", "paper"),
     profiles={"cpu": Overrides(train=dict(lr=2e-4, epochs=1, n_train_subset=16000,
                                           select_epoch_by_val=False, eval_rows=2000),

@@ -46,7 +46,8 @@ class Overrides:
     train: dict = field(default_factory=dict)
     # FurtherTrainConfig fields -> value (the gold standard's further training)
     further: dict = field(default_factory=dict)
-    # MethodConfig fields -> value (the approximations' settings)
+    # the approximations' settings: MethodConfig's experiment-wide fields -> value, and under a
+    # method's name {its config field: value} (``skip`` adds to the paper's skips)
     methods: dict = field(default_factory=dict)
     # ExperimentConfig's own fields -> value; in practice the model's size (``width`` of
     # ResNet-9, ``trainable_layers`` of the encoder)
@@ -54,8 +55,13 @@ class Overrides:
 
     def check(self, where: str) -> None:
         """One ValueError naming the first field no config class has."""
+        from ..config import apply_method_overrides
+        try:                          # experiment-wide fields and {method: {field: value}}
+            apply_method_overrides(MethodConfig(), self.methods)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         for part, cls in (("train", TrainConfig), ("further", FurtherTrainConfig),
-                          ("methods", MethodConfig), ("model_size", ExperimentConfig)):
+                          ("model_size", ExperimentConfig)):
             known = {f.name for f in dataclasses.fields(cls)} - (
                 set(_FIXED) if cls is ExperimentConfig else set())
             bad = sorted(set(getattr(self, part)) - known)

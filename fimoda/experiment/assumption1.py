@@ -8,12 +8,14 @@ from typing import Optional
 
 from .. import store
 from ..config import ExperimentConfig
+from ..influence.specs import assumption1_methods
 from ..io import load_json, save_json
 
 
-# Methods whose damped TRUE Hessian must be positive definite for their linear solve: their
-# damping is raised where needed to satisfy Assumption 1 of the paper, lambda > -lambda_min(H).
-ASSUMPTION1_METHODS = ("prop1", "eq16")
+# Methods whose damped TRUE Hessian must be positive definite for their linear solve (their
+# specs' ``assumption1``): their damping is raised where needed to satisfy Assumption 1 of the
+# paper, lambda > -lambda_min(H).
+ASSUMPTION1_METHODS = assumption1_methods()
 
 
 def smallest_hessian_eigenvalue(att, n_iter: int = 60, seed: int = 0, path=None,

@@ -23,33 +23,21 @@ METHODS_NOTEBOOK = "notebooks/03_attribution_methods"
 
 
 def method_config(name: str, cfg: ExperimentConfig, **overrides):
-    """The config dataclass of method ``name`` filled from ``cfg.methods`` (the paper's
-    settings for the dataset), then ``overrides``."""
-    from ..influence import get_method
-    _, cls = get_method(name)
-    m = cfg.methods
-    scale = m.lissa_h_scale if name == "lissa_h" else m.lissa_scale
-    candidates = dict(
-        damping_grid=m.damping_grid, damping_index=m.damping_index,
-        depth=m.lissa_h_depth if name == "lissa_h" else m.lissa_depth, repeat=m.lissa_repeat,
-        scale=scale, scale_grid=tuple(s for s in m.lissa_scale_grid if s >= scale),
-        batch_size=m.lissa_h_batch_size if name == "lissa_h" else m.lissa_batch_size,
-        proj_dim=m.trak_proj_dim, c_grid=m.datainf_c_grid, c_index=m.datainf_index,
-        n_samples=m.datainf_samples, rank=m.arnoldi_rank, n_iter=m.arnoldi_iter,
-        memory_gb=m.memory_gb,
-    )
-    if name == "ekfac":
-        candidates.pop("batch_size")
-    if name == "trajectory":   # the dataset's further training, scored at its end
-        f = cfg.further
-        candidates.update(lr=f.lr, epochs=f.epochs, steps=f.max_steps, batch_size=f.batch_size,
-                          weight_decay=f.weight_decay)
-    if name not in ("lissa", "lissa_h"):     # e.g. grad_dot's ``scale`` is a flag, not LiSSA's
-        candidates.pop("scale")
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: v for k, v in candidates.items() if k in fields}
-    kwargs.update(overrides)
-    return cls(**kwargs)
+    """The config dataclass of method ``name`` for the experiment: the method's own defaults,
+    then the experiment-wide settings its spec takes (``spec.shared``: the damping grid and
+    index, the memory budget), the fields its spec derives from the whole config
+    (``spec.from_experiment``: the trajectory's further training), the dataset's and profile's
+    settings of the method by name (``cfg.methods.settings[name]``), then ``overrides``. An
+    unknown method or field is a ValueError naming it."""
+    from ..influence import method_spec
+    spec = method_spec(name)
+    spec.check_fields(overrides)
+    fields = {k: getattr(cfg.methods, k) for k in spec.shared}
+    if spec.from_experiment is not None:
+        fields.update(spec.from_experiment(cfg))
+    fields.update(cfg.methods.settings.get(name, {}))
+    fields.update(overrides)
+    return spec.make_config(**fields)
 
 
 def fit_rows(cfg: ExperimentConfig, n_train: int, loo_idx) -> np.ndarray:

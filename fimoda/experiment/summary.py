@@ -33,9 +33,9 @@ def with_results(profile: str, datasets, optimizer: Optional[str] = None,
     """[(cfg, gold, {method: scores})] for the datasets of ``profile`` whose gold standard
     (:func:`gold_settings`) has been computed, in the panel order of the paper's Figure 2;
     ``seeds``: the run's number of further-training seeds where it overrode the profile's."""
-    from ..influence import METHODS
+    from ..influence import default_methods
     from .setup import run_config
-    methods = list(methods or [m for m in METHODS if m != "dense"])
+    methods = list(methods or default_methods())
     out = []
     for ds in gold_datasets(profile, datasets, optimizer, mechanism):
         cfg = run_config(ds, profile, seeds=seeds)

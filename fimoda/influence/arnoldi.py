@@ -28,16 +28,17 @@ from ..progress import progress_bar
 from .common import Attributor, DampedConfig, damping_value
 from .errors import MemoryBudgetError
 from .operators import DampedHessian, check_damped
+from .specs import DAMPED, MethodSpec
 
 
 @dataclass(frozen=True)
 class ArnoldiConfig(DampedConfig):
     """``rank``: eigenpairs kept (k, capped at P); ``n_iter``: Arnoldi steps m (capped at P,
     raised to at least ``rank``); ``seed``: of the start vector. Damping may be 0 here."""
-    hessian: str = "true"
-    rank: int = 50
-    n_iter: int = 200
-    seed: int = 0
+    hessian: str = "true"   # "true": the Hessian H (eq. 8) | "gn": Gauss-Newton G
+    rank: int = 50          # eigenpairs kept, k (capped at the P parameters)
+    n_iter: int = 200       # Arnoldi steps m: Hessian-vector products and basis columns
+    seed: int = 0           # seed of the random start vector
 
 
 def arnoldi_eig(matvec: Callable, P: int, n_iter: int, seed: int, dtype, device,
@@ -110,3 +111,9 @@ def arnoldi(att: Attributor, cfg: ArnoldiConfig = ArnoldiConfig()) -> np.ndarray
     if not np.isfinite(out).all():
         raise FloatingPointError("non-finite Arnoldi scores")
     return out
+
+
+SPECS = (
+    MethodSpec("arnoldi", arnoldi, ArnoldiConfig, "(8) in the top-k eigenspace of H",
+               shared=DAMPED),
+)

@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from .common import Attributor, DampedConfig, scores_with
+from .specs import DAMPED, MethodSpec
 from .operators import damped_hessian
 from .solvers.cg import cg_inverse
 
@@ -25,10 +26,10 @@ class CgConfig(DampedConfig):
     side (None: 1e-8 in float64, 1e-5 in lower precision). ``max_iter``: CG steps in total.
     ``cg_block``: block CG over all right-hand sides (default) or one CG recurrence per column
     (see :func:`.solvers.cg.cg_solve`); both stop at the same per-column tolerance."""
-    hessian: str = "gn"
-    tol: Optional[float] = None
-    max_iter: int = 2000
-    cg_block: bool = True
+    hessian: str = "gn"             # "gn": Gauss-Newton G (eq. 12) | "true": the Hessian H (eq. 8)
+    tol: Optional[float] = None     # relative residual per right-hand side; None: by precision
+    max_iter: int = 2000            # CG steps in total
+    cg_block: bool = True           # one block recurrence for all right-hand sides, else one each
 
 
 def cg(att: Attributor, cfg: CgConfig = CgConfig()) -> np.ndarray:
@@ -39,3 +40,11 @@ def cg(att: Attributor, cfg: CgConfig = CgConfig()) -> np.ndarray:
     A = damped_hessian(att, cfg, cfg.hessian)
     return scores_with(att, lambda B: cg_inverse(A, B, cfg.tol, cfg.max_iter,
                                                  block=cfg.cg_block)[0])
+
+
+SPECS = (
+    MethodSpec("cg", cg, CgConfig, "(12) by conjugate gradients on G + lambda I", figure2=4,
+               shared=DAMPED,
+               large_model_skip="CG needs full-batch Hessian products to convergence; the paper "
+                                "could not run it on ResNet-9 or BERT"),
+)

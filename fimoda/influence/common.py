@@ -12,7 +12,6 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ..config import MethodConfig
 from ..gradients import Problem, mean_sq_grad
 from ..memory import storable
 from ..tensors import check_data
@@ -125,6 +124,12 @@ class Attributor:
         return total / (len(self.X_loo) * self.problem.n_params)
 
 
+# The damping grid of the paper (App. D.4): lambda = lambda_G x grid[index], the largest plotted
+# (the reference notebooks compute CG and LiSSA over the grid and plot index 3)
+DAMPING_GRID = (0.1, 1.0, 10.0, 100.0)
+DAMPING_INDEX = 3
+
+
 def damping_value(att: Attributor, grid, index: int, damping: Optional[float] = None) -> float:
     """lambda = damping (if given) else lambda_G * grid[index]."""
     if damping is not None:
@@ -134,19 +139,16 @@ def damping_value(att: Attributor, grid, index: int, damping: Optional[float] = 
 
 @dataclass(frozen=True)
 class DampedConfig:
-    """Fields shared by every method that inverts a damped Hessian.
-
-    lambda = ``damping`` if given, else ``att.lambda_G * damping_grid[damping_index]``.
-    ``risk``: "mean" | "sum" (see :mod:`fimoda.influence.operators`). ``materialize``: "auto" |
-    "always" | "never" (Gauss-Newton only); ``memory_gb``: budget for the materialised Phi and
-    its eigen-decomposition (and for dense P x P matrices).
-    """
-    damping_grid: tuple = MethodConfig.damping_grid   # lambda = lambda_G x grid[index]
-    damping_index: int = MethodConfig.damping_index   # the paper's: the largest
-    damping: Optional[float] = None
-    risk: str = "mean"
-    materialize: str = "auto"
-    memory_gb: float = 2.0
+    """Fields shared by every method that inverts a damped Hessian: lambda = ``damping`` if
+    given, else ``att.lambda_G * damping_grid[damping_index]``."""
+    damping_grid: tuple = DAMPING_GRID  # multiples of lambda_G (the mean squared gradient element)
+    damping_index: int = DAMPING_INDEX  # which multiple (the paper's: the largest)
+    damping: Optional[float] = None     # absolute lambda, overriding the grid; None: the grid's
+    risk: str = "mean"                  # the Hessian of the "mean" or the "sum" of the losses
+    #                                     (fimoda.influence.operators; "sum" scales lambda by 1/n)
+    materialize: str = "auto"           # Gauss-Newton as an explicit Phi: "auto"|"always"|"never"
+    memory_gb: float = 2.0              # GB for the materialised Phi, its eigen-decomposition and
+    #                                     any dense P x P matrix
 
 
 def scores_with(att: Attributor, solve: Callable, left: Optional[torch.Tensor] = None) -> np.ndarray:

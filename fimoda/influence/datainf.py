@@ -33,15 +33,16 @@ import numpy as np
 import torch
 from ..progress import progress_bar
 
-from ..config import MethodConfig
 from ..gradients import block_slices
 from .common import Attributor
+from .specs import MethodSpec
 
 
 @dataclass(frozen=True)
 class DatainfConfig:
-    c_grid: tuple = MethodConfig.datainf_c_grid   # lambda_l = mean(g_l^2) / c
-    c_index: int = MethodConfig.datainf_index     # 0 -> c = 10 (reference lambda_const_param)
+    """DataInf's settings: the per-layer damping lambda_l = mean(g_l^2) / c."""
+    c_grid: tuple = (10.0, 1.0, 0.1, 0.01)  # the divisors c of lambda_l = mean(g_l^2) / c
+    c_index: int = 0                  # which c: 0 -> c = 10 (reference lambda_const_param)
     n_samples: Optional[int] = None   # training instances k averaged over (None: all n)
     seed: int = 0                     # seed of the subsample
     chunk: Optional[int] = None       # training gradients per chunk (None: the memory budget's)
@@ -150,3 +151,6 @@ def datainf_lambdas(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> di
         for l in problem.names:
             tot[l] += float((g[:, sl[l]].to(torch.float64) ** 2).sum())
     return {l: tot[l] / (len(idx) * (sl[l].stop - sl[l].start)) / c for l in problem.names}
+
+
+SPECS = (MethodSpec("datainf", datainf, DatainfConfig, "kwon2024datainf eq. (5)", figure2=3),)

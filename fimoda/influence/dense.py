@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .common import Attributor, DampedConfig, scores_with
+from .specs import DAMPED, MethodSpec
 from .operators import damped_hessian
 
 
 @dataclass(frozen=True)
 class DenseConfig(DampedConfig):
     """Exact solve with the damped ``hessian`` ("gn": eq. 12, "true": eq. 8) — the reference."""
-    hessian: str = "gn"
+    hessian: str = "gn"     # "gn": Gauss-Newton G (eq. 12) | "true": the Hessian H (eq. 8)
 
 
 def dense(att: Attributor, cfg: DenseConfig = DenseConfig()) -> np.ndarray:
@@ -27,3 +28,10 @@ def dense(att: Attributor, cfg: DenseConfig = DenseConfig()) -> np.ndarray:
     Gauss-Newton matrix)."""
     A = damped_hessian(att, cfg, cfg.hessian)
     return scores_with(att, A.solve)
+
+
+SPECS = (
+    MethodSpec("dense", dense, DenseConfig,
+               "(8)/(12) by a dense solve (small models; the reference)", run_by_default=False,
+               shared=DAMPED),
+)

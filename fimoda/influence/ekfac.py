@@ -46,16 +46,17 @@ from ..progress import progress_bar
 
 from ..gradients import block_slices
 from ..losses import gn_output, loss_derivatives
-from ..config import MethodConfig
-from .common import Attributor, damping_value
+from .common import DAMPING_GRID, DAMPING_INDEX, Attributor, damping_value
+from .specs import DAMPING, MethodSpec
 
 DAMPING_MODES = ("lambda_G", "heuristic")
 
 
 @dataclass(frozen=True)
 class EkfacConfig:
-    damping_grid: tuple = MethodConfig.damping_grid   # lambda = lambda_G x grid[index]
-    damping_index: int = MethodConfig.damping_index   # the paper's: the largest
+    """EK-FAC's settings: the damping lambda added to the eigenvalues of the layer blocks."""
+    damping_grid: tuple = DAMPING_GRID  # multiples of lambda_G; lambda = lambda_G x grid[index]
+    damping_index: int = DAMPING_INDEX  # which multiple (the paper's: the largest)
     damping: Optional[float] = None   # absolute lambda; overrides the grid.
     #  kronfluence's default (damping_factor=1e-8 on MEAN factors) is damping=1e-8, risk="mean".
     damping_mode: str = "lambda_G"    # lambda_G: as above | heuristic: 0.1 mean(Lambda_l) per layer
@@ -274,3 +275,7 @@ def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
     scores = att.pairwise(lambda G: rotated(G, True), lambda G: rotated(G, False))
     scores = scores.to(torch.float64)
     return scores.cpu().numpy()
+
+
+SPECS = (MethodSpec("ekfac", ekfac, EkfacConfig, "(12) with layer-block EK-FAC", figure2=8,
+                    shared=DAMPING),)

@@ -18,23 +18,23 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..config import MethodConfig
-from .common import Attributor, damping_value
+from .common import DAMPING_GRID, DAMPING_INDEX, Attributor, damping_value
+from .specs import DAMPING, MethodSpec
 
 
 @dataclass(frozen=True)
 class GradDotConfig:
-    """``scale``: multiply by 1/lambda, lambda = ``damping`` or lambda_G x grid[index]."""
-    scale: bool = False
-    damping_grid: tuple = MethodConfig.damping_grid   # lambda = lambda_G x grid[index]
-    damping_index: int = MethodConfig.damping_index   # the paper's: the largest
-    damping: Optional[float] = None
+    """Grad-Dot's settings: the scores are grad g^T grad L, times 1/lambda only if ``scale``."""
+    scale: bool = False                 # multiply by 1/lambda (lambda -> infinity limit of eq. 12)
+    damping_grid: tuple = DAMPING_GRID  # multiples of lambda_G; lambda = lambda_G x grid[index]
+    damping_index: int = DAMPING_INDEX  # which multiple (the paper's: the largest)
+    damping: Optional[float] = None     # absolute lambda (units of the loss's Hessian); None: grid
 
 
 @dataclass(frozen=True)
 class GradCosConfig:
-    """``eps``: a gradient with norm <= eps (e.g. a dead example) gets score 0 instead of 0/0."""
-    eps: float = 0.0
+    """Grad-Cos's settings."""
+    eps: float = 0.0    # gradient norm at or below which a row scores 0 instead of 0/0
 
 
 def grad_dot(att: Attributor, cfg: GradDotConfig = GradDotConfig()) -> np.ndarray:
@@ -62,3 +62,9 @@ def grad_cos(att: Attributor, cfg: GradCosConfig = GradCosConfig()) -> np.ndarra
         raise ValueError(f"eps must be >= 0, got {cfg.eps}")
     scores = att.pairwise(lambda G: _normalised(G, cfg.eps))
     return scores.detach().cpu().numpy()
+
+
+SPECS = (
+    MethodSpec("grad_dot", grad_dot, GradDotConfig, "(6)", figure2=1, shared=DAMPING),
+    MethodSpec("grad_cos", grad_cos, GradCosConfig, "(6), both gradients normalised", figure2=2),
+)

@@ -28,6 +28,7 @@ from ..gradients import flatten, unflatten
 from .common import Attributor, DampedConfig, scores_with
 from .operators import DampedHessian, damped_hessian
 from .solvers.cg import cg_inverse
+from .specs import DAMPED, MethodSpec
 
 SOLVERS = ("cg", "dense")
 
@@ -35,9 +36,9 @@ SOLVERS = ("cg", "dense")
 @dataclass(frozen=True)
 class Prop1Config(DampedConfig):
     """``solver``: "cg" (to relative residual ``tol``; None: 1e-8 in float64) or "dense"."""
-    solver: str = "cg"
-    tol: Optional[float] = None
-    max_iter: int = 2000
+    solver: str = "cg"              # "cg" (iterative) | "dense" (exact solve, small models)
+    tol: Optional[float] = None     # CG's relative residual per right-hand side; None: 1e-8 (f64)
+    max_iter: int = 2000            # CG steps in total per solve
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ class Cor2Config(Prop1Config):
 
 @dataclass(frozen=True)
 class Eq16Config(Prop1Config):
-    """``hessian``: "true" (eq. 16 as written) or "gn"; used for both A and Delta-theta(D)."""
-    hessian: str = "true"
+    """Prop. 1's fields, and the Hessian of both A and Delta-theta(D)."""
+    hessian: str = "true"   # "true": eq. 16 as written | "gn": Gauss-Newton
 
 
 def _solver(A: DampedHessian, cfg: Prop1Config) -> Callable:
@@ -102,3 +103,18 @@ def eq16(att: Attributor, cfg: Eq16Config = Eq16Config()) -> np.ndarray:
     moved = unflatten(flatten(p.params, p.names) + step, p.params, p.names)
     W = p.loss_grads(att.X_loo, att.Y_loo, params=moved, desc="left-out gradients at theta^f + step")
     return scores_with(att, solve, left=W)
+
+
+_LARGE = "as Prop. 1: tabular datasets only in the paper"
+SPECS = (
+    MethodSpec("prop1", prop1, Prop1Config, "(7) with Delta-theta(D) of (15)", shared=DAMPED,
+               assumption1=True,
+               large_model_skip="the generalized influence functions (Prop. 1, Cor. 2, eq. 16) "
+                                "need full-batch solves with the summed risk; the paper ran "
+                                "them on the tabular datasets only"),
+    MethodSpec("cor2", cor2, Cor2Config, "Cor. 2 (Gauss-Newton form of (7))", shared=DAMPED,
+               large_model_skip=_LARGE),
+    MethodSpec("eq16", eq16, Eq16Config, "(16) near-stationary", shared=DAMPED,
+               assumption1=True,
+               large_model_skip=_LARGE),
+)

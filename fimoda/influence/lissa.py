@@ -17,13 +17,15 @@ from typing import Optional
 
 import numpy as np
 
-from ..config import MethodConfig
 from .common import Attributor, DampedConfig, scores_with
 from .errors import LissaDivergedError
 from .operators import damped_hessian
 from .solvers.lissa import lissa_inverse
+from .specs import DAMPED, MethodSpec
 
 FULL_BATCH = ("krylov", "recurrence")
+# The scales of the reference's grid: the paper took the smallest at which LiSSA did not diverge
+SCALE_GRID = (10.0, 20.0, 50.0, 100.0, 150.0, 200.0, 250.0, 300.0, 400.0, 500.0)
 
 
 @dataclass(frozen=True)
@@ -42,16 +44,22 @@ class LissaConfig(DampedConfig):
     subspace (:func:`.solvers.lissa.krylov_lissa_solve`; exact once the subspace holds it, else
     to relative change ``krylov_tol``, default 1e-8 in float64), "recurrence" applies the
     recurrence with ``depth`` products (the reference; also used for depths below
-    ``KRYLOV_MIN_DEPTH`` = 10, and when the Krylov basis would not fit in ``memory_gb``)."""
-    depth: int = 5000
-    repeat: int = 1
-    scale: float = 10.0
-    scale_grid: tuple = MethodConfig.lissa_scale_grid
-    batch_size: Optional[int] = None
-    seed: int = 0
-    divergence_factor: float = 100.0
-    full_batch: str = "krylov"
-    krylov_tol: Optional[float] = None
+    ``KRYLOV_MIN_DEPTH`` = 10, and when the Krylov basis would not fit in ``memory_gb``).
+    The values of ``scale_grid`` below ``scale`` are never tried and are dropped."""
+    depth: int = 5000               # steps of the recurrence (Hessian products per solve)
+    repeat: int = 1                 # independent runs averaged (stochastic LiSSA)
+    scale: float = 10.0             # divides M + lambda I (units of the Hessian); must exceed its
+    #                                 largest eigenvalue for the series to converge
+    scale_grid: tuple = SCALE_GRID  # larger scales retried in turn after a divergence
+    batch_size: Optional[int] = None  # training rows per Hessian product; None: all (full batch)
+    seed: int = 0                   # seed of the stochastic batches
+    divergence_factor: float = 100.0  # diverged once ||v_t|| exceeds this times its start
+    full_batch: str = "krylov"      # full-batch evaluation: "krylov" | "recurrence"
+    krylov_tol: Optional[float] = None  # Krylov evaluation's relative change; None: by precision
+
+    def __post_init__(self):
+        object.__setattr__(self, "scale_grid",
+                           tuple(s for s in self.scale_grid if s >= self.scale))
 
 
 @dataclass(frozen=True)
@@ -109,3 +117,11 @@ def lissa(att: Attributor, cfg: LissaConfig = LissaConfig()) -> np.ndarray:
 def lissa_h(att: Attributor, cfg: LissaHConfig = LissaHConfig()) -> np.ndarray:
     """LiSSA-H: LiSSA on the damped true Hessian (eq. 8), (H/c + lambda I)^{-1} grad L(z_i)."""
     return _lissa(att, cfg, "true", "LiSSA-H")
+
+
+SPECS = (
+    MethodSpec("lissa", lissa, LissaConfig, "(12) by LiSSA on G + lambda I", figure2=5,
+               shared=DAMPED),
+    MethodSpec("lissa_h", lissa_h, LissaHConfig, "(8) by LiSSA on the true H + lambda I",
+               figure2=6, shared=DAMPED),
+)

@@ -74,6 +74,7 @@ import torch
 from .common import Attributor
 from .errors import finite_trajectory
 from .operators import HESSIANS, MATERIALIZE, DampedHessian
+from .specs import MethodSpec
 from .preconditioner import (ADAM_BETAS, ADAM_EPS, adam_preconditioner, check_preconditioner,
                              preconditioned)
 from .solvers.lissa import kernel_eig_costlier, krylov_lissa_solve, lissa_polynomial
@@ -104,23 +105,23 @@ class TrajectoryConfig:
     :class:`SpectralPairs` or CG. ``nonstationary``: add Prop. 1's term (Cor. 2 for "gn") along
     the linearised full run, theta^f not being a minimum (:mod:`.trajectory_nonstationary`;
     its own Krylov basis)."""
-    lr: float = 1e-2
-    epochs: float = 5
-    steps: Optional[int] = None
-    batch_size: int = 128
-    weight_decay: float = 0.0
-    hessian: str = "gn"
-    materialize: str = "auto"
-    memory_gb: float = 2.0
-    krylov_tol: Optional[float] = None
-    krylov_cols: int = 4000
-    preconditioner: str = "none"
-    adam_beta2: float = ADAM_BETAS[1]
-    adam_eps: float = ADAM_EPS
-    route: str = "auto"
-    products: str = "full"
-    seed: int = 0
-    nonstationary: bool = False
+    lr: float = 1e-2                # eta, the further training's learning rate
+    epochs: float = 5               # further-training epochs scored at (if steps is None)
+    steps: Optional[int] = None     # further-training SGD steps scored at; None: epochs x K
+    batch_size: int = 128           # B, rows per step: K = ceil(n / B) steps per epoch
+    weight_decay: float = 0.0       # the further training's L2 coefficient (adds to A)
+    hessian: str = "gn"             # "gn": Gauss-Newton | "true": the Hessian
+    materialize: str = "auto"       # Gauss-Newton as an explicit Phi: "auto"|"always"|"never"
+    memory_gb: float = 2.0          # GB for the materialised Phi and the Krylov basis
+    krylov_tol: Optional[float] = None  # Krylov evaluation's relative change; None: by precision
+    krylov_cols: int = 4000         # most Krylov basis columns (memory: P x cols)
+    preconditioner: str = "none"    # "none" (SGD) | "adam" (D) | "adam_dv" (D_eff)
+    adam_beta2: float = ADAM_BETAS[1]  # the gold standard's Adam second-moment decay
+    adam_eps: float = ADAM_EPS      # the gold standard's Adam epsilon
+    route: str = "auto"             # "auto" (one eigenbasis) | "recurrence" (t_max - 1 products)
+    products: str = "full"          # the recurrence's products: "full" | "batch" (seeded)
+    seed: int = 0                   # seed of the recurrence's mini-batches
+    nonstationary: bool = False     # add Prop. 1's (Cor. 2's for "gn") non-stationary term
 
 
 def _check(cfg: TrajectoryConfig) -> None:
@@ -339,3 +340,21 @@ def trajectory(att: Attributor, cfg: TrajectoryConfig = TrajectoryConfig()) -> n
     t = configured_steps(att, cfg)
     progress = att.problem.progress
     return trajectory_curve(att, cfg, [t], progress)[0]
+
+
+def _further_training(cfg) -> dict:
+    """The trajectory's fields from an experiment's further training (``cfg.further``: the gold
+    standard's lr, epochs, steps, batch size and weight decay), scored at its end."""
+    f = cfg.further
+    return dict(lr=f.lr, epochs=f.epochs, steps=f.max_steps, batch_size=f.batch_size,
+                weight_decay=f.weight_decay)
+
+
+SPECS = (
+    MethodSpec("trajectory", trajectory, TrajectoryConfig,
+               "linearised SGD further training, (eta/n) sum_k (I-eta A)^k", paper=False,
+               shared=("memory_gb",), from_experiment=_further_training,
+               large_model_skip="beyond the paper: its series needs full-batch Hessian "
+                                "products, as CG's does; notebook 07 runs it per evaluation "
+                                "point on the tabular datasets"),
+)

@@ -35,10 +35,10 @@ import numpy as np
 import torch
 from ..progress import progress_bar
 
-from ..config import MethodConfig
 from ..losses import loss_derivatives
 from ..memory import row_bytes
 from .common import Attributor
+from .specs import MethodSpec
 
 PROJ_TYPES = ("normal", "rademacher", "sjlt")
 TEST_SIDES = ("loss", "output")
@@ -46,7 +46,8 @@ TEST_SIDES = ("loss", "output")
 
 @dataclass(frozen=True)
 class TrakConfig:
-    proj_dim: int = MethodConfig.trak_proj_dim   # k
+    """TRAK's settings (a single model, M = 1)."""
+    proj_dim: int = 2048               # k, the dimension the output gradients are projected to
     # normal (Gaussian) | rademacher (+-1) | sjlt (sparse: one +-1 per parameter, P kept as
     # p bucket indices and signs, for models whose dense p x k matrix is too large to keep)
     proj_type: str = "normal"
@@ -63,7 +64,7 @@ class TrakConfig:
     # fimoda.memory.chunk_rows)
     grad_bytes: Optional[int] = None
     block_elems: int = 2 ** 24         # elements of P generated at once (rows * k)
-    cache_bytes: int = 2 ** 29         # keep P in memory if it is at most this large
+    cache_bytes: int = 2 ** 29         # bytes: keep P in memory if it is at most this large
 
 
 def _check(cfg: TrakConfig) -> None:
@@ -215,3 +216,6 @@ def trak(att: Attributor, cfg: TrakConfig = TrakConfig()) -> np.ndarray:
         left = left * (-d1_te)[:, None]
     scores = (left / evals) @ right.T
     return scores.cpu().numpy()
+
+
+SPECS = (MethodSpec("trak", trak, TrakConfig, "TRAK_{M=1}", figure2=7),)
