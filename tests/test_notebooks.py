@@ -108,6 +108,9 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
         assert not errors, nb.name
     check_hand_written(isolated / "executed" / "smoke", "concrete")
     check_clean_outputs(executed)
+    # the kernels' log keeps each finished training bar's summary, labelled with its notebook
+    log = (isolated / "executed" / "smoke" / "kernels.log").read_text()
+    assert re.search(r"01_final_models \[concrete\]: train concrete: \d+/\d+ epoch in ", log), log
     res = isolated / "results" / "smoke" / "concrete"
     for name in ("final_model.pt", "final_model.json", "gold_sgd_remove.npz",
                  "gold_sgd_subtract.npz", "gold_adam_remove.npz", "scores_dense_damping0.npz",
