@@ -104,9 +104,9 @@ def ipc_kernel_manager(socket_dir: str, log_path: Path, threads: int | None = No
     in notebooks/, papermill elsewhere), and whose own stderr -- kernel-level log lines such as
     the interrupt at shutdown, never a cell's output or error, which the executed notebook holds
     -- is appended to ``log_path`` instead of the console. ``threads``: the kernel's intra-op
-    thread count (its OMP/MKL environment), None to inherit. ``label`` names the notebook in
-    the kernel's lines of that log (``FIMODA_KERNEL_LABEL``: each finished progress bar's
-    summary, :mod:`fimoda.progress`)."""
+    thread count (its OMP/MKL environment), None to inherit. Each finished progress bar's
+    summary (:mod:`fimoda.progress`) is appended to the same log by name
+    (``FIMODA_KERNEL_LOG``), labelled ``label`` (``FIMODA_KERNEL_LABEL``): the notebook."""
     from jupyter_client.manager import AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):
@@ -118,6 +118,7 @@ def ipc_kernel_manager(socket_dir: str, log_path: Path, threads: int | None = No
 
         async def start_kernel(self, **kw):
             kw["env"] = {**os.environ, **kw.get("env", {}), "FIMODA_KERNEL_LABEL": label,
+                         "FIMODA_KERNEL_LOG": str(Path(log_path).resolve()),
                          # Hugging Face's own bars (loading weights) would be stored redraws
                          "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
             if threads is not None:

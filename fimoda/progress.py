@@ -10,9 +10,10 @@ variable ``FIMODA_PROGRESS`` forces one; default ``auto``):
   keeps its summary line above it, one with ``leave=False`` leaves its summary on the last line
   until the next bar replaces it. nbclient replaces a stored output when it is updated, so an
   executed notebook keeps one output per cell, never one per redraw. Each finished bar that
-  kept its line or ran a second or more is also written, with the kernel's label
-  (``FIMODA_KERNEL_LABEL``, set by the pipeline), to the kernel's own stderr: the pipeline's
-  ``kernels.log``.
+  kept its line or ran a second or more is also appended, with the kernel's label
+  (``FIMODA_KERNEL_LABEL``), to the file ``FIMODA_KERNEL_LOG`` names: the pipeline sets both,
+  so the line lands in its ``kernels.log``; without it (a kernel the pipeline did not start)
+  the cell's display is all.
 - ``log`` (stderr is a file or pipe: a batch log): a plain line to stderr at most every
   ``FIMODA_PROGRESS_INTERVAL`` seconds (default 60) while a bar runs, and a summary line when a
   bar with ``leave=True`` (or one that logged a line) finishes.
@@ -31,6 +32,7 @@ MODES = ("auto", "terminal", "notebook", "log", "off")
 _LOCK = threading.RLock()
 _CELL: dict = {}        # notebook mode: the display of the cell running now
 _HOOKED: set = set()    # the shells whose cells end with _finish
+_UNWRITABLE: set = set()  # kernel-log paths already reported unwritable
 
 
 def in_kernel() -> bool:
@@ -220,12 +222,28 @@ def _render(interval: float = 0.0, force: bool = False) -> None:
 
 
 def _kernel_log(summary: str) -> None:
-    """Append a finished bar's summary to the kernel process's own stderr (the pipeline's
-    kernels.log), not to the cell: ipykernel's stderr stream reports that file's descriptor."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
+    """Append a finished bar's summary, stamped and labelled, to the file ``FIMODA_KERNEL_LOG``
+    names (the pipeline's kernels.log), never to the cell; nothing when it is unset. The log is
+    opened by name because the kernel's stderr is no sure way there: ipykernel replaces
+    ``sys.stderr`` with a stream whose ``fileno()`` is a copy of the launch stderr only while it
+    captures the process's descriptors (then descriptor 2 is a pipe into the cell's output), and
+    raises when it does not: under pytest (it checks ``PYTEST_CURRENT_TEST``) or with
+    ``capture_fd_output`` off."""
+    path = os.environ.get("FIMODA_KERNEL_LOG", "")
+    if not path:
         return
     label = os.environ.get("FIMODA_KERNEL_LABEL", "kernel")
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    os.write(fd, f"{stamp} {label}: {summary}\n".encode())
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {label}: {summary}\n".encode()
+    try:                         # one O_APPEND write: kernels running at once never interleave
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError as e:
+        if path not in _UNWRITABLE:              # a log that cannot be written stops no work
+            _UNWRITABLE.add(path)
+            import warnings
+            warnings.warn(f"FIMODA_KERNEL_LOG={path!r} cannot be written ({e.strerror}); "
+                          "finished bars are not logged", RuntimeWarning, stacklevel=3)
+        return
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)

@@ -16,7 +16,7 @@ from fimoda.gold import GoldConfig, further_train  # noqa: E402
 from fimoda.gold import distributed as dd  # noqa: E402
 from fimoda.gold.runner import MissingPieces, executing  # noqa: E402
 from fimoda.io import load_npz  # noqa: E402
-from test_further_training import regression_problem  # noqa: E402
+from small_models import killed_after_first_piece, regression_problem  # noqa: E402
 
 ARRAYS = ("loss_full", "loss_loo", "param_dist", "param_dist_loo")
 LOO = [0, 23, 47, 71, 95, 119, 143, 167]          # 9 runs per seed, 3 per chunk: 3 chunks
@@ -75,17 +75,9 @@ def test_cluster_equals_serial_with_the_serial_pieces(client, problem, serial, t
 def test_resumed_with_other_worker_counts(client, problem, serial, tmp_path):
     model, X, y, Xt, yt = problem
     # a serial run (one worker) interrupted after its first piece, resumed on 2 workers
-    class Killed(Exception):
-        pass
-
-    def stop(seed, chunk):
-        raise Killed
-
     wd = tmp_path / "a"
-    with pytest.raises(Killed):
-        further_train(model, "regression", X, y, Xt, yt, LOO, config(), workdir=wd,
-                      callback=stop)
-    assert pieces(wd) == ["seed1_chunk0000.npz"]
+    assert killed_after_first_piece(model, X, y, Xt, yt, LOO, config(), wd) == [
+        "seed1_chunk0000.npz"]
     first = (wd / "seed1_chunk0000.npz").stat().st_mtime_ns
     with dd.on_dask(client, progress=False):
         res = further_train(model, "regression", X, y, Xt, yt, LOO, config(), workdir=wd)

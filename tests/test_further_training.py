@@ -16,36 +16,10 @@ from fimoda.gold import (GoldConfig, further_train, gold_scores, load_gold_resul
 from fimoda.gold.optim import _StackedOptimizer
 from fimoda.io import load_json, load_npz
 from fimoda.models import MLP
+from small_models import (TOL, ConvBN, assert_close_and_nontrivial, conv_bn_gold_config,
+                          conv_bn_problem, flip_augment, killed_after_first_piece,
+                          regression_problem, retraining_problem)
 from tolerances import gamma
-
-TOL = 1e-10
-
-
-
-
-def regression_problem(n=41, d=5, n_test=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, d, generator=g, dtype=torch.float64)
-    w = torch.randn(d, generator=g, dtype=torch.float64)
-    y = torch.sin(X @ w) + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
-    Xt = torch.randn(n_test, d, generator=g, dtype=torch.float64)
-    yt = torch.sin(Xt @ w)
-    torch.manual_seed(seed)
-    return MLP(d, 1, hidden=16).double(), X, y, Xt, yt
-
-
-def assert_close_and_nontrivial(a, b):
-    """Vectorised == reference to TOL, and the runs really moved and really differ."""
-    assert a.loss_loo.shape == b.loss_loo.shape and a.loss_full.shape == b.loss_full.shape
-    np.testing.assert_allclose(a.loss_loo, b.loss_loo, rtol=0, atol=TOL)
-    np.testing.assert_allclose(a.loss_full, b.loss_full, rtol=0, atol=TOL)
-    np.testing.assert_allclose(a.param_dist, b.param_dist, rtol=0, atol=TOL)
-    np.testing.assert_allclose(a.param_dist_loo, b.param_dist_loo, rtol=0, atol=TOL)
-    assert np.all(a.loss_loo[:, :, 0] == a.loss_full[:, None, 0])      # t = 0 is theta^f
-    assert np.all(a.param_dist[:, 0] == 0) and np.all(a.param_dist[:, -1] > 1e-4)
-    effect = np.abs(a.loss_loo[:, :, 1:] - a.loss_full[:, None, 1:]).max()
-    assert effect > 1e3 * TOL, effect                                   # LOO differs from full
-
 
 ALGOS = [dict(optimizer="sgd", lr=0.05),
          dict(optimizer="sgd", lr=0.05, weight_decay=0.01),
@@ -148,39 +122,14 @@ def test_stacked_optimizers_bitwise_equal_torch_optim():
                 assert torch.equal(p[r], q.detach()), (kind, wd, r)
 
 
-class ConvBN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(2, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.drop = nn.Dropout(0.5)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.fc(self.drop(torch.relu(self.bn(self.conv(x))).mean((2, 3))))
-
-
-def flip_augment(x, generator):
-    flip = torch.rand(x.shape[0], generator=generator, device=generator.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
 @pytest.mark.parametrize("engine", ["auto", "func"])
 @pytest.mark.parametrize("mechanism", ["remove", "subtract"])
 def test_batchnorm_model_generic_path_with_augmentation(mechanism, engine):
-    torch.manual_seed(0)
-    net = ConvBN().double()
+    net, X, y, Xt, yt = conv_bn_problem()
     net.bn.running_mean.uniform_(-0.5, 0.5)
     net.bn.running_var.uniform_(0.5, 2.0)
     net.train()                                  # further training must use eval mode
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(17, 2, 6, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (17,), generator=g)
-    Xt = torch.randn(4, 2, 6, 6, generator=g, dtype=torch.float64)
-    yt = torch.randint(0, 3, (4,), generator=g)
-    cfg = GoldConfig(optimizer="sgd", lr=0.2, epochs=2, max_steps=7, eval_every=2, batch_size=4,
-                     mechanism=mechanism, seeds=2, max_runs_per_chunk=2, progress=False,
-                     engine=engine)
+    cfg = conv_bn_gold_config(mechanism, engine)
     a = further_train(net, "classification", X, y, Xt, yt, [0, 5, 16], cfg, augment=flip_augment)
     b = reference_further_train(net, "classification", X, y, Xt, yt, [0, 5, 16], cfg,
                                 augment=flip_augment)
@@ -286,17 +235,7 @@ def test_resume_is_bit_for_bit(tmp_path):
                      max_runs_per_chunk=2, progress=False)
     loo = [1, 4, 9, 20, 29]                     # 6 runs per seed -> 3 chunks per seed
     whole = further_train(model, "regression", X, y, Xt, yt, loo, cfg, workdir=tmp_path / "a")
-
-    class Killed(Exception):
-        pass
-
-    def kill_after_first(seed, chunk):
-        raise Killed
-
-    with pytest.raises(Killed):
-        further_train(model, "regression", X, y, Xt, yt, loo, cfg, workdir=tmp_path / "b",
-                      callback=kill_after_first)
-    files = sorted(p.name for p in (tmp_path / "b").glob("seed*.npz"))
+    files = killed_after_first_piece(model, X, y, Xt, yt, loo, cfg, tmp_path / "b")
     assert files == ["seed1_chunk0000.npz"]
     mtime = (tmp_path / "b" / files[0]).stat().st_mtime_ns
     seen = []
@@ -365,12 +304,7 @@ def test_seed_groups():
 
 
 def test_retrain_loo_matches_reference():
-    cfg = get_config("concrete", "smoke")
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3, batch_size=8,
-                                                             lr=0.05))
-    _, X, y, Xt, yt = regression_problem(n=33, d=4)
-    torch.manual_seed(cfg.train.seed)
-    init = MLP(4, 1, hidden=16).double()
+    cfg, init, X, y, Xt, yt = retraining_problem(n=33, epochs=3, hidden=16)
     res = retrain_loo(init, cfg, X, y, Xt, yt, [2, 32], seeds=2, progress=False)
     gcfg = GoldConfig.from_training(cfg.train, seeds=2, progress=False)
     assert gcfg.seed_list == [0, 1] and gcfg.mechanism == "remove" and gcfg.shuffle == "randperm"

@@ -1,15 +1,13 @@
 """Group leave-out further training: a run leaves out a set S of training instances."""
-import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
 import fimoda
 from fimoda.gold import (GoldConfig, as_left_out, epoch_permutations, further_train,
                          reference_further_train, run_batches)
-from test_further_training import (ConvBN, assert_close_and_nontrivial, flip_augment,
-                                   regression_problem)
+from small_models import (assert_close_and_nontrivial, conv_bn_gold_config, conv_bn_problem,
+                          flip_augment, killed_after_first_piece, regression_problem)
 
 ARRAYS = ("loss_full", "loss_loo", "param_dist", "param_dist_loo")
 
@@ -55,16 +53,8 @@ def test_group_runs_equal_the_reference_loop(engine, mechanism, units):
 def test_groups_with_augmentation_on_a_batchnorm_model(mechanism):
     """The generic engine with augmented views: ``subtract`` uses its G subtracted members
     un-augmented, as the reference loop does."""
-    torch.manual_seed(0)
-    net = ConvBN().double()
-    g = torch.Generator().manual_seed(1)
-    X = torch.randn(17, 2, 6, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (17,), generator=g)
-    Xt = torch.randn(4, 2, 6, 6, generator=g, dtype=torch.float64)
-    yt = torch.randint(0, 3, (4,), generator=g)
-    cfg = GoldConfig(optimizer="sgd", lr=0.2, epochs=2, max_steps=7, eval_every=2, batch_size=4,
-                     mechanism=mechanism, seeds=2, max_runs_per_chunk=2, progress=False,
-                     engine="func")
+    net, X, y, Xt, yt = conv_bn_problem()
+    cfg = conv_bn_gold_config(mechanism, "func")
     groups = [[0, 5, 16], [3], [7, 8]]
     a = further_train(net, "classification", X, y, Xt, yt, groups, cfg, augment=flip_augment)
     b = reference_further_train(net, "classification", X, y, Xt, yt, groups, cfg,
@@ -120,17 +110,8 @@ def test_group_workdir_resumes_and_is_not_shared_with_leave_one_out(tmp_path):
                      max_runs_per_chunk=2, progress=False)
     groups = [[1, 4], [9], [20, 29, 3]]
     whole = further_train(model, "regression", X, y, Xt, yt, groups, cfg)
-
-    class Killed(Exception):
-        pass
-
-    def kill(seed, chunk):
-        raise Killed
-
     wd = tmp_path / "g"
-    with pytest.raises(Killed):
-        further_train(model, "regression", X, y, Xt, yt, groups, cfg, workdir=wd, callback=kill)
-    assert sorted(p.name for p in wd.glob("seed*.npz")) == ["seed1_chunk0000.npz"]
+    assert killed_after_first_piece(model, X, y, Xt, yt, groups, cfg, wd) == ["seed1_chunk0000.npz"]
     resumed = further_train(model, "regression", X, y, Xt, yt, groups, cfg, workdir=wd)
     for name in ARRAYS:
         assert np.array_equal(getattr(whole, name), getattr(resumed, name)), name

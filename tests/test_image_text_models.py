@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from fimoda.gold import GoldConfig, further_train, reference_further_train
 from fimoda.gradients import Problem
 from fimoda.models import ResNet9, TextClassifier, row_groups
-from test_further_training import flip_augment
+from small_models import flip_augment
 
 GRAD_RTOL = 1e-10      # per-example gradients: relative to the largest reference entry
 TRAIN_TOL = 1e-9       # further training: losses and parameter distances, absolute

@@ -1,15 +1,11 @@
 """The models behind the LDS: group further training over subsets of L, classic re-training."""
-import dataclasses
 
 import numpy as np
 import pytest
-import torch
 
-from fimoda.config import get_config
 from fimoda.gold import GoldConfig, further_train, gold_scores, retrain_loo
-from fimoda.models import MLP
 from fimoda.yardsticks import draw_subsets, further_training_lds, retraining_lds
-from test_further_training import regression_problem
+from small_models import regression_problem, retraining_problem
 
 
 def test_draw_subsets():
@@ -52,12 +48,7 @@ def test_further_training_lds_runs_the_complements_and_the_gold_predicts_them():
 
 
 def test_retraining_lds_is_retrain_loo_without_the_complements():
-    cfg = get_config("concrete", "smoke")
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2, batch_size=8,
-                                                             lr=0.05))
-    _, X, y, Xt, yt = regression_problem(n=20, d=4)
-    torch.manual_seed(cfg.train.seed)
-    init = MLP(4, 1, hidden=8).double()
+    cfg, init, X, y, Xt, yt = retraining_problem(n=20, epochs=2, hidden=8)
     runs = retraining_lds(init, cfg, X, y, Xt, yt, n_subsets=4, alpha=0.5, seed=1, seeds=2,
                           progress=False)
     assert runs.subsets.shape == (4, 10)

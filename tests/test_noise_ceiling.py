@@ -129,7 +129,7 @@ def test_bad_input():
 def test_on_the_engines_gold():
     """A real further training: at t = 0 every run is theta^f (the eq. 13 mean leaves only
     rounding residues, identical in every seed): no ceiling there; elsewhere one in [0, 1]."""
-    from test_further_training import regression_problem
+    from small_models import regression_problem
     model, X, y, Xt, yt = regression_problem(n=30)
     cfg = GoldConfig(epochs=2, batch_size=8, seeds=3, lr=0.05, mechanism="remove",
                      progress=False)

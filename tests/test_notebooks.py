@@ -1,6 +1,11 @@
 """The notebooks, executed end to end by papermill on the smoke profile (as run_all.sh does)."""
+import contextlib
 import json
+import os
 import re
+import shutil
+import sys
+import tempfile
 
 import pytest
 
@@ -9,12 +14,65 @@ from fimoda import experiment as ex, pipeline
 from fimoda.config import get_config
 
 
+OUTPUT_DIRS = (("FIMODA_RESULTS_DIR", "results"), ("FIMODA_FIGURES_DIR", "figures"),
+               ("FIMODA_EXECUTED_DIR", "executed"))
+
+
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
-    for var, sub in (("FIMODA_RESULTS_DIR", "results"), ("FIMODA_FIGURES_DIR", "figures"),
-                     ("FIMODA_EXECUTED_DIR", "executed")):
+    for var, sub in OUTPUT_DIRS:
         monkeypatch.setenv(var, str(tmp_path / sub))
     return tmp_path
+
+
+@contextlib.contextmanager
+def captured_output():
+    """What the block writes to stdout and to stderr, from Python and from the file descriptors
+    (as pytest's ``capfd`` sees it, for a module-scoped fixture, which cannot take ``capfd``):
+    a dict filled with ``out`` and ``err`` when the block ends."""
+    got: dict = {}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            with open(1, "w", buffering=1, closefd=False) as o, \
+                    open(2, "w", buffering=1, closefd=False) as e, \
+                    contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+                yield got
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            for name, f in (("out", out), ("err", err)):
+                f.seek(0)
+                got[name] = f.read().decode(errors="replace")
+
+
+@pytest.fixture(scope="module")
+def concrete_run(tmp_path_factory):
+    """The smoke pipeline for Concrete, every notebook, run once for the tests that read it:
+    (its folder, what it printed on stdout, on stderr)."""
+    require_file("concrete/Concrete_Data.xls")
+    tmp = tmp_path_factory.mktemp("concrete_run")
+    with pytest.MonkeyPatch.context() as mp:
+        for var, sub in OUTPUT_DIRS:
+            mp.setenv(var, str(tmp / sub))
+        with captured_output() as cap:
+            pipeline.run("smoke", ["concrete"])
+    return tmp, cap["out"], cap["err"]
+
+
+@pytest.fixture
+def in_concrete_run(concrete_run, monkeypatch):
+    """``concrete_run``'s folder, with the output folders pointing into it for this test."""
+    tmp = concrete_run[0]
+    for var, sub in OUTPUT_DIRS:
+        monkeypatch.setenv(var, str(tmp / sub))
+    return tmp
 
 
 def printed(nb_path) -> str:
@@ -85,10 +143,8 @@ def test_only_matching_no_notebook_is_an_error():
         pipeline.run("smoke", ["concrete"], only=["99"])
 
 
-def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
-    require_file("concrete/Concrete_Data.xls")
-    pipeline.run("smoke", ["concrete"])
-    out, err = capfd.readouterr()
+def test_smoke_pipeline_runs_every_notebook(concrete_run, in_concrete_run):
+    isolated, out, err = concrete_run
     # one line per notebook with its wall time, the total, then the HTML copy; nothing from the
     # kernels
     lines = out.strip().splitlines()
@@ -108,6 +164,9 @@ def test_smoke_pipeline_runs_every_notebook(isolated, capfd):
         assert not errors, nb.name
     check_hand_written(isolated / "executed" / "smoke", "concrete")
     check_clean_outputs(executed)
+    # the kernels' log keeps each finished training bar's summary, labelled with its notebook
+    log = (isolated / "executed" / "smoke" / "kernels.log").read_text()
+    assert re.search(r"01_final_models \[concrete\]: train concrete: \d+/\d+ epoch in ", log), log
     res = isolated / "results" / "smoke" / "concrete"
     for name in ("final_model.pt", "final_model.json", "gold_sgd_remove.npz",
                  "gold_sgd_subtract.npz", "gold_adam_remove.npz", "scores_dense_damping0.npz",
@@ -290,11 +349,12 @@ def test_notebooks_are_valid_and_have_a_parameters_cell():
         assert len(tagged) == 1, path.name
 
 
-def test_notebook_07_runs_on_the_smoke_profile(isolated):
+def test_notebook_07_runs_on_the_smoke_profile(in_concrete_run):
+    """Notebook 07 (which reads notebook 02's gold standards and computes its own scores) in the
+    smoke pipeline's run: its infinitesimal and trajectory studies, SGD and Adam."""
     import numpy as np
     from fimoda import report
-    require_file("concrete/Concrete_Data.xls")
-    pipeline.run("smoke", ["concrete"], only=["01", "02", "07"])
+    isolated = in_concrete_run
     nb = isolated / "executed" / "smoke" / "07_beyond_the_paper_concrete.ipynb"
     cells = json.loads(nb.read_text())["cells"]
     assert not [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -317,13 +377,14 @@ def test_notebook_07_runs_on_the_smoke_profile(isolated):
     assert any("concrete_trajectory_sgd_remove_eq13.png" in r["file"] for r in index)
 
 
-def test_notebook_02_stops_when_the_hand_written_run_disagrees_with_the_engine(isolated):
+def test_notebook_02_stops_when_the_hand_written_run_disagrees_with_the_engine(concrete_run,
+                                                                               isolated):
     """Notebook 02's hand-written leave-one-out run is checked against the engine's stored result:
     a stored loss moved by 1e-6 (far above float64 round-off, far below the losses) stops it with
     the check's message."""
     from fimoda.io import load_npz, save_npz
-    require_file("concrete/Concrete_Data.xls")
-    pipeline.run("smoke", ["concrete"], only=["01", "02"])    # the kernel's own environment
+    # a copy of the pipeline's results: theta^f and the gold computed in the kernel's environment
+    shutil.copytree(concrete_run[0] / "results", isolated / "results")
     gold = isolated / "results" / "smoke" / "concrete" / "gold_sgd_remove.npz"
     z = dict(load_npz(gold))
     z["loss_loo"] = z["loss_loo"].copy()

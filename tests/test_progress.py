@@ -111,19 +111,76 @@ def test_quick_bars_that_leave_nothing_make_no_output(kernel, monkeypatch):
 
 
 def test_finished_bars_reach_the_kernel_log_with_the_notebook_label(kernel, monkeypatch,
-                                                                    tmp_path):
-    log = open(tmp_path / "kernels.log", "w+b")
-    monkeypatch.setattr(sys, "stderr", types.SimpleNamespace(fileno=log.fileno))
+                                                                    tmp_path, capfd):
+    log = tmp_path / "kernels.log"
+    log.write_text("kernel line before\n")
+    monkeypatch.setenv("FIMODA_KERNEL_LOG", str(log))
     monkeypatch.setenv("FIMODA_KERNEL_LABEL", "01_final_models [concrete]")
     for _ in progress_bar(range(3), desc="train concrete", unit="epoch"):
         pass
     for _ in progress_bar(range(3), desc="quick inner", leave=False):
         pass
-    log.seek(0)
-    lines = log.read().decode().splitlines()
-    log.close()
-    assert len(lines) == 1, lines                # the inner bar was quick and left nothing
-    assert lines[0].endswith("01_final_models [concrete]: train concrete: 3/3 epoch in 0:00")
+    lines = log.read_text().splitlines()
+    assert len(lines) == 2, lines                # appended; the inner bar was quick, left nothing
+    assert lines[0] == "kernel line before"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d 01_final_models \[concrete\]: "
+                        r"train concrete: 3/3 epoch in 0:00", lines[1]), lines[1]
+    assert capfd.readouterr() == ("", "")        # nothing on the process's stdout or stderr
+    # without FIMODA_KERNEL_LOG (a kernel the pipeline did not start): the cell's display only
+    monkeypatch.delenv("FIMODA_KERNEL_LOG")
+    for _ in progress_bar(range(3), desc="unlogged", unit="epoch"):
+        pass
+    assert len(log.read_text().splitlines()) == 2 and capfd.readouterr() == ("", "")
+    assert "unlogged: 3/3 epoch in 0:00" in list(kernel.outputs.values())[-1]
+
+
+def test_an_unwritable_kernel_log_is_one_warning_and_the_work_goes_on(kernel, monkeypatch,
+                                                                      tmp_path):
+    bad = tmp_path / "no such folder" / "kernels.log"
+    monkeypatch.setenv("FIMODA_KERNEL_LOG", str(bad))
+    monkeypatch.setattr(progress, "_UNWRITABLE", set())
+    with pytest.warns(RuntimeWarning, match="no such folder.*cannot be written") as caught:
+        for _ in range(3):
+            assert list(progress_bar(range(2), desc="train")) == [0, 1]
+    assert len(caught) == 1 and not bad.parent.exists()
+
+
+def test_a_pipeline_kernel_appends_its_bars_to_the_log_and_not_to_the_notebook(tmp_path):
+    """For real: a notebook run by papermill in the pipeline's kernel manager (a kernel process
+    started as the pipeline starts it, here under pytest, where ipykernel does not capture the
+    process's descriptors) with one bar of a second or more: its summary line is in the log, with
+    the label, and the notebook stores only the bar's display and what the cell printed."""
+    import nbformat
+    import papermill as pm
+    from fimoda.pipeline import ipc_kernel_manager
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(
+        "import time\n"
+        "from fimoda.progress import progress_bar\n"
+        "for _ in progress_bar(range(3), desc='slow bar', unit='step'):\n"
+        "    time.sleep(0.4)\n"
+        "print('cell done')")]
+    nbformat.write(nb, tmp_path / "tiny.ipynb")
+    log = tmp_path / "executed" / "kernels.log"
+    log.parent.mkdir()
+    sockets = tmp_path / "sockets"
+    sockets.mkdir()
+    pm.execute_notebook(str(tmp_path / "tiny.ipynb"), str(tmp_path / "executed" / "tiny.ipynb"),
+                        kernel_name="python3", progress_bar=False, log_output=False,
+                        cwd=str(tmp_path),
+                        kernel_manager_class=ipc_kernel_manager(str(sockets), log, None,
+                                                                "tiny [concrete]"))
+    text = log.read_text()
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d tiny \[concrete\]: slow bar: 3/3 step "
+                     r"in 0:01$", text, re.M), text
+    outputs = nbformat.read(tmp_path / "executed" / "tiny.ipynb", 4).cells[-1].outputs
+    assert [o["output_type"] for o in outputs] == ["display_data", "stream"], outputs
+    assert outputs[0]["data"]["text/plain"] == "slow bar: 3/3 step in 0:01"
+    assert outputs[1]["name"] == "stdout" and outputs[1]["text"] == "cell done\n"
+    assert "tiny [concrete]" not in nbformat.writes(nbformat.read(
+        tmp_path / "executed" / "tiny.ipynb", 4))
 
 
 def test_a_batch_log_gets_a_summary_line_per_kept_bar(monkeypatch, capsys):
