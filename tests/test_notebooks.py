@@ -378,21 +378,23 @@ def test_notebook_07_runs_on_the_smoke_profile(in_concrete_run):
 
 
 def test_notebook_02_stops_when_the_hand_written_run_disagrees_with_the_engine(concrete_run,
-                                                                               isolated):
-    """Notebook 02's hand-written leave-one-out run is checked against the engine's stored result:
-    a stored loss moved by 1e-6 (far above float64 round-off, far below the losses) stops it with
-    the check's message."""
-    from fimoda.io import load_npz, save_npz
+                                                                               isolated,
+                                                                               monkeypatch):
+    """Notebook 02's hand-written leave-one-out run is checked against the engine's run of the
+    same seed and instance (in float64): a copy of the notebook whose hand-written loop steps
+    with a learning rate 1e-6 too large (its losses move far above float64 round-off, far below
+    their size) stops with the check's message."""
     # a copy of the pipeline's results: theta^f and the gold computed in the kernel's environment
     shutil.copytree(concrete_run[0] / "results", isolated / "results")
-    gold = isolated / "results" / "smoke" / "concrete" / "gold_sgd_remove.npz"
-    z = dict(load_npz(gold))
-    z["loss_loo"] = z["loss_loo"].copy()
-    z["loss_loo"][0, 0, 1, 0] += 1e-6            # seed 0, left-out 0: the run the notebook checks
-    save_npz(gold, **z)
-    from fimoda import store                     # its store record rewritten to match the
-    rec = store.read_record(gold)                # tampered file: notebook 02 reuses it
-    store.write_record(gold, rec["inputs"], files=[gold.with_suffix(".json")],
-                       env=rec["environment"])
+    notebooks = isolated / "notebooks"
+    notebooks.mkdir()
+    nb = json.loads((pipeline.NB / "02_gold_further_training.ipynb").read_text())
+    line = '    opt = Optimizer(params, lr=gc["lr"], weight_decay=gc["weight_decay"])\n'
+    cells = [c for c in nb["cells"] if line in c["source"]]
+    assert len(cells) == 1                       # the hand-written loop's optimizer, once
+    src = cells[0]["source"]
+    src[src.index(line)] = line.replace('lr=gc["lr"]', 'lr=gc["lr"] * (1 + 1e-6)')
+    (notebooks / "02_gold_further_training.ipynb").write_text(json.dumps(nb))
+    monkeypatch.setattr(pipeline, "NB", notebooks)
     with pytest.raises(SystemExit, match="the hand-written run differs from the engine's"):
         pipeline.run("smoke", ["concrete"], only=["02"])
