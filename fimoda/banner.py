@@ -9,8 +9,9 @@ differs from the paper on its own row with the paper's value and the reason.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
-from .config import ExperimentConfig, _paper, get_config
+from .config import ExperimentConfig, _paper, get_config, gold_variant
 from .data.specs import get_spec
 from .gold.mechanisms import mechanism
 
@@ -146,15 +147,20 @@ def _count(k: int, noun: str) -> str:
     return f"{k:,} {noun}" + ("" if k == 1 else "s")
 
 
-def banner_rows(cfg: ExperimentConfig) -> list[tuple[str, str, str, str]]:
-    """The banner's rows: (item, this run, paper, why), all human text."""
+def banner_rows(cfg: ExperimentConfig, optimizer: Optional[str] = None,
+                mechanism_name: Optional[str] = None) -> list[tuple[str, str, str, str]]:
+    """The banner's rows: (item, this run, paper, why), all human text. ``optimizer`` /
+    ``mechanism_name``: the gold standard a variant of the pipeline runs (None: the dataset's),
+    shown in its row beside the paper's run of the same variant."""
     paper = _paper(cfg.dataset)
+    gold, paper_gold = (gold_variant(c, optimizer, mechanism_name) for c in (cfg, paper))
     data = cfg.dataset + (f" (STAND-IN for {cfg.stand_in_for})" if cfg.stand_in_for else "")
     rows = [("dataset", data, cfg.stand_in_for or cfg.dataset,
              (get_spec(cfg.dataset).stand_in_why or "") if cfg.stand_in_for else ""),
             ("profile", cfg.profile, "paper", _PROFILE.get(cfg.profile, "")),
             ("model", *_model(cfg)),
-            ("gold standard", _gold(cfg), _gold(paper), mechanism(cfg.further.mechanism).source)]
+            ("gold standard", _gold(gold), _gold(paper_gold),
+             mechanism(gold.further.mechanism).source)]
     keys = list(_LABELS) + [f"{part}.{f.name}" for part in ("train", "further", "methods")
                             for f in dataclasses.fields(getattr(cfg, part))
                             if f"{part}.{f.name}" not in _LABELS
@@ -178,18 +184,20 @@ def banner_rows(cfg: ExperimentConfig) -> list[tuple[str, str, str, str]]:
     return rows
 
 
-def banner_table(cfg: ExperimentConfig):
+def banner_table(cfg: ExperimentConfig, optimizer: Optional[str] = None,
+                 mechanism_name: Optional[str] = None):
     """The banner as a DataFrame (index: item; columns :data:`COLUMNS`), for notebooks."""
     import pandas as pd
-    rows = banner_rows(cfg)
+    rows = banner_rows(cfg, optimizer, mechanism_name)
     return pd.DataFrame([r[1:] for r in rows], index=pd.Index([r[0] for r in rows]),
                         columns=list(COLUMNS))
 
 
-def banner_text(cfg: ExperimentConfig) -> str:
+def banner_text(cfg: ExperimentConfig, optimizer: Optional[str] = None,
+                mechanism_name: Optional[str] = None) -> str:
     """The banner as plain text: a head line, then one line per row, ``item: this run (paper:
     ...) -- why`` (the gold standard's paper settings are the changed rows below it)."""
-    rows = banner_rows(cfg)
+    rows = banner_rows(cfg, optimizer, mechanism_name)
     changed = sum(r[0].startswith("changed: ") for r in rows)
     lines = [f"{cfg.dataset} [{cfg.profile} profile]: "
              + (f"{changed} settings changed from the paper, each below with its reason"
@@ -203,17 +211,19 @@ def banner_text(cfg: ExperimentConfig) -> str:
     return "\n".join(lines)
 
 
-def show_banner(cfg: ExperimentConfig) -> None:
+def show_banner(cfg: ExperimentConfig, optimizer: Optional[str] = None,
+                mechanism_name: Optional[str] = None) -> None:
     """Show the banner: in a Jupyter kernel the table as left-aligned HTML (its plain-text form
-    beside it, for text-only viewers), elsewhere the text."""
+    beside it, for text-only viewers), elsewhere the text. ``optimizer`` / ``mechanism_name``:
+    a variant's gold standard (:func:`banner_rows`)."""
     from .progress import in_kernel
-    text = banner_text(cfg)
+    text = banner_text(cfg, optimizer, mechanism_name)
     if not in_kernel():
         print(text, flush=True)
         return
     from IPython.display import display
     left = [("text-align", "left")]
-    html = (banner_table(cfg).style.set_uuid("fimoda-banner")
+    html = (banner_table(cfg, optimizer, mechanism_name).style.set_uuid("fimoda-banner")
             .set_caption(text.splitlines()[0])
             .set_properties(**{"text-align": "left", "white-space": "pre-wrap"})
             .set_table_styles([{"selector": "th", "props": left},

@@ -190,6 +190,18 @@ def get_config(dataset: str, profile: str = "cpu", **overrides) -> ExperimentCon
     return replace(cfg, **overrides) if overrides else cfg
 
 
+def gold_variant(cfg: ExperimentConfig, optimizer: Optional[str] = None,
+                 mechanism: Optional[str] = None) -> ExperimentConfig:
+    """``cfg`` with its further training as a variant runs it: ``optimizer`` and ``mechanism``
+    (None: the dataset's), Adam over ``adam_epochs`` where the profile sets them (as
+    :func:`fimoda.experiment.run_gold` does)."""
+    fc = cfg.further
+    changes = {k: v for k, v in (("optimizer", optimizer), ("mechanism", mechanism)) if v}
+    if optimizer == "adam" and fc.adam_epochs is not None:
+        changes["epochs"] = fc.adam_epochs
+    return dataclasses.replace(cfg, further=dataclasses.replace(fc, **changes)) if changes else cfg
+
+
 def apply_method_overrides(m: MethodConfig, changes: dict) -> MethodConfig:
     """``m`` with a profile's ``changes``: fields of MethodConfig set, ``skip`` added to its
     skips, and each method's entry ({config field: value}) merged into its settings, field by

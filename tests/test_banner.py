@@ -108,3 +108,20 @@ def test_the_table_and_where_it_shows(monkeypatch, capsys):
     assert shown[0]["text/plain"] == banner_text(cfg)
     html = shown[0]["text/html"]
     assert "<table" in html and "ResNet-9 on 2 CPU cores" in html and "STAND-IN" in html
+
+
+def test_a_variants_banner_shows_its_own_gold_standard_beside_the_papers_same_variant():
+    """The pipeline's Adam and subtract runs of a tabular dataset: the gold-standard row names
+    the variant's optimizer, learning rate, epochs and mechanism, in this run and in the paper's
+    column; the dataset's own banner is unchanged."""
+    from fimoda.banner import banner_rows
+    cfg = get_config("concrete", "cpu")
+    row = lambda rows: next(r for r in rows if r[0] == "gold standard")
+    own = row(banner_rows(cfg))
+    assert own[1].startswith("SGD, lr 0.03, 100 epochs") and "'remove'" in own[1]
+    adam = row(banner_rows(cfg, "adam"))
+    assert adam[1].startswith("ADAM, lr 0.0001, 50 epochs") and "'remove'" in adam[1]
+    assert adam[2].startswith("ADAM, lr 0.0001, 500 epochs")          # the paper's App. E.1 run
+    sub = row(banner_rows(cfg, None, "subtract"))
+    assert "'subtract'" in sub[1] and "'subtract'" in sub[2] and "App. D.3" in sub[3]
+    assert banner_rows(cfg) == banner_rows(cfg, None, None)

@@ -16,20 +16,24 @@ from ..tensors import as_inputs, as_targets
 
 
 def setup(dataset: str, profile: str, data_dir=None, dtype: Optional[str] = None,
-          seeds: Optional[int] = None):
+          seeds: Optional[int] = None, optimizer: Optional[str] = None,
+          mechanism: Optional[str] = None):
     """What every per-dataset notebook starts with: ``$FIMODA_DATA_DIR`` set from ``data_dir``
     (if given), the dataset's config under ``profile`` (``dtype`` overriding the dataset's,
     ``seeds`` the number of further-training seeds), its banner shown (a table in a notebook,
     text elsewhere: :mod:`fimoda.banner`), and the profile's figures folder. Returns (cfg,
-    figures folder)."""
+    figures folder). ``optimizer`` / ``mechanism``: the gold standard this notebook runs, when
+    not the dataset's (a variant of the pipeline, e.g. Adam or ``subtract``): the banner's gold
+    standard row shows it; the returned config is the dataset's."""
     import os
     from ..banner import show_banner
     from ..io import figures_dir
     if data_dir:
         os.environ["FIMODA_DATA_DIR"] = str(data_dir)
     cfg = run_config(dataset, profile, dtype, seeds)
-    show_banner(cfg)
+    show_banner(cfg, optimizer, mechanism)
     return cfg, figures_dir(profile)
+
 
 
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython", "open"}
