@@ -67,6 +67,17 @@ def load_gold(cfg: ExperimentConfig, optimizer: Optional[str] = None,
     return store.Sourced(load_npz(p), {p.name: store.source(p)["sha256"]})
 
 
+def gold_config(cfg: ExperimentConfig, optimizer: str, mechanism: str, device="cpu",
+                **overrides):
+    """The :class:`fimoda.gold.GoldConfig` of the gold standard ``optimizer`` / ``mechanism`` of
+    ``cfg``: Adam over the profile's ``adam_epochs`` where it sets them (App. E.1); ``overrides``
+    replace any field."""
+    from ..config import gold_variant
+    from ..gold import GoldConfig
+    return GoldConfig.from_experiment(gold_variant(cfg, optimizer, mechanism).further,
+                                      device=device, **overrides)
+
+
 def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: Optional[str] = None,
              mechanism: Optional[str] = None, device="cpu", directory=None, reuse: str = "auto",
              **overrides) -> dict:
@@ -77,15 +88,11 @@ def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: Opt
     interrupted. Holds the file's lock while it checks, computes and writes it, so a second
     process on the same directory waits and then reuses the result (job-array shards, which
     share the work directory by design, do not take it)."""
-    from ..gold import GoldConfig
     from ..gold.runner import concurrent_executor
     from ..io import sha256_arrays
     optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
     path = gold_path(cfg, optimizer, mechanism, directory)
-    if optimizer == "adam" and cfg.further.adam_epochs is not None:
-        overrides = {"epochs": cfg.further.adam_epochs, **overrides}
-    gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
-                                      device=device, **overrides)
+    gcfg = gold_config(cfg, optimizer, mechanism, device, **overrides)
     record = {"gold": dataclasses.asdict(gcfg), "experiment": config_without(cfg, "methods")}
     for k in ("device", "progress", "workers"):     # where and how fast, not what
         record["gold"].pop(k, None)
@@ -137,14 +144,10 @@ def gold_run(model, ds, cfg: ExperimentConfig, test_idx, seed: int, left_out: in
     points up to there: a :class:`fimoda.gold.GoldResult` with one seed and one left-out instance, computed, not
     stored. Notebook 02 checks its hand-written run against it in float64, where only the order
     of sums differs between the two."""
-    from ..gold import GoldConfig, further_train
+    from ..gold import further_train
     import copy
     optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
-    overrides = {"epochs": cfg.further.adam_epochs} if (
-        optimizer == "adam" and cfg.further.adam_epochs is not None) else {}
-    gcfg = GoldConfig.from_experiment(cfg.further, optimizer=optimizer, mechanism=mechanism,
-                                      device=device, seeds=(int(seed),), progress=False,
-                                      **overrides)
+    gcfg = gold_config(cfg, optimizer, mechanism, device, seeds=(int(seed),), progress=False)
     if eval_unit(cfg) == "epoch":
         gcfg = dataclasses.replace(gcfg, epochs=int(until))
     else:
