@@ -157,7 +157,7 @@ def theta_spread(dataset: str = SPREAD_DATASET, profile: str = "paper",
     import pandas as pd
     from . import experiment as ex
     from .influence import PAPER_METHODS
-    from .train import train_final_model
+    from .training import train_final_model
     methods = list(methods or PAPER_METHODS)
     base = ex.run_config(dataset, profile, seeds=run_seeds)
     rows = []

@@ -14,9 +14,8 @@ smoke: its truncated series is evaluated in a block Krylov subspace
 """
 from __future__ import annotations
 
-from ..config import (DAMPING_GRID, DEFAULT_ENCODER, FurtherTrainConfig, MethodConfig,
-                      TrainConfig)
 from ..influence.specs import large_model_skips
+from ..settings import DAMPING_GRID, DEFAULT_ENCODER, FurtherTrainConfig, MethodConfig, TrainConfig
 from .dataset import Loader
 from .fico import _build_fico
 from .files import FOLKTABLES_DEFS, FOLKTABLES_PUMS
@@ -54,7 +53,7 @@ _SMOKE_METHODS = dict(lissa=dict(depth=300), lissa_h=dict(depth=100, batch_size=
 _SMOKE_LARGE_METHODS = dict(fit_rows=64, lissa=dict(depth=10, batch_size=32),
                             lissa_h=dict(depth=10, batch_size=32), arnoldi=dict(rank=4, n_iter=6),
                             trak=dict(proj_dim=128), datainf=dict(n_samples=64))
-# Smoke models still learn (fimoda.baselines refuses one that does not beat its trivial
+# Smoke models still learn (fimoda.training.baselines refuses one that does not beat its trivial
 # predictor): Concrete 40 epochs, FICO and Folktables/Adult a larger lr on their 1,000 rows,
 # ResNet-9 8 epochs on its 512 images (32 steps; its metrics on 1,000 rows of each set), SST-2
 # the cpu profile's lr on 512 sentences.
@@ -113,7 +112,7 @@ _INCOME = dict(
     methods=MethodConfig(settings={"lissa": {"scale": 20.0}, "lissa_h": {"scale": 200.0}}))
 # cpu: theta^f on 4,000 rows with the paper's lr (1e-2) and 100 epochs: 3,200 SGD steps, where
 # the paper's 30,000 rows make 23,500. Its 20 epochs before (640 steps) left a classifier that
-# predicted the majority class for every row (fimoda.baselines refuses it now).
+# predicted the majority class for every row (fimoda.training.baselines refuses it now).
 _INCOME_PROFILES = {
     "cpu": Overrides(train=dict(n_train_subset=4000),
                      further=dict(epochs=5, seeds=4, n_test=50, mislabel_trials=2)),

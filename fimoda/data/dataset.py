@@ -91,7 +91,7 @@ def load_dataset(name: str, data_dir=None, cache_dir=None, download: Optional[bo
     None and the source host answers within 3 s; otherwise one :class:`DataFileError` names the
     file, the expected path and where to get it. Every file is verified against its known-good
     checksum (:class:`ChecksumError`). Keyword arguments: ``sst2``: ``encoder`` (default
-    ``fimoda.config.DEFAULT_ENCODER``), ``limit`` (first ``limit`` train and dev rows; not
+    ``fimoda.settings.DEFAULT_ENCODER``), ``limit`` (first ``limit`` train and dev rows; not
     cached)."""
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(LOADERS)}")
@@ -101,7 +101,7 @@ def load_dataset(name: str, data_dir=None, cache_dir=None, download: Optional[bo
         raise ValueError(f"{name}: unknown keyword argument(s) {sorted(bad)}; "
                          f"accepted: {list(spec.kwargs) or 'none'}")
     if name == "sst2":
-        from ..config import DEFAULT_ENCODER
+        from ..settings import DEFAULT_ENCODER
         kw["encoder"] = kw.get("encoder") or DEFAULT_ENCODER
         if kw.get("limit") is not None and (int(kw["limit"]) != kw["limit"] or kw["limit"] < 1):
             raise ValueError(f"sst2: limit must be a positive integer, got {kw['limit']!r}")

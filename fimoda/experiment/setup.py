@@ -84,9 +84,7 @@ def final_model(cfg: ExperimentConfig, device="cpu", data_dir=None, directory=No
     validation rows), which the gold standard and every method attribute over. A text config with
     ``trainable_layers`` gets the top layers (:class:`fimoda.models.TextTop`) and the dataset
     as features of the frozen trunk below them."""
-    from ..text_trunk import frozen_trunk
-    from ..train import load_final_model
-    from ..training_rows import training_dataset
+    from ..training import frozen_trunk, load_final_model, training_dataset
     ds = load_data(cfg, data_dir)
     d = directory or out_dir(cfg)
     model = load_final_model(cfg, ds, d, device=device)
