@@ -3,10 +3,10 @@ changed.
 
 Each dataset's numbers (the paper's settings and every profile's reductions, with their reasons)
 are in its spec (:mod:`fimoda.data.specs`; the paper's datasets: :mod:`fimoda.data.catalog`);
-:func:`get_config` builds the config from it. The ``paper`` profile is exactly the paper (App. D
-and the issues' tables). ``cpu`` is the default of ``run_all.sh`` and reduces seeds, epochs and
-subsets so the whole pipeline fits its budget (README) on 2 cores; every reduction is listed by
-:func:`reductions`. ``smoke`` takes seconds per notebook and is what the tests run.
+:func:`get_config` builds the config from it. The ``paper`` profile is exactly the paper (App. D).
+``cpu`` is the default of ``run_all.sh`` and reduces seeds, epochs and subsets so the whole
+pipeline fits its budget (README) on 2 cores; every reduction is listed by :func:`reductions`.
+``smoke`` takes seconds per notebook and is what the tests run.
 
 The config classes are the core's (:mod:`fimoda.settings`, :mod:`fimoda.training.baselines`) and
 are importable from here too.

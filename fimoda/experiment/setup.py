@@ -109,7 +109,7 @@ def dataset_summary(ds) -> dict:
 
 
 def select_loo_indices(cfg: ExperimentConfig, n_train: int) -> np.ndarray:
-    """The left-out set L (paper §6.1, issue table): every ``loo_stride``-th training index for
+    """The left-out set L (paper §6.1): every ``loo_stride``-th training index for
     the regression sets (Energy also takes the last index 690, giving 100), otherwise a fixed
     random subset drawn with seed 0. Reduced profiles keep the first ``n_loo`` of these."""
     fc = cfg.further
