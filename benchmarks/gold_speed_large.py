@@ -76,7 +76,7 @@ def encoder_case(n: int = 2048, n_test: int = 20, k: int = 3):
     from fimoda.config import get_config
     from fimoda.data import load_dataset
     from fimoda.models import TextTop, build_model
-    from fimoda.train import trunk_features
+    from fimoda.training import trunk_features
     cfg = get_config("sst2", "cpu")
     ds = load_dataset("sst2", encoder=cfg.encoder)
     clf = build_model(cfg, n_classes=2).eval()

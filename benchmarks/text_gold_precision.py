@@ -24,7 +24,7 @@ from fimoda import experiment as ex                                   # noqa: E4
 from fimoda.config import get_config                                  # noqa: E402
 from fimoda.gold import GoldConfig, further_train, gold_scores  # noqa: E402
 from fimoda.models import TextTop, build_model                        # noqa: E402
-from fimoda.train import trunk_features                               # noqa: E402
+from fimoda.training import trunk_features                               # noqa: E402
 
 N_LOO, N_TEST, SEEDS, STEPS, K = 8, 8, 2, 10, 1
 

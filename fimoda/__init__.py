@@ -5,13 +5,15 @@ training instances with any of the paper's gradient-based methods, and compute t
 further-training :func:`gold_standard` they approximate, both as ``scores[test, left_out]``;
 :func:`cosine_to_gold` compares them as the paper does.
 
-Modules follow the paper's concepts: ``config`` (datasets, profiles), ``data`` (loaders),
+Two layers (``tests/test_layers.py`` keeps the direction). The core, which knows nothing of the
+paper's experiment: ``settings`` (the config classes), ``data`` (loaders and dataset specs),
 ``models``, ``losses`` (the per-example loss, also in Gauss-Newton form), ``tensors`` (input
-conversion), ``train`` (final models), ``gold`` (the gold standard), ``gradients`` (the
-shared base of every approximation), ``influence`` (the methods), ``metrics``, ``plots``,
-``figures`` (every figure file's kind and name), ``report`` (figure index and summary),
-``experiment`` and ``pipeline`` (the notebooks' runs), ``render`` (the executed notebooks as
-HTML pages and their index).
+conversion), ``training`` (final models), ``gold`` (the gold standard), ``gradients`` (the shared
+base of every approximation), ``influence`` (the methods), ``metrics``, ``yardsticks``. The paper
+layer, built on it: ``config`` (profiles), ``experiment`` and ``pipeline`` (the notebooks' runs),
+``beyond`` (notebook 07), ``plots``, ``figures`` (every figure file's kind and name), ``report``
+(figure index and summary), ``reproduction``, ``render`` (the executed notebooks as HTML pages
+and their index) and ``cli``.
 """
 from .api import TASKS, attribute, attributor, cosine_to_gold, gold_standard
 from .gradients import CustomLossError

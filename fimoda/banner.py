@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from .config import ExperimentConfig, _paper, get_config, gold_variant
+from .config import ExperimentConfig, get_config, gold_variant, paper_config
 from .data.specs import get_spec
 from .gold.mechanisms import mechanism
 
@@ -152,7 +152,7 @@ def banner_rows(cfg: ExperimentConfig, optimizer: Optional[str] = None,
     """The banner's rows: (item, this run, paper, why), all human text. ``optimizer`` /
     ``mechanism_name``: the gold standard a variant of the pipeline runs (None: the dataset's),
     shown in its row beside the paper's run of the same variant."""
-    paper = _paper(cfg.dataset)
+    paper = paper_config(cfg.dataset)
     gold, paper_gold = (gold_variant(c, optimizer, mechanism_name) for c in (cfg, paper))
     data = cfg.dataset + (f" (STAND-IN for {cfg.stand_in_for})" if cfg.stand_in_for else "")
     rows = [("dataset", data, cfg.stand_in_for or cfg.dataset,

@@ -1,170 +1,35 @@
-"""Experiment configuration: one config per dataset holding the paper's numbers, and profiles.
+"""The paper's experiment configuration: a dataset's config under a profile, and what a profile
+changed.
 
 Each dataset's numbers (the paper's settings and every profile's reductions, with their reasons)
 are in its spec (:mod:`fimoda.data.specs`; the paper's datasets: :mod:`fimoda.data.catalog`);
-:func:`get_config` builds the config from it. The ``paper`` profile is exactly the paper (App. D
-and the issues' tables). ``cpu`` is the default
-of ``run_all.sh`` and reduces seeds, epochs and subsets so the whole pipeline fits its budget
-(README) on 2 cores; every reduction is listed by :func:`reductions`. ``smoke`` takes seconds per
-notebook and is what the tests run.
+:func:`get_config` builds the config from it. The ``paper`` profile is exactly the paper (App. D).
+``cpu`` is the default of ``run_all.sh`` and reduces seeds, epochs and subsets so the whole
+pipeline fits its budget (README) on 2 cores; every reduction is listed by :func:`reductions`.
+``smoke`` takes seconds per notebook and is what the tests run.
+
+The config classes are the core's (:mod:`fimoda.settings`, :mod:`fimoda.training.baselines`) and
+are importable from here too.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Optional
 
-# The damping grid of the paper (App. D.4), multiples of lambda_G (Energy: x10): the methods' own
-from .influence.common import DAMPING_GRID
+from .data.specs import PROFILES, get_spec
+from .settings import (DAMPING_GRID, DEFAULT_ENCODER, ExperimentConfig, FurtherTrainConfig,
+                       MethodConfig, TrainConfig, apply_method_overrides)
+from .training.baselines import FINAL_MODEL_MARGIN, BaselineMargin
 
-PROFILES = ("smoke", "cpu", "paper")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How the final model theta^f is trained (paper App. D.2)."""
-    optimizer: str = "sgd"          # sgd | adamw
-    lr: float = 0.3
-    epochs: int = 1000
-    batch_size: int = 128
-    weight_decay: float = 0.0
-    grad_clip: Optional[float] = None
-    select_epoch_by_val: bool = False  # text: keep the epoch with best validation accuracy
-    seed: int = 0                      # init and batch-order seed
-    n_train_subset: Optional[int] = None  # reduced profiles only (printed)
-    eval_rows: Optional[int] = None  # final train/test metrics on at most this many rows of each
+__all__ = ["PROFILES", "get_config", "gold_variant", "reductions", "describe", "paper_config",
+           "DAMPING_GRID", "DEFAULT_ENCODER", "ExperimentConfig", "FurtherTrainConfig",
+           "MethodConfig", "TrainConfig", "apply_method_overrides", "FINAL_MODEL_MARGIN",
+           "BaselineMargin"]
 
 
-@dataclass(frozen=True)
-class FurtherTrainConfig:
-    """Further training A' from theta^f: the gold standard (paper §3, App. D.3)."""
-    optimizer: str = "sgd"          # sgd | adam | adamw
-    lr: float = 3e-2
-    adam_lr: float = 1e-4           # lr used when optimizer == "adam" (App. E.1)
-    adam_epochs: Optional[int] = None  # epochs when optimizer == "adam" (None: ``epochs``)
-    epochs: int = 500
-    max_steps: Optional[int] = None  # image/text: stop after this many steps
-    eval_every: Optional[int] = None  # None: evaluate after every epoch; k: every k steps
-    batch_size: int = 128
-    weight_decay: float = 0.0
-    grad_clip: Optional[float] = None
-    n_loo: int = 100
-    loo_selection: str = "stride"   # stride (regression, paper) | random (seed 0)
-    loo_stride: int = 9
-    n_test: Optional[int] = None    # None: all test points
-    test_selection: str = "first"   # first | random
-    seeds: int = 100
-    # how z_i is left out (fimoda.gold): the paper's text (App. D.3) and its SST-2
-    # code subtract a scaled loss term; the reference code behind its tabular figures removes z_i
-    # from each epoch's sampler order. Each dataset defaults to what produced its figures.
-    mechanism: str = "subtract"
-    mislabel_trials: int = 40       # mislabelled-example detection (App. E.2.1): trials averaged
-    mislabel_seeds: Optional[int] = None   # seeds of its one-epoch further training (None: seeds)
-    mislabel_skip: Optional[str] = None    # why a reduced profile does not run it (printed)
-
-
-@dataclass(frozen=True)
-class BaselineMargin:
-    """How clearly every final model theta^f must beat its trivial predictor on the test rows
-    (:mod:`fimoda.baselines`): the same margin in every profile and for every dataset.
-    :func:`fimoda.train.train_final_model` refuses to save, and ``load_final_model`` to load, a
-    model that does not clear it."""
-    # classification: test error rate (1 - accuracy) at most this times the majority class's
-    # (1 - majority rate), i.e. right on at least a fifth of the rows the majority class gets wrong
-    error_ratio: float = 0.8
-    # classification: test cross-entropy (nats per row) at most this times the class-prior
-    # predictor's (class frequencies of the training rows)
-    cross_entropy_ratio: float = 0.95
-    # regression: test MSE at most this times that of the training rows' mean (R^2 measured
-    # against the training mean at least 1 - mse_ratio)
-    mse_ratio: float = 0.5
-
-    def __post_init__(self):
-        for name in ("error_ratio", "cross_entropy_ratio", "mse_ratio"):
-            v = getattr(self, name)
-            if not 0 < v <= 1:
-                raise ValueError(f"BaselineMargin.{name} must lie in (0, 1], got {v}")
-
-
-# The margin applied to every final model (the default of train_final_model/load_final_model)
-FINAL_MODEL_MARGIN = BaselineMargin()
-
-
-@dataclass(frozen=True)
-class MethodConfig:
-    """Settings of the gradient-based approximations (paper App. D.4): the experiment-wide ones
-    below, which reach every method whose spec takes them (:attr:`MethodSpec.shared
-    <fimoda.influence.specs.MethodSpec>`), and each method's own by name in ``settings``."""
-    damping_grid: tuple = DAMPING_GRID
-    # the reference notebooks (IBM/fimoda) compute CG and LiSSA over the whole grid and plot the
-    # largest damping (cg[..., 3], lissa[..., 3]); LiSSA-H "with largest damping value"
-    damping_index: int = 3
-    memory_gb: float = 8.0                     # budget for materialising output gradients
-    grad_chunk: int = 256
-    # training rows (seed 0, the left-out rows always among them) on which every training-set-wide
-    # quantity is estimated: Hessian products, EK-FAC factors, TRAK's kernel (None: all n). Only
-    # mean-risk operators: the generalized influence functions (sum risk) must be skipped with it
-    fit_rows: Optional[int] = None
-    # methods not run, with the reason the notebooks print: ((name, reason), ...)
-    skip: tuple = ()
-    # methods also run at every damping of the grid (notebook 03), for the damping-sweep figure
-    # of notebook 04 (the paper, Sec. 7: damping moves a method between first- and second-order).
-    # The exact Gauss-Newton solve: what CG converges to, without CG's iterations, which at the
-    # grid's small dampings (ill-conditioned) cost many times the largest's
-    damping_sweep: tuple = ("dense",)
-    # each method's own settings by name, {method: {config field: value}}; a field not named
-    # keeps its config's default (fimoda.influence.specs: every method's config and defaults)
-    settings: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        named = [n for n, _ in self.skip] + list(self.damping_sweep) + list(self.settings)
-        if named:                        # an unknown method or field: one error naming it
-            from .influence.specs import check_settings, method_spec
-            for name in named:
-                method_spec(name)
-            check_settings(self.settings)
-        object.__setattr__(self, "settings", {k: dict(v) for k, v in self.settings.items()})
-
-    def setting(self, method: str, name: str):
-        """Field ``name`` of ``method``'s config as this config sets it: its value in
-        ``settings``, else the config's own default; an unknown method or field is a
-        ValueError naming it."""
-        from .influence.specs import method_spec
-        spec = method_spec(method)
-        spec.check_fields([name])
-        if name in self.settings.get(method, {}):
-            return self.settings[method][name]
-        return {f.name: f for f in dataclasses.fields(spec.config)}[name].default
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    dataset: str
-    profile: str
-    task: str                      # regression | classification
-    model: str                     # mlp | resnet9 | text
-    dtype: str = "float64"
-    encoder: Optional[str] = None  # text: HF model name or path
-    width: int = 64                # resnet9: channels of the prep layer (64-128-256-512 at 64)
-    # text: train, further-train and attribute only the top k encoder layers and the head; the
-    # frozen pretrained trunk below them runs once per sentence (None: every parameter, as the
-    # paper did)
-    trainable_layers: Optional[int] = None
-    train: TrainConfig = field(default_factory=TrainConfig)
-    further: FurtherTrainConfig = field(default_factory=FurtherTrainConfig)
-    methods: MethodConfig = field(default_factory=MethodConfig)
-    stand_in_for: Optional[str] = None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-DEFAULT_ENCODER = "sentence-transformers/all-MiniLM-L6-v2"
-
-
-def _paper(dataset: str) -> ExperimentConfig:
+def paper_config(dataset: str) -> ExperimentConfig:
     """``dataset``'s config at the paper's settings (its :class:`fimoda.data.specs.DatasetSpec`)."""
-    from .data.specs import get_spec
     s = get_spec(dataset)
     return ExperimentConfig(dataset, "paper", s.task, s.model, dtype=s.dtype, encoder=s.encoder,
                             train=s.train, further=s.further, methods=s.methods,
@@ -178,8 +43,7 @@ def get_config(dataset: str, profile: str = "cpu", **overrides) -> ExperimentCon
     if overrides.get("dtype") is not None and overrides["dtype"] not in ("float32", "float64"):
         raise ValueError(f"dtype {overrides['dtype']!r} is not supported: choose float32 or "
                          "float64 (the gold standard's scores are tiny differences of losses)")
-    from .data.specs import get_spec
-    cfg = _paper(dataset)
+    cfg = paper_config(dataset)
     changes = get_spec(dataset).profiles.get(profile)      # this profile's Overrides, if any
     for part in ("train", "further") if changes is not None else ():
         if getattr(changes, part):
@@ -202,29 +66,6 @@ def gold_variant(cfg: ExperimentConfig, optimizer: Optional[str] = None,
     return dataclasses.replace(cfg, further=dataclasses.replace(fc, **changes)) if changes else cfg
 
 
-def apply_method_overrides(m: MethodConfig, changes: dict) -> MethodConfig:
-    """``m`` with a profile's ``changes``: fields of MethodConfig set, ``skip`` added to its
-    skips, and each method's entry ({config field: value}) merged into its settings, field by
-    field. A key that is neither a field nor a method, or a field the method's config lacks, is
-    a ValueError naming it."""
-    from .influence.specs import check_settings, method_specs
-    own = {f.name for f in dataclasses.fields(MethodConfig)} - {"settings"}
-    methods = {s.name for s in method_specs()}
-    unknown = sorted(set(changes) - own - methods)
-    if unknown:
-        raise ValueError(f"unknown method setting(s) {unknown}: neither fields of MethodConfig "
-                         f"({', '.join(sorted(own))}) nor methods ({', '.join(methods)})")
-    settings = {k: v for k, v in changes.items() if k in methods}
-    check_settings(settings)
-    fields = {k: v for k, v in changes.items() if k in own}
-    if "skip" in fields:
-        fields["skip"] = tuple(m.skip) + tuple(fields["skip"])
-    merged = {k: dict(v) for k, v in m.settings.items()}
-    for name, values in settings.items():
-        merged.setdefault(name, {}).update(values)
-    return replace(m, settings=merged, **fields)
-
-
 def _method_settings(m: MethodConfig) -> dict:
     """{(method, field): value} of every method field that ``m`` sets explicitly."""
     return {(name, k): v for name, values in m.settings.items() for k, v in values.items()}
@@ -232,7 +73,7 @@ def _method_settings(m: MethodConfig) -> dict:
 
 def reductions(cfg: ExperimentConfig) -> list[str]:
     """Human-readable list of the settings in ``cfg`` that differ from the paper profile."""
-    paper = _paper(cfg.dataset)
+    paper = paper_config(cfg.dataset)
     out = []
     for part in ("train", "further", "methods"):
         a, b = getattr(paper, part), getattr(cfg, part)

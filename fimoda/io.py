@@ -85,7 +85,9 @@ def load_npz(path) -> dict:
         raise UnreadableFile(path, f"{type(e).__name__}: {e}") from e
 
 
-def _default(o):
+def json_default(o):
+    """``json.dumps``'s ``default``: numpy scalars and arrays as numbers and lists, sets and
+    tuples as lists, anything else (paths, ...) as its ``str``."""
     if isinstance(o, (np.integer,)):
         return int(o)
     if isinstance(o, (np.floating,)):
@@ -101,7 +103,7 @@ def _default(o):
 
 def save_json(path, obj) -> Path:
     """Write ``obj`` as indented JSON atomically."""
-    data = json.dumps(obj, indent=2, sort_keys=True, default=_default).encode()
+    data = json.dumps(obj, indent=2, sort_keys=True, default=json_default).encode()
     return atomic_write(path, lambda fh: fh.write(data))
 
 
@@ -123,8 +125,8 @@ def differences(old: dict, new: dict, only_new_keys: bool = False) -> list[str]:
         for k, v in (d or {}).items():
             out.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {pre + k: v})
         return out
-    a = flat(json.loads(json.dumps(old, default=_default)))
-    b = flat(json.loads(json.dumps(new, default=_default)))
+    a = flat(json.loads(json.dumps(old, default=json_default)))
+    b = flat(json.loads(json.dumps(new, default=json_default)))
     keys = set(b) if only_new_keys else set(a) | set(b)
     return sorted(k for k in keys if a.get(k) != b.get(k))
 

@@ -309,7 +309,7 @@ def resolve_encoder(name: str) -> str:
 
 def build_model(cfg, n_features: int | None = None, in_channels: int = 3,
                 n_classes: int = 2, seed: int | None = None) -> nn.Module:
-    """The model of an :class:`~fimoda.config.ExperimentConfig`, initialised from ``seed``
+    """The model of an :class:`~fimoda.settings.ExperimentConfig`, initialised from ``seed``
     (default ``cfg.train.seed``) in ``cfg.dtype``."""
     torch.manual_seed(cfg.train.seed if seed is None else seed)
     n_out = 1 if cfg.task == "regression" else n_classes

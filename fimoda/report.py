@@ -224,23 +224,24 @@ def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
             t = summary_rows(profile, datasets, opt, mechanism, adjust, results=have)
             if t.empty:
                 continue
-            lines += [f"## {title}, eq. {13 if adjust == 'mean' else 17}", "", _markdown(t), ""]
+            lines += [f"## {title}, eq. {13 if adjust == 'mean' else 17}", "",
+                      markdown_table(t), ""]
     b = beyond_rows(profile, datasets)
     if not b.empty:
         lines += ["## Beyond the paper (notebook 07)", "",
                   "Infinitesimal gold standard: cosine to the finite `subtract` gold on identical "
                   "work (and to notebook 02's), float32 relative errors; trajectory-matched "
                   "influence and the damping schedule, each scored at every evaluation point, "
-                  "beside the paper's methods (eq. 13).", "", _markdown(b), ""]
+                  "beside the paper's methods (eq. 13).", "", markdown_table(b), ""]
     m = mislabel_rows(profile, datasets, figures)
     if not m.empty:
-        lines += ["## Mislabelled-example detection (App. E.2.1)", "", _markdown(m), ""]
+        lines += ["## Mislabelled-example detection (App. E.2.1)", "", markdown_table(m), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda fh: fh.write("\n".join(lines).encode()))
     return path
 
 
-def _markdown(df) -> str:
+def markdown_table(df) -> str:
     """A DataFrame as a GitHub markdown table, floats to 3 decimals, NaN as empty."""
     def cell(v):
         if isinstance(v, (float, np.floating)):

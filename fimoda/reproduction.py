@@ -157,7 +157,7 @@ def theta_spread(dataset: str = SPREAD_DATASET, profile: str = "paper",
     import pandas as pd
     from . import experiment as ex
     from .influence import PAPER_METHODS
-    from .train import train_final_model
+    from .training import train_final_model
     methods = list(methods or PAPER_METHODS)
     base = ex.run_config(dataset, profile, seeds=run_seeds)
     rows = []
@@ -217,7 +217,7 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
     this checkout's)."""
     from . import experiment as ex
     from .config import describe
-    from .report import _markdown, figure_index, summary_rows, write_summary
+    from .report import markdown_table, figure_index, summary_rows, write_summary
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     have = ex.with_results(profile, datasets, seeds=seeds)   # each gold file read once, used below
@@ -246,22 +246,22 @@ def write_folder(profile: str, datasets, out=OUT, spread=None, command: str = ""
     lines += ["## The paper's qualitative claims (§6.2, App. E), on our results", "",
               "Mean cosine over test points between each method and the gold standard (eq. 13, "
               "each dataset's default gold standard).", "",
-              _markdown(claims) if not claims.empty else "(no results)", ""]
+              markdown_table(claims) if not claims.empty else "(no results)", ""]
     rows = summary_rows(profile, datasets, seeds=seeds, results=have)
     rows = rows[rows["paper first"].notna()] if not rows.empty else rows
     if not rows.empty:
         lines += ["## Beside the paper's printed numbers", "",
                   "Where the reference notebooks printed the mean cosine (eq. 13, 100 seeds) at the "
                   "first and last evaluation point, ours (10 seeds, our theta^f) beside it:", "",
-                  _markdown(rows[["dataset", "method", "paper first", "cos first", "paper last",
-                                  "cos last"]]), ""]
+                  markdown_table(rows[["dataset", "method", "paper first", "cos first",
+                                       "paper last", "cos last"]]), ""]
     if spread is not None and not spread.empty:
         inits = ", ".join(map(str, sorted(spread["init seed"].unique())))
         lines += [f"## Spread over final models (init seeds {inits})", "",
                   "Each method's mean cosine to the gold standard (eq. 13) for theta^f trained "
                   "from each init seed: the mean over the final models and the range (max - min)."
                   " `theta_spread.csv` has every row.", "",
-                  _markdown(spread_summary(spread).reset_index()), ""]
+                  markdown_table(spread_summary(spread).reset_index()), ""]
         spread.to_csv(out / "theta_spread.csv", index=False)
     rows = [r for r in index if r["name"] in copied]
     lines += ["## Figures and tables", "", "| paper | file | shows | settings |",

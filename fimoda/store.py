@@ -53,8 +53,8 @@ def environment(device="cpu") -> dict:
 def canonical(obj):
     """``obj`` as JSON would give it back (tuples as lists, numpy scalars as numbers, keys
     sorted), so that a stored record and a fresh one compare equal when they mean the same."""
-    from .io import _default
-    return json.loads(json.dumps(obj, sort_keys=True, default=_default))
+    from .io import json_default
+    return json.loads(json.dumps(obj, sort_keys=True, default=json_default))
 
 
 def record_path(path) -> Path:

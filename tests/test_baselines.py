@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fimoda import train as T
-from fimoda.baselines import (TrivialModelError, baseline_check, baseline_table,
+from fimoda.training import final_model as T
+from fimoda.training.baselines import (TrivialModelError, baseline_check, baseline_table,
                               trivial_baseline)
 from fimoda.config import FINAL_MODEL_MARGIN, BaselineMargin, get_config
 from fimoda.data import load_dataset
@@ -74,7 +74,7 @@ def test_trivial_model_is_refused_and_nothing_written(task, tmp_path, monkeypatc
     with pytest.raises(TrivialModelError, match="does not beat its trivial predictor"):
         T.train_final_model(replace(cfg, train=replace(cfg.train, lr=0.0)), ds,
                             out_dir=tmp_path / "lr0", progress=False)
-    monkeypatch.setattr(T, "_fit", _as_trivial(task))
+    monkeypatch.setattr(T, "fit_model", _as_trivial(task))
     with pytest.raises(TrivialModelError) as err:
         T.train_final_model(cfg, ds, out_dir=tmp_path / "const", progress=False)
     msg = str(err.value)
@@ -95,8 +95,8 @@ def test_saved_model_failing_the_check_is_refused_on_load(tmp_path, monkeypatch)
     load_final_model and by train_final_model, which does not retrain it; a passing model saved
     before the record had its ``baseline`` gets it recomputed on load."""
     ds, cfg = regression_ds(), reg_cfg(epochs=30)
-    fit = T._fit
-    monkeypatch.setattr(T, "_fit", _as_trivial("regression"))
+    fit = T.fit_model
+    monkeypatch.setattr(T, "fit_model", _as_trivial("regression"))
     _, rec = T.train_final_model(cfg, ds, out_dir=tmp_path / "old", progress=False, margin=None)
     assert not rec["baseline"]["passed"] and not rec["baseline"]["enforced"]
     before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
@@ -107,7 +107,7 @@ def test_saved_model_failing_the_check_is_refused_on_load(tmp_path, monkeypatch)
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
     assert T.load_final_model(cfg, ds, tmp_path / "old", margin=None) is not None
 
-    monkeypatch.setattr(T, "_fit", fit)
+    monkeypatch.setattr(T, "fit_model", fit)
     _, rec = T.train_final_model(cfg, ds, out_dir=tmp_path / "new", progress=False)
     path = tmp_path / "new" / T.RECORD_FILE
     saved = json.loads(path.read_text())

@@ -262,7 +262,7 @@ def test_concrete_checked_by_cell_values(tmp_path, cache):
     d = load_dataset("concrete", data_dir=root, cache_dir=cache)
     assert d.X_train.shape == (927, 8)
     # a copy whose values differ is rejected with the two fingerprints
-    a = fd_files._read_excel(DATA / rel).to_numpy(np.float64)
+    a = fd_files.read_excel(DATA / rel).to_numpy(np.float64)
     cell = struct_double_offset(b, a[0, 8])          # a strength value (a NUMBER record)
     b[cell:cell + 8] = np.float64(a[0, 8] + 1).tobytes()
     (root / rel).write_bytes(bytes(b))
@@ -357,7 +357,7 @@ def test_download_extracts_archive_members(tmp_path, monkeypatch):
         monkeypatch.setitem(fd.SOURCES, f"sst2/{n}.tsv",
                             replace(fd.SOURCES[f"sst2/{n}.tsv"], url=z.as_uri()))
     root = tmp_path / "raw"
-    paths = fd_files._ensure(("sst2/train.tsv", "sst2/dev.tsv"), root, True)
+    paths = fd_files.ensure_files(("sst2/train.tsv", "sst2/dev.tsv"), root, True)
     assert {fio.sha256_file(p) for p in paths.values()} == {
         fd.SOURCES["sst2/train.tsv"].sha256, fd.SOURCES["sst2/dev.tsv"].sha256}
     assert sorted(p.name for p in (root / "sst2").iterdir()) == ["dev.tsv", "train.tsv"]

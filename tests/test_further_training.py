@@ -329,12 +329,12 @@ def test_retrain_loo_matches_reference():
 
 
 def test_retrain_full_run_is_the_final_model(tmp_path):
-    """With the final model's seed, the full re-training run is fimoda.train's theta^f."""
+    """With the final model's seed, the full re-training run is fimoda.training's theta^f."""
     from conftest import data_dir, require_file
     require_file("concrete/Concrete_Data.xls")
     from fimoda.data import load_dataset
     from fimoda.models import build_model
-    from fimoda.train import train_final_model
+    from fimoda.training import train_final_model
     cfg = get_config("concrete", "smoke")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=4))
     ds = load_dataset("concrete", data_dir=data_dir())

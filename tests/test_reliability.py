@@ -205,7 +205,7 @@ def test_final_model_refuses_non_finite_data(tmp_path):
     cfg, ds, _ = tiny_experiment(tmp_path)
     ds.y_train[4] = np.nan
     ds.task, ds.n_classes = "regression", None
-    from fimoda.train import train_final_model
+    from fimoda.training import train_final_model
     with pytest.raises(ValueError, match="y_train contains NaN or inf"):
         train_final_model(cfg, ds, out_dir=tmp_path, progress=False)
     assert not (tmp_path / "final_model.pt").exists()
@@ -271,7 +271,7 @@ def test_bad_input_is_one_clear_error_before_any_work(tmp_path):
 
 
 def test_final_model_of_another_dataset_or_configuration_is_refused(tmp_path):
-    from fimoda.train import load_final_model, train_final_model
+    from fimoda.training import load_final_model, train_final_model
     cfg = get_config("concrete", "smoke")
     ds = ex.load_data(cfg)
     train_final_model(cfg, ds, out_dir=tmp_path, progress=False)
@@ -363,7 +363,7 @@ def method_run(directory):
 
 
 def test_final_model_killed_midway_retrains_bit_identical(tmp_path):
-    from fimoda.train import train_final_model
+    from fimoda.training import train_final_model
     proc = child(f"""
         from test_reliability import final_model_run
         final_model_run({str(tmp_path / 'k')!r})
@@ -375,7 +375,7 @@ def test_final_model_killed_midway_retrains_bit_identical(tmp_path):
 
 
 def final_model_run(directory):
-    from fimoda.train import train_final_model
+    from fimoda.training import train_final_model
     cfg = get_config("concrete", "smoke")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=60))
     return train_final_model(cfg, ex.load_data(cfg), out_dir=directory, progress=False)[1]

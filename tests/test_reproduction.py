@@ -128,7 +128,7 @@ def test_write_folder_reads_each_gold_standard_once(isolated, monkeypatch):
                           readme, flags=re.M)
     assert statuses == ["reproduced"] * 7 + ["n/a"]             # as built: no re-training run
     # the same tables as the default path of each function, which loads the results itself
-    assert report._markdown(rep.claims_table("smoke", ["concrete"])) in readme
+    assert report.markdown_table(rep.claims_table("smoke", ["concrete"])) in readme
     again = report.write_summary("smoke", ["concrete"], path=isolated / "summary_again.md")
     assert (out / "summary.md").read_bytes() == again.read_bytes()
     assert "## Adam gold standard (App. E.1), eq. 17" in again.read_text()

@@ -111,7 +111,7 @@ def test_another_thread_count_recomputes_but_readers_accept_it(tmp_path, capsys)
 
 # ----------------------------------------------------------------------------- a replaced theta^f
 def _experiment(tmp_path):
-    from fimoda.train import train_final_model
+    from fimoda.training import train_final_model
     cfg = get_config("concrete", "smoke")
     cfg = dataclasses.replace(cfg, further=dataclasses.replace(cfg.further, seeds=1, epochs=1),
                               train=dataclasses.replace(cfg.train, epochs=2))
@@ -149,14 +149,14 @@ def test_a_replaced_final_model_invalidates_gold_and_scores_downstream(tmp_path,
     import hashlib
     rec["model_sha256"] = hashlib.sha256(buf.getvalue()).hexdigest()
     save_json(tmp_path / "final_model.json", rec)
-    from fimoda import train
-    store.write_record(tmp_path / "final_model.pt", train._key(cfg, ds),     # as a retrain would
+    from fimoda.training import model_key
+    store.write_record(tmp_path / "final_model.pt", model_key(cfg, ds),      # as a retrain would
                        files=[tmp_path / "final_model.json"])
     with pytest.raises(ex.StaleResult, match=r"gold_sgd_remove.npz.*final_model"):
         ex.load_gold(cfg, directory=tmp_path)
     with pytest.raises(ex.StaleResult, match=r"scores_grad_dot.npz.*final_model"):
         ex.load_scores(cfg, ["grad_dot"], directory=tmp_path)
-    from fimoda.train import load_final_model
+    from fimoda.training import load_final_model
     model2 = load_final_model(cfg, ds, tmp_path, margin=None)              # the new theta^f, as notebook 02 loads it
     gold2 = ex.run_gold(model2, ds, cfg, loo, test, directory=tmp_path)
     scores2 = ex.run_method("grad_dot", _attributor(model2, ds, loo), cfg, loo, test,

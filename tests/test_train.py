@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fimoda import train as T
-from fimoda import training_loop as TL
+from fimoda.training import final_model as T
+from fimoda.training import loop as TL
 from fimoda.config import get_config
 from fimoda.data import Dataset
 from fimoda.losses import per_example_loss
@@ -176,11 +176,11 @@ def test_reuse_and_retrain(tmp_path, monkeypatch, capsys):
     ds = regression_ds()
     cfg = reg_cfg()
     first, rec1 = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False, margin=None)
-    fit = T._fit
+    fit = T.fit_model
 
     def must_not_train(*a, **k):
         raise AssertionError("retrained although a matching model was saved")
-    monkeypatch.setattr(T, "_fit", must_not_train)
+    monkeypatch.setattr(T, "fit_model", must_not_train)
     again, rec2 = T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False, margin=None)
     assert not again.training and rec2 == json.loads(json.dumps(rec1))
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(),
@@ -206,7 +206,7 @@ def test_reuse_and_retrain(tmp_path, monkeypatch, capsys):
                             margin=None)
     with pytest.raises(AssertionError, match="retrained"):
         T.train_final_model(cfg, ds, out_dir=tmp_path, progress=False, margin=None, force=True)
-    monkeypatch.setattr(T, "_fit", fit)
+    monkeypatch.setattr(T, "fit_model", fit)
     m3, rec3 = T.train_final_model(other, ds, out_dir=tmp_path, progress=False, margin=None)
     assert rec3["config"]["train"]["lr"] == 0.02
     assert "cannot be reused" in capsys.readouterr().out

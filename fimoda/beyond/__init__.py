@@ -1,4 +1,4 @@
-"""Notebook 07, beyond the paper (issue 13): the two open questions of the paper's §7, answered
+"""Notebook 07, beyond the paper: the two open questions of the paper's §7, answered
 with what fimoda already computes.
 
 1. :func:`infinitesimal_study` -- the exact infinitesimal gold standard

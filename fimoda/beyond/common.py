@@ -30,7 +30,9 @@ def applies(cfg) -> tuple[bool, str]:
     return True, full_hessian_applies(cfg)[1]
 
 
-def _inputs(cfg, device):
+def study_inputs(cfg, device):
+    """(theta^f, its training data, the left-out rows, the test rows) of ``cfg``, as the
+    experiment's notebooks select them."""
     model, ds = ex.final_model(cfg, device)
     loo = ex.select_loo_indices(cfg, len(ds.X_train))
     test = ex.select_test_indices(cfg, len(ds.X_test))

@@ -14,7 +14,7 @@ from .. import experiment as ex
 from .. import store
 from ..experiment.records import config_without
 from ..io import load_json, load_npz, save_json, save_npz, sha256_arrays
-from .common import _inputs, full_hessian_applies, gold_cosine
+from .common import study_inputs, full_hessian_applies, gold_cosine
 
 # The infinitesimal gold standard costs a jvp per left-out instance per step (about 3 gradients'
 # work each, benchmarks/infinitesimal_speed.py): the cpu profile runs it on a slice of notebook
@@ -25,7 +25,7 @@ INFINITESIMAL_WORK = {
     "paper": dict(seeds=None, n_loo=None, epochs=None),
 }
 # the datasets a profile runs the infinitesimal study on (None: every tabular one); the cpu
-# profile keeps to the two the issue asks for, a regression and a classification set
+# profile keeps to two, a regression and a classification set
 INFINITESIMAL_DATASETS = {"cpu": ("concrete", "fico")}
 
 
@@ -93,7 +93,7 @@ def infinitesimal_study(cfg, optimizer: Optional[str] = None, device: str = "cpu
     from ..gold import further_train, gold_scores
     from ..gold.infinitesimal import infinitesimal_further_train
     opt, _ = ex.gold_settings(cfg, optimizer)
-    model, ds, loo, test = _inputs(cfg, device)
+    model, ds, loo, test = study_inputs(cfg, device)
     work = work_plan(cfg, len(ds.X_train), seeds, n_loo, epochs)
     d = Path(directory or ex.out_dir(cfg))
     path = d / f"beyond_infinitesimal_{opt}.npz"

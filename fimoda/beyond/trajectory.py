@@ -19,7 +19,7 @@ from ..experiment.records import config_without
 from ..io import load_npz, save_npz, sha256_arrays
 from ..influence.specs import paper_methods
 from ..style import label            # the legend labels of notebook 07's curves live there
-from .common import _inputs
+from .common import study_inputs
 
 # the paper's methods drawn beside the trajectory curves (those notebook 03 computed): Figure 2's,
 # Arnoldi, and the generalised influence functions (Prop. 1, Cor. 2, eq. 16; tabular only)
@@ -135,7 +135,7 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
               "experiment": config_without(cfg, "further", "methods"),
               "preconditioners": list(ADAM_VARIANTS) if opt == "adam" else [],
               "nonstationary": ["prop1", "cor2"]}
-    model, ds, loo, test = _inputs(cfg, device)
+    model, ds, loo, test = study_inputs(cfg, device)
     if not (np.array_equal(loo, gold["loo_indices"]) and np.array_equal(test, gold["test_indices"])):
         raise ValueError("notebook 02's gold standard was computed for other instances: rerun it")
     inputs = {**record, **ex.final_model_source(d),

@@ -36,7 +36,7 @@ import os
 import sys
 
 from .commands import CommandError
-from .parser import _datasets, build_parser
+from .parser import parse_datasets, build_parser
 
 __all__ = ["main", "build_parser", "CommandError"]
 
@@ -55,7 +55,7 @@ def _check(ap, a):
             ap.error(f"attribute --out must name an .npz file, got {a.out!r}")
     if a.command == "run" and a.datasets:
         try:
-            _datasets(a.datasets)
+            parse_datasets(a.datasets)
         except argparse.ArgumentTypeError as e:
             ap.error(f"run --datasets: {e}")
     if getattr(a, "dtype", None) is not None:

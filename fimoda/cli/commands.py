@@ -33,7 +33,7 @@ def _final_model(cfg, a, train: bool = True):
     except FileNotFoundError:
         if not train:
             raise
-    from ..train import train_final_model
+    from ..training import train_final_model
     print(f"no final model for {cfg.dataset} ({cfg.profile} profile): training it", flush=True)
     train_final_model(cfg, ex.load_data(cfg), device=a.device, out_dir=ex.out_dir(cfg),
                       progress=a.progress)

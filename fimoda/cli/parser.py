@@ -52,7 +52,7 @@ def _methods(text: str) -> list[str]:
     return _names("method", list(METHODS))(text)
 
 
-_datasets = _names("dataset", DATASET_NAMES)
+parse_datasets = _names("dataset", DATASET_NAMES)
 
 
 def _entry_point(text: str) -> str:
@@ -137,7 +137,7 @@ _evaluate_options = _options(
                       help="mean: eq. (13) (default); full: eq. (17)")), METHODS_OPTION)
 _figures_options = _options(
     PROFILE,
-    ("--datasets", dict(type=_datasets, default=None,
+    ("--datasets", dict(type=parse_datasets, default=None,
                         help="comma-separated (default: the profile's)")),
     RESULTS_DIR,
     ("--figures-dir", dict(default=None, help="default: $FIMODA_FIGURES_DIR or figures/")))

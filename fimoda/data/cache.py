@@ -42,7 +42,7 @@ def _unpack_strings(a: np.ndarray, n: int) -> list:
     return out
 
 
-def _encode(parts: dict) -> tuple[dict, dict]:
+def encode_parts(parts: dict) -> tuple[dict, dict]:
     """Parts -> (npz arrays, JSON-able description)."""
     arrays = {k: np.asarray(parts[k]) for k in
               ("X_train", "y_train", "X_test", "y_test", "ids_train", "ids_test")}
@@ -77,7 +77,7 @@ def _encode(parts: dict) -> tuple[dict, dict]:
     return arrays, meta
 
 
-def _decode(arrays: dict, meta: dict) -> dict:
+def decode_parts(arrays: dict, meta: dict) -> dict:
     parts = {k: arrays[k] for k in
              ("X_train", "y_train", "X_test", "y_test", "ids_train", "ids_test")}
     parts["feature_names"] = list(meta["feature_names"])
@@ -100,12 +100,12 @@ def _decode(arrays: dict, meta: dict) -> dict:
     return parts
 
 
-def _cache_paths(cache: Path, name: str, kw: dict) -> tuple[Path, Path]:
+def cache_paths(cache: Path, name: str, kw: dict) -> tuple[Path, Path]:
     stem = name + (f"_{_slug(kw['encoder'])}" if kw.get("encoder") else "")
     return cache / f"{stem}.npz", cache / f"{stem}.json"
 
 
-def _read_cache(npz: Path, js: Path, key: dict) -> Optional[tuple[dict, dict]]:
+def read_cache(npz: Path, js: Path, key: dict) -> Optional[tuple[dict, dict]]:
     """Cached (arrays, meta) when the JSON's key (format, kwargs, source sha256s) equals ``key``
     and the npz carries the same write token; else None (the cache is rebuilt)."""
     if not (npz.is_file() and js.is_file()):
@@ -122,7 +122,7 @@ def _read_cache(npz: Path, js: Path, key: dict) -> Optional[tuple[dict, dict]]:
         return None
 
 
-def _write_cache(npz: Path, js: Path, key: dict, arrays: dict, meta: dict) -> None:
+def write_cache(npz: Path, js: Path, key: dict, arrays: dict, meta: dict) -> None:
     """npz then JSON, each atomic (:mod:`fimoda.io`), paired by a random token. On any failure
     both are removed, so no partial or mismatched cache is left behind."""
     token = secrets.token_hex(16)

@@ -2,11 +2,11 @@
 in the paper's order: the paper's settings, the cpu and smoke profiles' reductions with their
 reasons, and where each appears in Figure 2 and the pipeline.
 
-The ``paper`` profile is exactly the paper (App. D and the issues' tables). ``cpu`` (the default
-of ``run_all.sh``) reduces seeds, epochs and subsets so the whole pipeline fits its budget on 2
-cores; ``smoke`` takes seconds per notebook and is what the tests run. Each reduction is printed
-by :func:`fimoda.config.reductions` and in every notebook's banner; its reason is the comment
-beside it here.
+The ``paper`` profile is exactly the paper (App. D). ``cpu`` (the default of ``run_all.sh``)
+reduces seeds, epochs and subsets so the whole pipeline fits its budget on 2 cores; ``smoke`` takes
+seconds per notebook and is what the tests run. Each reduction is printed by
+:func:`fimoda.config.reductions` and in every notebook's banner; its reason is the comment beside
+it here.
 
 LiSSA-H runs as in the paper (full-batch true-Hessian products, depth 5000) in every profile but
 smoke: its truncated series is evaluated in a block Krylov subspace
@@ -14,17 +14,16 @@ smoke: its truncated series is evaluated in a block Krylov subspace
 """
 from __future__ import annotations
 
-from ..config import (DAMPING_GRID, DEFAULT_ENCODER, FurtherTrainConfig, MethodConfig,
-                      TrainConfig)
 from ..influence.specs import large_model_skips
+from ..settings import DAMPING_GRID, DEFAULT_ENCODER, FurtherTrainConfig, MethodConfig, TrainConfig
 from .dataset import Loader
-from .fico import _build_fico
+from .fico import build_fico
 from .files import FOLKTABLES_DEFS, FOLKTABLES_PUMS
-from .images import _build_cifar10, _build_fashion_mnist, _finish_images
-from .income import _build_adult, _build_folktables
-from .regression import _build_concrete, _build_energy
+from .images import build_cifar10, build_fashion_mnist, finish_images
+from .income import build_adult, build_folktables
+from .regression import build_concrete, build_energy
 from .specs import DatasetSpec, Overrides, register_dataset
-from .sst2 import _build_sst2, _finish_text
+from .sst2 import build_sst2, finish_text
 
 __all__ = ["SKIP_LARGE", "STAND_IN_WHY", "CONCRETE", "ENERGY", "FICO", "FOLKTABLES", "ADULT",
            "CIFAR10", "FASHION_MNIST", "SST2"]
@@ -54,7 +53,7 @@ _SMOKE_METHODS = dict(lissa=dict(depth=300), lissa_h=dict(depth=100, batch_size=
 _SMOKE_LARGE_METHODS = dict(fit_rows=64, lissa=dict(depth=10, batch_size=32),
                             lissa_h=dict(depth=10, batch_size=32), arnoldi=dict(rank=4, n_iter=6),
                             trak=dict(proj_dim=128), datainf=dict(n_samples=64))
-# Smoke models still learn (fimoda.baselines refuses one that does not beat its trivial
+# Smoke models still learn (fimoda.training.baselines refuses one that does not beat its trivial
 # predictor): Concrete 40 epochs, FICO and Folktables/Adult a larger lr on their 1,000 rows,
 # ResNet-9 8 epochs on its 512 images (32 steps; its metrics on 1,000 rows of each set), SST-2
 # the cpu profile's lr on 512 sentences.
@@ -79,14 +78,14 @@ def _regression_paper(stride: int, grid: tuple):
 
 
 CONCRETE = register_dataset(DatasetSpec(
-    "concrete", Loader("regression", 1, ("concrete/Concrete_Data.xls",), _build_concrete),
+    "concrete", Loader("regression", 1, ("concrete/Concrete_Data.xls",), build_concrete),
     "mlp", **_regression_paper(9, DAMPING_GRID), fig2_panel=0, cost_rank=5, default_in=_ALL,
     profiles={"cpu": Overrides(further=dict(epochs=100, adam_epochs=50, seeds=4)),
               "smoke": Overrides(train=dict(epochs=40), further=dict(_SMOKE_FURTHER, epochs=3),
                                  methods=_SMOKE_METHODS)}))
 
 ENERGY = register_dataset(DatasetSpec(
-    "energy", Loader("regression", 1, ("energy/ENB2012_data.xlsx",), _build_energy),
+    "energy", Loader("regression", 1, ("energy/ENB2012_data.xlsx",), build_energy),
     "mlp", **_regression_paper(7, (1.0, 10.0, 100.0, 1000.0)), fig2_panel=1, cost_rank=7,
     default_in=("cpu", "paper"),
     profiles={"cpu": Overrides(further=dict(epochs=100, adam_epochs=50, seeds=4)),
@@ -94,7 +93,7 @@ ENERGY = register_dataset(DatasetSpec(
                                  methods=_SMOKE_METHODS)}))
 
 FICO = register_dataset(DatasetSpec(
-    "fico", Loader("classification", 2, ("heloc/heloc_dataset_v1.csv",), _build_fico),
+    "fico", Loader("classification", 2, ("heloc/heloc_dataset_v1.csv",), build_fico),
     "mlp", train=TrainConfig(lr=1e-3, epochs=1000),
     further=FurtherTrainConfig(lr=1e-4, adam_lr=1e-6, epochs=200, n_loo=100,
                                loo_selection="random", n_test=100, mechanism="remove"),
@@ -113,7 +112,7 @@ _INCOME = dict(
     methods=MethodConfig(settings={"lissa": {"scale": 20.0}, "lissa_h": {"scale": 200.0}}))
 # cpu: theta^f on 4,000 rows with the paper's lr (1e-2) and 100 epochs: 3,200 SGD steps, where
 # the paper's 30,000 rows make 23,500. Its 20 epochs before (640 steps) left a classifier that
-# predicted the majority class for every row (fimoda.baselines refuses it now).
+# predicted the majority class for every row (fimoda.training.baselines refuses it now).
 _INCOME_PROFILES = {
     "cpu": Overrides(train=dict(n_train_subset=4000),
                      further=dict(epochs=5, seeds=4, n_test=50, mislabel_trials=2)),
@@ -121,13 +120,13 @@ _INCOME_PROFILES = {
                        further=dict(_SMOKE_FURTHER, epochs=1), methods=_SMOKE_METHODS)}
 
 FOLKTABLES = register_dataset(DatasetSpec(
-    "folktables", Loader("classification", 2, (FOLKTABLES_PUMS,), _build_folktables,
+    "folktables", Loader("classification", 2, (FOLKTABLES_PUMS,), build_folktables,
                          optional=(FOLKTABLES_DEFS,)),
     "mlp", **_INCOME, fig2_panel=3, cost_rank=2, default_in=("paper",),
     profiles=_INCOME_PROFILES))
 
 ADULT = register_dataset(DatasetSpec(
-    "adult", Loader("classification", 2, ("adult/adult.data", "adult/adult.test"), _build_adult,
+    "adult", Loader("classification", 2, ("adult/adult.data", "adult/adult.test"), build_adult,
                     stand_in_for="folktables"),
     "mlp", **_INCOME, stand_in_why=STAND_IN_WHY, fig2_panel=3, cost_rank=6,
     default_in=("cpu",), profiles=_INCOME_PROFILES))
@@ -154,14 +153,14 @@ _FMNIST_FILES = tuple(f"fashion-mnist/{s}-{k}" for s in ("train", "t10k")
                       for k in ("images-idx3-ubyte.gz", "labels-idx1-ubyte.gz"))
 
 CIFAR10 = register_dataset(DatasetSpec(
-    "cifar10", Loader("classification", 10, ("cifar10/cifar-10-python.tar.gz",), _build_cifar10,
-                      finish=_finish_images),
+    "cifar10", Loader("classification", 10, ("cifar10/cifar-10-python.tar.gz",), build_cifar10,
+                      finish=finish_images),
     "resnet9", **_IMAGES, fig2_panel=4, cost_rank=3, default_in=("paper",),
     profiles=_IMAGES_PROFILES))
 
 FASHION_MNIST = register_dataset(DatasetSpec(
-    "fashion_mnist", Loader("classification", 10, _FMNIST_FILES, _build_fashion_mnist,
-                            finish=_finish_images, stand_in_for="cifar10"),
+    "fashion_mnist", Loader("classification", 10, _FMNIST_FILES, build_fashion_mnist,
+                            finish=finish_images, stand_in_for="cifar10"),
     "resnet9", **_IMAGES, stand_in_why=STAND_IN_WHY, fig2_panel=4, cost_rank=4,
     default_in=("cpu",), profiles=_IMAGES_PROFILES))
 
@@ -184,8 +183,8 @@ _SST2_CPU_MISLABEL = ("2 flipped sentences among the cpu profile's 10 left out g
                       "40 trials)")
 
 SST2 = register_dataset(DatasetSpec(
-    "sst2", Loader("classification", 2, ("sst2/train.tsv", "sst2/dev.tsv"), _build_sst2,
-                   finish=_finish_text, kwargs=("encoder", "limit")),
+    "sst2", Loader("classification", 2, ("sst2/train.tsv", "sst2/dev.tsv"), build_sst2,
+                   finish=finish_text, kwargs=("encoder", "limit")),
     "text", dtype="float32", encoder=DEFAULT_ENCODER,
     train=TrainConfig(optimizer="adamw", lr=1e-5, epochs=20, batch_size=64, grad_clip=1.0,
                       select_epoch_by_val=True),

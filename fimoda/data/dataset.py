@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 
 from .. import io as fio
-from .cache import CACHE_FORMAT, _cache_paths, _decode, _encode, _read_cache, _write_cache
-from .files import _ensure, _env_dir, verify_file
+from .cache import CACHE_FORMAT, cache_paths, decode_parts, encode_parts, read_cache, write_cache
+from .files import ensure_files, env_dir, verify_file
 from .files import data_dir as default_data_dir
-from .sst2 import _tokenizer_key
+from .sst2 import tokenizer_key
 
 
 @dataclass
@@ -91,7 +91,7 @@ def load_dataset(name: str, data_dir=None, cache_dir=None, download: Optional[bo
     None and the source host answers within 3 s; otherwise one :class:`DataFileError` names the
     file, the expected path and where to get it. Every file is verified against its known-good
     checksum (:class:`ChecksumError`). Keyword arguments: ``sst2``: ``encoder`` (default
-    ``fimoda.config.DEFAULT_ENCODER``), ``limit`` (first ``limit`` train and dev rows; not
+    ``fimoda.settings.DEFAULT_ENCODER``), ``limit`` (first ``limit`` train and dev rows; not
     cached)."""
     if name not in LOADERS:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(LOADERS)}")
@@ -101,37 +101,37 @@ def load_dataset(name: str, data_dir=None, cache_dir=None, download: Optional[bo
         raise ValueError(f"{name}: unknown keyword argument(s) {sorted(bad)}; "
                          f"accepted: {list(spec.kwargs) or 'none'}")
     if name == "sst2":
-        from ..config import DEFAULT_ENCODER
+        from ..settings import DEFAULT_ENCODER
         kw["encoder"] = kw.get("encoder") or DEFAULT_ENCODER
         if kw.get("limit") is not None and (int(kw["limit"]) != kw["limit"] or kw["limit"] < 1):
             raise ValueError(f"sst2: limit must be a positive integer, got {kw['limit']!r}")
     root = Path(data_dir) if data_dir is not None else default_data_dir()
-    cache = Path(cache_dir) if cache_dir is not None else _env_dir(
+    cache = Path(cache_dir) if cache_dir is not None else env_dir(
         "FIMODA_CACHE_DIR", fio.REPO_ROOT / "data" / "cache")
 
-    paths = _ensure(spec.files, root, download, spec.optional)
+    paths = ensure_files(spec.files, root, download, spec.optional)
     shas = {rel: fio.sha256_file(p) for rel, p in paths.items()}
     use_cache = kw.get("limit") is None
     key = dict(format=CACHE_FORMAT, name=name,
                kwargs={k: v for k, v in sorted(kw.items()) if v is not None}, sources=shas)
     if name == "sst2":
-        key["tokenizer"] = _tokenizer_key(kw["encoder"])
-    npz, js = _cache_paths(cache, name, kw)
+        key["tokenizer"] = tokenizer_key(kw["encoder"])
+    npz, js = cache_paths(cache, name, kw)
 
-    hit = _read_cache(npz, js, key) if use_cache else None
+    hit = read_cache(npz, js, key) if use_cache else None
     if hit is not None:
-        parts = _decode(*hit)
+        parts = decode_parts(*hit)
     else:
         for rel, p in paths.items():
             verify_file(p, rel)
         parts = spec.build(paths, root, **kw)
         if use_cache:
-            arrays, meta = _encode(parts)
+            arrays, meta = encode_parts(parts)
             try:
-                _write_cache(npz, js, key, arrays, meta)
+                write_cache(npz, js, key, arrays, meta)
             except OSError as e:
                 warnings.warn(f"{name}: cache not written to {cache} ({e}); continuing without")
-            parts = _decode(arrays, meta)     # identical object layout for hits and misses
+            parts = decode_parts(arrays, meta)     # identical object layout for hits and misses
     if spec.finish is not None:
         parts = spec.finish(parts)
     return Dataset(name=name, task=spec.task, n_classes=spec.n_classes,

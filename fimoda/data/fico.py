@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .files import DataFileError
-from .tabular import _split, _standardize
+from .tabular import split_rows, standardize
 
 
 FICO_LABEL = "RiskPerformance"
@@ -46,7 +46,7 @@ def _fico_features(raw: pd.DataFrame, train_rows: np.ndarray) -> pd.DataFrame:
     return x
 
 
-def _build_fico(paths, root, **kw) -> dict:
+def build_fico(paths, root, **kw) -> dict:
     """FICO HELOC: drop rows whose 23 features are all -9 (10,459 -> 9,871), 90/10 split
     (8,883/988), special values recoded with training statistics (:func:`_fico_features`),
     standardized on train. Label: RiskPerformance, Bad = 0, Good = 1 (LabelEncoder order)."""
@@ -58,9 +58,9 @@ def _build_fico(paths, root, **kw) -> dict:
     keep = (feats > -9).any(axis=1).to_numpy()
     raw, feats = raw[keep], feats[keep]
     y = (raw[FICO_LABEL] == "Good").to_numpy(np.int64)
-    tr, te = _split(len(raw), 0.1)
+    tr, te = split_rows(len(raw), 0.1)
     x = _fico_features(feats, tr).to_numpy(np.float64)
-    ztr, zte, mean, scale = _standardize(x[tr], x[te])
+    ztr, zte, mean, scale = standardize(x[tr], x[te])
     ids = raw.index.to_numpy(np.int64)
     return dict(X_train=ztr, y_train=y[tr], X_test=zte, y_test=y[te],
                 ids_train=ids[tr], ids_test=ids[te], feature_names=list(feats.columns),

@@ -3,7 +3,7 @@
 :func:`data_dir` and :func:`cache_dir` locate the raw files and the cache of built arrays;
 :data:`SOURCES` lists every known raw file (path under the data dir, sha256 / md5 or content
 fingerprint, public URL or where to get it by hand); :func:`verify_file` checks a file against it
-(:class:`ChecksumError`); :func:`_ensure` gives the paths a dataset needs, downloading missing
+(:class:`ChecksumError`); :func:`ensure_files` gives the paths a dataset needs, downloading missing
 files atomically when allowed and the source host answers (``download=None``: only when online;
 never in the tests), else raising one :class:`DataFileError` that says where to get them.
 """
@@ -40,14 +40,14 @@ class ChecksumError(DataFileError):
     """A data file is not the known-good file (corrupted, truncated or a different version)."""
 
 
-def _env_dir(var: str, default: Path) -> Path:
+def env_dir(var: str, default: Path) -> Path:
     return Path(os.environ.get(var) or default).expanduser()
 
 
 def data_dir() -> Path:
     """The raw-data folder: ``$FIMODA_DATA_DIR``, else ``<repo>/data/raw``;
     :class:`DataFileError` when that names a file rather than a folder."""
-    d = _env_dir("FIMODA_DATA_DIR", fio.REPO_ROOT / "data" / "raw")
+    d = env_dir("FIMODA_DATA_DIR", fio.REPO_ROOT / "data" / "raw")
     if d.exists() and not d.is_dir():
         raise DataFileError(f"FIMODA_DATA_DIR is a file ({d}), not a folder: point it at the "
                             "folder that holds the data files (layout in data/README.md)")
@@ -56,7 +56,7 @@ def data_dir() -> Path:
 
 def cache_dir() -> Path:
     """The processed-array cache: ``$FIMODA_CACHE_DIR``, else ``<repo>/data/cache``."""
-    return _env_dir("FIMODA_CACHE_DIR", fio.REPO_ROOT / "data" / "cache")
+    return env_dir("FIMODA_CACHE_DIR", fio.REPO_ROOT / "data" / "cache")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +166,7 @@ def _hashes(path) -> tuple[str, str]:
     return sha.hexdigest(), md5.hexdigest()
 
 
-def _read_excel(path) -> pd.DataFrame:
+def read_excel(path) -> pd.DataFrame:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # pandas deprecates the xlrd engine
         return pd.read_excel(path)
@@ -178,7 +178,7 @@ def content_fingerprint(kind: str, path) -> str:
     ``xls-values``: sha256 over ``b"<rows>x<cols>"`` + the float64 cell values rounded to 6
     decimals (C order); ``gunzip``: sha256 of the decompressed bytes."""
     if kind == "xls-values":
-        a = np.round(_read_excel(path).to_numpy(np.float64), 6)
+        a = np.round(read_excel(path).to_numpy(np.float64), 6)
         return hashlib.sha256(f"{a.shape[0]}x{a.shape[1]}".encode()
                               + np.ascontiguousarray(a).tobytes()).hexdigest()
     if kind == "gunzip":
@@ -324,7 +324,7 @@ def _missing_message(missing: list[Source], root: Path, why: str) -> str:
     return "\n".join(lines)
 
 
-def _ensure(rels: tuple, root: Path, download: Optional[bool],
+def ensure_files(rels: tuple, root: Path, download: Optional[bool],
             optional: tuple = ()) -> dict[str, Path]:
     """Paths of the required files ``rels`` under ``root``, downloading the missing ones when
     ``download`` is True (or None and the source host answers). Optional files are fetched

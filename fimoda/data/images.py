@@ -1,7 +1,7 @@
 """Image datasets: CIFAR-10 and its offline stand-in Fashion-MNIST, and their augmentation.
 
 The builders keep uint8 images (N, C, 32, 32) with the per-channel training mean and std and a
-fixed validation subset of the test set; :func:`_finish_images` standardizes them to float32 on
+fixed validation subset of the test set; :func:`finish_images` standardizes them to float32 on
 every load (fresh build or cache hit), and :func:`augment_images` is the CIFAR-10 recipe's
 training-time random crop and horizontal flip.
 """
@@ -59,7 +59,7 @@ def _read_idx(path) -> np.ndarray:
     return np.frombuffer(buf, np.uint8, offset=4 + 4 * nd).reshape(dims)
 
 
-def _build_fashion_mnist(paths, root, **kw) -> dict:
+def build_fashion_mnist(paths, root, **kw) -> dict:
     """Fashion-MNIST, the stand-in for CIFAR-10: 60,000/10,000 28x28 images zero-padded by 2
     pixels to 32x32, one channel."""
     p = "fashion-mnist/"
@@ -84,7 +84,7 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _build_cifar10(paths, root, **kw) -> dict:
+def build_cifar10(paths, root, **kw) -> dict:
     """CIFAR-10 python archive: data_batch_1..5 (50,000) and test_batch (10,000); each pickle
     holds ``data`` (N, 3072 uint8, channel-major 3x32x32) and ``labels``."""
     batches = {}
@@ -105,7 +105,7 @@ def _build_cifar10(paths, root, **kw) -> dict:
     return _image_parts(xtr, ytr, *batches["test_batch"], CIFAR_CLASSES)
 
 
-def _finish_images(parts: dict) -> dict:
+def finish_images(parts: dict) -> dict:
     """x = (u8 / 255 - mean_c) / std_c, float32."""
     mean = np.asarray(parts["extra"]["mean"], np.float32)[:, None, None]
     std = np.asarray(parts["extra"]["std"], np.float32)[:, None, None]

@@ -12,17 +12,17 @@ import numpy as np
 import pandas as pd
 
 from .files import FOLKTABLES_DEFS, FOLKTABLES_PUMS, DataFileError
-from .tabular import _dummies, _split, _standardize
+from .tabular import dummies, split_rows, standardize
 
 
 def _classification_tabular(x: pd.DataFrame, y: np.ndarray, ids: np.ndarray, numeric: list,
                             raw: pd.DataFrame) -> dict:
     """75/25 split (random_state=0); only the ``numeric`` columns standardized (fit on train)."""
-    tr, te = _split(len(x), 0.25)
+    tr, te = split_rows(len(x), 0.25)
     a = x.to_numpy(np.float64)
     num = [x.columns.get_loc(c) for c in numeric]
     ztr, zte = a[tr].copy(), a[te].copy()
-    ztr[:, num], zte[:, num], mean, scale = _standardize(a[tr][:, num], a[te][:, num])
+    ztr[:, num], zte[:, num], mean, scale = standardize(a[tr][:, num], a[te][:, num])
     return dict(X_train=ztr, y_train=y[tr], X_test=zte, y_test=y[te],
                 ids_train=ids[tr], ids_test=ids[te], feature_names=list(x.columns),
                 raw_train=raw.iloc[tr], raw_test=raw.iloc[te],
@@ -34,7 +34,7 @@ ACS_NUMERIC = ["AGEP", "WKHP"]
 ACS_CATEGORICAL = ["COW", "SCHL", "MAR", "OCCP", "POBP", "RELP", "SEX", "RAC1P"]
 
 
-def _build_folktables(paths, root, **kw) -> dict:
+def build_folktables(paths, root, **kw) -> dict:
     """Folktables ACSIncome, Massachusetts 2018 1-Year (paper D.1): folktables' Adult-like filter
     (AGEP > 16, PINCP > 100, WKHP > 0, PWGTP >= 1), label PINCP > 50,000, the 8 categorical
     features dummy-coded on their codes (e.g. ``OCCP_9300``), 75/25 split, AGEP and WKHP
@@ -51,7 +51,7 @@ def _build_folktables(paths, root, **kw) -> dict:
     kept = adult_filter(acs)
     feats, label, _ = ACSIncome.df_to_pandas(acs)      # the same filter; NaN -> -1
     feats = feats.astype({c: np.int64 for c in ACS_CATEGORICAL})
-    x = _dummies(feats, ACS_NUMERIC, ACS_CATEGORICAL)
+    x = dummies(feats, ACS_NUMERIC, ACS_CATEGORICAL)
     y = label.to_numpy().ravel().astype(np.int64)
     ids = kept.index.to_numpy(np.int64)
     raw = kept[list(ACSIncome.features) + ["PINCP"]].copy()
@@ -76,7 +76,7 @@ ADULT_CATEGORICAL = ["workclass", "education", "marital-status", "occupation", "
                      "race", "sex", "native-country"]
 
 
-def _build_adult(paths, root, **kw) -> dict:
+def build_adult(paths, root, **kw) -> dict:
     """UCI Adult, the stand-in for Folktables ACSIncome (whose columns AGEP, COW, SCHL, MAR,
     OCCP, RELP, RAC1P, SEX, WKHP, POBP these 10 map onto): adult.data and adult.test pooled
     (ids: adult.data rows 0..32560, then adult.test rows from 32561), rows with '?' dropped,
@@ -95,5 +95,5 @@ def _build_adult(paths, root, **kw) -> dict:
         raise DataFileError(f"adult: unexpected income labels {sorted(bad)}")
     df = df.dropna(subset=ADULT_NUMERIC + ADULT_CATEGORICAL)
     y = (df["income"] == ">50K").to_numpy(np.int64)
-    x = _dummies(df, ADULT_NUMERIC, ADULT_CATEGORICAL)
+    x = dummies(df, ADULT_NUMERIC, ADULT_CATEGORICAL)
     return _classification_tabular(x, y, df.index.to_numpy(np.int64), ADULT_NUMERIC, df)

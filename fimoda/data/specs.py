@@ -25,15 +25,19 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import PROFILES, ExperimentConfig, FurtherTrainConfig, MethodConfig, TrainConfig
 from ..losses import TASKS
+from ..settings import (ExperimentConfig, FurtherTrainConfig, MethodConfig, TrainConfig,
+                        apply_method_overrides)
 from .dataset import LOADERS, Loader
 
-__all__ = ["DatasetSpec", "Loader", "Overrides", "MODELS", "register_dataset",
+__all__ = ["DatasetSpec", "Loader", "Overrides", "MODELS", "PROFILES", "register_dataset",
            "unregister_dataset", "get_spec", "dataset_names", "tabular_names", "stand_ins",
            "default_datasets", "fig2_panel_order", "cost_order"]
 
 MODELS = ("mlp", "resnet9", "text")     # the model families fimoda.models builds
+# the settings profiles a spec may change the paper's settings for (fimoda.config applies them):
+# smoke (seconds per notebook, the tests), cpu (the pipeline on 2 cores), paper (the paper's own)
+PROFILES = ("smoke", "cpu", "paper")
 # ExperimentConfig's fields that a spec sets itself and no profile overrides
 _FIXED = ("dataset", "profile", "task", "model", "train", "further", "methods", "stand_in_for")
 
@@ -55,7 +59,6 @@ class Overrides:
 
     def check(self, where: str) -> None:
         """One ValueError naming the first field no config class has."""
-        from ..config import apply_method_overrides
         try:                          # experiment-wide fields and {method: {field: value}}
             apply_method_overrides(MethodConfig(), self.methods)
         except ValueError as e:

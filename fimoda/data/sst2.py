@@ -1,8 +1,8 @@
 """GLUE SST-2 (binary sentiment, text): sentences -> token ids and attention masks.
 
 train.tsv is the training set and the dev sentences the test set; both are tokenized with the
-encoder's tokenizer to (N, 2, 128) and cast to int64 on every load (:func:`_finish_text`).
-:func:`_tokenizer_key` fingerprints the tokenizer files for the cache key.
+encoder's tokenizer to (N, 2, 128) and cast to int64 on every load (:func:`finish_text`).
+:func:`tokenizer_key` fingerprints the tokenizer files for the cache key.
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _tokenize(tok, sentences: list, max_length: int, desc: str) -> np.ndarray:
     return out
 
 
-def _build_sst2(paths, root, encoder=None, limit=None, **kw) -> dict:
+def build_sst2(paths, root, encoder=None, limit=None, **kw) -> dict:
     """GLUE SST-2: train.tsv (67,349) for training, the 872 dev sentences as the test set (GLUE's
     test labels are hidden); tokenized with the encoder's tokenizer, max length 128. ``limit``
     keeps the first ``limit`` rows of each (quick runs; not cached)."""
@@ -74,13 +74,13 @@ def _build_sst2(paths, root, encoder=None, limit=None, **kw) -> dict:
     return parts
 
 
-def _finish_text(parts: dict) -> dict:
+def finish_text(parts: dict) -> dict:
     parts["X_train"] = parts["X_train"].astype(np.int64)
     parts["X_test"] = parts["X_test"].astype(np.int64)
     return parts
 
 
-def _tokenizer_key(encoder: str) -> dict:
+def tokenizer_key(encoder: str) -> dict:
     """sha256 of the tokenizer files of ``encoder`` (a changed tokenizer invalidates the cache)."""
     from ..models import resolve_encoder
     p = Path(resolve_encoder(encoder))

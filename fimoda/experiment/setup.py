@@ -84,9 +84,7 @@ def final_model(cfg: ExperimentConfig, device="cpu", data_dir=None, directory=No
     validation rows), which the gold standard and every method attribute over. A text config with
     ``trainable_layers`` gets the top layers (:class:`fimoda.models.TextTop`) and the dataset
     as features of the frozen trunk below them."""
-    from ..text_trunk import frozen_trunk
-    from ..train import load_final_model
-    from ..training_rows import training_dataset
+    from ..training import frozen_trunk, load_final_model, training_dataset
     ds = load_data(cfg, data_dir)
     d = directory or out_dir(cfg)
     model = load_final_model(cfg, ds, d, device=device)
@@ -111,7 +109,7 @@ def dataset_summary(ds) -> dict:
 
 
 def select_loo_indices(cfg: ExperimentConfig, n_train: int) -> np.ndarray:
-    """The left-out set L (paper §6.1, issue table): every ``loo_stride``-th training index for
+    """The left-out set L (paper §6.1): every ``loo_stride``-th training index for
     the regression sets (Energy also takes the last index 690, giving 100), otherwise a fixed
     random subset drawn with seed 0. Reduced profiles keep the first ``n_loo`` of these."""
     fc = cfg.further

@@ -32,7 +32,8 @@ with the same config, procedure and data loads them instead of retraining, a dif
 retrains (never a silent reuse of a mismatched model).
 
 Every final model must beat its trivial predictor (majority class and class prior; training mean)
-on the test rows by :data:`fimoda.config.FINAL_MODEL_MARGIN` (:mod:`fimoda.baselines`): a model
+on the test rows by :data:`~fimoda.training.baselines.FINAL_MODEL_MARGIN`
+(:mod:`fimoda.training.baselines`): a model
 that does not is neither saved nor loaded, and the record holds the comparison (``baseline``).
 """
 from __future__ import annotations
@@ -49,21 +50,25 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .baselines import TrivialModelError, baseline_check, require_beaten, trivial_baseline
-from .config import FINAL_MODEL_MARGIN, BaselineMargin, ExperimentConfig
-from . import store
-from .io import atomic_write, load_json, save_json, sha256_arrays
-from .models import build_model, n_params, resolve_dtype
-from .tensors import as_inputs, as_targets, check_finite
+from .. import store
+from ..io import atomic_write, load_json, save_json, sha256_arrays
+from ..models import build_model, n_params, resolve_dtype
+from ..settings import ExperimentConfig
+from ..tensors import as_inputs, as_targets, check_finite
+from .baselines import (FINAL_MODEL_MARGIN, BaselineMargin, baseline_check, require_beaten,
+                        trivial_baseline)
+from .loop import PROCEDURE, evaluate, fit_model, procedure
+from .rows import SUBSET_SEED, train_rows, training_dataset
 from .text_trunk import frozen_trunk, trunk_features
-from .training_loop import PROCEDURE, _fit, evaluate, procedure
-from .training_rows import SUBSET_SEED, train_rows, training_dataset
+
+__all__ = ["MODEL_FILE", "RECORD_FILE", "FINAL_MODEL_NOTEBOOK", "train_final_model",
+           "load_final_model", "load_record", "model_key"]
 
 MODEL_FILE = "final_model.pt"
 RECORD_FILE = "final_model.json"
 
 # ----------------------------------------------------------------------------- save / load
-def _key(cfg: ExperimentConfig, ds) -> dict:
+def model_key(cfg: ExperimentConfig, ds) -> dict:
     """What must match for a saved model to be reused: the parts of the config that define
     theta^f (dataset, task, model, dtype, encoder, training; not the settings of further training
     or of the methods, which are downstream of it), the procedure, the data."""
@@ -108,9 +113,9 @@ def _build(cfg: ExperimentConfig, ds, device):
 def load_final_model(cfg: ExperimentConfig, ds, out_dir, device="cpu",
                      margin: Optional[BaselineMargin] = FINAL_MODEL_MARGIN) -> torch.nn.Module:
     """theta^f saved in ``out_dir``, in eval mode; ValueError if it was trained with another
-    config, procedure or data, :class:`fimoda.baselines.TrivialModelError` if it does not beat
-    its trivial predictor by ``margin`` (checked again on every load, so a model saved by an
-    older version without the check is refused too), FileNotFoundError if there is none. Its
+    config, procedure or data, :class:`~fimoda.training.baselines.TrivialModelError` if it does
+    not beat its trivial predictor by ``margin`` (checked again on every load, so a model saved by
+    an older version without the check is refused too), FileNotFoundError if there is none. Its
     record: :func:`load_record`."""
     return _load(cfg, ds, out_dir, device, margin)[0]
 
@@ -126,8 +131,8 @@ def load_record(out_dir) -> dict:
 def _baseline(cfg: ExperimentConfig, ds, test_metrics: dict, margin) -> dict:
     """The record's ``baseline`` entry: the trivial predictor of the rows theta^f trained on,
     scored on the test rows its metrics were computed on (the same seed-0 sample of
-    ``test_metrics["n"]`` rows), and :func:`fimoda.baselines.baseline_check` against ``margin``
-    (None: the default margin, reported but not enforced)."""
+    ``test_metrics["n"]`` rows), and :func:`~fimoda.training.baselines.baseline_check` against
+    ``margin`` (None: the default margin, reported but not enforced)."""
     rows = train_rows(cfg, ds)[0]
     test = _eval_rows(len(ds.y_test), int(test_metrics["n"]))
     trivial = trivial_baseline(cfg.task, np.asarray(ds.y_train)[rows],
@@ -142,13 +147,13 @@ FINAL_MODEL_NOTEBOOK = "notebooks/01_final_models"
 
 def _load(cfg: ExperimentConfig, ds, out_dir, device="cpu", margin=FINAL_MODEL_MARGIN):
     """(model, record) from ``out_dir`` after checking both against the experiment: the result
-    store's record (:func:`fimoda.store.check`: config, procedure and data as :func:`_key`, and
-    the sha256 of the model file and its JSON record), then the trivial-predictor check."""
+    store's record (:func:`fimoda.store.check`: config, procedure and data as :func:`model_key`,
+    and the sha256 of the model file and its JSON record), then the trivial-predictor check."""
     out_dir = Path(out_dir)
     mpath, rpath = out_dir / MODEL_FILE, out_dir / RECORD_FILE
     if not (mpath.exists() and rpath.exists()):
         raise FileNotFoundError(f"no final model in {out_dir}: run train_final_model first")
-    store.check(mpath, _key(cfg, ds), f"{FINAL_MODEL_NOTEBOOK} (train_final_model)")
+    store.check(mpath, model_key(cfg, ds), f"{FINAL_MODEL_NOTEBOOK} (train_final_model)")
     record = load_json(rpath)
     # recomputed from the record's test metrics: records saved before the check have none
     record["baseline"] = _baseline(cfg, ds, record["metrics"]["test"], margin)
@@ -196,10 +201,11 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
     one's), and a saved model is reused only while its record names this config, procedure and
     data and its files are intact (``force``: retrain regardless).
 
-    The trained model must beat its trivial predictor (:mod:`fimoda.baselines`) by ``margin``;
-    otherwise :class:`fimoda.baselines.TrivialModelError` gives the numbers and nothing is saved
-    (no model file, no record). A saved model is checked again when loaded, and one that fails is
-    refused the same way (retraining with the same settings would give the same model).
+    The trained model must beat its trivial predictor (:mod:`fimoda.training.baselines`) by
+    ``margin``; otherwise :class:`~fimoda.training.baselines.TrivialModelError` gives the numbers
+    and nothing is saved (no model file, no record). A saved model is checked again when loaded,
+    and one that fails is refused the same way (retraining with the same settings would give the
+    same model).
     ``margin=None`` reports the check in the record without enforcing it: only for tests of the
     training machinery on toy data, never for a model that is attributed."""
     _check(cfg, ds)                  # bad input: one error before anything is written
@@ -217,7 +223,7 @@ def train_final_model(cfg: ExperimentConfig, ds, device="cpu", out_dir=None, pro
     compute = lambda: trained.append(_train(cfg, ds, device, out_dir, progress, max_eval_rows,
                                             margin))
     # the training's own thread count (the procedure's, where it fixes one) sets its bits
-    return store.cached(out_dir / MODEL_FILE, _key(cfg, ds), compute, load, device=device,
+    return store.cached(out_dir / MODEL_FILE, model_key(cfg, ds), compute, load, device=device,
                         what=f"the final model of {cfg.dataset}", files=[out_dir / RECORD_FILE],
                         reuse="never" if force else "auto",
                         threads=PROCEDURE[cfg.model].get("threads"))
@@ -254,7 +260,7 @@ def _train(cfg: ExperimentConfig, ds, device, out_dir, progress, max_eval_rows, 
     with _num_threads(PROCEDURE[cfg.model].get("threads")):
         threads = torch.get_num_threads()
         t0 = time.perf_counter()
-        curves, best_epoch = _fit(fitted, cfg, Xtr, ytr, Xte, yte, Xval, yval, progress,
+        curves, best_epoch = fit_model(fitted, cfg, Xtr, ytr, Xte, yte, Xval, yval, progress,
                                   pad_value=(getattr(ds, "extra", None) or {}).get("pad_value"))
         model.eval()                      # the whole model, frozen trunk included
         wall = time.perf_counter() - t0
@@ -273,7 +279,7 @@ def _train(cfg: ExperimentConfig, ds, device, out_dir, progress, max_eval_rows, 
     buf = _io.BytesIO()
     torch.save(model.state_dict(), buf)
     blob = buf.getvalue()
-    record = dict(_key(cfg, ds))
+    record = dict(model_key(cfg, ds))
     record.update(
         dataset=cfg.dataset, profile=cfg.profile, model=cfg.model, dtype=cfg.dtype,
         stand_in_for=getattr(ds, "stand_in_for", None) or cfg.stand_in_for,

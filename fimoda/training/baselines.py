@@ -11,21 +11,47 @@ on the test rows theta^f's record scores:
 - regression: the mean of the training targets (its test MSE (1/m) sum_j (y_j - ybar)^2, in the
   squared units of y).
 
-How clearly theta^f must beat it is :class:`fimoda.config.BaselineMargin`
-(:data:`fimoda.config.FINAL_MODEL_MARGIN` for every profile and dataset). :func:`baseline_check`
+How clearly theta^f must beat it is :class:`BaselineMargin` (:data:`FINAL_MODEL_MARGIN` for every
+profile and dataset). :func:`baseline_check`
 compares a model's test metrics with it; :func:`require_beaten` raises :class:`TrivialModelError`
 when a criterion fails; :func:`baseline_table` shows the comparison (notebook 01).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from .config import BaselineMargin
+__all__ = ["BaselineMargin", "FINAL_MODEL_MARGIN", "TrivialModelError", "trivial_baseline",
+           "baseline_check", "require_beaten", "baseline_table"]
 
-__all__ = ["TrivialModelError", "trivial_baseline", "baseline_check", "require_beaten",
-           "baseline_table"]
+
+@dataclass(frozen=True)
+class BaselineMargin:
+    """How clearly every final model theta^f must beat its trivial predictor on the test rows:
+    the same margin in every profile and for every dataset.
+    :func:`fimoda.training.train_final_model` refuses to save, and ``load_final_model`` to load,
+    a model that does not clear it."""
+    # classification: test error rate (1 - accuracy) at most this times the majority class's
+    # (1 - majority rate), i.e. right on at least a fifth of the rows the majority class gets wrong
+    error_ratio: float = 0.8
+    # classification: test cross-entropy (nats per row) at most this times the class-prior
+    # predictor's (class frequencies of the training rows)
+    cross_entropy_ratio: float = 0.95
+    # regression: test MSE at most this times that of the training rows' mean (R^2 measured
+    # against the training mean at least 1 - mse_ratio)
+    mse_ratio: float = 0.5
+
+    def __post_init__(self):
+        for name in ("error_ratio", "cross_entropy_ratio", "mse_ratio"):
+            v = getattr(self, name)
+            if not 0 < v <= 1:
+                raise ValueError(f"BaselineMargin.{name} must lie in (0, 1], got {v}")
+
+
+# The margin applied to every final model (the default of train_final_model/load_final_model)
+FINAL_MODEL_MARGIN = BaselineMargin()
 
 
 class TrivialModelError(ValueError):
@@ -59,7 +85,7 @@ def trivial_baseline(task: str, y_train, y_test, n_classes: int | None = None) -
 def baseline_check(task: str, test_metrics: dict, baseline: dict,
                    margin: BaselineMargin) -> dict:
     """Each criterion of ``margin`` for a model whose test metrics (as
-    :func:`fimoda.training_loop.evaluate` gives them) are ``test_metrics``, against ``baseline``
+    :func:`fimoda.training.loop.evaluate` gives them) are ``test_metrics``, against ``baseline``
     (:func:`trivial_baseline` on the same test rows). Returns ``{"passed", "n_test", "criteria":
     [{"metric", "model", "trivial", "bound", "rule", "passed"}, ...]}``, where ``bound`` is the
     value the model's metric must reach (accuracy: at least; losses: at most)."""
@@ -105,7 +131,7 @@ def require_beaten(check: dict, what: str) -> None:
 def baseline_table(record: dict):
     """The final model's test metrics beside its trivial predictor's and the bound of the
     margin, one row per criterion (a pandas DataFrame), from a record of
-    :func:`fimoda.train.train_final_model`."""
+    :func:`fimoda.training.train_final_model`."""
     import pandas as pd
     check = record["baseline"]
     rows = [{"metric": c["metric"], "final model": c["model"], "trivial predictor": c["trivial"],

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from .progress import progress_bar
 
-from . import store
-from .config import ExperimentConfig
-from .io import load_npz, save_npz, sha256_arrays
-from .models import TextTop, input_trimmer
-from .tensors import as_inputs
-from .training_rows import _replaced
+from .. import store
+from ..io import load_npz, save_npz, sha256_arrays
+from ..models import TextTop, input_trimmer
+from ..progress import progress_bar
+from ..settings import ExperimentConfig
+from ..tensors import as_inputs
+from .rows import dataset_with
+
+__all__ = ["TRUNK_FILE", "TRUNK_BATCH", "trunk_features", "frozen_trunk"]
 
 TRUNK_FILE = "trunk_features.npz"
 TRUNK_BATCH = 64
@@ -93,7 +95,7 @@ def frozen_trunk(cfg: ExperimentConfig, clf, ds, directory=None, progress: bool 
     changes = dict(X_train=X_train, X_test=X_test,
                    feature_names=[f"layer {top.first} input"] * (X_train.shape[-1] - 1)
                    + ["attention_mask"])
-    return top, _replaced(ds, changes)
+    return top, dataset_with(ds, changes)
 
 
 def _pack(f: torch.Tensor):

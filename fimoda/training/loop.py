@@ -1,7 +1,8 @@
 """How theta^f is trained, whatever saves or reuses it: the choices the paper leaves open, per
 model family (:data:`PROCEDURE`, recorded with the model), the optimiser and learning-rate
-schedule, the training loop shared by every family (:func:`_fit`), and the metrics of a model on a
-dataset (:func:`evaluate`). :mod:`fimoda.train` runs it once per experiment and keeps the result."""
+schedule, the training loop shared by every family (:func:`fit_model`), and the metrics of a model
+on a dataset (:func:`evaluate`). :mod:`fimoda.training.final_model` runs it once per experiment
+and keeps the result."""
 from __future__ import annotations
 
 import math
@@ -9,20 +10,24 @@ from typing import Optional
 
 import numpy as np
 import torch
-from .progress import progress_bar
 
-from .config import ExperimentConfig
-from .losses import per_example_loss
-from .models import input_trimmer, row_groups
-from .tensors import as_inputs, as_targets
-from .training_rows import SUBSET_SEED, VAL_FRACTION, VAL_SEED, VAL_SIZE
+from ..losses import per_example_loss
+from ..models import input_trimmer, row_groups
+from ..progress import progress_bar
+from ..settings import ExperimentConfig
+from ..tensors import as_inputs, as_targets
+from .rows import SUBSET_SEED, VAL_FRACTION, VAL_SEED, VAL_SIZE
+
+__all__ = ["PROCEDURE", "AUGMENT_SEED_OFFSET", "CURVE_POINTS", "procedure", "evaluate",
+           "fit_model"]
 
 # Choices not fixed by the paper, per model family. They are part of the record and of the key
 # that decides whether a saved model can be reused.
 PROCEDURE = {
     # threads: the MLPs train on one intra-op thread whatever the caller's setting. Batches of
     # 128 rows gain nothing from more, the last bits of the result then do not depend on the
-    # machine, and on a shared CPU OpenMP spinning made 2 threads 6-50x slower (measured).
+    # machine, and on a shared CPU OpenMP spinning slows several threads down
+    # (benchmarks/README.md)
     "mlp": dict(momentum=0.0, nesterov=False, schedule="constant", augment=False, threads=1),
     "resnet9": dict(momentum=0.9, nesterov=True, schedule="triangular", warmup_fraction=0.2,
                     augment="random crop (pad 4, black fill = Dataset.extra['pad_value']) + "
@@ -110,14 +115,13 @@ def _optimizer(cfg: ExperimentConfig, model, total_steps: int):
     return opt, factor
 
 
-def _fit(model, cfg: ExperimentConfig, Xtr, ytr, Xte, yte, Xval, yval, progress: bool,
-         pad_value=None):
+def fit_model(model, cfg: ExperimentConfig, Xtr, ytr, Xte, yte, Xval, yval, progress: bool,
+              pad_value=None):
     """The training loop shared by every model family; returns (curves, best_epoch).
 
     Plain SGD (the MLPs: no momentum, weight decay, clipping or schedule) is applied directly,
     theta <- theta - lr * g, which is what ``torch.optim.SGD`` computes but without its per-step
-    overhead (about 20 % of a step of the small MLPs on a CPU). Nothing is read back to the host
-    inside an epoch.
+    overhead (benchmarks/README.md). Nothing is read back to the host inside an epoch.
     """
     tc, proc = cfg.train, PROCEDURE[cfg.model]
     loss_fn = per_example_loss(cfg.task)
@@ -133,7 +137,7 @@ def _fit(model, cfg: ExperimentConfig, Xtr, ytr, Xte, yte, Xval, yval, progress:
     order_gen = torch.Generator().manual_seed(tc.seed)
     augment = None
     if proc.get("augment"):
-        from .data import augment_images
+        from ..data import augment_images
         aug_gen = torch.Generator().manual_seed(tc.seed + AUGMENT_SEED_OFFSET)
         fill = 0.0 if pad_value is None else np.asarray(pad_value, dtype=np.float64)
         augment = lambda x: augment_images(x, aug_gen, padding=4, fill=fill)  # noqa: E731

@@ -9,7 +9,10 @@ import dataclasses
 
 import numpy as np
 
-from .config import ExperimentConfig
+from ..settings import ExperimentConfig
+
+__all__ = ["VAL_SIZE", "VAL_FRACTION", "VAL_SEED", "SUBSET_SEED", "train_rows",
+           "training_dataset", "dataset_with"]
 
 VAL_SIZE = 1000        # rows held out of the training set for epoch selection ...
 VAL_FRACTION = 0.2     # ... at most this fraction of it (tiny datasets)
@@ -61,10 +64,10 @@ def training_dataset(cfg: ExperimentConfig, ds):
         if k.endswith("_train") and hasattr(v, "__len__") and len(v) == len(ds.X_train):
             extra[k] = [v[i] for i in rows] if isinstance(v, list) else np.asarray(v)[rows]
     changes["extra"] = extra
-    return _replaced(ds, changes)
+    return dataset_with(ds, changes)
 
 
-def _replaced(ds, changes: dict):
+def dataset_with(ds, changes: dict):
     """A shallow copy of ``ds`` (a dataclass or any object) with ``changes`` applied."""
     if dataclasses.is_dataclass(ds):
         return dataclasses.replace(ds, **changes)
