@@ -13,10 +13,10 @@ shared base of every approximation), ``influence`` (the methods), ``metrics``, `
 ``experiment`` and ``pipeline`` (the notebooks' runs), ``render`` (the executed notebooks as
 HTML pages and their index).
 """
-from .api import TASKS, attribute, attributor, cosine_to_gold, gold_standard
+from .api import TASKS, attribute, attributor, cosine_to_gold, estimate_cost, gold_standard
 from .gradients import CustomLossError
 from .influence import METHODS
 
 __version__ = "0.1.0"
-__all__ = ["attribute", "attributor", "gold_standard", "cosine_to_gold", "METHODS", "TASKS",
+__all__ = ["attribute", "attributor", "estimate_cost", "gold_standard", "cosine_to_gold", "METHODS", "TASKS",
            "CustomLossError", "__version__"]

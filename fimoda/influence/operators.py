@@ -257,6 +257,7 @@ class DampedHessian:
         self.materialized = False
         self.kernel: Optional[Kernel] = None          # a and K = a a^T when n <= P
         self._spectral: Optional[Spectral] = None
+        self._dense: Optional[torch.Tensor] = None     # A as a P x P matrix, once formed
         if hessian == "gn" and materialize != "never":
             if materialize == "always" or gauss_newton_fits(att, memory_gb):
                 self.materialized = True
@@ -305,7 +306,9 @@ class DampedHessian:
 
     # -- exact
     def dense(self) -> torch.Tensor:
-        """A as a P x P matrix (small models only)."""
+        """A as a P x P matrix (small models only), formed once per operator."""
+        if self._dense is not None:
+            return self._dense
         need = 2 * self.P ** 2 * (torch.finfo(self.dtype).bits // 8)
         if need > self.memory_gb * 2 ** 30:
             raise MemoryBudgetError(f"a dense {self.P} x {self.P} Hessian needs "
@@ -313,7 +316,8 @@ class DampedHessian:
                                     f"use an iterative method (cg, lissa)")
         eye = torch.eye(self.P, dtype=self.dtype, device=self.device)
         M = self.hess(eye)
-        return 0.5 * (M + M.T) + self.lam * eye
+        self._dense = 0.5 * (M + M.T) + self.lam * eye
+        return self._dense
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
         """A^{-1} B exactly: when G is materialised with n <= P, the Woodbury identity
