@@ -18,5 +18,5 @@ from .gradients import CustomLossError
 from .influence import METHODS
 
 __version__ = "0.1.0"
-__all__ = ["attribute", "attributor", "estimate_cost", "gold_standard", "cosine_to_gold", "METHODS", "TASKS",
-           "CustomLossError", "__version__"]
+__all__ = ["attribute", "attributor", "estimate_cost", "gold_standard", "cosine_to_gold",
+           "METHODS", "TASKS", "CustomLossError", "__version__"]

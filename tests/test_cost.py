@@ -73,6 +73,9 @@ def test_solves_in_several_blocks_equal_one_solve(method, n_test, loo):
     opts = {} if method == "dense" else {"tol": 1e-13}
     full = attributor(n_test=n_test, loo=list(loo))
     tight = attributor(n_test=n_test, loo=list(loo), solve_cols=2)
+    other = "left" if n_test <= len(loo) else "test"
+    assert tight.problem.solve_cols() == 2 and not tight.keeps(other)
+    assert tight.cost(method, **opts).solve_columns == 2
     a, b = compute_scores(method, full, **opts), compute_scores(method, tight, **opts)
     rtol = 1e-10 if method == "dense" else 1e-8
     np.testing.assert_allclose(b, a, rtol=rtol, atol=rtol * np.abs(a).max())

@@ -60,7 +60,10 @@ def compute_scores(name: str, att: Attributor, cfg=None, **kwargs):
     change. A Hugging Face model runs with eager attention, which has the double backward
     that Hessian products need (:func:`fimoda.hf.eager_attention`; its own is restored)."""
     cfg = method_config(name, cfg, **kwargs)
-    cost = att.cost(name, cfg)
+    try:
+        cost = att.cost(name, cfg)
+    except (TypeError, ValueError, ArithmeticError):
+        cost = None             # a setting the method refuses itself, with its own message
     if cost is not None:
         if att.problem.progress and not cost.refusal:
             from ..progress import mode
@@ -75,5 +78,5 @@ def compute_scores(name: str, att: Attributor, cfg=None, **kwargs):
 
 
 __all__ = ["Attributor", "METHODS", "PAPER_METHODS", "MethodSpec", "get_method",
-           "compute_scores", "method_config", "damping_value", "default_methods", "method_spec", "method_specs",
-           "register", "unregister"]
+           "compute_scores", "method_config", "damping_value", "default_methods", "method_spec",
+           "method_specs", "register", "unregister"]

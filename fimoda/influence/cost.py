@@ -48,6 +48,7 @@ class Shape:
     memory: int             # the memory budget, bytes (memory=)
     hvp_batch: int          # training rows per forward/backward of a full-data product
     chunk: int              # rows vmapped at once for per-example gradients
+    tensors: int = 1        # parameter tensors attributed (DataInf's layers)
     layers: tuple = ()      # (out, in') of each layer EK-FAC factors (bias column included)
     cached: tuple = ()      # sides whose gradients the Attributor holds already ("left", "test")
 
@@ -124,14 +125,19 @@ def shape_of(att) -> Shape:
     from .operators import work_dtype
     p = att.problem
     layers = []
-    for _, mod, w, b in _layers(p):
+    try:
+        found = _layers(p)
+    except ValueError:                  # no layer EK-FAC can factor: EK-FAC refuses by itself
+        found = []
+    for _, mod, w, b in found:
         out = p.params[w].shape[0]
         layers.append((out, p.params[w].numel() // out + (b is not None)))
     cached = tuple(s for s, name in (("left", "train_grads"), ("test", "test_grads"))
                    if name in att.__dict__)
     return Shape(n=len(p.X), n_left=len(att.X_loo), n_test=len(att.X_test), P=p.n_params,
                  dtype=p.dtype, work_itemsize=work_dtype(p.dtype, p.device).itemsize,
-                 memory=p.memory, hvp_batch=p.batch_size, chunk=p.chunk, layers=tuple(layers),
+                 memory=p.memory, hvp_batch=p.batch_size, chunk=p.chunk,
+                 tensors=len(p.names), layers=tuple(layers),
                  cached=cached)
 
 
@@ -312,7 +318,7 @@ def datainf_cost(name: str, shape: Shape, cfg) -> Cost:
                                      f"parameters (names=) or fewer instances")
     m = shape.n if cfg.n_samples is None else min(cfg.n_samples, shape.n)
     chunk = cfg.chunk or r
-    layers = max(len(shape.layers), 1)
+    layers = shape.tensors
     inner = (T + nl + 1) * m * layers * shape.dtype.itemsize
     peak = ((T + nl) * shape.row + CHUNK_COPIES * min(chunk, m) * shape.row + inner
             + _scores_bytes(shape))
