@@ -83,7 +83,8 @@ def test_solves_in_several_blocks_equal_one_solve(method, n_test, loo):
 
 @pytest.mark.parametrize("method,opts", [("cg", {}), ("lissa_h", {"depth": 20}),
                                          ("arnoldi", {"n_iter": 20, "rank": 8}),
-                                         ("prop1", {}), ("cor2", {}), ("eq16", {})])
+                                         ("prop1", {"damping": 10.0}), ("cor2", {}),
+                                         ("eq16", {"damping": 10.0})])
 def test_streamed_scores_equal_the_in_memory_scores_on_a_transformer(text, method, opts):
     """Tiny BERT, 2 left-out sentences solved for, the 11 training sentences as test points
     streamed in chunks under a budget of 2 right-hand sides."""
@@ -113,7 +114,7 @@ def test_second_order_methods_switch_sdpa_attention_to_eager_and_back(text):
     np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11 * np.abs(b).max())
     att = fimoda.attributor(sdpa, train, None, left[:2], test, None, task="classification")
     assert sdpa.config._attn_implementation == "sdpa"
-    c = compute_scores("prop1", att)
+    c = compute_scores("prop1", att, damping=10.0)
     assert sdpa.config._attn_implementation == "sdpa" and np.isfinite(c).all()
 
 
