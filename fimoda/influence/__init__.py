@@ -66,10 +66,8 @@ def compute_scores(name: str, att: Attributor, cfg=None, **kwargs):
         cost = None             # a setting the method refuses itself, with its own message
     if cost is not None:
         if att.problem.progress and not cost.refusal:
-            from ..progress import mode
-            if mode() != "off":
-                import sys
-                print(cost.line(), file=sys.stderr, flush=True)
+            from ..progress import note
+            note(cost.line())
         cost.check()
     from ..hf import eager_attention
     model = att.problem.model
