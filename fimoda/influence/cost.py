@@ -88,7 +88,8 @@ class Cost:
         """One line: the estimate, or the refusal."""
         if self.refusal:
             return f"{self.method}: refused before any work: {self.refusal}"
-        parts = [f"peak ~{fmt_bytes(self.peak_bytes)} of memory={fmt_bytes(self.budget_bytes)}",
+        over = "over" if self.peak_bytes > self.budget_bytes else "of"
+        parts = [f"peak ~{fmt_bytes(self.peak_bytes)} {over} memory={fmt_bytes(self.budget_bytes)}",
                  f"{self.gradient_rows:,} per-example gradients"]
         if self.chunk_rows:
             parts[-1] += f" (streamed {self.chunk_rows:,} rows at a time)"
@@ -236,7 +237,7 @@ def damped_cost(name: str, shape: Shape, cfg, hessian: str, products_per_column=
             products += products_per_column(extra_columns)
     else:
         products = None
-    kept_side = k * shape.row * w if shape.keeps(solved) and blocks > 1 else 0
+    kept_side = k * shape.row * w if shape.keeps(solved) else 0   # its cache, besides B
     other_bytes = (m * w if other_kept else CHUNK_COPIES * min(r, m) * w) * shape.row
     peak = (SOLVE_COPIES * min(k, cols) * shape.row + kept_side + other_bytes + fixed
             + _scores_bytes(shape))
@@ -305,17 +306,13 @@ def ekfac_cost(name: str, shape: Shape, cfg) -> Cost:
 
 
 def datainf_cost(name: str, shape: Shape, cfg) -> Cost:
-    """DataInf: both sides kept, the training set (or its subsample) streamed, inner products
-    of every layer with every streamed row kept."""
+    """DataInf: both sides kept whatever the budget (the peak then says by how much it is
+    exceeded), the training set (or its subsample) streamed, inner products of every layer
+    with every streamed row kept."""
     r, refusal = _rows(shape)
     if refusal:
         return _refused(name, shape, refusal)
     T, nl = shape.n_test, shape.n_left
-    if not (shape.keeps("test") and shape.keeps("left")):
-        return _refused(name, shape, f"DataInf keeps the test and left-out gradients "
-                                     f"({fmt_bytes((T + nl) * shape.row)}), more than half of "
-                                     f"memory={shape.memory:,}: raise memory=, attribute fewer "
-                                     f"parameters (names=) or fewer instances")
     m = shape.n if cfg.n_samples is None else min(cfg.n_samples, shape.n)
     chunk = cfg.chunk or r
     layers = shape.tensors
@@ -328,14 +325,9 @@ def datainf_cost(name: str, shape: Shape, cfg) -> Cost:
 
 
 def trajectory_cost(name: str, shape: Shape, cfg) -> Cost:
-    """The trajectory-matched influence: both sides kept, the materialised Gauss-Newton matrix
-    (or Krylov products, not estimated here)."""
+    """The trajectory-matched influence: both sides kept whatever the budget, the materialised
+    Gauss-Newton matrix (or Krylov products, not estimated here)."""
     T, nl = shape.n_test, shape.n_left
-    if not (shape.keeps("test") and shape.keeps("left")):
-        return _refused(name, shape, f"the trajectory keeps the test and left-out gradients "
-                                     f"({fmt_bytes((T + nl) * shape.row)}), more than half of "
-                                     f"memory={shape.memory:,}: raise memory= or attribute "
-                                     f"fewer parameters (names=)")
     mat = gauss_newton_materialised(shape, cfg.hessian, cfg)
     peak = (2 * (T + nl) * shape.row + (_gn_bytes(shape) if mat else 0) + _scores_bytes(shape))
     new = (0 if "test" in shape.cached else T) + (0 if "left" in shape.cached else nl)
