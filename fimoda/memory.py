@@ -23,9 +23,10 @@ import torch
 DEFAULT_FRACTION = 0.5
 # copies of a streamed chunk alive at once: the rows, vmap's batched gradients, one transform
 CHUNK_COPIES = 3
-# copies of a block of right-hand sides a solver holds at once: block CG's B, X, R, search
-# directions, their products and the orthonormalisation's copy (LiSSA's recurrence holds fewer)
-SOLVE_COPIES = 8
+# copies of a block of right-hand sides a solver holds at once: block CG's B, X, R, their copies
+# for the columns still moving, search directions and their products, the orthonormalisation's
+# copies and the temporaries of each update (LiSSA's recurrence holds fewer)
+SOLVE_COPIES = 16
 
 
 def available_bytes(device) -> int:

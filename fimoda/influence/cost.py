@@ -238,6 +238,8 @@ def damped_cost(name: str, shape: Shape, cfg, hessian: str, products_per_column=
     else:
         products = None
     kept_side = k * shape.row * w if shape.keeps(solved) else 0   # its cache, besides B
+    if left_fresh and cfg.damping is None and shape.keeps("left"):
+        fixed += nl * shape.row                # lambda_G's cached loss gradients, besides W
     other_bytes = (m * w if other_kept else CHUNK_COPIES * min(r, m) * w) * shape.row
     peak = (SOLVE_COPIES * min(k, cols) * shape.row + kept_side + other_bytes + fixed
             + _scores_bytes(shape))
