@@ -263,8 +263,9 @@ def arnoldi_cost(name: str, shape: Shape, cfg, basis_bytes: int) -> Cost:
         return base
     m = min(max(cfg.n_iter, min(cfg.rank, shape.P)), shape.P)
     mat = gauss_newton_materialised(shape, cfg.hessian, cfg)
-    rows = base.gradient_rows - (shape.n_left * (math.ceil(shape.n_test / base.chunk_rows) - 1)
-                                 if base.chunk_rows and not shape.keeps("left") else 0)
+    rows = base.gradient_rows                  # each side streamed once, not per test block
+    if not shape.keeps("test") and not shape.keeps("left") and "left" not in shape.cached:
+        rows -= shape.n_left * (math.ceil(shape.n_test / base.chunk_rows) - 1)
     extra = _gn_bytes(shape) if mat else 0
     return Cost(name, base.peak_bytes + basis_bytes + extra, shape.memory,
                 rows + (shape.n if mat else 0), 0 if mat else m, False, shape.n,

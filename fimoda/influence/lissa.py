@@ -124,8 +124,9 @@ def lissa_cost(shape, cfg: LissaConfig, hessian: str = "gn", name: str = "lissa"
     """LiSSA's :class:`~.cost.Cost` at its first scale (each further scale tried after a
     divergence costs as much again): stochastic, ``depth`` x ``repeat`` products of a batch per
     column; full batch by the recurrence, ``depth`` products per column; by the Krylov series,
-    at most a basis of ``cap`` columns (:func:`.solvers.lissa.lissa_inverse`), each one product,
-    falling back to the recurrence beyond it; none on the materialised Gauss-Newton matrix."""
+    at most a basis of ``cap`` columns (:func:`.solvers.lissa.lissa_inverse`: at most half of
+    ``memory_gb``, allocated whole), each one product, falling back to the recurrence beyond
+    it; none on the materialised Gauss-Newton matrix."""
     from .solvers.lissa import KRYLOV_MIN_DEPTH
     stochastic = cfg.batch_size is not None and cfg.batch_size < shape.n
     if stochastic:
@@ -142,9 +143,10 @@ def lissa_cost(shape, cfg: LissaConfig, hessian: str = "gn", name: str = "lissa"
         if basis <= cap or cap >= shape.P:     # no fallback: a basis of P columns is invariant
             return min(basis, cap) + k
         return cap + cfg.depth * k             # the basis overflows: then the recurrence
-    cols = min(cap, (cfg.depth + 1) * shape.n_test, (cfg.depth + 1) * shape.n_left)
+    # the basis is allocated whole (P x cap, cap x cap); writing its first columns already
+    # touches most of its pages
     return damped_cost(name, shape, cfg, hessian, products,
-                       fixed=cols * shape.P * item + cols * cols * item)
+                       fixed=cap * shape.P * item + cap * cap * item)
 
 
 def lissa_h_cost(shape, cfg: LissaHConfig):
