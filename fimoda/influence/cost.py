@@ -34,6 +34,9 @@ __all__ = ["Shape", "Cost", "shape_of", "pairwise_cost", "damped_cost", "arnoldi
            "trak_cost", "ekfac_cost", "datainf_cost", "trajectory_cost", "fmt_bytes"]
 
 GIB = 2 ** 30
+# P-vectors a full-data Hessian product holds besides its block: the gradient with its graph,
+# the per-parameter products and the flattened result
+PRODUCT_COPIES = 4
 
 
 @dataclass(frozen=True)
@@ -219,6 +222,7 @@ def damped_cost(name: str, shape: Shape, cfg, hessian: str, products_per_column=
     blocks = math.ceil(k / cols)
     other_kept = shape.keeps(other)
     w = 1 + left_copies                        # rows of a left-hand block alive per row
+    w_solved, w_other = (w, 1) if solved == "left" else (1, w)
 
     def new(side, count):               # rows not already held by the Attributor
         return 0 if side in shape.cached and not (side == "left" and left_fresh) else count
@@ -230,19 +234,20 @@ def damped_cost(name: str, shape: Shape, cfg, hessian: str, products_per_column=
     if mat:
         rows += shape.n                        # Phi: output gradients of the training set
         fixed += _gn_bytes(shape)
-    elif products_per_column is not None:
-        per_block = [min(cols, k - a) for a in range(0, k, cols)]
-        products = sum(products_per_column(c) for c in per_block)
-        if extra_columns:
-            products += products_per_column(extra_columns)
-    else:
+    else:                                      # a product's gradient, graph and result vectors
+        fixed += PRODUCT_COPIES * shape.row
         products = None
-    kept_side = k * shape.row * w if shape.keeps(solved) else 0   # its cache, besides B
+        if products_per_column is not None:
+            per_block = [min(cols, k - a) for a in range(0, k, cols)]
+            products = sum(products_per_column(c) for c in per_block)
+            if extra_columns:
+                products += products_per_column(extra_columns)
+    kept_side = k * shape.row * w_solved if shape.keeps(solved) else 0  # its cache, besides B
     if left_fresh and cfg.damping is None and shape.keeps("left"):
         fixed += nl * shape.row                # lambda_G's cached loss gradients, besides W
-    other_bytes = (m * w if other_kept else CHUNK_COPIES * min(r, m) * w) * shape.row
-    peak = (SOLVE_COPIES * min(k, cols) * shape.row + kept_side + other_bytes + fixed
-            + _scores_bytes(shape))
+    other_bytes = (m if other_kept else CHUNK_COPIES * min(r, m)) * w_other * shape.row
+    block = (SOLVE_COPIES + w_solved - 1) * min(k, cols) * shape.row
+    peak = block + kept_side + other_bytes + fixed + _scores_bytes(shape)
     return Cost(name, peak, shape.memory, rows, products, bound,
                 shape.n if product_rows is None else product_rows, shape.hvp_batch,
                 0 if other_kept else r, min(k, cols),
@@ -266,7 +271,7 @@ def arnoldi_cost(name: str, shape: Shape, cfg, basis_bytes: int) -> Cost:
     rows = base.gradient_rows                  # each side streamed once, not per test block
     if not shape.keeps("test") and not shape.keeps("left") and "left" not in shape.cached:
         rows -= shape.n_left * (math.ceil(shape.n_test / base.chunk_rows) - 1)
-    extra = _gn_bytes(shape) if mat else 0
+    extra = _gn_bytes(shape) if mat else PRODUCT_COPIES * shape.row
     return Cost(name, base.peak_bytes + basis_bytes + extra, shape.memory,
                 rows + (shape.n if mat else 0), 0 if mat else m, False, shape.n,
                 shape.hvp_batch, base.chunk_rows, 0)
