@@ -191,8 +191,8 @@ def gauss_newton_materialised(shape: Shape, hessian: str, cfg) -> bool:
 
 
 def _gn_bytes(shape: Shape) -> int:
-    m = min(shape.n, shape.P)
-    return (2 * shape.n * shape.P + 2 * m * m) * shape.work_itemsize
+    from .operators import gauss_newton_bytes
+    return gauss_newton_bytes(shape.n, shape.P, shape.work_itemsize)
 
 
 def damped_cost(name: str, shape: Shape, cfg, hessian: str, products_per_column=None,

@@ -14,7 +14,7 @@ import numpy as np
 from .common import Attributor, DampedConfig, scores_with
 from .cost import GIB, damped_cost, fmt_bytes, gauss_newton_materialised
 from .specs import DAMPED, MethodSpec
-from .operators import damped_hessian
+from .operators import damped_hessian, dense_bytes
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def dense_cost(shape, cfg: DenseConfig):
     import dataclasses
     if gauss_newton_materialised(shape, cfg.hessian, cfg):
         return damped_cost("dense", shape, cfg, cfg.hessian, lambda k: 0)
-    need = 2 * shape.P ** 2 * shape.dtype.itemsize
+    need = dense_bytes(shape.P, shape.dtype.itemsize)
     if need > cfg.memory_gb * GIB:
         return dataclasses.replace(
             damped_cost("dense", shape, cfg, cfg.hessian), refusal=(

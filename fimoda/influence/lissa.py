@@ -127,7 +127,7 @@ def lissa_cost(shape, cfg: LissaConfig, hessian: str = "gn", name: str = "lissa"
     at most a basis of ``cap`` columns (:func:`.solvers.lissa.lissa_inverse`: at most half of
     ``memory_gb``, allocated whole), each one product, falling back to the recurrence beyond
     it; none on the materialised Gauss-Newton matrix."""
-    from .solvers.lissa import KRYLOV_MIN_DEPTH
+    from .solvers.lissa import KRYLOV_MIN_DEPTH, krylov_cap
     stochastic = cfg.batch_size is not None and cfg.batch_size < shape.n
     if stochastic:
         return damped_cost(name, shape, cfg, hessian, lambda k: cfg.depth * cfg.repeat * k,
@@ -136,7 +136,7 @@ def lissa_cost(shape, cfg: LissaConfig, hessian: str = "gn", name: str = "lissa"
             gauss_newton_materialised(shape, hessian, cfg):
         return damped_cost(name, shape, cfg, hessian, lambda k: cfg.depth * k, bound=False)
     item = shape.dtype.itemsize
-    cap = int(min(4000, cfg.memory_gb * 2 ** 30 / 2 / (shape.P * item), shape.P))
+    cap = min(krylov_cap(shape.P, item, cfg.memory_gb), shape.P)
 
     def products(k):             # one per basis column and the first block's k
         basis = (cfg.depth + 1) * k

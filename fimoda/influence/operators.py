@@ -228,15 +228,24 @@ def gauss_newton_spectrum(att: Attributor, c: float) -> Spectral:
     return cache[c]
 
 
-def gauss_newton_fits(att: Attributor, memory_gb: float) -> bool:
-    """Whether ``materialize="auto"`` materialises the Gauss-Newton matrix: its peak with the
-    spectrum -- a and its basis (n x P), K and U (n x n), in :func:`work_dtype` -- fits in
-    ``memory_gb``."""
-    p = att.problem
-    n, P = att.n_train, p.n_params
-    work = torch.finfo(work_dtype(p.dtype, p.device)).bits // 8
+def gauss_newton_bytes(n: int, P: int, work_itemsize: int) -> int:
+    """Bytes of the materialised Gauss-Newton matrix at its peak with the spectrum: a and its
+    basis (n x P), K and U (min(n, P) squared), floats of ``work_itemsize`` bytes."""
     m = min(n, P)
-    return (2 * n * P + 2 * m * m) * work <= memory_gb * 2 ** 30
+    return (2 * n * P + 2 * m * m) * work_itemsize
+
+
+def gauss_newton_fits(att: Attributor, memory_gb: float) -> bool:
+    """Whether ``materialize="auto"`` materialises the Gauss-Newton matrix: its peak
+    (:func:`gauss_newton_bytes`, in :func:`work_dtype`) fits in ``memory_gb``."""
+    p = att.problem
+    work = torch.finfo(work_dtype(p.dtype, p.device)).bits // 8
+    return gauss_newton_bytes(att.n_train, p.n_params, work) <= memory_gb * 2 ** 30
+
+
+def dense_bytes(P: int, itemsize: int) -> int:
+    """Bytes a dense P x P damped Hessian needs besides its products: A and one more."""
+    return 2 * P ** 2 * itemsize
 
 
 class DampedHessian:
@@ -309,7 +318,7 @@ class DampedHessian:
         """A as a P x P matrix (small models only), formed once per operator."""
         if self._dense is not None:
             return self._dense
-        need = 2 * self.P ** 2 * (torch.finfo(self.dtype).bits // 8)
+        need = dense_bytes(self.P, torch.finfo(self.dtype).bits // 8)
         if need > self.memory_gb * 2 ** 30:
             raise MemoryBudgetError(f"a dense {self.P} x {self.P} Hessian needs "
                                     f"{need / 2**30:.1f} GiB > memory_gb={self.memory_gb}; "
