@@ -154,6 +154,12 @@ def _rows(shape: Shape):
         return 0, str(e)
 
 
+def _vmap_bytes(shape: Shape, rows: int) -> int:
+    """The autograd intermediates of one vmapped batch of per-example gradients (``chunk`` rows,
+    at most ``rows``), as many bytes as its gradient rows."""
+    return min(shape.chunk, max(rows, 1)) * shape.row
+
+
 def _scores_bytes(shape: Shape) -> int:
     """The scores as a torch matrix and its float64 numpy copy."""
     return shape.n_test * shape.n_left * (shape.dtype.itemsize + 8)
@@ -178,7 +184,7 @@ def pairwise_cost(name: str, shape: Shape, copies: int = 0) -> Cost:
     kept = (T if kt else 0) + (nl if kl else 0)
     block = max(min(r, shape.chunk, max(T, nl)), 0 if kt and kl else min(r, max(T, nl)))
     work = CHUNK_COPIES * block + copies * max(T if kt else min(r, T), nl if kl else min(r, nl))
-    peak = (kept + work) * shape.row + _scores_bytes(shape)
+    peak = (kept + work) * shape.row + _vmap_bytes(shape, r) + _scores_bytes(shape)
     return Cost(name, peak, shape.memory, rows, 0, False, shape.n, shape.hvp_batch,
                 0 if kt and kl else r, 0)
 
@@ -247,7 +253,7 @@ def damped_cost(name: str, shape: Shape, cfg, hessian: str, products_per_column=
         fixed += nl * shape.row                # lambda_G's cached loss gradients, besides W
     other_bytes = (m if other_kept else CHUNK_COPIES * min(r, m)) * w_other * shape.row
     block = (SOLVE_COPIES + w_solved - 1) * min(k, cols) * shape.row
-    peak = block + kept_side + other_bytes + fixed + _scores_bytes(shape)
+    peak = block + kept_side + other_bytes + fixed + _vmap_bytes(shape, r) + _scores_bytes(shape)
     return Cost(name, peak, shape.memory, rows, products, bound,
                 shape.n if product_rows is None else product_rows, shape.hvp_batch,
                 0 if other_kept else r, min(k, cols),
@@ -296,7 +302,7 @@ def trak_cost(name: str, shape: Shape, cfg) -> Cost:
         proj = size if size <= cfg.cache_bytes else cfg.block_elems * item
     feats = (shape.n_left + shape.n_test) * k * 8
     peak = (CHUNK_COPIES * min(chunk, shape.n) * shape.row + proj + 3 * k * k * 8 + feats
-            + chunk * k * 8 + _scores_bytes(shape))
+            + chunk * k * 8 + _vmap_bytes(shape, chunk) + _scores_bytes(shape))
     n_rows = shape.n + shape.n_left + shape.n_test
     return Cost(name, peak, shape.memory, n_rows, 0, False, shape.n, shape.hvp_batch,
                 min(chunk, max(shape.n, shape.n_left, shape.n_test)), 0)
@@ -326,7 +332,7 @@ def datainf_cost(name: str, shape: Shape, cfg) -> Cost:
     layers = shape.tensors
     inner = (T + nl + 1) * m * layers * shape.dtype.itemsize
     peak = ((T + nl) * shape.row + CHUNK_COPIES * min(chunk, m) * shape.row + inner
-            + _scores_bytes(shape))
+            + _vmap_bytes(shape, chunk) + _scores_bytes(shape))
     new = (0 if "test" in shape.cached else T) + (0 if "left" in shape.cached else nl)
     return Cost(name, peak, shape.memory, new + m, 0, False, shape.n, shape.hvp_batch,
                 min(chunk, m), 0)
@@ -337,7 +343,8 @@ def trajectory_cost(name: str, shape: Shape, cfg) -> Cost:
     Gauss-Newton matrix (or Krylov products, not estimated here)."""
     T, nl = shape.n_test, shape.n_left
     mat = gauss_newton_materialised(shape, cfg.hessian, cfg)
-    peak = (2 * (T + nl) * shape.row + (_gn_bytes(shape) if mat else 0) + _scores_bytes(shape))
+    peak = (2 * (T + nl) * shape.row + (_gn_bytes(shape) if mat else 0)
+            + _vmap_bytes(shape, T + nl) + _scores_bytes(shape))
     new = (0 if "test" in shape.cached else T) + (0 if "left" in shape.cached else nl)
     return Cost(name, peak, shape.memory, new + (shape.n if mat else 0), 0 if mat else None,
                 False, shape.n, shape.hvp_batch, 0, 0)
