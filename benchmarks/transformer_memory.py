@@ -9,7 +9,10 @@ comparisons); ``--inputs dict`` feeds the tokenizer's dict batches to a Hugging 
 BertForSequenceClassification (fimoda.hf). Run from the repository root:
 
     FIMODA_DATA_DIR=/path/to/data HF_HUB_OFFLINE=1 python benchmarks/transformer_memory.py \\
-        --method grad_dot --n 200 [--memory 2e9] [--inputs dict]
+        --method grad_dot --n 200 [--memory 2e9] [--inputs dict] [--option depth=5 ...]
+
+Where fimoda has :func:`fimoda.estimate_cost`, its estimate (peak bytes, per-example gradients,
+Hessian products) is printed beside the measured peak (``estimate``).
 """
 from __future__ import annotations
 
@@ -47,6 +50,8 @@ def main():
     ap.add_argument("--proj-type", default=None)
     ap.add_argument("--inputs", choices=("packed", "dict"), default="packed")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--option", action="append", default=[],
+                    help="a method option NAME=VALUE (VALUE read as JSON, else a string)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import fimoda
@@ -72,8 +77,19 @@ def main():
         opts["proj_dim"] = args.proj_dim
         if args.proj_type:
             opts["proj_type"] = args.proj_type
+    for item in args.option:
+        key, _, value = item.partition("=")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
     if args.memory is not None and "memory" in inspect.signature(fimoda.attribute).parameters:
         opts["memory"] = int(args.memory)
+    estimate = None
+    if hasattr(fimoda, "estimate_cost"):
+        cost = fimoda.estimate_cost(model, X, y, range(args.n_loo), Xt, yt,
+                                    task="classification", method=args.method, **opts)
+        estimate = dict(peak_gb=round(cost.peak_bytes / 2 ** 30, 3), line=cost.line())
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     scores = fimoda.attribute(model, X, y, range(args.n_loo), Xt, yt, task="classification",
@@ -84,7 +100,7 @@ def main():
         fimoda=os.path.dirname(fimoda.__file__), params=sum(p.numel() for p in model.parameters()),
         rss_before_gb=round(rss0 / 2 ** 20, 2),
         peak_rss_gb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
-        wall_s=round(wall, 1), scores_shape=list(scores.shape),
+        wall_s=round(wall, 1), scores_shape=list(scores.shape), estimate=estimate,
         load_avg=os.getloadavg()[0])))
 
 

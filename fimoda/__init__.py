@@ -15,10 +15,10 @@ layer, built on it: ``config`` (profiles), ``experiment`` and ``pipeline`` (the 
 (figure index and summary), ``reproduction``, ``render`` (the executed notebooks as HTML pages
 and their index) and ``cli``.
 """
-from .api import TASKS, attribute, attributor, cosine_to_gold, gold_standard
+from .api import TASKS, attribute, attributor, cosine_to_gold, estimate_cost, gold_standard
 from .gradients import CustomLossError
 from .influence import METHODS
 
 __version__ = "0.1.0"
-__all__ = ["attribute", "attributor", "gold_standard", "cosine_to_gold", "METHODS", "TASKS",
-           "CustomLossError", "__version__"]
+__all__ = ["attribute", "attributor", "estimate_cost", "gold_standard", "cosine_to_gold",
+           "METHODS", "TASKS", "CustomLossError", "__version__"]

@@ -16,7 +16,8 @@ come as Hugging Face batches: a dict / ``BatchEncoding`` of (N, L) token tensors
 a model returning an object with ``.logits`` is taken as it is (:mod:`fimoda.hf`). The caller's
 model is left as it was: its train/eval mode and which parameters require gradients are restored,
 and the gold standard trains copies. ``loss=`` takes a per-example loss of the user's
-(:func:`attribute`); ``memory=`` bounds the memory of streamed per-example gradients.
+(:func:`attribute`); ``memory=`` bounds the memory of streamed per-example gradients, and
+:func:`estimate_cost` says what a method will cost before it runs.
 """
 from __future__ import annotations
 
@@ -218,7 +219,8 @@ def attributor(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
 def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
               method: str = "grad_dot", names: Optional[Sequence[str]] = None, att=None,
               loss: Optional[Callable] = None, memory: Optional[int] = None,
-              hvp_batch: int = 1024, **options) -> np.ndarray:
+              hvp_batch: int = 1024, chunk: int = 256, progress: bool = False,
+              **options) -> np.ndarray:
     """``scores[j, i]`` (float64) of ``method`` (see :data:`fimoda.influence.METHODS`) for test
     point j and training instance ``left_out[i]``; ``options`` are the method's config fields
     (e.g. ``damping_index``, ``depth``, ``rank``). ``att``: an :func:`attributor` to reuse.
@@ -231,21 +233,64 @@ def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
     output f, which is known for the task's losses only: with a custom loss they raise
     :class:`fimoda.gradients.CustomLossError`.
 
-    ``memory``: the budget in bytes from which every chunk of streamed per-example gradients is
-    sized (:mod:`fimoda.memory`; None: half the free memory of the model's device). Training-set
-    gradients are never held whole; the test and left-out gradients are kept when they fit a
-    quarter of it each, else streamed too (grad_dot, grad_cos, ekfac; trak's and datainf's
-    training-set passes stream, datainf keeps both sides; the other methods keep both sides). ``hvp_batch``: training rows per forward/backward pass of the full-data
-    gradient and Hessian (or Gauss-Newton) products of the second-order methods; their memory
-    grows with it (activations of that many rows, and their second derivatives)."""
+    What sets memory, all arguments here (:func:`estimate_cost` gives the resulting peak, the
+    per-example gradients and Hessian products before any work; with ``progress=True`` each
+    method prints it as one line, and a budget that cannot hold a method is one
+    :class:`fimoda.influence.errors.MemoryBudgetError` naming the setting to change, raised
+    before any work):
+
+    - ``memory``: the budget in bytes from which every chunk of streamed per-example gradients
+      and every block of right-hand sides of a solver is sized (:mod:`fimoda.memory`; None: half
+      the free memory of the model's device). Training-set gradients are never held whole; the
+      test and left-out gradients are kept when they fit a quarter of it each, else streamed
+      (every method but datainf and trajectory, which keep both sides). The damped-inverse
+      methods (cg, lissa, lissa_h, dense, prop1, cor2, eq16) solve for the smaller side in
+      blocks that fit half of it.
+    - ``hvp_batch``: training rows per forward/backward pass of the full-data gradient and
+      Hessian (or Gauss-Newton) products of the second-order methods; their memory grows with
+      it (activations of that many rows, and their second derivatives).
+    - ``chunk``: most rows whose per-example gradients vmap batches at once (activations).
+    - ``names``: the parameters attributed (module prefixes allowed, e.g. ``["classifier"]``):
+      every gradient row has one float per attributed parameter.
+    - method options: ``memory_gb`` (GB for the damped methods' materialised matrices: the
+      Gauss-Newton Phi and its spectrum, a dense P x P matrix, the Arnoldi and Krylov bases),
+      ``n_iter`` (arnoldi's basis columns), ``depth`` and ``batch_size`` (lissa: products, and
+      rows per stochastic product), trak's ``proj_dim``, ``chunk``, ``grad_bytes``,
+      ``block_elems`` and ``cache_bytes``, datainf's ``chunk`` and ``n_samples``, ekfac's
+      ``batch_size`` (rows per factor-fitting pass).
+
+    Second-order methods need double backward: a Hugging Face model runs with eager attention
+    (:func:`fimoda.hf.eager_attention`) and gets its own attention implementation back."""
     from .influence import METHODS, compute_scores
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     if att is None:
         att = attributor(model, X_train, y_train, left_out, X_test, y_test, task=task,
-                         names=names, loss=loss, memory=memory, hvp_batch=hvp_batch)
+                         names=names, loss=loss, memory=memory, hvp_batch=hvp_batch,
+                         chunk=chunk, progress=progress)
     with _model_left_as_it_was(model):
         return np.asarray(compute_scores(method, att, **options), dtype=np.float64)
+
+
+def estimate_cost(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
+                  method: str = "grad_dot", names: Optional[Sequence[str]] = None, att=None,
+                  loss: Optional[Callable] = None, memory: Optional[int] = None,
+                  hvp_batch: int = 1024, chunk: int = 256, **options):
+    """What :func:`attribute` with the same arguments would cost, estimated without computing
+    any gradient: a :class:`fimoda.influence.cost.Cost` with ``peak_bytes`` (bytes of the
+    arrays the method holds at its peak, an upper bound; not the activations of one
+    forward/backward pass), ``gradient_rows`` (per-example gradients computed),
+    ``products`` (Hessian or Gauss-Newton vector products over ``product_rows`` training rows,
+    at most that many when ``products_bound``), ``refusal`` (None, or why the budget cannot
+    hold it and which setting to change) and ``line()`` (all of it in one line)."""
+    from .influence import METHODS
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if att is None:
+        att = attributor(model, X_train, y_train, left_out, X_test, y_test, task=task,
+                         names=names, loss=loss, memory=memory, hvp_batch=hvp_batch,
+                         chunk=chunk)
+    return att.cost(method, **options)
 
 
 def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: str,

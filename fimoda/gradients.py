@@ -20,7 +20,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from .progress import progress_bar
 
 from .losses import check_task, gn_output, loss_derivatives, loss_from_f
-from .memory import chunk_rows, resolve_budget
+from .memory import chunk_rows, resolve_budget, solve_columns
 from .models import input_trimmer, row_groups, vmappable
 from .tensors import check_data
 
@@ -172,6 +172,11 @@ class Problem:
         """Per-example gradient rows streamed at once under the memory budget
         (:func:`fimoda.memory.chunk_rows`)."""
         return chunk_rows(self.memory, self.n_params, self.dtype)
+
+    def solve_cols(self) -> int:
+        """Right-hand sides (gradient rows) a solver of the damped-inverse methods takes at once
+        under the memory budget (:func:`fimoda.memory.solve_columns`)."""
+        return solve_columns(self.memory, self.n_params, self.dtype)
 
     def stream(self, grads: Callable, X, Y, rows: Optional[int] = None, desc=None):
         """``(rows, grads(X[rows], Y[rows]))`` for consecutive slices of at most ``rows`` rows

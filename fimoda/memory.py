@@ -8,7 +8,10 @@ memory the device has free when the work is set up) and consumes each chunk at o
 budget is for a streamed chunk (the gradient rows, the batched-gradient copy they are written
 from, and one transformed copy such as normalised rows: :data:`CHUNK_COPIES` in all); the other
 half is for what a method keeps, e.g. the test and left-out gradients when their count allows
-(:func:`storable`, a quarter each).
+(:func:`storable`, a quarter each). The damped-inverse methods solve for a block of gradient
+rows at once (the right-hand sides): the columns of one block and the solver's copies of it
+(:data:`SOLVE_COPIES`) take half the budget (:func:`solve_columns`), the other side's gradients
+the other half, kept or streamed.
 """
 from __future__ import annotations
 
@@ -20,6 +23,10 @@ import torch
 DEFAULT_FRACTION = 0.5
 # copies of a streamed chunk alive at once: the rows, vmap's batched gradients, one transform
 CHUNK_COPIES = 3
+# copies of a block of right-hand sides a solver holds at once: block CG's B, X, R, their copies
+# for the columns still moving, search directions and their products, the orthonormalisation's
+# copies and the temporaries of each update (LiSSA's recurrence holds fewer)
+SOLVE_COPIES = 16
 
 
 def available_bytes(device) -> int:
@@ -68,10 +75,26 @@ def chunk_rows(memory: int, n_params: int, dtype) -> int:
     return int(rows)
 
 
+def solve_columns(memory: int, n_params: int, dtype) -> int:
+    """Right-hand sides (gradient rows of ``n_params`` parameters) a solver takes at once within
+    half of ``memory`` (:data:`SOLVE_COPIES` copies of the block); a
+    :class:`fimoda.influence.errors.MemoryBudgetError` naming the settings to change when not
+    even one fits."""
+    row = row_bytes(n_params, dtype)
+    cols = (memory // 2) // (SOLVE_COPIES * row)
+    if cols < 1:
+        from .influence.errors import MemoryBudgetError
+        raise MemoryBudgetError(
+            f"a solver holds {SOLVE_COPIES} vectors of {n_params:,} parameters ({row:,} bytes "
+            f"each) per right-hand side, and {2 * SOLVE_COPIES} of them must fit in "
+            f"memory={memory:,} bytes: raise memory= or attribute fewer parameters (names=)")
+    return int(cols)
+
+
 def storable(memory: int, rows: int, n_params: int, dtype) -> bool:
     """Whether ``rows`` gradient rows may be kept whole: at most a quarter of ``memory``."""
     return rows * row_bytes(n_params, dtype) <= memory // 4
 
 
-__all__ = ["DEFAULT_FRACTION", "CHUNK_COPIES", "available_bytes", "resolve_budget", "row_bytes",
-           "chunk_rows", "storable"]
+__all__ = ["DEFAULT_FRACTION", "CHUNK_COPIES", "SOLVE_COPIES", "available_bytes",
+           "resolve_budget", "row_bytes", "chunk_rows", "solve_columns", "storable"]

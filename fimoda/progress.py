@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 
-__all__ = ["progress_bar", "mode", "in_kernel", "MODES"]
+__all__ = ["progress_bar", "note", "mode", "in_kernel", "MODES"]
 
 MODES = ("auto", "terminal", "notebook", "log", "off")
 _LOCK = threading.RLock()
@@ -72,6 +72,22 @@ def progress_bar(iterable=None, *, desc: str = "", total=None, unit: str = "it",
     if total is None and iterable is not None and hasattr(iterable, "__len__"):
         total = len(iterable)
     return _Bar(iterable, desc, total, unit, leave, m)
+
+
+def note(text: str) -> None:
+    """One line shown where the bars show: in a notebook kept above the cell's bars (and
+    appended to ``FIMODA_KERNEL_LOG`` when set), else a line on stderr (terminal, log); nothing
+    when progress is off."""
+    m = mode()
+    if m == "off":
+        return
+    if m != "notebook":
+        print(text, file=sys.stderr, flush=True)
+        return
+    with _LOCK:
+        _cell()["kept"].append(text)
+        _render(force=True)
+    _kernel_log(text)
 
 
 def _interval(default: float) -> float:

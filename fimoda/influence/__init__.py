@@ -39,19 +39,42 @@ def get_method(name: str):
     return spec.function, spec.config
 
 
-def compute_scores(name: str, att: Attributor, cfg=None, **kwargs):
-    """Scores of method ``name`` (``cfg`` or its defaults updated by ``kwargs``; an unknown
+def method_config(name: str, cfg=None, **kwargs):
+    """The config of method ``name``: ``cfg`` or its defaults, updated by ``kwargs`` (an unknown
     field is a ValueError naming it)."""
     spec = method_spec(name)
     if cfg is None:
-        cfg = spec.make_config(**kwargs)
-    elif kwargs:
+        return spec.make_config(**kwargs)
+    if kwargs:
         import dataclasses
         spec.check_fields(kwargs)
         cfg = dataclasses.replace(cfg, **kwargs)
-    return spec.function(att, cfg)
+    return cfg
+
+
+def compute_scores(name: str, att: Attributor, cfg=None, **kwargs):
+    """Scores of method ``name`` (``cfg`` or its defaults updated by ``kwargs``; an unknown
+    field is a ValueError naming it). Before any work its cost
+    (:meth:`Attributor.cost`) is printed as one line when the problem shows progress, and a
+    budget that cannot hold it is a :class:`~.errors.MemoryBudgetError` naming the setting to
+    change. A Hugging Face model runs with eager attention, which has the double backward
+    that Hessian products need (:func:`fimoda.hf.eager_attention`; its own is restored)."""
+    cfg = method_config(name, cfg, **kwargs)
+    try:
+        cost = att.cost(name, cfg)
+    except (TypeError, ValueError, ArithmeticError):
+        cost = None             # a setting the method refuses itself, with its own message
+    if cost is not None:
+        if att.problem.progress and not cost.refusal:
+            from ..progress import note
+            note(cost.line())
+        cost.check()
+    from ..hf import eager_attention
+    model = att.problem.model
+    with eager_attention(getattr(model, "wrapped", model)):
+        return method_spec(name).function(att, cfg)
 
 
 __all__ = ["Attributor", "METHODS", "PAPER_METHODS", "MethodSpec", "get_method",
-           "compute_scores", "damping_value", "default_methods", "method_spec", "method_specs",
-           "register", "unregister"]
+           "compute_scores", "method_config", "damping_value", "default_methods", "method_spec",
+           "method_specs", "register", "unregister"]

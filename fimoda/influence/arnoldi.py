@@ -26,6 +26,7 @@ import torch
 from ..progress import progress_bar
 
 from .common import Attributor, DampedConfig, damping_value
+from .cost import arnoldi_cost
 from .errors import MemoryBudgetError
 from .operators import DampedHessian, check_damped
 from .specs import DAMPED, MethodSpec
@@ -82,23 +83,31 @@ def arnoldi_eig(matvec: Callable, P: int, n_iter: int, seed: int, dtype, device,
     return mu, Q @ S
 
 
+def arnoldi_basis_bytes(P: int, cfg: ArnoldiConfig, itemsize: int) -> int:
+    """Bytes of the Arnoldi basis Q and its Ritz vectors Q S (P x m each), m the steps run."""
+    m = min(max(cfg.n_iter, min(cfg.rank, P)), P)
+    return 2 * P * m * itemsize
+
+
 def arnoldi(att: Attributor, cfg: ArnoldiConfig = ArnoldiConfig()) -> np.ndarray:
     """scores[j, i] = sum_{l <= k} (u_l . grad g(z_j)) (u_l . grad L(z_i)) / (mu_l + lambda)
-    over the k largest-|mu| Ritz pairs of the (true by default) Hessian (eq. 8 in that subspace)."""
+    over the k largest-|mu| Ritz pairs of the (true by default) Hessian (eq. 8 in that subspace);
+    the gradients of either side are kept or streamed under the memory budget, projected on
+    the k Ritz vectors as they come."""
     check_damped(cfg, cfg.hessian)
     if cfg.rank < 1 or cfg.n_iter < 1:
         raise ValueError(f"rank and n_iter must be >= 1, got {cfg.rank}, {cfg.n_iter}")
+    P = att.problem.n_params
+    k = min(cfg.rank, P)
+    m = min(max(cfg.n_iter, k), P)
+    need = arnoldi_basis_bytes(P, cfg, att.problem.dtype.itemsize)
+    if need > cfg.memory_gb * 2 ** 30:                  # before any work
+        raise MemoryBudgetError(f"the Arnoldi basis (P={P} x m={m}) needs {need / 2**30:.1f} "
+                                f"GiB > memory_gb={cfg.memory_gb}; lower n_iter")
     lam = damping_value(att, cfg.damping_grid, cfg.damping_index, cfg.damping)
     if lam < 0:
         raise ValueError(f"damping must be >= 0, got {lam}")
     A = DampedHessian(att, cfg.hessian, lam, cfg.risk, cfg.materialize, cfg.memory_gb)
-    P = A.P
-    k = min(cfg.rank, P)
-    m = min(max(cfg.n_iter, k), P)
-    need = 2 * P * m * (torch.finfo(A.dtype).bits // 8)
-    if need > cfg.memory_gb * 2 ** 30:
-        raise MemoryBudgetError(f"the Arnoldi basis (P={P} x m={m}) needs {need / 2**30:.1f} "
-                                f"GiB > memory_gb={cfg.memory_gb}; lower n_iter")
     mu, U = arnoldi_eig(lambda v: A.hess(v[:, None])[:, 0], P, m, cfg.seed, A.dtype, A.device,
                         att.problem.progress)
     keep = torch.argsort(mu.abs(), descending=True)[:k]
@@ -106,14 +115,21 @@ def arnoldi(att: Attributor, cfg: ArnoldiConfig = ArnoldiConfig()) -> np.ndarray
     denom = mu + lam
     if bool((denom.abs() <= 1e-12 * max(float(mu.abs().max()), 1e-300)).any()):
         raise ValueError("an eigenvalue mu + lambda is ~0: increase the damping")
-    left = (att.train_grads @ U) / denom                     # (n', k)
-    out = ((att.test_grads @ U) @ left.T).detach().cpu().numpy()
+    projected = lambda side: torch.cat([G @ U for _, G in att.grad_blocks(side)])  # noqa: E731
+    left = projected("left") / denom                          # (n', k)
+    out = (projected("test") @ left.T).detach().cpu().numpy()
     if not np.isfinite(out).all():
         raise FloatingPointError("non-finite Arnoldi scores")
     return out
 
 
+def arnoldi_cost_hook(shape, cfg: ArnoldiConfig):
+    """Arnoldi's :class:`~.cost.Cost` (:func:`~.cost.arnoldi_cost`)."""
+    return arnoldi_cost("arnoldi", shape, cfg,
+                        arnoldi_basis_bytes(shape.P, cfg, shape.dtype.itemsize))
+
+
 SPECS = (
     MethodSpec("arnoldi", arnoldi, ArnoldiConfig, "(8) in the top-k eigenspace of H",
-               shared=DAMPED),
+               shared=DAMPED, cost=arnoldi_cost_hook),
 )

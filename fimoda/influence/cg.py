@@ -14,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from .common import Attributor, DampedConfig, scores_with
+from .cost import damped_cost
 from .specs import DAMPED, MethodSpec
 from .operators import damped_hessian
 from .solvers.cg import cg_inverse
@@ -42,9 +43,20 @@ def cg(att: Attributor, cfg: CgConfig = CgConfig()) -> np.ndarray:
                                                  block=cfg.cg_block)[0])
 
 
+def cg_products(max_iter: int):
+    """Products of CG on a block of k columns, at most: ``max_iter`` steps of at most k
+    columns, and a true residual of k columns after each of at most ``max_iter`` restarts."""
+    return lambda k: (2 * max_iter + 1) * k
+
+
+def cg_cost(shape, cfg: CgConfig):
+    """CG's :class:`~.cost.Cost` (:func:`~.cost.damped_cost`)."""
+    return damped_cost("cg", shape, cfg, cfg.hessian, cg_products(cfg.max_iter))
+
+
 SPECS = (
     MethodSpec("cg", cg, CgConfig, "(12) by conjugate gradients on G + lambda I", figure2=4,
-               shared=DAMPED,
+               shared=DAMPED, cost=cg_cost,
                large_model_skip="CG needs full-batch Hessian products to convergence; the paper "
                                 "could not run it on ResNet-9 or BERT"),
 )

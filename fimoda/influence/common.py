@@ -44,17 +44,31 @@ class Attributor:
     def shared_solve(self, key, solve):
         """``solve`` (B -> A^{-1} B) remembering its results under ``key`` (which must name A
         and the solver's settings): a right-hand side equal to one solved before is not solved
-        again, so the methods sharing A get bit-identical solutions at the cost of one."""
+        again, so the methods sharing A get bit-identical solutions at the cost of one. A block
+        is remembered only while it and its solution fit a quarter of the memory budget."""
         done = self.shared.setdefault(key, [])
+        p = self.problem
 
         def shared(B):
             for B0, X0 in done:
                 if B0.shape == B.shape and torch.equal(B0, B):
                     return X0
             X = solve(B)
-            done.append((B, X))
+            if storable(p.memory, 2 * B.shape[1], p.n_params, p.dtype):   # B and X
+                done.append((B, X))
             return X
         return shared
+
+    def cost(self, method: str, cfg=None, **options):
+        """What ``method`` (config ``cfg`` or its defaults, updated by ``options``) will cost
+        here, estimated without any work: a :class:`fimoda.influence.cost.Cost` (peak memory in
+        bytes, per-example gradients, Hessian products, or a refusal naming the setting to
+        change); None for a registered method without a cost hook."""
+        from . import method_config
+        from .cost import shape_of
+        from .specs import method_spec
+        return method_spec(method).estimate(shape_of(self), method_config(method, cfg,
+                                                                          **options))
 
     @property
     def n_train(self) -> int:
@@ -94,6 +108,14 @@ class Attributor:
             yield slice(None), getattr(self, name)
         else:
             yield from self.problem.stream(self.problem.loss_grads, X, Y, desc=desc)
+
+    def rows(self, side: str, rows: slice) -> torch.Tensor:
+        """The loss gradients of the rows ``rows`` of ``side`` ("left" | "test"): a slice of the
+        kept matrix when :meth:`keeps` allows, else computed for those rows alone."""
+        name, X, Y, _ = self._side(side)
+        if self.keeps(side):
+            return getattr(self, name)[rows]
+        return self.problem.loss_grads(X[rows], Y[rows], desc=None)
 
     def pairwise(self, transform: Callable = lambda G: G,
                  left: Optional[Callable] = None) -> torch.Tensor:
@@ -151,23 +173,63 @@ class DampedConfig:
     #                                     any dense P x P matrix
 
 
-def scores_with(att: Attributor, solve: Callable, left: Optional[torch.Tensor] = None) -> np.ndarray:
-    """scores[j, i] = grad g(z_j)^T A^{-1} left_i for a symmetric A given as ``solve(B) = A^{-1}B``
-    on (P, k) blocks; ``left`` (n', P) defaults to the left-out loss gradients.
+def scores_with(att: Attributor, solve: Callable, left: Optional[Callable] = None) -> np.ndarray:
+    """scores[j, i] = grad g(z_j)^T A^{-1} w_i for a symmetric A given as ``solve(B) = A^{-1}B``
+    on (P, k) blocks; w_i = ``left(rows)[i]``, the rows ``rows`` (a slice) of the left-hand
+    matrix W (n', P), by default the left-out loss gradients (:meth:`Attributor.rows`).
 
-    A = M/c + lambda I is symmetric, so g_j^T A^{-1} l_i = (A^{-1} g_j)^T l_i = g_j^T (A^{-1} l_i):
-    this solves for whichever of the T test gradients or the n' left-out gradients is fewer (test
+    A = M/c + lambda I is symmetric, so g_j^T A^{-1} w_i = (A^{-1} g_j)^T w_i = g_j^T (A^{-1} w_i):
+    this solves for whichever of the T test gradients or the n' rows of W is fewer (test
     gradients on a tie: torch-influence's s_test), which gives the same numbers up to round-off
     (full-batch LiSSA's truncated series p(A) is also symmetric; stochastic LiSSA only in
-    expectation)."""
-    G_test = att.test_grads
-    W = att.train_grads if left is None else left
-    if len(G_test) <= len(W):
-        U = solve(G_test.T.contiguous())                 # (P, T)
-        out = U.T @ W.T
-    else:
-        out = G_test @ solve(W.T.contiguous())           # (T, n')
+    expectation).
+
+    Under the memory budget (:mod:`fimoda.memory`): the side solved for is one block of
+    right-hand sides when it fits :meth:`fimoda.gradients.Problem.solve_cols`, else blocks of
+    that many columns solved in turn (block solvers then round differently, to their
+    tolerance); the other side is kept whole when :meth:`Attributor.keeps` allows, else streamed
+    in chunks of per-example gradient rows, recomputed for each solved block. With both sides
+    whole this is one solve and one product, as it always was."""
+    left = (lambda rows: att.rows("left", rows)) if left is None else left
+    test = lambda rows: att.rows("test", rows)                         # noqa: E731
+    T, n_left = len(att.X_test), len(att.X_loo)
+    solved_test = T <= n_left
+    get_s, get_o = (test, left) if solved_test else (left, test)
+    k, m = (T, n_left) if solved_test else (n_left, T)
+    cols = att.problem.solve_cols()
+    other_kept = att.keeps("left" if solved_test else "test")
+    other = get_o(slice(None)) if other_kept else None
+    out = None
+    for a in range(0, k, cols):
+        rows = slice(None) if k <= cols else slice(a, a + cols)
+        U = solve(get_s(rows).T.contiguous())                          # (P, k_s)
+        if other_kept:
+            block = U.T @ other.T if solved_test else other @ U
+            if k <= cols:
+                out = block
+                break
+            pieces = [(slice(None), block)]
+        else:
+            pieces = ((r, U.T @ O.T if solved_test else O @ U)
+                      for r, O in _row_blocks(att, get_o, m))
+        for r, block in pieces:
+            if out is None:
+                out = block.new_empty(T, n_left)
+            if solved_test:
+                out[rows, r] = block
+            else:
+                out[r, rows] = block
+        del U
     out = out.detach().cpu().numpy()
     if not np.isfinite(out).all():
         raise FloatingPointError("non-finite scores: check the damping and the model")
     return out
+
+
+def _row_blocks(att: Attributor, get: Callable, m: int):
+    """``(rows, get(rows))`` over consecutive slices of at most the budget's streamed gradient
+    rows (:meth:`fimoda.gradients.Problem.grad_rows`) covering ``m`` rows."""
+    step = att.problem.grad_rows()
+    for a in range(0, m, step):
+        rows = slice(a, a + step)
+        yield rows, get(rows)

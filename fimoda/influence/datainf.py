@@ -35,6 +35,7 @@ from ..progress import progress_bar
 
 from ..gradients import block_slices
 from .common import Attributor
+from .cost import datainf_cost
 from .specs import MethodSpec
 
 
@@ -153,4 +154,5 @@ def datainf_lambdas(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> di
     return {l: tot[l] / (len(idx) * (sl[l].stop - sl[l].start)) / c for l in problem.names}
 
 
-SPECS = (MethodSpec("datainf", datainf, DatainfConfig, "kwon2024datainf eq. (5)", figure2=3),)
+SPECS = (MethodSpec("datainf", datainf, DatainfConfig, "kwon2024datainf eq. (5)", figure2=3,
+                    cost=lambda shape, cfg: datainf_cost("datainf", shape, cfg)),)

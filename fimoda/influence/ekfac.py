@@ -47,6 +47,7 @@ from ..progress import progress_bar
 from ..gradients import block_slices
 from ..losses import gn_output, loss_derivatives
 from .common import DAMPING_GRID, DAMPING_INDEX, Attributor, damping_value
+from .cost import ekfac_cost
 from .specs import DAMPING, MethodSpec
 
 DAMPING_MODES = ("lambda_G", "heuristic")
@@ -278,4 +279,4 @@ def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
 
 
 SPECS = (MethodSpec("ekfac", ekfac, EkfacConfig, "(12) with layer-block EK-FAC", figure2=8,
-                    shared=DAMPING),)
+                    shared=DAMPING, cost=lambda shape, cfg: ekfac_cost("ekfac", shape, cfg)),)

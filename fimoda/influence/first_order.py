@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .common import DAMPING_GRID, DAMPING_INDEX, Attributor, damping_value
+from .cost import pairwise_cost
 from .specs import DAMPING, MethodSpec
 
 
@@ -64,7 +65,24 @@ def grad_cos(att: Attributor, cfg: GradCosConfig = GradCosConfig()) -> np.ndarra
     return scores.detach().cpu().numpy()
 
 
+def grad_dot_cost(shape, cfg: GradDotConfig):
+    """Grad-Dot's :class:`~.cost.Cost`: one pass over each side (the left-out side again for
+    each streamed test block), and with ``scale`` lambda_G's pass when not kept."""
+    import dataclasses
+    cost = pairwise_cost("grad_dot", shape)
+    if cfg.scale and cfg.damping is None and not shape.keeps("left") and not cost.refusal:
+        cost = dataclasses.replace(cost, gradient_rows=cost.gradient_rows + shape.n_left)
+    return cost
+
+
+def grad_cos_cost(shape, cfg: GradCosConfig):
+    """Grad-Cos's :class:`~.cost.Cost`: Grad-Dot's, with the normalised copies of a block."""
+    return pairwise_cost("grad_cos", shape, copies=3)
+
+
 SPECS = (
-    MethodSpec("grad_dot", grad_dot, GradDotConfig, "(6)", figure2=1, shared=DAMPING),
-    MethodSpec("grad_cos", grad_cos, GradCosConfig, "(6), both gradients normalised", figure2=2),
+    MethodSpec("grad_dot", grad_dot, GradDotConfig, "(6)", figure2=1, shared=DAMPING,
+               cost=grad_dot_cost),
+    MethodSpec("grad_cos", grad_cos, GradCosConfig, "(6), both gradients normalised", figure2=2,
+               cost=grad_cos_cost),
 )

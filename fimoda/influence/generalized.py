@@ -26,6 +26,7 @@ import torch
 
 from ..gradients import flatten, unflatten
 from .common import Attributor, DampedConfig, scores_with
+from .cost import damped_cost
 from .operators import DampedHessian, damped_hessian
 from .solvers.cg import cg_inverse
 from .specs import DAMPED, MethodSpec
@@ -78,7 +79,10 @@ def prop1(att: Attributor, cfg: Prop1Config = Prop1Config()) -> np.ndarray:
     A = damped_hessian(att, cfg, "true")
     solve = _solver(A, cfg)
     step = newton_step(A, solve)
-    W = att.train_grads + att.problem.per_example_hvp(att.X_loo, att.Y_loo, step)
+    p = att.problem
+    # rows of W, whole or streamed under the memory budget (scores_with)
+    W = lambda rows: att.rows("left", rows) + p.per_example_hvp(att.X_loo[rows],   # noqa: E731
+                                                                att.Y_loo[rows], step)
     return scores_with(att, solve, left=W)
 
 
@@ -88,8 +92,11 @@ def cor2(att: Attributor, cfg: Cor2Config = Cor2Config()) -> np.ndarray:
     A = damped_hessian(att, cfg, "gn")
     solve = _solver(A, cfg)
     step = newton_step(A, solve)
-    phi, _, d1, d2 = att.problem.gn_pieces(att.X_loo, att.Y_loo, desc="left-out Phi")
-    W = (d1 + d2 * (phi @ step))[:, None] * phi
+
+    def W(rows):
+        phi, _, d1, d2 = att.problem.gn_pieces(att.X_loo[rows], att.Y_loo[rows],
+                                               desc="left-out Phi")
+        return (d1 + d2 * (phi @ step))[:, None] * phi
     return scores_with(att, solve, left=W)
 
 
@@ -101,20 +108,47 @@ def eq16(att: Attributor, cfg: Eq16Config = Eq16Config()) -> np.ndarray:
     p = att.problem
     step = newton_step(A, solve)
     moved = unflatten(flatten(p.params, p.names) + step, p.params, p.names)
-    W = p.loss_grads(att.X_loo, att.Y_loo, params=moved, desc="left-out gradients at theta^f + step")
+    W = lambda rows: p.loss_grads(att.X_loo[rows], att.Y_loo[rows], params=moved,  # noqa: E731
+                                  desc="left-out gradients at theta^f + step")
     return scores_with(att, solve, left=W)
+
+
+def _cost(name: str, hessian: Optional[str], **kw):
+    """The generalized method's :class:`~.cost.Cost` hook: its solver's products on the scores'
+    columns and the Newton step's one (:func:`~.cost.damped_cost`); the dense solver's P
+    products and P x P matrices (:func:`.dense.dense_cost`) instead of CG's."""
+    import dataclasses
+    from .cg import cg_products
+    from .dense import DenseConfig, dense_cost
+
+    def cost(shape, cfg: Prop1Config):
+        h = cfg.hessian if hessian is None else hessian
+        if cfg.solver != "dense":
+            return damped_cost(name, shape, cfg, h, cg_products(cfg.max_iter), extra_columns=1,
+                               **kw)
+        shared = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(DampedConfig)}
+        dense = dense_cost(shape, DenseConfig(**shared, hessian=h))
+        if dense.refusal:
+            return dataclasses.replace(dense, method=name)
+        own = damped_cost(name, shape, cfg, h, lambda k: 0, **kw)
+        matrices = dense.peak_bytes - damped_cost("dense", shape, cfg, h, lambda k: 0).peak_bytes
+        return dataclasses.replace(own, products=dense.products, products_bound=False,
+                                   peak_bytes=own.peak_bytes + matrices)
+    return cost
 
 
 _LARGE = "as Prop. 1: tabular datasets only in the paper"
 SPECS = (
     MethodSpec("prop1", prop1, Prop1Config, "(7) with Delta-theta(D) of (15)", shared=DAMPED,
-               assumption1=True,
+               assumption1=True, cost=_cost("prop1", "true", left_copies=1,
+                                            example_products=True),
                large_model_skip="the generalized influence functions (Prop. 1, Cor. 2, eq. 16) "
                                 "need full-batch solves with the summed risk; the paper ran "
                                 "them on the tabular datasets only"),
     MethodSpec("cor2", cor2, Cor2Config, "Cor. 2 (Gauss-Newton form of (7))", shared=DAMPED,
-               large_model_skip=_LARGE),
+               large_model_skip=_LARGE, cost=_cost("cor2", "gn", left_copies=1,
+                                                   left_fresh=True)),
     MethodSpec("eq16", eq16, Eq16Config, "(16) near-stationary", shared=DAMPED,
-               assumption1=True,
+               assumption1=True, cost=_cost("eq16", None, left_fresh=True),
                large_model_skip=_LARGE),
 )

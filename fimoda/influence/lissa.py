@@ -18,6 +18,7 @@ from typing import Optional
 import numpy as np
 
 from .common import Attributor, DampedConfig, scores_with
+from .cost import damped_cost, gauss_newton_materialised
 from .errors import LissaDivergedError
 from .operators import damped_hessian
 from .solvers.lissa import lissa_inverse
@@ -119,9 +120,43 @@ def lissa_h(att: Attributor, cfg: LissaHConfig = LissaHConfig()) -> np.ndarray:
     return _lissa(att, cfg, "true", "LiSSA-H")
 
 
+def lissa_cost(shape, cfg: LissaConfig, hessian: str = "gn", name: str = "lissa"):
+    """LiSSA's :class:`~.cost.Cost` at its first scale (each further scale tried after a
+    divergence costs as much again): stochastic, ``depth`` x ``repeat`` products of a batch per
+    column; full batch by the recurrence, ``depth`` products per column; by the Krylov series,
+    at most a basis of ``cap`` columns (:func:`.solvers.lissa.lissa_inverse`: at most half of
+    ``memory_gb``, allocated whole), each one product, falling back to the recurrence beyond
+    it; none on the materialised Gauss-Newton matrix."""
+    from .solvers.lissa import KRYLOV_MIN_DEPTH, krylov_cap
+    stochastic = cfg.batch_size is not None and cfg.batch_size < shape.n
+    if stochastic:
+        return damped_cost(name, shape, cfg, hessian, lambda k: cfg.depth * cfg.repeat * k,
+                           bound=False, product_rows=cfg.batch_size)
+    if cfg.full_batch != "krylov" or cfg.depth < KRYLOV_MIN_DEPTH or \
+            gauss_newton_materialised(shape, hessian, cfg):
+        return damped_cost(name, shape, cfg, hessian, lambda k: cfg.depth * k, bound=False)
+    item = shape.dtype.itemsize
+    cap = min(krylov_cap(shape.P, item, cfg.memory_gb), shape.P)
+
+    def products(k):             # one per basis column and the first block's k
+        basis = (cfg.depth + 1) * k
+        if basis <= cap or cap >= shape.P:     # no fallback: a basis of P columns is invariant
+            return min(basis, cap) + k
+        return cap + cfg.depth * k             # the basis overflows: then the recurrence
+    # the basis is allocated whole (P x cap, cap x cap); writing its first columns already
+    # touches most of its pages
+    return damped_cost(name, shape, cfg, hessian, products,
+                       fixed=cap * shape.P * item + cap * cap * item)
+
+
+def lissa_h_cost(shape, cfg: LissaHConfig):
+    """LiSSA-H's :class:`~.cost.Cost`: :func:`lissa_cost` on the true Hessian."""
+    return lissa_cost(shape, cfg, "true", "lissa_h")
+
+
 SPECS = (
     MethodSpec("lissa", lissa, LissaConfig, "(12) by LiSSA on G + lambda I", figure2=5,
-               shared=DAMPED),
+               shared=DAMPED, cost=lissa_cost),
     MethodSpec("lissa_h", lissa_h, LissaHConfig, "(8) by LiSSA on the true H + lambda I",
-               figure2=6, shared=DAMPED),
+               figure2=6, shared=DAMPED, cost=lissa_h_cost),
 )

@@ -228,15 +228,24 @@ def gauss_newton_spectrum(att: Attributor, c: float) -> Spectral:
     return cache[c]
 
 
-def gauss_newton_fits(att: Attributor, memory_gb: float) -> bool:
-    """Whether ``materialize="auto"`` materialises the Gauss-Newton matrix: its peak with the
-    spectrum -- a and its basis (n x P), K and U (n x n), in :func:`work_dtype` -- fits in
-    ``memory_gb``."""
-    p = att.problem
-    n, P = att.n_train, p.n_params
-    work = torch.finfo(work_dtype(p.dtype, p.device)).bits // 8
+def gauss_newton_bytes(n: int, P: int, work_itemsize: int) -> int:
+    """Bytes of the materialised Gauss-Newton matrix at its peak with the spectrum: a and its
+    basis (n x P), K and U (min(n, P) squared), floats of ``work_itemsize`` bytes."""
     m = min(n, P)
-    return (2 * n * P + 2 * m * m) * work <= memory_gb * 2 ** 30
+    return (2 * n * P + 2 * m * m) * work_itemsize
+
+
+def gauss_newton_fits(att: Attributor, memory_gb: float) -> bool:
+    """Whether ``materialize="auto"`` materialises the Gauss-Newton matrix: its peak
+    (:func:`gauss_newton_bytes`, in :func:`work_dtype`) fits in ``memory_gb``."""
+    p = att.problem
+    work = torch.finfo(work_dtype(p.dtype, p.device)).bits // 8
+    return gauss_newton_bytes(att.n_train, p.n_params, work) <= memory_gb * 2 ** 30
+
+
+def dense_bytes(P: int, itemsize: int) -> int:
+    """Bytes a dense P x P damped Hessian needs besides its products: A and one more."""
+    return 2 * P ** 2 * itemsize
 
 
 class DampedHessian:
@@ -257,6 +266,7 @@ class DampedHessian:
         self.materialized = False
         self.kernel: Optional[Kernel] = None          # a and K = a a^T when n <= P
         self._spectral: Optional[Spectral] = None
+        self._dense: Optional[torch.Tensor] = None     # A as a P x P matrix, once formed
         if hessian == "gn" and materialize != "never":
             if materialize == "always" or gauss_newton_fits(att, memory_gb):
                 self.materialized = True
@@ -305,15 +315,18 @@ class DampedHessian:
 
     # -- exact
     def dense(self) -> torch.Tensor:
-        """A as a P x P matrix (small models only)."""
-        need = 2 * self.P ** 2 * (torch.finfo(self.dtype).bits // 8)
+        """A as a P x P matrix (small models only), formed once per operator."""
+        if self._dense is not None:
+            return self._dense
+        need = dense_bytes(self.P, torch.finfo(self.dtype).bits // 8)
         if need > self.memory_gb * 2 ** 30:
             raise MemoryBudgetError(f"a dense {self.P} x {self.P} Hessian needs "
                                     f"{need / 2**30:.1f} GiB > memory_gb={self.memory_gb}; "
                                     f"use an iterative method (cg, lissa)")
         eye = torch.eye(self.P, dtype=self.dtype, device=self.device)
         M = self.hess(eye)
-        return 0.5 * (M + M.T) + self.lam * eye
+        self._dense = 0.5 * (M + M.T) + self.lam * eye
+        return self._dense
 
     def solve(self, B: torch.Tensor) -> torch.Tensor:
         """A^{-1} B exactly: when G is materialised with n <= P, the Woodbury identity

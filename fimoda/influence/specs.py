@@ -58,7 +58,10 @@ class MethodSpec:
     returning further config fields (the trajectory's: the dataset's further training).
     ``large_model_skip``: why the paper's runs on ResNet-9 and the text encoder skip it (None:
     they run it). ``assumption1``: its linear solve needs the damped true Hessian positive
-    definite (the paper's Assumption 1), so the experiment raises its damping where needed."""
+    definite (the paper's Assumption 1), so the experiment raises its damping where needed.
+    ``cost``: None, or ``cost(shape, cfg)`` returning its :class:`fimoda.influence.cost.Cost`
+    (peak memory, per-example gradients, Hessian products, or a refusal) for a problem of
+    :class:`~fimoda.influence.cost.Shape` ``shape`` and its config ``cfg``, without any work."""
     name: str
     function: Callable
     config: type
@@ -71,6 +74,12 @@ class MethodSpec:
     from_experiment: Optional[Callable] = None
     large_model_skip: Optional[str] = None
     assumption1: bool = False
+    cost: Optional[Callable] = None
+
+    def estimate(self, shape, cfg):
+        """Its :class:`~fimoda.influence.cost.Cost` for ``shape`` and config ``cfg`` (None
+        when it has no ``cost`` hook)."""
+        return None if self.cost is None else self.cost(shape, cfg)
 
     @property
     def look(self) -> str:

@@ -72,6 +72,7 @@ import numpy as np
 import torch
 
 from .common import Attributor
+from .cost import trajectory_cost
 from .errors import finite_trajectory
 from .operators import HESSIANS, MATERIALIZE, DampedHessian
 from .specs import MethodSpec
@@ -354,6 +355,7 @@ SPECS = (
     MethodSpec("trajectory", trajectory, TrajectoryConfig,
                "linearised SGD further training, (eta/n) sum_k (I-eta A)^k", paper=False,
                shared=("memory_gb",), from_experiment=_further_training,
+               cost=lambda shape, cfg: trajectory_cost("trajectory", shape, cfg),
                large_model_skip="beyond the paper: its series needs full-batch Hessian "
                                 "products, as CG's does; notebook 07 runs it per evaluation "
                                 "point on the tabular datasets"),

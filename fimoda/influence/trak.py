@@ -38,6 +38,7 @@ from ..progress import progress_bar
 from ..losses import loss_derivatives
 from ..memory import row_bytes
 from .common import Attributor
+from .cost import trak_cost
 from .specs import MethodSpec
 
 PROJ_TYPES = ("normal", "rademacher", "sjlt")
@@ -218,4 +219,5 @@ def trak(att: Attributor, cfg: TrakConfig = TrakConfig()) -> np.ndarray:
     return scores.cpu().numpy()
 
 
-SPECS = (MethodSpec("trak", trak, TrakConfig, "TRAK_{M=1}", figure2=7),)
+SPECS = (MethodSpec("trak", trak, TrakConfig, "TRAK_{M=1}", figure2=7,
+                    cost=lambda shape, cfg: trak_cost("trak", shape, cfg)),)

@@ -276,14 +276,18 @@ def lissa_kernel(A: DampedHessian, B: torch.Tensor, scale: float, depth: int,
     return (p[-1] * Bw + a.T @ (U @ (f[:, None] * C))).to(B.dtype)
 
 
+def krylov_cap(P: int, itemsize: int, memory_gb: float) -> int:
+    """Columns the Krylov basis of full-batch LiSSA may have: at most half of ``memory_gb``
+    (GB) of P-vectors, and 4000 (so that the eigen-decomposition of T stays cheap)."""
+    return int(min(4000, memory_gb * 2 ** 30 / 2 / (P * itemsize)))
+
+
 def lissa_inverse(A: DampedHessian, B: torch.Tensor, cfg: LissaConfig, stochastic: bool,
                   progress: bool, desc: str) -> torch.Tensor:
     """A^{-1} B by LiSSA with the settings of ``cfg`` (see :class:`LissaConfig`)."""
     if not stochastic:                          # deterministic: every repeat is identical
         krylov = cfg.full_batch == "krylov" and cfg.depth >= KRYLOV_MIN_DEPTH
-        # basis columns: at most half the memory budget, and 4000 (T's eigh stays cheap)
-        item = torch.finfo(A.dtype).bits // 8
-        cap = int(min(4000, cfg.memory_gb * 2 ** 30 / 2 / (A.P * item)))
+        cap = krylov_cap(A.P, torch.finfo(A.dtype).bits // 8, cfg.memory_gb)
         if A.kernel is not None:
             if krylov and kernel_eig_costlier(A, B.shape[1]):
                 # the same series in a Krylov subspace of the kernel's cheap products
