@@ -16,7 +16,8 @@ HTML pages and their index).
 from .api import TASKS, attribute, attributor, cosine_to_gold, gold_standard
 from .gradients import CustomLossError
 from .influence import METHODS
+from .parameters import select_parameters
 
 __version__ = "0.1.0"
-__all__ = ["attribute", "attributor", "gold_standard", "cosine_to_gold", "METHODS", "TASKS",
-           "CustomLossError", "__version__"]
+__all__ = ["attribute", "attributor", "gold_standard", "cosine_to_gold", "select_parameters",
+           "METHODS", "TASKS", "CustomLossError", "__version__"]
