@@ -16,7 +16,8 @@ An item of a Dataset (one row) or a batch of a DataLoader may be
 - a dict or ``BatchEncoding`` of token-level tensors, Hugging Face style, with the targets under
   ``labels`` (or ``label``) or given as ``y``: these go on as a list of dict batches, padded and
   packed by :mod:`fimoda.hf` (a Dataset's rows may each have their own length);
-- the inputs alone (a tensor or array): the targets are then the ``y`` argument.
+- the inputs alone (a tensor or array, or a 1-tuple of one): the targets are then the ``y``
+  argument.
 """
 from __future__ import annotations
 
@@ -134,6 +135,8 @@ def rows(data, y, name: str, y_name: str):
     if not is_torch_data(data):
         return data, y
     items, one_row = _items(data, name)
+    # a 1-tuple (what TensorDataset(X) yields) is the inputs alone
+    items = [it[0] if isinstance(it, (tuple, list)) and len(it) == 1 else it for it in items]
     if not items:
         raise ValueError(f"{name} holds no rows")
     where = f"{name}'s {'row' if one_row else 'batch'}"

@@ -122,8 +122,11 @@ def test_text_rows_from_a_dataset_and_a_loader_pack_to_the_batches_rows(text):
     one_by_one = ListDataset(sentences(train))
     for data in (one_by_one, shuffled_loader(one_by_one, 3, pad_collate)):
         X, y = rows(data, None, "X_train", "y_train")
-        cols, got = split_labels(X, y)
-        assert torch.equal(pack_inputs(cols, keys)[0], ref) and torch.equal(got, labels)
+        cols, got_y = split_labels(X, y)
+        got = pack_inputs(cols, keys)[0]       # padded to the longest sentence, not batch width
+        L = got.shape[-1]
+        assert torch.equal(got, ref[..., :L]) and torch.equal(got_y, labels)
+        assert not ref[:, keys.index("attention_mask"), L:].any()
 
 
 @pytest.mark.filterwarnings("ignore:DataInf. layers whose")
