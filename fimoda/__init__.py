@@ -18,7 +18,9 @@ and their index) and ``cli``.
 from .api import TASKS, attribute, attributor, cosine_to_gold, estimate_cost, gold_standard
 from .gradients import CustomLossError
 from .influence import METHODS
+from .parameters import select_parameters
 
 __version__ = "0.1.0"
 __all__ = ["attribute", "attributor", "estimate_cost", "gold_standard", "cosine_to_gold",
+           "select_parameters",
            "METHODS", "TASKS", "CustomLossError", "__version__"]

@@ -13,7 +13,10 @@ Inputs may be numpy arrays or tensors; they are converted to the model's dtype a
 (integer inputs such as token ids stay integer; class labels become int64). Text inputs may also
 come as Hugging Face batches: a dict / ``BatchEncoding`` of (N, L) token tensors with an
 ``attention_mask``, or a list of such batches of different lengths (``y`` None: their ``labels``);
-a model returning an object with ``.logits`` is taken as it is (:mod:`fimoda.hf`). The caller's
+a model returning an object with ``.logits`` is taken as it is (:mod:`fimoda.hf`). Any of these
+may also come as a ``torch.utils.data.Dataset`` or ``DataLoader`` (:mod:`fimoda.inputs`: row i is
+``dataset[i]``, also for a loader that shuffles). ``names=`` restricts every method and the gold
+standard to a subset of the parameters (:func:`fimoda.select_parameters`). The caller's
 model is left as it was: its train/eval mode and which parameters require gradients are restored,
 and the gold standard trains copies. ``loss=`` takes a per-example loss of the user's
 (:func:`attribute`); ``memory=`` bounds the memory of streamed per-example gradients, and
@@ -27,8 +30,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .gradients import param_names
 from .hf import adapt, eager_attention, wrap_if_logits
+from .inputs import rows
 from .losses import TASKS, check_task
+from .parameters import describe
 from .tensors import as_inputs, as_targets, as_tensor, check_data
 
 
@@ -170,11 +176,14 @@ def _check_numeric(name: str, a) -> None:
 
 def _prepare(model, X_train, y_train, left_out, X_test, y_test, task, loss=None,
              groups: bool = False):
-    """(model to attribute, X, y, left-out rows, X_test, y_test) as tensors, dict batches
-    packed (:func:`fimoda.hf.adapt`); one error for bad input before any work. ``left_out``:
+    """(model to attribute, X, y, left-out rows, X_test, y_test) as tensors, a Dataset /
+    DataLoader read into its rows (:func:`fimoda.inputs.rows`), dict batches packed
+    (:func:`fimoda.hf.adapt`); one error for bad input before any work. ``left_out``:
     a 1-D index tensor, or with ``groups`` in any form :func:`fimoda.gold.groups.as_left_out`
     takes (indices or groups)."""
     check_task(task)
+    X_train, y_train = rows(X_train, y_train, "X_train", "y_train")     # Dataset / DataLoader
+    X_test, y_test = rows(X_test, y_test, "X_test", "y_test")
     model, X_train, y_train, X_test, y_test = adapt(model, X_train, y_train, X_test, y_test)
     dtype, _ = _model_dtype_device(model)
     if not dtype.is_floating_point or dtype not in (torch.float32, torch.float64):
@@ -205,7 +214,10 @@ def attributor(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
     """The compute-once state of every method (:class:`fimoda.influence.Attributor`): theta^f
     with its whole training set, the left-out rows ``left_out`` and the test set. Reuse it to run
     several methods on the same per-example gradients. ``loss``, ``memory``, ``hvp_batch``: see
-    :func:`attribute`; ``chunk``: most rows batched by vmap at once."""
+    :func:`attribute`; ``chunk``: most rows batched by vmap at once. ``names``: the parameters
+    to attribute (exact names or module prefixes, :func:`fimoda.select_parameters`; None: every
+    trainable one). How many of the model's parameters that is (its ``description``) is printed
+    with ``progress`` and whenever it is not all of them."""
     from .gradients import Problem
     from .influence import Attributor
     with _model_left_as_it_was(model):
@@ -213,7 +225,10 @@ def attributor(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
                                               task, loss)
         problem = Problem(wrapped, X, y, task, names=names, chunk=chunk, progress=progress,
                           loss_fn=loss, memory=memory, batch_size=hvp_batch)
-    return Attributor(problem, X[idx], y[idx], Xt, yt, loo_rows=idx)
+    att = Attributor(problem, X[idx], y[idx], Xt, yt, loo_rows=idx)
+    if progress or problem.n_params < sum(p.numel() for p in wrapped.parameters()):
+        print(att.description)
+    return att
 
 
 def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
@@ -296,7 +311,8 @@ def estimate_cost(model, X_train, y_train, left_out, X_test, y_test, *, task: st
 def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
                   epochs: int = 5, seeds: int = 5, lr: float = 1e-2, optimizer: str = "sgd",
                   batch_size: int = 128, mechanism: str = "remove", adjust: str = "mean",
-                  at: Optional[int] = -1, loss: Optional[Callable] = None, **gold_options):
+                  at: Optional[int] = -1, loss: Optional[Callable] = None,
+                  names: Optional[Sequence[str]] = None, **gold_options):
     """The further-training gold standard (eq. 13, ``adjust="full"``: eq. 17) as
     ``scores[j, i]``, the layout of :func:`attribute`: further-train copies of the model on the
     full training set and without each ``left_out[i]``, ``seeds`` batch orders, ``epochs`` epochs.
@@ -313,6 +329,9 @@ def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: st
     ``gold_options``: other :class:`fimoda.gold.GoldConfig` fields
     (``weight_decay``, ``max_steps``, ...). ``loss(outputs, targets) -> (B,)``: the per-example
     loss further training minimises when it is not the task's (any twice differentiable loss).
+    ``names``: the parameters further training moves (exact names or module prefixes,
+    :func:`fimoda.select_parameters`; None: every trainable one), the others stay at theta^f;
+    a subset is printed as one line.
 
     The defaults are a first look (5 seeds x 5 epochs); the paper used 100 seeds and its
     datasets' epochs (``fimoda.config``)."""
@@ -323,6 +342,7 @@ def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: st
     gcfg = GoldConfig(optimizer=optimizer, lr=lr, epochs=epochs, seeds=seeds,
                       batch_size=batch_size, mechanism=mechanism,
                       **{"progress": False, **gold_options})
+    moved = None if names is None else param_names(wrapped, names)
     if at is not None:                   # before any training: the evaluation points are known
         from .gold.schedule import make_schedule
         T = len(make_schedule(len(X), gcfg).eval_steps)
@@ -330,6 +350,12 @@ def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: st
             raise ValueError(f"at={at!r} is not an evaluation point: there are {T} (0 = theta^f "
                              f"itself ... {T - 1}; negative counts from the end; None: all)")
     with _model_left_as_it_was(model):
+        if moved is not None:
+            for n, p in wrapped.named_parameters():
+                p.requires_grad_(n in moved)   # frozen in further_train's copies (engine: not mlp)
+            if sum(p.numel() for p in wrapped.parameters() if p.requires_grad) < \
+                    sum(p.numel() for p in wrapped.parameters()):
+                print(describe(wrapped, moved, "further-training") + "; the others stay fixed")
         res = further_train(wrapped, task, X, y, Xt, yt, idx.numpy(), gcfg, loss=loss)
     a = gold_scores(res.loss_full, res.loss_loo, adjust=adjust)      # a[i, t, j]
     if at is None:

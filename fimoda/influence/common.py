@@ -74,6 +74,16 @@ class Attributor:
     def n_train(self) -> int:
         return len(self.problem.X)
 
+    @property
+    def description(self) -> str:
+        """One line: how many of the model's parameters are attributed, and which modules."""
+        from ..parameters import describe
+        return describe(self.problem.model, self.problem.names)
+
+    def __repr__(self) -> str:
+        return (f"Attributor({self.n_train} training rows, {len(self.X_loo)} left out, "
+                f"{len(self.X_test)} test points; {self.description})")
+
     @cached_property
     def train_grads(self) -> torch.Tensor:
         """grad L(z_i; theta^f) for the left-out instances, (n', P)."""
