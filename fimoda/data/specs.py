@@ -25,7 +25,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..config import PROFILES, ExperimentConfig, FurtherTrainConfig, MethodConfig, TrainConfig
+from ..config import (PROFILES, ExperimentConfig, FurtherTrainConfig, MethodConfig,
+                      TrainConfig, YardstickConfig)
 from ..losses import TASKS
 from .dataset import LOADERS, Loader
 
@@ -52,6 +53,8 @@ class Overrides:
     # ExperimentConfig's own fields -> value; in practice the model's size (``width`` of
     # ResNet-9, ``trainable_layers`` of the encoder)
     model_size: dict = field(default_factory=dict)
+    # notebook 08's settings (:class:`fimoda.config.YardstickConfig` fields -> value)
+    yardsticks: dict = field(default_factory=dict)
 
     def check(self, where: str) -> None:
         """One ValueError naming the first field no config class has."""
@@ -68,6 +71,10 @@ class Overrides:
             if bad:
                 raise ValueError(f"{where}: {part} overrides unknown field(s) {bad}; "
                                  f"fields: {sorted(known)}")
+        try:
+            dataclasses.replace(YardstickConfig(), **self.yardsticks)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: yardsticks overrides: {e}") from None
 
 
 @dataclass(frozen=True)
