@@ -346,8 +346,9 @@ def ceiling_tables(gold, scores: dict, eval_points: int = 8):
 def save_summary(cfg, optimizer, additivity, cosines, lds, ceiling, directory=None) -> Path:
     """``yardsticks_summary_<optimizer>.csv`` in the dataset's results: the numbers notebook 05
     puts into ``summary.md`` (:func:`fimoda.report.yardstick_rows`): the additivity error
-    (relative L2) per |S| at the last evaluation point, the group cosines per |S|, the LDS of
-    each row both ways, and the noise ceiling and cosine / ceiling at the last point."""
+    (relative L2) per |S| at the last evaluation point, the group cosines at the smallest and
+    largest |S|, the LDS of each row both ways, and the noise ceiling and cosine / ceiling at
+    the last point."""
     import pandas as pd
     from .evaluation import save_table
     opt, _ = gold_settings(cfg, optimizer)
@@ -357,7 +358,7 @@ def save_summary(cfg, optimizer, additivity, cosines, lds, ceiling, directory=No
                      "group size": k, "value": v["rel_l2"][0][-1], "se": v["rel_l2"][1][-1]})
     mean, se = cosines
     for name in mean.index:
-        for k in mean.columns:
+        for k in sorted({min(mean.columns), max(mean.columns)}):     # the extremes of |S|
             rows.append({"part": "group cosine (eq. 13)", "what": name, "group size": k,
                          "value": mean.loc[name, k], "se": se.loc[name, k]})
     for name, r in lds.iterrows():
