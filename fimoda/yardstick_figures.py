@@ -37,8 +37,8 @@ def additivity_figure(eval_points, table: dict, title: str, unit: str = "epoch",
         for t in at:
             mean = np.array([table[k][key][0][t] for k in sizes])
             se = np.array([table[k][key][1][t] for k in sizes])
-            ax.errorbar(sizes, mean, yerr=se, marker="o", capsize=3, lw=1.4,
-                        label=f"after {eval_points[t]:g} {unit}s")
+            when = f"{eval_points[t]:g} {unit}" + ("" if eval_points[t] == 1 else "s")
+            ax.errorbar(sizes, mean, yerr=se, marker="o", capsize=3, lw=1.4, label=f"after {when}")
         _size_axis(ax, sizes)
         ax.set_ylabel(ylabel)
         ax.set_ylim(bottom=0)

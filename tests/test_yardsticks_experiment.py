@@ -64,7 +64,7 @@ def test_settings_validate_and_reductions_name_each_change():
         Overrides(yardsticks=dict(groups=3)).check("spec")
     assert yardstick_reductions(yardstick_config("concrete", "paper"), "paper") == []
     cpu = yardstick_config("concrete", "cpu")
-    assert "lds_subsets: 50 -> 20" in yardstick_reductions(cpu, "cpu")
+    assert "lds_subsets: 50 -> 16" in yardstick_reductions(cpu, "cpu")
     cfg = get_config("concrete", "cpu")
     y = yx.settings(cfg)
     assert y.group_seeds == 2 and yx.settings(cfg, n_gold_seeds=1).group_seeds == 1

@@ -62,10 +62,10 @@ _SMOKE_FURTHER = dict(mislabel_trials=1, seeds=2, n_loo=8, n_test=6)   # every t
 # Notebook 08 (fimoda.config.YardstickConfig; the issue asks M = 50 in the cpu profile): every
 # further-training run costs what one of notebook 02's does, and each of the M re-trainings from
 # theta^0 the final model's whole training, so the cpu profile keeps notebook 08 near 2 minutes
-# per dataset on 2 cores: 5 groups per size with 2 of the gold's seeds, M = 20 further-training
+# per dataset on 2 cores: 4 groups per size with 2 of the gold's seeds, M = 16 further-training
 # subsets, M = 10 re-trainings over a fifth of the recipe's epochs (FICO: a tenth of its 200).
 # Smoke: seconds.
-_CPU_YARDSTICKS = dict(groups_per_size=5, group_seeds=2, lds_subsets=20, retrain_subsets=10)
+_CPU_YARDSTICKS = dict(groups_per_size=4, group_seeds=2, lds_subsets=16, retrain_subsets=10)
 _SMOKE_YARDSTICKS = dict(groups_per_size=3, group_seeds=2, lds_subsets=5, retrain_subsets=4)
 _ALL = ("smoke", "cpu", "paper")
 # cpu: the gold standard is most of the profile's time on 2 cores: Concrete and Energy keep a

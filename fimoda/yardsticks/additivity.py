@@ -65,7 +65,9 @@ def additivity_error(group_gold, additive) -> dict:
         rel = np.where(ok, np.linalg.norm(g - s, axis=2) / np.where(ok, ng, 1.0), np.nan)
         both = ok & (ns > 0)
         cos = np.where(both, (g * s).sum(2) / np.where(both, ng * ns, 1.0), np.nan)
-    return {"rel_l2": rel, "one_minus_cos": np.where(ok, 1.0 - np.nan_to_num(cos), np.nan)}
+    # cos <= 1 up to rounding: 1 - cos clipped at 0
+    return {"rel_l2": rel,
+            "one_minus_cos": np.where(ok, np.maximum(1.0 - np.nan_to_num(cos), 0.0), np.nan)}
 
 
 def group_score(scores, positions) -> np.ndarray:
