@@ -43,7 +43,8 @@ def membership(positions, n: int) -> np.ndarray:
 
 
 def additive_estimate(loo_gold, positions) -> np.ndarray:
-    """(m, T, J): sum over each group's members of the leave-one-out gold ``loo_gold`` (|L|, T, J)."""
+    """(m, T, J): sum over each group's members of the leave-one-out gold ``loo_gold``
+    (|L|, T, J)."""
     a = np.asarray(loo_gold, dtype=np.float64)
     if a.ndim != 3:
         raise ValueError(f"loo_gold must be (left-out, eval points, test), got {a.shape}")
