@@ -19,13 +19,14 @@ from typing import Optional
 
 from .data.specs import PROFILES, get_spec
 from .settings import (DAMPING_GRID, DEFAULT_ENCODER, ExperimentConfig, FurtherTrainConfig,
-                       MethodConfig, TrainConfig, apply_method_overrides)
+                       MethodConfig, TrainConfig, YardstickConfig, apply_method_overrides)
 from .training.baselines import FINAL_MODEL_MARGIN, BaselineMargin
 
 __all__ = ["PROFILES", "get_config", "gold_variant", "reductions", "describe", "paper_config",
            "DAMPING_GRID", "DEFAULT_ENCODER", "ExperimentConfig", "FurtherTrainConfig",
            "MethodConfig", "TrainConfig", "apply_method_overrides", "FINAL_MODEL_MARGIN",
-           "BaselineMargin"]
+           "BaselineMargin", "YardstickConfig", "YARDSTICK_DATASETS", "ISSUE_YARDSTICKS",
+           "yardstick_config", "yardstick_reductions"]
 
 
 def paper_config(dataset: str) -> ExperimentConfig:
@@ -119,3 +120,30 @@ def __getattr__(name: str):
     if name == "PROFILE_DATASETS":
         return {p: specs.default_datasets(p) for p in PROFILES}
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# The datasets the pipeline runs notebook 08 for (every profile): the issue's regression and
+# classification sets; any tabular dataset runs it by hand
+YARDSTICK_DATASETS = ("concrete", "fico")
+# What the yardsticks' full settings are per profile: the paper profile's defaults, and M = 50 in the cpu profile
+ISSUE_YARDSTICKS = {"paper": YardstickConfig(),
+                    "cpu": YardstickConfig(lds_subsets=50, retrain_subsets=50)}
+
+
+def yardstick_config(dataset: str, profile: str) -> YardstickConfig:
+    """Notebook 08's settings for ``dataset`` under ``profile``: the issue's, with the
+    profile's ``yardsticks`` overrides of the dataset spec."""
+    from .data.specs import get_spec
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {PROFILES}")
+    changes = get_spec(dataset).profiles.get(profile)
+    return replace(YardstickConfig(), **(changes.yardsticks if changes is not None else {}))
+
+
+def yardstick_reductions(ycfg: YardstickConfig, profile: str) -> list[str]:
+    """Each setting of ``ycfg`` that differs from what the issue asks of ``profile`` (the cpu
+    profile's for smoke), as "name: issue -> here"."""
+    issue = ISSUE_YARDSTICKS.get(profile, ISSUE_YARDSTICKS["cpu"])
+    return [f"{f.name}: {getattr(issue, f.name)} -> {getattr(ycfg, f.name)}"
+            for f in dataclasses.fields(ycfg) if getattr(issue, f.name) != getattr(ycfg, f.name)]
+

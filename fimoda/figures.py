@@ -221,6 +221,15 @@ KINDS = {k.name: k for k in [
                "trajectory-matched influence and the damping schedule 1/(lr t) at every "
                "evaluation point, beside the paper's methods (beyond the paper, notebook 07)",
                "07"),
+    FigureKind("additivity", "{dataset}_additivity_{optimizer}_{mechanism}.png",
+               "group leave-out further training against the sum of single leave-outs: "
+               "additivity error against the group size (beyond the paper, notebook 08)", "08"),
+    FigureKind("group_cosine", "{dataset}_group_cosine_{optimizer}_{mechanism}.png",
+               "cosine over groups between each method's summed score and the group gold, "
+               "against the group size (beyond the paper, notebook 08)", "08"),
+    FigureKind("lds", "{dataset}_lds_{optimizer}_{mechanism}.csv",
+               "linear datamodeling score of every method, further training from theta^f and "
+               "re-training from scratch (beyond the paper, notebook 08)", "08"),
     FigureKind("param_distance", "{dataset}_param_distance_{optimizer}.png",
                "distance of further-trained parameters from theta^f", "02"),
     FigureKind("final_training", "{dataset}_final_training.png",

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import PROFILES
+from .config import PROFILES, YARDSTICK_DATASETS
 from .data.specs import cost_order, dataset_names, default_datasets, tabular_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +36,9 @@ STEPS = [
     # beyond the paper (issue 13): the infinitesimal gold standard and trajectory-matched
     # influence; tabular datasets run it, images and text print why they skip it
     ("07_beyond_the_paper.ipynb", True, None),
+    # the field's yardsticks (issue 24): group leave-out, LDS two ways, the gold's noise ceiling;
+    # Concrete and FICO (fimoda.config.YARDSTICK_DATASETS)
+    ("08_yardsticks.ipynb", True, YARDSTICK_DATASETS),
 ]
 
 # notebooks that read no dataset (so get no ``datasets`` parameter)

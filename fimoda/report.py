@@ -55,7 +55,8 @@ PAPER_VALUES = {
 }
 
 __all__ = ["PAPER_VALUES", "NOTEBOOK_OF_KIND", "paper_figure", "figure_index", "paper_order",
-           "write_figure_index", "summary_rows", "mislabel_rows", "beyond_rows", "write_summary"]
+           "write_figure_index", "summary_rows", "mislabel_rows", "beyond_rows", "yardstick_rows",
+           "write_summary"]
 
 # which notebook writes each kind of file (its prefix in fimoda.pipeline.STEPS)
 NOTEBOOK_OF_KIND = {k.name: k.notebook for k in KINDS.values()}
@@ -196,6 +197,20 @@ def beyond_rows(profile: str, datasets):
     return t[["dataset"] + [c for c in t.columns if c != "dataset"]]
 
 
+def yardstick_rows(profile: str, datasets):
+    """The numbers of notebook 08 (``yardsticks_summary_<optimizer>.csv`` of each dataset that
+    ran it): additivity error and group cosines per |S|, the LDS both ways, the noise ceiling
+    (:func:`fimoda.experiment.yardsticks.save_summary`)."""
+    import pandas as pd
+    out = [pd.read_csv(p).assign(dataset=ds) for ds in datasets
+           for p in sorted(results_dir(profile, ds).glob("yardsticks_summary_*.csv"))]
+    if not out:
+        return pd.DataFrame()
+    t = pd.concat(out, ignore_index=True)
+    t["group size"] = t["group size"].map(lambda v: "" if pd.isna(v) else str(int(v)))
+    return t[["dataset"] + [c for c in t.columns if c != "dataset"]]
+
+
 def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
                   mechanism: Optional[str] = None, path=None, figures=None,
                   seeds: Optional[int] = None, results: Optional[list] = None) -> Path:
@@ -233,6 +248,12 @@ def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
                   "work (and to notebook 02's), float32 relative errors; trajectory-matched "
                   "influence and the damping schedule, each scored at every evaluation point, "
                   "beside the paper's methods (eq. 13).", "", markdown_table(b), ""]
+    y = yardstick_rows(profile, datasets)
+    if not y.empty:
+        lines += ["## Yardsticks of the field (notebook 08)", "",
+                  "Group leave-out against the sum of single leave-outs, each method's summed "
+                  "score against the group gold, the LDS (higher: the method predicts the "
+                  "measured losses better) and the gold's noise ceiling.", "", markdown_table(y), ""]
     m = mislabel_rows(profile, datasets, figures)
     if not m.empty:
         lines += ["## Mislabelled-example detection (App. E.2.1)", "", markdown_table(m), ""]

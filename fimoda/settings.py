@@ -16,7 +16,7 @@ from typing import Optional
 # The damping grid of the paper (App. D.4), multiples of lambda_G (Energy: x10): the methods' own
 from .influence.common import DAMPING_GRID
 
-__all__ = ["DAMPING_GRID", "DEFAULT_ENCODER", "TrainConfig", "FurtherTrainConfig",
+__all__ = ["YardstickConfig", "DAMPING_GRID", "DEFAULT_ENCODER", "TrainConfig", "FurtherTrainConfig",
            "MethodConfig", "ExperimentConfig", "apply_method_overrides"]
 
 # the pretrained encoder of the text model (Hugging Face name) when a config names none
@@ -160,3 +160,52 @@ def apply_method_overrides(m: MethodConfig, changes: dict) -> MethodConfig:
     for name, values in settings.items():
         merged.setdefault(name, {}).update(values)
     return replace(m, settings=merged, **fields)
+
+
+@dataclass(frozen=True)
+class YardstickConfig:
+    """Notebook 08's yardsticks beside the paper's: group leave-out further training
+    against the sum of single leave-outs, the linear datamodeling score (LDS) two ways, and the
+    gold standard's noise ceiling. The defaults are the full settings (the ``paper``
+    profile); a profile's reductions are set per dataset (:class:`fimoda.data.specs.Overrides`
+    ``yardsticks``) and printed by notebook 08. Not part of :class:`ExperimentConfig`: no
+    result of notebooks 01-07 depends on it."""
+    # |S| of the group leave-out runs (sizes above the left-out set's |L| are dropped)
+    group_sizes: tuple = (1, 2, 5, 10, 20, 50)
+    # random groups S drawn from L per size (size 1: that many distinct instances, at most |L|)
+    groups_per_size: int = 10
+    # further-training seeds of the group runs: the first k of the gold standard's seeds (None:
+    # all of them), so that each group run has the leave-one-out runs of the same seeds
+    group_seeds: Optional[int] = None
+    # further-training LDS: M random subsets K_m of L keeping a fraction alpha; each model is
+    # further trained from theta^f without L \ K_m, with ``group_seeds`` seeds
+    lds_subsets: int = 100
+    lds_alpha: float = 0.5
+    # re-training LDS (classic, Park et al. 2023): M models re-trained from theta^0 with the final
+    # model's recipe, over subsets of L kept with fraction alpha (lds_alpha), everything outside L
+    # in every model; ``retrain_epochs`` None: the recipe's epochs
+    retrain_subsets: int = 100
+    retrain_epochs: Optional[int] = None
+    retrain_seeds: int = 1
+    # the seed of numpy.random.default_rng drawing the groups and subsets
+    draw_seed: int = 0
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"YardstickConfig: {msg}")
+        sizes = tuple(self.group_sizes)
+        if not sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1
+                            for k in sizes) or len(set(sizes)) != len(sizes):
+            bad(f"group_sizes must be distinct integers >= 1, got {self.group_sizes!r}")
+        object.__setattr__(self, "group_sizes", tuple(sorted(sizes)))
+        for name, least in (("groups_per_size", 2), ("lds_subsets", 3), ("retrain_subsets", 3),
+                            ("retrain_seeds", 1), ("group_seeds", 1), ("retrain_epochs", 1),
+                            ("draw_seed", 0)):
+            v = getattr(self, name)
+            if v is None and name in ("group_seeds", "retrain_epochs"):
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < least:
+                bad(f"{name} must be an integer >= {least}, got {v!r}")
+        if not 0 < self.lds_alpha < 1:
+            bad(f"lds_alpha (the fraction of L each model keeps) must lie in (0, 1), got "
+                f"{self.lds_alpha!r}")

@@ -20,7 +20,8 @@ PACKAGE = Path(fimoda.__file__).parent
 # core, so a new module is core unless it is placed under one of these.
 PAPER = ("fimoda.paper", "fimoda.config", "fimoda.banner", "fimoda.pipeline", "fimoda.render",
          "fimoda.report", "fimoda.reproduction", "fimoda.plots", "fimoda.figures",
-         "fimoda.walkthrough", "fimoda.walkthrough_figures", "fimoda.experiment",
+         "fimoda.walkthrough", "fimoda.walkthrough_figures", "fimoda.yardstick_figures",
+         "fimoda.experiment",
          "fimoda.beyond", "fimoda.cli", "fimoda.__main__")
 
 

@@ -56,3 +56,21 @@ def test_retraining_lds_is_retrain_loo_without_the_complements():
     direct = retrain_loo(init, cfg, X, y, Xt, yt, groups, seeds=2, progress=False)
     assert np.array_equal(runs.gold.loss_loo, direct.loss_loo)
     assert runs.gold.loo_indices.shape == (4, 10) and list(runs.eval_points) == [0, 1, 2]
+
+
+def test_retraining_lds_over_a_pool_leaves_out_only_pool_members():
+    """``pool``: each model leaves out the pool minus its kept subset (positions in the pool),
+    every instance outside the pool stays in; the runs are retrain_loo's for those groups."""
+    cfg, init, X, y, Xt, yt = retraining_problem(n=20, epochs=2, hidden=8)
+    pool = np.array([1, 4, 6, 9, 12, 15, 18, 19])
+    runs = retraining_lds(init, cfg, X, y, Xt, yt, n_subsets=3, alpha=0.25, seed=2,
+                          pool=pool, progress=False)
+    assert runs.subsets.shape == (3, 2) and runs.subsets.max() < len(pool)
+    groups = [np.setdiff1d(pool, pool[k]) for k in runs.subsets]
+    assert [sorted(g) for g in groups] == [sorted(r[r >= 0]) for r in runs.gold.loo_indices]
+    direct = retrain_loo(init, cfg, X, y, Xt, yt, groups, seeds=1, progress=False)
+    assert np.array_equal(runs.gold.loss_loo, direct.loss_loo)
+    with pytest.raises(ValueError, match="pool"):
+        retraining_lds(init, cfg, X, y, Xt, yt, n_subsets=3, pool=[[1, 2]], progress=False)
+    with pytest.raises(ValueError, match="pool"):
+        retraining_lds(init, cfg, X, y, Xt, yt, n_subsets=3, pool=[1, 1, 2, 3], progress=False)

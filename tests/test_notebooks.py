@@ -103,6 +103,8 @@ def test_plan_runs_every_notebook_for_every_dataset_in_order():
         for nb in ("01_final_models", "02_gold_further_training", "03_attribution_methods",
                    "04_evaluation", "06_qualitative", "07_beyond_the_paper"):
             assert (nb + ".ipynb", ds) in names
+    # the yardsticks (issue 24) for the tabular datasets of fimoda.config.YARDSTICK_DATASETS
+    assert [d for nb, d in names if nb == "08_yardsticks.ipynb"] == ["concrete"]
     assert ("05_summary_figures.ipynb", None) in names
     order = [nb for nb, _ in names[1:]]         # after the walkthrough, in numbered order
     assert order == sorted(order)
@@ -119,7 +121,7 @@ def test_chains_split_the_plan_into_independent_dataset_chains():
     # Concrete's gold standard three times in the smoke profile: its default (SGD, remove),
     # subtract, and Adam (App. E.1), which notebooks 04 and 07 (part 2 only) use a second time
     assert [nb[:2] for nb, _, _ in per_ds[0]] == ["01", "02", "02", "02", "03", "04", "04", "06",
-                                                  "07", "07"]
+                                                  "07", "07", "08"]
     assert per_ds[0][9][1]["optimizer"] == "adam" and per_ds[0][9][1]["infinitesimal"] is False
     assert per_ds[0][2][1]["mechanism"] == "subtract" and "optimizer" not in per_ds[0][2][1]
     assert per_ds[0][3][1]["optimizer"] == "adam" and per_ds[0][6][1]["optimizer"] == "adam"
@@ -150,16 +152,16 @@ def test_smoke_pipeline_runs_every_notebook(concrete_run, in_concrete_run):
     # one line per notebook with its wall time, the total, then the HTML copy; nothing from the
     # kernels
     lines = out.strip().splitlines()
-    assert len(lines) == 1 + 13 + 2, out
-    assert all(re.search(r"^\[ ?\d+/13\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-2]), out
-    assert lines[-2].startswith("all 13 notebooks done in ")
+    assert len(lines) == 1 + 14 + 2, out
+    assert all(re.search(r"^\[ ?\d+/14\] \S+.* \d+:\d\d$", ln) for ln in lines[1:-2]), out
+    assert lines[-2].startswith("all 14 notebooks done in ")
     index = isolated / "executed" / "smoke" / "index.html"
-    assert lines[-1].startswith("HTML of 13 executed notebooks (")
+    assert lines[-1].startswith("HTML of 14 executed notebooks (")
     assert lines[-1].endswith(f"to read without a kernel: {index}")
-    assert len(list((index.parent / "html").glob("*.html"))) == 13
+    assert len(list((index.parent / "html").glob("*.html"))) == 14
     assert "without encryption" not in err and "TCP" not in err, err
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
-    assert len(executed) == 13          # notebook 07 twice: SGD, and Adam (part 2 only)
+    assert len(executed) == 14          # notebook 07 twice: SGD, and Adam (part 2 only)
     for nb in executed:
         cells = json.loads(nb.read_text())["cells"]
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -175,13 +177,16 @@ def test_smoke_pipeline_runs_every_notebook(concrete_run, in_concrete_run):
                  "scores_grad_dot.npz", "scores_cg.npz", "evaluation_sgd_remove_eq13.csv",
                  "evaluation_sgd_remove_eq17.csv", "evaluation_adam_remove_eq13.csv",
                  "retrain_remove.npz", "beyond_summary_sgd.csv", "beyond_summary_adam.csv",
-                 "beyond_trajectory_sgd.npz", "beyond_trajectory_adam.npz"):
+                 "beyond_trajectory_sgd.npz", "beyond_trajectory_adam.npz",
+                 "yardsticks_groups_sgd_remove.npz", "yardsticks_lds_sgd_remove.npz",
+                 "yardsticks_retrain.npz", "yardsticks_summary_sgd.csv"):
         assert (res / name).exists(), name
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
     assert {"concrete_cosine_sgd_remove_eq13.png", "figure2.png", "concrete_mechanisms_sgd_eq13.png",
             "concrete_damping_sweep_dense_sgd_remove_eq13.png", "concrete_cosine_sgd_remove_eq17.png",
             "concrete_seeds_sgd_remove_eq17.png", "concrete_cosine_adam_remove_eq13.png",
-            "concrete_seeds_adam_remove_eq13.png", "figure2_adam.png", "figure2_eq17.png"} <= figs, figs
+            "concrete_seeds_adam_remove_eq13.png", "figure2_adam.png", "figure2_eq17.png",
+            "concrete_additivity_sgd_remove.png", "concrete_group_cosine_sgd_remove.png"} <= figs, figs
     check_figures_shown(isolated)
     check_report(isolated, "concrete", retrain=True, adam=True)
     check_reproduction(isolated, "concrete")
@@ -400,3 +405,29 @@ def test_notebook_02_stops_when_the_hand_written_run_disagrees_with_the_engine(c
     monkeypatch.setattr(pipeline, "NB", notebooks)
     with pytest.raises(SystemExit, match="the hand-written run differs from the engine's"):
         pipeline.run("smoke", ["concrete"], only=["02"])
+
+
+def test_notebook_08_runs_on_the_smoke_profile(in_concrete_run):
+    """Notebook 08 in the smoke pipeline's run: its |S| = 1 check printed (the group runs of one
+    instance reproduce notebook 02's leave-one-out runs), its two figures shown, the LDS table
+    with every method and the gold, and its rows in summary.md."""
+    import numpy as np
+    import pandas as pd
+    isolated = in_concrete_run
+    nb = isolated / "executed" / "smoke" / "08_yardsticks_concrete.ipynb"
+    text = printed(nb)
+    assert re.search(r"\|S\| = 1 check: \d+ group runs of one instance", text), text
+    assert re.search(r"reproduced (bit for bit|to rounding)", text), text
+    shown = [o.get("metadata", {}).get("image/png", {}).get("filename")
+             for c in json.loads(nb.read_text())["cells"] for o in c.get("outputs", [])
+             if "image/png" in o.get("data", {})]
+    assert shown == ["concrete_additivity_sgd_remove.png", "concrete_group_cosine_sgd_remove.png"]
+    lds = pd.read_csv(isolated / "figures" / "smoke" / "concrete_lds_sgd_remove.csv", index_col=0)
+    assert {"further training (gold)", "Grad-Dot", "CG"} <= set(lds.index)
+    cols = ["further-training LDS", "further-training se", "re-training LDS", "re-training se"]
+    assert list(lds.columns) == cols
+    assert np.isfinite(lds.loc["further training (gold)", cols].to_numpy(float)).all()
+    summary = (isolated / "results" / "smoke" / "summary.md").read_text()
+    assert "## Yardsticks of the field (notebook 08)" in summary
+    assert "| concrete | further-training LDS | Grad-Dot |" in summary
+    assert "| concrete | noise ceiling (eq. 13) | last point |" in summary

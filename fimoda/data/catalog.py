@@ -58,6 +58,14 @@ _SMOKE_LARGE_METHODS = dict(fit_rows=64, lissa=dict(depth=10, batch_size=32),
 # ResNet-9 8 epochs on its 512 images (32 steps; its metrics on 1,000 rows of each set), SST-2
 # the cpu profile's lr on 512 sentences.
 _SMOKE_FURTHER = dict(mislabel_trials=1, seeds=2, n_loo=8, n_test=6)   # every tabular dataset
+# Notebook 08 (fimoda.config.YardstickConfig; the issue asks M = 50 in the cpu profile): every
+# further-training run costs what one of notebook 02's does, and each of the M re-trainings from
+# theta^0 the final model's whole training, so the cpu profile keeps notebook 08 near 2 minutes
+# per dataset on 2 cores: 4 groups per size with 2 of the gold's seeds, M = 16 further-training
+# subsets, M = 10 re-trainings over a fifth of the recipe's epochs (FICO: a tenth of its 200).
+# Smoke: seconds.
+_CPU_YARDSTICKS = dict(groups_per_size=4, group_seeds=2, lds_subsets=16, retrain_subsets=10)
+_SMOKE_YARDSTICKS = dict(groups_per_size=3, group_seeds=2, lds_subsets=5, retrain_subsets=4)
 _ALL = ("smoke", "cpu", "paper")
 # cpu: the gold standard is most of the profile's time on 2 cores: Concrete and Energy keep a
 # fifth of the paper's further training with 4 of its 100 seeds, FICO 10 of 200 epochs with 4
@@ -80,17 +88,19 @@ def _regression_paper(stride: int, grid: tuple):
 CONCRETE = register_dataset(DatasetSpec(
     "concrete", Loader("regression", 1, ("concrete/Concrete_Data.xls",), build_concrete),
     "mlp", **_regression_paper(9, DAMPING_GRID), fig2_panel=0, cost_rank=5, default_in=_ALL,
-    profiles={"cpu": Overrides(further=dict(epochs=100, adam_epochs=50, seeds=4)),
+    profiles={"cpu": Overrides(further=dict(epochs=100, adam_epochs=50, seeds=4),
+                               yardsticks=dict(_CPU_YARDSTICKS, retrain_epochs=200)),
               "smoke": Overrides(train=dict(epochs=40), further=dict(_SMOKE_FURTHER, epochs=3),
-                                 methods=_SMOKE_METHODS)}))
+                                 methods=_SMOKE_METHODS, yardsticks=_SMOKE_YARDSTICKS)}))
 
 ENERGY = register_dataset(DatasetSpec(
     "energy", Loader("regression", 1, ("energy/ENB2012_data.xlsx",), build_energy),
     "mlp", **_regression_paper(7, (1.0, 10.0, 100.0, 1000.0)), fig2_panel=1, cost_rank=7,
     default_in=("cpu", "paper"),
-    profiles={"cpu": Overrides(further=dict(epochs=100, adam_epochs=50, seeds=4)),
+    profiles={"cpu": Overrides(further=dict(epochs=100, adam_epochs=50, seeds=4),
+                               yardsticks=dict(_CPU_YARDSTICKS, retrain_epochs=200)),
               "smoke": Overrides(train=dict(epochs=20), further=dict(_SMOKE_FURTHER, epochs=3),
-                                 methods=_SMOKE_METHODS)}))
+                                 methods=_SMOKE_METHODS, yardsticks=_SMOKE_YARDSTICKS)}))
 
 FICO = register_dataset(DatasetSpec(
     "fico", Loader("classification", 2, ("heloc/heloc_dataset_v1.csv",), build_fico),
@@ -100,9 +110,11 @@ FICO = register_dataset(DatasetSpec(
     fig2_panel=2, cost_rank=1, default_in=("cpu", "paper"),
     profiles={"cpu": Overrides(train=dict(epochs=200),
                                further=dict(epochs=10, adam_epochs=5, seeds=4, n_test=50,
-                                            mislabel_trials=2)),
+                                            mislabel_trials=2),
+                               yardsticks=dict(_CPU_YARDSTICKS, retrain_epochs=20)),
               "smoke": Overrides(train=dict(lr=1e-2, epochs=10, n_train_subset=1000),
-                                 further=dict(_SMOKE_FURTHER, epochs=2), methods=_SMOKE_METHODS)}))
+                                 further=dict(_SMOKE_FURTHER, epochs=2), methods=_SMOKE_METHODS,
+                                 yardsticks=_SMOKE_YARDSTICKS)}))
 
 # Folktables (ACSIncome) and its stand-in Adult: the paper's settings
 _INCOME = dict(
@@ -115,9 +127,11 @@ _INCOME = dict(
 # predicted the majority class for every row (fimoda.training.baselines refuses it now).
 _INCOME_PROFILES = {
     "cpu": Overrides(train=dict(n_train_subset=4000),
-                     further=dict(epochs=5, seeds=4, n_test=50, mislabel_trials=2)),
+                     further=dict(epochs=5, seeds=4, n_test=50, mislabel_trials=2),
+                     yardsticks=dict(_CPU_YARDSTICKS, retrain_epochs=20)),
     "smoke": Overrides(train=dict(lr=0.1, epochs=30, n_train_subset=1000),
-                       further=dict(_SMOKE_FURTHER, epochs=1), methods=_SMOKE_METHODS)}
+                       further=dict(_SMOKE_FURTHER, epochs=1), methods=_SMOKE_METHODS,
+                       yardsticks=_SMOKE_YARDSTICKS)}
 
 FOLKTABLES = register_dataset(DatasetSpec(
     "folktables", Loader("classification", 2, (FOLKTABLES_PUMS,), build_folktables,

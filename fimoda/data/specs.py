@@ -27,7 +27,7 @@ from typing import Optional
 
 from ..losses import TASKS
 from ..settings import (ExperimentConfig, FurtherTrainConfig, MethodConfig, TrainConfig,
-                        apply_method_overrides)
+                        YardstickConfig, apply_method_overrides)
 from .dataset import LOADERS, Loader
 
 __all__ = ["DatasetSpec", "Loader", "Overrides", "MODELS", "PROFILES", "register_dataset",
@@ -56,6 +56,8 @@ class Overrides:
     # ExperimentConfig's own fields -> value; in practice the model's size (``width`` of
     # ResNet-9, ``trainable_layers`` of the encoder)
     model_size: dict = field(default_factory=dict)
+    # notebook 08's settings (:class:`fimoda.settings.YardstickConfig` fields -> value)
+    yardsticks: dict = field(default_factory=dict)
 
     def check(self, where: str) -> None:
         """One ValueError naming the first field no config class has."""
@@ -71,6 +73,10 @@ class Overrides:
             if bad:
                 raise ValueError(f"{where}: {part} overrides unknown field(s) {bad}; "
                                  f"fields: {sorted(known)}")
+        try:
+            dataclasses.replace(YardstickConfig(), **self.yardsticks)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: yardsticks overrides: {e}") from None
 
 
 @dataclass(frozen=True)

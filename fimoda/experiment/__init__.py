@@ -2,7 +2,8 @@
 left-out and test instances and load theta^f (``setup``), run the gold standard (``gold_runs``)
 and every approximation (``methods``; ``damping`` sweeps, ``assumption1`` for the true-Hessian
 solves), evaluate them (``evaluation``), the studies of the appendix (``studies``), Figure 2 over
-datasets (``summary``) and qualitative examples (``examples``). Each step reads and writes
+datasets (``summary``), qualitative examples (``examples``) and notebook 08's yardsticks
+(``yardsticks``: group leave-out, the LDS two ways, the noise ceiling). Each step reads and writes
 ``results/<profile>/<dataset>/``; ``records`` holds what a stored result depends on (kept by :mod:`fimoda.store`).
 """
 from ..io import load_json

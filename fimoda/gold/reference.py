@@ -105,13 +105,14 @@ def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_tes
 
 def retrain_loo(model_init: nn.Module, cfg, X_train, y_train, X_test, y_test, loo_indices,
                 seeds=1, device="cpu", workdir=None, max_runs_per_chunk=None, progress=True,
-                callback=None, **overrides) -> GoldResult:
+                callback=None, workdir_mismatch: str = "error", **overrides) -> GoldResult:
     """LOO re-training from scratch (paper Fig. 11): the final model's algorithm (``cfg.train``:
     optimizer, lr, epochs, batch size) from its initialisation theta^0 (``model_init``), on D and
     on every D_{-i} (``remove``), evaluated after every epoch. The same engine as
     :func:`further_train`, started from theta^0 (:meth:`GoldConfig.from_training`). An int
     ``seeds`` S re-trains with seeds ``cfg.train.seed .. + S - 1``; the first full run is then the
     final model's own training. Only the MLP procedure (constant lr, no momentum) is supported.
+    ``workdir_mismatch``: as for :func:`further_train`.
     """
     if getattr(cfg, "model", "mlp") != "mlp":
         raise ValueError(f"retrain_loo re-runs the MLP training procedure (plain SGD/AdamW, "
@@ -120,4 +121,5 @@ def retrain_loo(model_init: nn.Module, cfg, X_train, y_train, X_test, y_test, lo
                                     max_runs_per_chunk=max_runs_per_chunk, progress=progress,
                                     **overrides)
     return further_train(model_init, cfg.task, X_train, y_train, X_test, y_test, loo_indices,
-                         gcfg, workdir=workdir, callback=callback)
+                         gcfg, workdir=workdir, callback=callback,
+                         workdir_mismatch=workdir_mismatch)

@@ -97,16 +97,28 @@ def further_training_lds(model, task: str, X_train, y_train, X_test, y_test, lef
 
 def retraining_lds(model_init, cfg, X_train, y_train, X_test, y_test, n_subsets: int = 50,
                    alpha: float = 0.5, seed: int = 0, seeds: int = 1,
-                   workdir=None, **retrain) -> LDSRuns:
+                   workdir=None, pool=None, **retrain) -> LDSRuns:
     """The classic LDS's models (Park et al. 2023): ``n_subsets`` random subsets K_m of the
     whole training set of alpha n instances each, every one re-trained from theta^0
     (``model_init``) with the final model's recipe ``cfg.train`` by
     :func:`fimoda.gold.retrain_loo` (``seeds`` re-training seeds; their mean is the output).
-    ``subsets`` are training indices, the columns of scores over the whole training set."""
+    ``subsets`` are training indices, the columns of scores over the whole training set.
+    ``pool`` (1-D training indices, e.g. the left-out set L of scores over L only): draw K_m
+    from ``pool`` instead, alpha |pool| each, every instance outside it in every model;
+    ``subsets`` are then positions in ``pool``, as for :func:`further_training_lds`."""
     from ..gold.reference import retrain_loo
     n = len(X_train)
-    kept = draw_subsets(n, n_subsets, alpha, seed)
+    if pool is None:
+        pool = np.arange(n)
+    else:
+        from ..gold.groups import as_left_out
+        pool = np.asarray(pool.cpu() if hasattr(pool, "cpu") else pool)
+        if pool.ndim != 1:
+            raise ValueError("pool must be a 1-D set of training indices the subsets are drawn "
+                             "from")
+        pool = as_left_out(pool, n, "pool")
+    kept = draw_subsets(len(pool), n_subsets, alpha, seed)
     result = retrain_loo(model_init, cfg, X_train, y_train, X_test, y_test,
-                         _left_out_groups(np.arange(n), kept), seeds=seeds, workdir=workdir,
+                         _left_out_groups(pool, kept), seeds=seeds, workdir=workdir,
                          **retrain)
     return _runs(result, kept)
