@@ -4,7 +4,7 @@ method's cosine is capped by) and ``lds_runs`` (the models of the linear datamod
 group further training from theta^f over subsets of the left-out set, or classic re-training
 over subsets of the training set; the score itself is :func:`fimoda.metrics.lds`)."""
 from .lds_runs import LDSRuns, draw_subsets, further_training_lds, retraining_lds
-from .noise_ceiling import NoiseCeiling, gold_noise_ceiling, noise_ceiling
+from .noise_ceiling import NoiseCeiling, gold_noise_ceiling, noise_ceiling, seeds_needed
 
-__all__ = ["NoiseCeiling", "noise_ceiling", "gold_noise_ceiling", "LDSRuns", "draw_subsets",
-           "further_training_lds", "retraining_lds"]
+__all__ = ["NoiseCeiling", "noise_ceiling", "gold_noise_ceiling", "seeds_needed", "LDSRuns",
+           "draw_subsets", "further_training_lds", "retraining_lds"]
