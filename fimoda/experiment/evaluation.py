@@ -101,15 +101,14 @@ def save_table(table, cfg: ExperimentConfig, name: str, directory=None) -> Path:
 
 
 def mechanism_curves(cfg: ExperimentConfig, optimizer: Optional[str], scores: dict,
-                     adjust: str = "mean", methods=("grad_dot", "cg", "lissa"),
-                     ceilings: Optional[dict] = None):
-    """(eval points, {mechanism: {method: (mean, se) cosine curve}}) for every leave-out
-    mechanism whose gold standard with ``optimizer`` has been computed (notebook 04's side-by-side
-    comparison of ``remove`` and ``subtract``); ``ceilings``, a dict where given, receives
-    {mechanism: that gold standard's noise ceiling} (:func:`evaluation_ceiling`)."""
+                     adjust: str = "mean", methods=("grad_dot", "cg", "lissa")):
+    """(eval points, {mechanism: {method: (mean, se) cosine curve}}, {mechanism: its gold
+    standard's noise ceiling (:func:`evaluation_ceiling`)}) for every leave-out mechanism whose
+    gold standard with ``optimizer`` has been computed (notebook 04's side-by-side comparison of
+    ``remove`` and ``subtract``)."""
     from ..gold import MECHANISMS
     from ..metrics import curve
-    out, t = {}, None
+    out, ceilings, t = {}, {}, None
     for mech in MECHANISMS:
         try:
             gold = load_gold(cfg, optimizer, mech)
@@ -121,6 +120,5 @@ def mechanism_curves(cfg: ExperimentConfig, optimizer: Optional[str], scores: di
                              f"{list(out)[0]} one")
         t = t_m
         out[mech] = {m: curve(a, scores[m], "cosine") for m in methods if m in scores}
-        if ceilings is not None:
-            ceilings[mech] = evaluation_ceiling(gold, adjust)
-    return t, out
+        ceilings[mech] = evaluation_ceiling(gold, adjust)
+    return t, out, ceilings

@@ -79,18 +79,23 @@ class NoiseCeiling:
         return NoiseCeiling(pick(self.ceiling), pick(self.snr), self.n_seeds,
                             pick(self.eval_points))
 
-    def table(self, targets=(0.9,)):
+    def table(self, targets=(0.9,), max_rows: Optional[int] = None):
         """Per evaluation point: the mean ceiling over test points and its standard error, and
         the seeds a gold standard needs for its mean ceiling to reach each of ``targets``
         (:func:`seeds_needed` of the mean, rounded up; inf where the ceiling is 0, NaN where
-        undefined): a pandas DataFrame indexed by evaluation point."""
+        undefined): a pandas DataFrame indexed by evaluation point. ``max_rows``: at most that
+        many evaluation points, evenly spaced, the first and the last among them."""
         import pandas as pd
         mean, se = self.mean()
         cols = {"ceiling": mean, "se": se}
         for c in targets:
             need = seeds_needed(mean, self.n_seeds, c)
             cols[f"seeds for {c:g}"] = np.where(np.isfinite(need), np.ceil(need), need)
-        return pd.DataFrame(cols, index=pd.Index(self.eval_points, name="eval point"))
+        table = pd.DataFrame(cols, index=pd.Index(self.eval_points, name="eval point"))
+        if max_rows is not None and len(table) > max_rows:
+            keep = np.linspace(0, len(table) - 1, max_rows).round().astype(int)
+            table = table.iloc[np.unique(keep)]
+        return table
 
     def fraction(self, cosines) -> np.ndarray:
         """A method's cosine to the gold as a fraction of the ceiling, per evaluation point (T,):
