@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import matplotlib.pyplot as plt
 import matplotlib.ticker
@@ -130,22 +131,24 @@ def ceiling_label(n_seeds) -> str:
     return f"noise ceiling of the gold ({', '.join(map(str, ks))} seeds)"
 
 
-def ceiling_band(ax, ceiling, x=None):
+def ceiling_band(ax, ceiling, x=None, legend_label: Optional[str] = None):
     """Draw the gold standard's noise ceiling on a cosine axes: the cosine the exact answer
     would reach against this gold standard (:class:`fimoda.yardsticks.NoiseCeiling`, computed
     from the same gold arrays and equation as the curves), as a grey band of its mean +- 1
     standard error over test points with the mean as a thin grey line, beneath the curves, at
     the ceiling's evaluation points (or at ``x``). Both artists carry the gid
     ``"noise_ceiling:<seeds>"`` (:data:`CEILING_GID`), by which :func:`legend` adds one entry,
-    :func:`ceiling_label`. Undefined points (NaN) leave a gap. ``ceiling`` None (a gold standard
-    of one seed has none) draws nothing. Returns the band (a PolyCollection) or None."""
+    :func:`ceiling_label` (or ``legend_label``). Undefined points (NaN) leave a gap. ``ceiling``
+    None (a gold standard of one seed has none) draws nothing. Returns the band (a
+    PolyCollection) or None."""
     if ceiling is None:
         return None
     mean, se = ceiling.mean()
     x = np.asarray(ceiling.eval_points if x is None else x)   # the curves' own points
     if x.shape != mean.shape:
         raise ValueError(f"the ceiling has {mean.shape[0]} evaluation points, x {x.shape}")
-    lab, gid = ceiling_label(ceiling.n_seeds), f"{CEILING_GID}:{int(ceiling.n_seeds)}"
+    lab = legend_label or ceiling_label(ceiling.n_seeds)
+    gid = f"{CEILING_GID}:{int(ceiling.n_seeds)}"
     ax.plot(x, mean, color=_CEILING_LOOK["color"], lw=1.0, zorder=1.1, gid=gid,
             label="_" + lab)                         # "_": the band stands for both in a legend
     return ax.fill_between(x, mean - se, mean + se, lw=0, zorder=1, gid=gid, label=lab,
@@ -157,12 +160,15 @@ def _ceiling_handle(ax_or_fig):
     (an axes or a figure; one entry for all its panels), or None where none is drawn."""
     from matplotlib.patches import Patch
     axes = (ax_or_fig if hasattr(ax_or_fig, "get_axes") else ax_or_fig.figure).axes
-    ks = [int(c.get_gid().split(":")[1]) for ax in axes for c in ax.collections
-          if str(c.get_gid()).startswith(CEILING_GID + ":")]
-    if not ks:
+    bands = [c for ax in axes for c in ax.collections
+             if str(c.get_gid()).startswith(CEILING_GID + ":")]
+    if not bands:
         return None
+    labels = {c.get_label() for c in bands}
+    lab = labels.pop() if len(labels) == 1 else \
+        ceiling_label([int(c.get_gid().split(":")[1]) for c in bands])   # panels' seeds differ
     return Patch(facecolor=_CEILING_LOOK["color"], alpha=_CEILING_LOOK["alpha"] + 0.2,
-                 edgecolor=_CEILING_LOOK["color"], label=ceiling_label(ks))
+                 edgecolor=_CEILING_LOOK["color"], label=lab)
 
 
 def legend(ax_or_fig, methods, **kw):
@@ -212,9 +218,15 @@ def mechanisms_figure(eval_points, panels: dict, title: str, xlabel: str = "epoc
 
 
 @themed
-def seeds_figure(ks, results: dict, title: str):
-    """Max cosine over epochs vs the number of seeds averaged; ``results[m] = (means, ses)``."""
+def seeds_figure(ks, results: dict, title: str, ceiling=None):
+    """Max cosine over epochs vs the number of seeds averaged; ``results[m] = (means, ses)``.
+    ``ceiling``: the gold standard's noise ceiling (all its seeds), drawn as the ceiling a gold
+    of k seeds would have at its best evaluation point
+    (:meth:`fimoda.yardsticks.NoiseCeiling.peak_for_seeds`)."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
+    if ceiling is not None:
+        ceiling_band(ax, ceiling.peak_for_seeds(ks), ks,
+                     legend_label=f"noise ceiling of a k-seed gold (from {ceiling.n_seeds} seeds)")
     for m, (mean, se) in results.items():
         ax.errorbar(ks, mean, yerr=se, capsize=2, lw=1.4,
                     **{**method_style(m), "markevery": None})     # a marker at every k

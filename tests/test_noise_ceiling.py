@@ -188,3 +188,18 @@ def test_evaluation_ceiling_is_the_ceiling_at_the_evaluated_points():
         np.testing.assert_array_equal(nc.ceiling, ref.ceiling[1:])
     assert ex.evaluation_ceiling({**gold, "loss_full": full[:1], "loss_loo": loo[:1]}) is None
     assert ex.evaluation_ceiling({**gold, "loss_loo": loo[:, :1]}) is None
+
+
+def test_peak_for_seeds_is_the_known_ceiling_of_k_seeds_at_the_best_point():
+    """The seeds figure's band: for k seeds, the ceiling of a k-seed gold where it is highest;
+    on synthetic gold the least noisy point t = 1, 1 / sqrt(1 + n' sigma_1^2 / k); at k = K the
+    estimate itself."""
+    K, n_loo, J = 8, 1500, 12
+    sigmas = [0.0, 0.01, 0.04, 0.15]
+    full, loo, _, _ = synthetic_gold(K, n_loo, J, sigmas)
+    nc = noise_ceiling(full, loo, adjust="full")
+    peak = nc.peak_for_seeds([1, 2, 8])
+    assert list(peak.eval_points) == [1, 2, 8] and peak.ceiling.shape == (3, J)
+    known = [1 / np.sqrt(1 + n_loo * sigmas[1] ** 2 / k) for k in (1, 2, 8)]
+    np.testing.assert_allclose(peak.mean()[0], known, atol=0.02)
+    np.testing.assert_allclose(peak.ceiling[2], nc.ceiling[1], atol=1e-12)

@@ -360,6 +360,13 @@ def test_ceiling_band_draws_the_estimators_numbers_beneath_the_curves():
     for ax, c in zip(fig.axes, (nc, other)):
         np.testing.assert_allclose(ceiling_artists(ax)[0][0].get_ydata(), c.mean()[0])
     assert legend_texts(fig.axes[-1])[-1] == "noise ceiling of the gold (4, 8 seeds)"
+    # the seeds figure: the ceiling of a k-seed gold at its best point, at each k
+    ks = [1, 2, 4, 8]
+    ax = plots.seeds_figure(ks, {"grad_dot": (np.ones(4), np.zeros(4))}, "s", ceiling=nc).axes[0]
+    (line,), _ = ceiling_artists(ax)
+    np.testing.assert_array_equal(line.get_xdata(), ks)
+    np.testing.assert_allclose(line.get_ydata(), nc.peak_for_seeds(ks).mean()[0], atol=1e-12)
+    assert legend_texts(ax)[-1] == "noise ceiling of a k-seed gold (from 8 seeds)"
     from fimoda import beyond
     study = {"eval_points": t, "curves": curve_results(["grad_dot", "trajectory"], T=3),
              "ceiling": nc}

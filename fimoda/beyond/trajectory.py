@@ -117,8 +117,8 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
     Per-point scores cached in ``beyond_trajectory_<optimizer>.npz``. Returns eval points,
     cosine curves {name: (mean, se)}, the curves left out {name: reason}, the smallest
     true-Hessian eigenvalue seen by the Krylov route (None without it), seconds, and the gold
-    standard's noise ceiling at its evaluation points (:func:`fimoda.experiment.evaluation_ceiling`,
-    eq. 13; None for one seed)."""
+    standard's noise ceiling at its evaluation points (eq. 13; None for one seed:
+    :func:`fimoda.experiment.evaluation_ceiling`)."""
     from ..influence import compute_scores
     from ..influence.trajectory import SpectralPairs, damping_schedule_curve, trajectory_curve
     from .common import full_hessian_applies

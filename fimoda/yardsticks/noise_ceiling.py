@@ -79,6 +79,23 @@ class NoiseCeiling:
         return NoiseCeiling(pick(self.ceiling), pick(self.snr), self.n_seeds,
                             pick(self.eval_points))
 
+    def peak_for_seeds(self, ks) -> "NoiseCeiling":
+        """For each k of ``ks``: the ceiling a gold standard of k seeds would have
+        (:meth:`for_seeds`, per test point) at the evaluation point where its mean over test
+        points is highest -- what caps a method's maximum cosine over further training to a
+        k-seed gold (the seeds figure, paper App. E.1). A NoiseCeiling whose first axis runs
+        over ``ks`` (its ``eval_points`` are ``ks``; NaN where no point has a ceiling)."""
+        rows, snr = [], []
+        for k in ks:
+            c = self.for_seeds(k)
+            n = np.isfinite(c).sum(1)
+            mean = np.where(n > 0, np.where(np.isfinite(c), c, 0.0).sum(1) / np.maximum(n, 1),
+                            -np.inf)                       # points without a ceiling never win
+            t = int(np.argmax(mean))
+            rows.append(c[t] if n[t] > 0 else np.full(c.shape[1], np.nan))
+            snr.append(self.snr[t])
+        return NoiseCeiling(np.stack(rows), np.stack(snr), self.n_seeds, np.asarray(ks))
+
     def table(self, targets=(0.9,), max_rows: Optional[int] = None):
         """Per evaluation point: the mean ceiling over test points and its standard error, and
         the seeds a gold standard needs for its mean ceiling to reach each of ``targets``
