@@ -203,3 +203,13 @@ def test_peak_for_seeds_is_the_known_ceiling_of_k_seeds_at_the_best_point():
     known = [1 / np.sqrt(1 + n_loo * sigmas[1] ** 2 / k) for k in (1, 2, 8)]
     np.testing.assert_allclose(peak.mean()[0], known, atol=0.02)
     np.testing.assert_allclose(peak.ceiling[2], nc.ceiling[1], atol=1e-12)
+
+
+def test_mean_is_over_the_test_points_that_have_a_ceiling():
+    """A test point whose runs never moved (float32 SST-2 at lr 1e-6) has no ceiling: the mean
+    and SE are over the others, by hand; NaN where no test point has one."""
+    from fimoda.yardsticks import NoiseCeiling
+    c = np.array([[np.nan, np.nan], [0.5, np.nan], [0.2, 0.4]])
+    mean, se = NoiseCeiling(c, c, 2, np.arange(3)).mean()
+    np.testing.assert_allclose(mean, [np.nan, 0.5, 0.3], atol=1e-15)
+    np.testing.assert_allclose(se, [np.nan, 0.0, 0.1], atol=1e-15)   # |0.2 - 0.4| / 2

@@ -51,9 +51,11 @@ class NoiseCeiling:
     eval_points: np.ndarray
 
     def mean(self):
-        """(mean, standard error) of the ceiling over test points, each (T,) (NaN where
-        undefined)."""
-        return mean_se(self.ceiling, axis=1)
+        """(mean, standard error) of the ceiling over the test points where it is defined, each
+        (T,): a test point whose left-out runs all kept the same test loss in every seed (no
+        gold to compare; in float32, differences below round-off) is left out, as in
+        :meth:`fraction`; NaN where no test point has a ceiling (t = 0)."""
+        return _mean_over_tests(self.ceiling)
 
     def for_seeds(self, k) -> np.ndarray:
         """(T, J): the ceiling a gold standard of ``k`` seeds would have, sqrt(k R / (k R + 1))."""
@@ -88,11 +90,9 @@ class NoiseCeiling:
         rows, snr = [], []
         for k in ks:
             c = self.for_seeds(k)
-            n = np.isfinite(c).sum(1)
-            mean = np.where(n > 0, np.where(np.isfinite(c), c, 0.0).sum(1) / np.maximum(n, 1),
-                            -np.inf)                       # points without a ceiling never win
-            t = int(np.argmax(mean))
-            rows.append(c[t] if n[t] > 0 else np.full(c.shape[1], np.nan))
+            mean = _mean_over_tests(c)[0]
+            t = int(np.argmax(np.where(np.isfinite(mean), mean, -np.inf)))   # NaN never wins
+            rows.append(c[t])
             snr.append(self.snr[t])
         return NoiseCeiling(np.stack(rows), np.stack(snr), self.n_seeds, np.asarray(ks))
 
@@ -128,6 +128,13 @@ class NoiseCeiling:
             num = np.where(ok, c, 0.0).sum(1)
             den = np.where(ok, self.ceiling, 0.0).sum(1)
             return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _mean_over_tests(c: np.ndarray):
+    """(mean, standard error) over axis 1 of ``c`` (T, J), each over its finite entries only;
+    NaN where a row has none."""
+    rows = [mean_se(r[np.isfinite(r)]) if np.isfinite(r).any() else (np.nan, np.nan) for r in c]
+    return (np.array([float(m) for m, _ in rows]), np.array([float(e) for _, e in rows]))
 
 
 def noise_ceiling(loss_full, loss_loo, adjust: str = "mean",
