@@ -25,7 +25,8 @@ float32 error relative to the scores grows with n.
 Needs the profile's final model (notebook 01 of the pipeline; its results directory, e.g.
 ``FIMODA_RESULTS_DIR``; for text also the frozen trunk's features of notebook 02). Use the
 thread count the pipeline ran with (``--jobs 2`` on 2 cores: 1), so that the float32 run is the
-pipeline's own gold standard. One run; nothing is written.
+pipeline's own gold standard. One run; nothing is written but, with ``--save FILE``, the loss
+arrays of both runs (``loss_full_float32``, ``loss_loo_float64``, ..., ``eval_points``) as npz.
 """
 from __future__ import annotations
 
@@ -56,6 +57,7 @@ def main(argv=None):
     ap.add_argument("--seeds", type=int, default=None, help="default: the profile's")
     ap.add_argument("--steps", type=int, default=None,
                     help="further-training steps (default: the profile's max_steps)")
+    ap.add_argument("--save", default=None, help="npz file for both runs' loss arrays")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     cfg = get_config(a.dataset, a.profile)
@@ -77,10 +79,20 @@ def main(argv=None):
                                 augment=ex.gold_augment(cfg, ds), test_indices=np.asarray(test_idx))
         print(f"{str(dt):14s} {time.perf_counter() - t0:6.1f} s", flush=True)
     r32, r64 = res[torch.float32], res[torch.float64]
-    S = len(gcfg.seed_list)
+    if a.save:
+        np.savez(a.save, eval_points=r64.eval_points, **{f"{k}_{n}": getattr(r, k)
+                 for n, r in (("float32", r32), ("float64", r64))
+                 for k in ("loss_full", "loss_loo")})
     print(f"{a.dataset} [{a.profile}]: n = {len(X):,}, |L| = {len(loo_idx)}, {len(test_idx)} test "
-          f"points, {gcfg.optimizer} lr {gcfg.lr:g}, {gcfg.mechanism}, {S} seeds, "
-          f"{r64.eval_points[-1]} {r64.eval_unit}s, {a.threads} thread(s)")
+          f"points, {gcfg.optimizer} lr {gcfg.lr:g}, {gcfg.mechanism}, {len(gcfg.seed_list)} "
+          f"seeds, {r64.eval_points[-1]} {r64.eval_unit}s, {a.threads} thread(s)")
+    summarise(r32, r64, test_idx)
+
+
+def summarise(r32, r64, test_idx):
+    """Print the comparison of the float32 and float64 gold standards ``r32``, ``r64``
+    (:class:`fimoda.gold.GoldResult` of the same work) over the test points ``test_idx``."""
+    S = r64.loss_full.shape[0]
     g32 = gold_scores(r32.loss_full, r32.loss_loo, "mean")            # (n', T, J), eq. 13
     g64 = gold_scores(r64.loss_full, r64.loss_loo, "mean")
     big, err = np.abs(g64[:, -1]).max(), np.abs(g32[:, -1] - g64[:, -1]).max()
@@ -95,29 +107,34 @@ def main(argv=None):
         seed = np.linalg.norm(other - one[1], axis=0) / np.linalg.norm(one[1], axis=0)
         line += f"; another seed's float64 gold differs by {seed.mean():.3e} of it"
     print(line)
-    cos = per_test_cosine(g32, g64)                                   # (T, J)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = per_test_cosine(g32, g64)                               # (T, J)
+    loo32 = np.asarray(r32.loss_loo)
+    moved = (loo32 != loo32[:, :1]).any((0, 1))                      # (T, J): any run differs
+    cos = np.where(moved, cos, np.nan)        # float32 gold of rounding residues only: no cosine
+    if not moved[-1].all():
+        print(f"{(~moved[-1]).sum()} of {len(test_idx)} test points: in float32 no left-out run "
+              f"changed their test loss at the last point (gold of rounding residues), no cosine")
+    nc = {n: noise_ceiling(r.loss_full, r.loss_loo, "mean", r.eval_points) if S > 1 else None
+          for n, r in (("f32", r32), ("f64", r64))}
     if S < 2:
         print("one seed: no noise ceiling")
-        nc32 = nc64 = None
-    else:
-        nc32, nc64 = (noise_ceiling(r.loss_full, r.loss_loo, "mean", r.eval_points)
-                      for r in (r32, r64))
+    mean = {n: c.mean()[0] if c is not None else np.full(len(r64.eval_points), np.nan)
+            for n, c in nc.items()}
     print(f"{'eval point':>10s} {'cos mean':>9s} {'cos min':>8s} {'ceil f32':>9s} {'ceil f64':>9s}")
     for k, p in enumerate(r64.eval_points):
         if k == 0 and p == 0:
             continue                                                  # theta^f: no scores
-        c32 = np.nanmean(nc32.ceiling[k]) if nc32 is not None else np.nan
-        c64 = np.nanmean(nc64.ceiling[k]) if nc64 is not None else np.nan
-        print(f"{int(p):10d} {np.mean(cos[k]):9.4f} {np.min(cos[k]):8.4f} {c32:9.4f} {c64:9.4f}")
+        print(f"{int(p):10d} {np.nanmean(cos[k]):9.4f} {np.nanmin(cos[k]):8.4f} "
+              f"{mean['f32'][k]:9.4f} {mean['f64'][k]:9.4f}")
     print("per test point at the last evaluation point:")
     print(f"{'test':>6s} {'cos f32 vs f64':>15s} {'ceil f32':>9s} {'ceil f64':>9s}")
     for j, idx in enumerate(test_idx):
-        c32 = nc32.ceiling[-1, j] if nc32 is not None else np.nan
-        c64 = nc64.ceiling[-1, j] if nc64 is not None else np.nan
-        print(f"{int(idx):6d} {cos[-1, j]:15.4f} {c32:9.4f} {c64:9.4f}")
-    print(f"cosine float32 vs float64 gold per test point (last point): mean {cos[-1].mean():.4f}, "
-          f"min {cos[-1].min():.4f}")
-
+        c = {n: v.ceiling[-1, j] if v is not None else np.nan for n, v in nc.items()}
+        print(f"{int(idx):6d} {cos[-1, j]:15.4f} {c['f32']:9.4f} {c['f64']:9.4f}")
+    print(f"cosine float32 vs float64 gold per test point (last point): mean "
+          f"{np.nanmean(cos[-1]):.4f}, min {np.nanmin(cos[-1]):.4f}; mean noise ceiling float32 "
+          f"{mean['f32'][-1]:.4f}, float64 {mean['f64'][-1]:.4f}")
 
 if __name__ == "__main__":
     main()
