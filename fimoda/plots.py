@@ -2,9 +2,9 @@
 vs number of seeds (Fig. 3/7), sorted gold scores (Fig. 10), parameter distance, training curves
 and the method-vs-method agreement matrix. Every cosine figure can carry the gold standard's noise
 ceiling as a grey band (:func:`ceiling_band`), which :func:`legend` lists. Every figure is drawn
-in the theme of
-:mod:`fimoda.style` with each method's fixed look (:func:`method_style`); :func:`savefig` writes
-it and, in a notebook, shows it. Importing this module leaves matplotlib's backend alone."""
+in the theme of :mod:`fimoda.style` with each method's fixed look (:func:`method_style`);
+:func:`savefig` writes it and, in a notebook, shows it. Importing this module leaves matplotlib's
+backend alone."""
 from __future__ import annotations
 
 import sys
