@@ -121,7 +121,8 @@ def curves(ax, eval_points, results: dict, ylabel="cosine similarity", title=Non
 
 # the noise ceiling's band and line carry the gid "noise_ceiling:<seeds>", so legend() finds them
 CEILING_GID = "noise_ceiling"
-_CEILING_LOOK = {"color": "#8c8c8c", "alpha": 0.3}
+_CEILING_LOOK = {"color": "#9a9a9a", "alpha": 0.3}
+_CEILING_LINE = (0, (4, 2))          # thin, dashed, no marker: unlike notebook 07's grey curves
 
 
 def ceiling_label(n_seeds) -> str:
@@ -149,8 +150,8 @@ def ceiling_band(ax, ceiling, x=None, legend_label: Optional[str] = None):
         raise ValueError(f"the ceiling has {mean.shape[0]} evaluation points, x {x.shape}")
     lab = legend_label or ceiling_label(ceiling.n_seeds)
     gid = f"{CEILING_GID}:{int(ceiling.n_seeds)}"
-    ax.plot(x, mean, color=_CEILING_LOOK["color"], lw=1.0, zorder=1.1, gid=gid,
-            label="_" + lab)                         # "_": the band stands for both in a legend
+    ax.plot(x, mean, color=_CEILING_LOOK["color"], lw=1.0, ls=_CEILING_LINE, zorder=1.1,
+            gid=gid, label="_" + lab)                # "_": the band stands for both in a legend
     return ax.fill_between(x, mean - se, mean + se, lw=0, zorder=1, gid=gid, label=lab,
                            **_CEILING_LOOK)
 
@@ -168,7 +169,7 @@ def _ceiling_handle(ax_or_fig):
     lab = labels.pop() if len(labels) == 1 else \
         ceiling_label([int(c.get_gid().split(":")[1]) for c in bands])   # panels' seeds differ
     return Patch(facecolor=_CEILING_LOOK["color"], alpha=_CEILING_LOOK["alpha"] + 0.2,
-                 edgecolor=_CEILING_LOOK["color"], label=lab)
+                 edgecolor=_CEILING_LOOK["color"], linestyle=_CEILING_LINE, label=lab)
 
 
 def legend(ax_or_fig, methods, **kw):
