@@ -258,7 +258,9 @@ def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
              "cosine peaks; `first / ceil`, `max / ceil`: the cosine as a fraction of the "
              "ceiling, about the method's cosine to the exact answer. `seeds for 0.9`: the seeds "
              "a gold standard needs for a ceiling of 0.9 (Spearman-Brown extrapolation, "
-             "`fimoda.yardsticks.seeds_needed`).", ""]
+             "`fimoda.yardsticks.seeds_needed`). Spearman has no ceiling here: the estimator "
+             "corrects inner products of the seeds' score vectors, which rank correlations are "
+             "not.", ""]
     golds = [(optimizer, "each dataset's gold standard" if optimizer is None and mechanism is None
               else f"gold standard {optimizer or ''} {mechanism or ''}".strip())]
     if optimizer is None and mechanism is None:
