@@ -40,6 +40,7 @@ import torch
 
 from fimoda import experiment as ex
 from fimoda.config import get_config
+from fimoda.experiment.gold_runs import gold_config
 from fimoda.gold import GoldConfig, further_train, gold_scores
 from fimoda.yardsticks import noise_ceiling
 
@@ -66,7 +67,7 @@ def main(argv=None):
     test_idx = ex.select_test_indices(cfg, len(ds.X_test))
     X, Y, Xt, Yt = ex.tensors(ds, cfg, "cpu")
     t = torch.as_tensor(test_idx)
-    gcfg = ex.gold_config(cfg, cfg.further.optimizer, cfg.further.mechanism, progress=False)
+    gcfg = gold_config(cfg, cfg.further.optimizer, cfg.further.mechanism, progress=False)
     if a.seeds is not None:
         gcfg = dataclasses.replace(gcfg, seeds=a.seeds)
     if a.steps is not None:
