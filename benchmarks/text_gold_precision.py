@@ -7,6 +7,14 @@ Printed: the size of the eq. (13) scores, the float32 error relative to them, an
 the two gold vectors per test point (mean, min). A cosine near 1 means float32 is enough.
 
     python benchmarks/text_gold_precision.py [--n-train 16000]
+
+With ``--profile P`` it runs instead the profile's own SST-2 gold standard -- its theta^f (the
+encoder's top layers on the frozen trunk's features), left-out and test instances, seeds and
+steps -- in float32 and float64, and prints the noise ceiling of each beside their cosine, as
+``image_gold_precision.py --dataset sst2 --profile P`` (which it calls; ``--threads``, ``--seeds``,
+``--steps`` are passed on):
+
+    FIMODA_DATA_DIR=... python benchmarks/text_gold_precision.py --profile cpu --threads 1
 """
 from __future__ import annotations
 
@@ -34,7 +42,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n-train", type=int, default=16000,
                     help="training sentences (the subtracted term is L(z_i)/n): the cpu profile's")
-    N_TRAIN = ap.parse_args(argv).n_train
+    ap.add_argument("--profile", default=None,
+                    help="run the profile's own SST-2 gold standard instead (module docstring)")
+    args, rest = ap.parse_known_args(argv)
+    if args.profile is not None:
+        from image_gold_precision import main as profile_gold_precision   # benchmarks/ is on the path
+        return profile_gold_precision(["--dataset", "sst2", "--profile", args.profile, *rest])
+    if rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)} (--threads, --seeds, --steps go with "
+                 f"--profile)")
+    N_TRAIN = args.n_train
     cfg = get_config("sst2", "paper", dtype="float64")
     ds = ex.load_data(cfg)
     clf = build_model(cfg, n_classes=2).eval()

@@ -1,12 +1,15 @@
 """The paper's figures: cosine-vs-further-training curves (Fig. 2), Spearman (Fig. 6), max cosine
 vs number of seeds (Fig. 3/7), sorted gold scores (Fig. 10), parameter distance, training curves
-and the method-vs-method agreement matrix. Every figure is drawn in the theme of
-:mod:`fimoda.style` with each method's fixed look (:func:`method_style`); :func:`savefig` writes
-it and, in a notebook, shows it. Importing this module leaves matplotlib's backend alone."""
+and the method-vs-method agreement matrix. Every cosine figure can carry the gold standard's noise
+ceiling as a grey band (:func:`ceiling_band`), which :func:`legend` lists. Every figure is drawn
+in the theme of :mod:`fimoda.style` with each method's fixed look (:func:`method_style`);
+:func:`savefig` writes it and, in a notebook, shows it. Importing this module leaves matplotlib's
+backend alone."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import matplotlib.pyplot as plt
 import matplotlib.ticker
@@ -17,12 +20,13 @@ from .io import atomic_write
 from .style import (LABELS, METHOD_KEYS, STYLE_KEYS, damping_label, label, legend_handles,
                     method_style, theme, themed)
 
-__all__ = ["LABELS", "METHOD_KEYS", "STYLE_KEYS", "FIG2_ORDER", "NORMALISATIONS",
-           "agreement_figure", "cosine_figure", "curves", "damping_label", "fig10_eval_indices",
-           "fig2_order", "grid_shape", "label", "legend", "legend_handles", "mechanisms_figure",
-           "method_style", "panel_letter", "param_distance_figure", "savefig", "seeds_figure",
-           "sorted_average", "sorted_gold_figure", "sorted_scores_curves", "sorted_scores_figure",
-           "show", "theme", "themed", "training_curves_figure"]
+__all__ = ["LABELS", "METHOD_KEYS", "STYLE_KEYS", "FIG2_ORDER", "NORMALISATIONS", "CEILING_GID",
+           "agreement_figure", "ceiling_band", "ceiling_label", "cosine_figure", "curves",
+           "damping_label", "fig10_eval_indices", "fig2_order", "grid_shape", "label", "legend",
+           "legend_handles", "mechanisms_figure", "method_style", "panel_letter",
+           "param_distance_figure", "savefig", "seeds_figure", "sorted_average",
+           "sorted_gold_figure", "sorted_scores_curves", "sorted_scores_figure", "show", "theme",
+           "themed", "training_curves_figure"]
 
 
 def __getattr__(name: str):
@@ -115,13 +119,70 @@ def curves(ax, eval_points, results: dict, ylabel="cosine similarity", title=Non
     return ax
 
 
+# the noise ceiling's band and line carry the gid "noise_ceiling:<seeds>", so legend() finds them
+CEILING_GID = "noise_ceiling"
+_CEILING_LOOK = {"color": "#9a9a9a", "alpha": 0.3}
+_CEILING_LINE = (0, (4, 2))          # thin, dashed, no marker: unlike notebook 07's grey curves
+
+
+def ceiling_label(n_seeds) -> str:
+    """The legend label of the noise ceiling of a gold standard of ``n_seeds`` seeds (one number,
+    or several: the panels of a grid)."""
+    ks = sorted({int(k) for k in np.atleast_1d(n_seeds)})
+    return f"noise ceiling of the gold ({', '.join(map(str, ks))} seeds)"
+
+
+def ceiling_band(ax, ceiling, x=None, legend_label: Optional[str] = None):
+    """Draw the gold standard's noise ceiling on a cosine axes: the cosine the exact answer
+    would reach against this gold standard (:class:`fimoda.yardsticks.NoiseCeiling`, computed
+    from the same gold arrays and equation as the curves), as a grey band of its mean +- 1
+    standard error over test points with the mean as a thin grey line, beneath the curves, at
+    the ceiling's evaluation points (or at ``x``). Both artists carry the gid
+    ``"noise_ceiling:<seeds>"`` (:data:`CEILING_GID`), by which :func:`legend` adds one entry,
+    :func:`ceiling_label` (or ``legend_label``). Undefined points (NaN) leave a gap. ``ceiling``
+    None (a gold standard of one seed has none) draws nothing. Returns the band (a
+    PolyCollection) or None."""
+    if ceiling is None:
+        return None
+    mean, se = ceiling.mean()
+    x = np.asarray(ceiling.eval_points if x is None else x)   # the curves' own points
+    if x.shape != mean.shape:
+        raise ValueError(f"the ceiling has {mean.shape[0]} evaluation points, x {x.shape}")
+    lab = legend_label or ceiling_label(ceiling.n_seeds)
+    gid = f"{CEILING_GID}:{int(ceiling.n_seeds)}"
+    ax.plot(x, mean, color=_CEILING_LOOK["color"], lw=1.0, ls=_CEILING_LINE, zorder=1.1,
+            gid=gid, label="_" + lab)                # "_": the band stands for both in a legend
+    return ax.fill_between(x, mean - se, mean + se, lw=0, zorder=1, gid=gid, label=lab,
+                           **_CEILING_LOOK)
+
+
+def _ceiling_handle(ax_or_fig):
+    """A legend handle for the noise-ceiling bands drawn anywhere on the figure of ``ax_or_fig``
+    (an axes or a figure; one entry for all its panels), or None where none is drawn."""
+    from matplotlib.patches import Patch
+    axes = (ax_or_fig if hasattr(ax_or_fig, "get_axes") else ax_or_fig.figure).axes
+    bands = [c for ax in axes for c in ax.collections
+             if str(c.get_gid()).startswith(CEILING_GID + ":")]
+    if not bands:
+        return None
+    labels = {c.get_label() for c in bands}
+    lab = labels.pop() if len(labels) == 1 else \
+        ceiling_label([int(c.get_gid().split(":")[1]) for c in bands])   # panels' seeds differ
+    return Patch(facecolor=_CEILING_LOOK["color"], alpha=_CEILING_LOOK["alpha"] + 0.2,
+                 edgecolor=_CEILING_LOOK["color"], linestyle=_CEILING_LINE, label=lab)
+
+
 def legend(ax_or_fig, methods, **kw):
     """The legend of ``methods`` in the fixed order and look of :func:`legend_handles`, on an
-    axes or (one legend for a grid) a figure. An axes' legend of more than five entries goes
+    axes or (one legend for a grid) a figure, and last one entry for the noise ceiling where
+    :func:`ceiling_band` drew it. An axes' legend of more than five entries goes
     outside, to the right of the axes, top-aligned, in one column, so that it hides no curve
     (call it after ``tight_layout``, which would otherwise squeeze the axes to make room; the
     saved file's tight bounding box takes the legend in)."""
     handles, labels = legend_handles(methods)
+    band = _ceiling_handle(ax_or_fig)
+    if band is not None:
+        handles, labels = handles + [band], labels + [band.get_label()]
     if hasattr(ax_or_fig, "get_xlim") and len(handles) > 5:
         kw = {**kw, "loc": "upper left", "bbox_to_anchor": (1.02, 1.0), "ncol": 1}
     return ax_or_fig.legend(handles, labels, **kw)
@@ -129,8 +190,11 @@ def legend(ax_or_fig, methods, **kw):
 
 @themed
 def cosine_figure(eval_points, results: dict, title: str, xlabel: str = "epochs",
-                  ylabel: str = "cosine similarity"):
+                  ylabel: str = "cosine similarity", ceiling=None):
+    """One panel of Figure 2 (:func:`curves`), with the gold standard's noise ``ceiling``
+    (:func:`ceiling_band`) where given: at ``eval_points``, the curves' own."""
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ceiling_band(ax, ceiling, eval_points)
     curves(ax, eval_points, results, ylabel=ylabel, title=title)
     ax.set_xlabel(f"further training ({xlabel})")
     legend(ax, results, fontsize="x-small", ncol=2)
@@ -138,12 +202,15 @@ def cosine_figure(eval_points, results: dict, title: str, xlabel: str = "epochs"
 
 
 @themed
-def mechanisms_figure(eval_points, panels: dict, title: str, xlabel: str = "epochs"):
+def mechanisms_figure(eval_points, panels: dict, title: str, xlabel: str = "epochs",
+                      ceilings=None):
     """One panel per leave-out mechanism (``panels[mechanism] = {method: (mean, se)}``), shared
-    y-axis, so the same method can be compared across the two gold standards."""
+    y-axis, so the same method can be compared across the two gold standards; ``ceilings``:
+    {mechanism: its gold standard's noise ceiling} (:func:`ceiling_band`), where given."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels), 3.6), sharey=True,
                              squeeze=False)
     for ax, (mech, res) in zip(axes[0], panels.items()):
+        ceiling_band(ax, (ceilings or {}).get(mech), eval_points)
         curves(ax, eval_points, res, title=f"{title}\nleave-out: {mech}")
         ax.set_xlabel(f"further training ({xlabel})")
     fig.tight_layout()
@@ -152,9 +219,15 @@ def mechanisms_figure(eval_points, panels: dict, title: str, xlabel: str = "epoc
 
 
 @themed
-def seeds_figure(ks, results: dict, title: str):
-    """Max cosine over epochs vs the number of seeds averaged; ``results[m] = (means, ses)``."""
+def seeds_figure(ks, results: dict, title: str, ceiling=None):
+    """Max cosine over epochs vs the number of seeds averaged; ``results[m] = (means, ses)``.
+    ``ceiling``: the gold standard's noise ceiling (all its seeds), drawn as the ceiling a gold
+    of k seeds would have at its best evaluation point
+    (:meth:`fimoda.yardsticks.NoiseCeiling.peak_for_seeds`)."""
     fig, ax = plt.subplots(figsize=(5, 3.6))
+    if ceiling is not None:
+        ceiling_band(ax, ceiling.peak_for_seeds(ks), ks,
+                     legend_label=f"noise ceiling of a k-seed gold (from {ceiling.n_seeds} seeds)")
     for m, (mean, se) in results.items():
         ax.errorbar(ks, mean, yerr=se, capsize=2, lw=1.4,
                     **{**method_style(m), "markevery": None})     # a marker at every k

@@ -55,7 +55,8 @@ PAPER_VALUES = {
 }
 
 __all__ = ["PAPER_VALUES", "NOTEBOOK_OF_KIND", "paper_figure", "figure_index", "paper_order",
-           "write_figure_index", "summary_rows", "mislabel_rows", "beyond_rows", "yardstick_rows",
+           "write_figure_index", "summary_rows", "ceiling_rows", "mislabel_rows", "beyond_rows",
+           "yardstick_rows",
            "write_summary"]
 
 # which notebook writes each kind of file (its prefix in fimoda.pipeline.STEPS)
@@ -131,11 +132,16 @@ def summary_rows(profile: str, datasets, optimizer: Optional[str] = None,
                  seeds: Optional[int] = None, results: Optional[list] = None):
     """Per dataset with results and method: cosine at the first evaluation point after theta^f,
     its maximum and where, the last; Spearman likewise; and the paper's first/last cosine where
-    :data:`PAPER_VALUES` has the same dataset and setting (never for a stand-in). ``results``:
+    :data:`PAPER_VALUES` has the same dataset and setting (never for a stand-in). Beside the
+    cosines, the gold standard's noise ceiling (:func:`fimoda.experiment.evaluation_ceiling`,
+    mean over test points) at the method's maximum and the cosine as a fraction of the ceiling
+    at the first point and at the maximum (:func:`fimoda.experiment.ceiling_fractions`; NaN
+    for a gold standard of one seed). ``results``:
     :func:`fimoda.experiment.with_results` of these settings when the caller has loaded it
     already (``methods`` is then not used); default: loaded here."""
     import pandas as pd
-    from .experiment import eval_unit, evaluation_gold, gold_settings, with_results
+    from .experiment import (ceiling_fractions, eval_unit, evaluation_ceiling, evaluation_gold,
+                             gold_settings, with_results)
     from .metrics import curve
     from .plots import label
     eq = 13 if adjust == "mean" else 17
@@ -146,6 +152,9 @@ def summary_rows(profile: str, datasets, optimizer: Optional[str] = None,
         ds = cfg.dataset
         opt, mech = gold_settings(cfg, optimizer, mechanism)
         a, t = evaluation_gold(gold, adjust)
+        nc = evaluation_ceiling(gold, adjust)
+        ceil = nc.mean()[0] if nc is not None else np.full(len(t), np.nan)
+        frac = ceiling_fractions(a, scores, nc)
         values = {} if cfg.stand_in_for else PAPER_VALUES.get(ds, {})
         paper, paper_sp = values.get((opt, eq, "cosine"), {}), values.get((opt, eq, "spearman"), {})
         for m, s in scores.items():
@@ -153,7 +162,8 @@ def summary_rows(profile: str, datasets, optimizer: Optional[str] = None,
             kc, ks = int(np.argmax(cos)), int(np.argmax(sp))
             row = {"dataset": ds + (f" ({cfg.stand_in_for} stand-in)" if cfg.stand_in_for else ""),
                    "gold": f"{opt}, {mech}, eq. {eq}", "unit": eval_unit(cfg), "method": label(m),
-                   "cos first": cos[0], "cos max": cos[kc], "cos max at": int(t[kc]),
+                   "cos first": cos[0], "first / ceil": frac[m][0], "cos max": cos[kc],
+                   "cos max at": int(t[kc]), "ceil at max": ceil[kc], "max / ceil": frac[m][kc],
                    "cos last": cos[-1], "last at": int(t[-1]), "sp first": sp[0],
                    "sp max": sp[ks], "sp max at": int(t[ks]), "sp last": sp[-1],
                    "paper first": np.nan, "paper last": np.nan,
@@ -163,6 +173,34 @@ def summary_rows(profile: str, datasets, optimizer: Optional[str] = None,
             if m in paper_sp:
                 row["paper sp first"], row["paper sp last"] = paper_sp[m]
             rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def ceiling_rows(results: list, adjust: str = "mean", target: float = 0.9):
+    """Per dataset of ``results`` (:func:`fimoda.experiment.with_results`): its gold standard's
+    seeds and noise ceiling (:func:`fimoda.experiment.evaluation_ceiling`, mean +- SE over test
+    points) at the first and last evaluation points after theta^f, its lowest and where, and
+    the seeds its gold standard would need for a mean ceiling of ``target`` at the first and the
+    last point (:func:`fimoda.yardsticks.seeds_needed`, rounded up). A gold standard of one
+    seed has a row with its seeds and NaN ceilings."""
+    import pandas as pd
+    from .experiment import eval_unit, evaluation_ceiling, evaluation_gold
+    from .yardsticks import seeds_needed
+    eq = 13 if adjust == "mean" else 17
+    rows = []
+    for cfg, gold, _ in results:
+        _, t = evaluation_gold(gold, adjust)
+        nc = evaluation_ceiling(gold, adjust)
+        mean, se = nc.mean() if nc is not None else (np.full(len(t), np.nan),) * 2
+        k = int(np.nanargmin(mean)) if np.isfinite(mean).any() else 0
+        need = [int(x) if np.isfinite(x) else x        # inf: a ceiling of 0; NaN: none
+                for x in np.ceil(seeds_needed(mean[[0, -1]], gold["loss_loo"].shape[0], target))]
+        rows.append({"dataset": cfg.dataset, "eq": eq, "seeds": int(gold["loss_loo"].shape[0]),
+                     "unit": eval_unit(cfg), "first at": int(t[0]), "ceiling first": mean[0],
+                     "se first": se[0], "last at": int(t[-1]), "ceiling last": mean[-1],
+                     "se last": se[-1], "lowest": mean[k], "lowest at": int(t[k]),
+                     f"seeds for {target:g} (first)": need[0],
+                     f"seeds for {target:g} (last)": need[1]})
     return pd.DataFrame(rows)
 
 
@@ -227,7 +265,17 @@ def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
              "test points, at the first evaluation point after theta^f, at their maximum (and "
              "where, in the dataset's unit: epochs for tabular data, steps for images and text) "
              "and at the last. `paper`: the value the paper's reference notebooks printed for "
-             "the same dataset and setting (none for a stand-in). Written by notebook 05.", ""]
+             "the same dataset and setting (none for a stand-in). Written by notebook 05.", "",
+             "Noise ceiling: the cosine the exact answer (the gold standard of infinitely many "
+             "seeds) would reach against this gold standard of K seeds, estimated from the "
+             "agreement of its seeds (`fimoda.yardsticks.noise_ceiling`), mean over test points: "
+             "no method can be expected above it. `ceil at max`: the ceiling where the method's "
+             "cosine peaks; `first / ceil`, `max / ceil`: the cosine as a fraction of the "
+             "ceiling, about the method's cosine to the exact answer. `seeds for 0.9`: the seeds "
+             "a gold standard needs for a ceiling of 0.9 (Spearman-Brown extrapolation, "
+             "`fimoda.yardsticks.seeds_needed`). Spearman has no ceiling here: the estimator "
+             "corrects inner products of the seeds' score vectors, which rank correlations are "
+             "not.", ""]
     golds = [(optimizer, "each dataset's gold standard" if optimizer is None and mechanism is None
               else f"gold standard {optimizer or ''} {mechanism or ''}".strip())]
     if optimizer is None and mechanism is None:
@@ -240,7 +288,8 @@ def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
             if t.empty:
                 continue
             lines += [f"## {title}, eq. {13 if adjust == 'mean' else 17}", "",
-                      markdown_table(t), ""]
+                      "Noise ceiling of each gold standard:", "",
+                      markdown_table(ceiling_rows(have, adjust)), "", markdown_table(t), ""]
     b = beyond_rows(profile, datasets)
     if not b.empty:
         lines += ["## Beyond the paper (notebook 07)", "",

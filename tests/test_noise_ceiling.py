@@ -4,7 +4,7 @@ import pytest
 
 from fimoda import metrics
 from fimoda.gold import GoldConfig, GoldResult, further_train, gold_scores
-from fimoda.yardsticks import gold_noise_ceiling, noise_ceiling
+from fimoda.yardsticks import gold_noise_ceiling, noise_ceiling, seeds_needed
 
 
 def synthetic_gold(K, n_loo, J, sigmas, seed=0, offset=0.0):
@@ -138,3 +138,78 @@ def test_on_the_engines_gold():
         nc = gold_noise_ceiling(res, adjust)
         assert np.isnan(nc.ceiling[0]).all() and np.isnan(nc.snr[0]).all()
         assert np.all((nc.ceiling[1:] >= 0) & (nc.ceiling[1:] <= 1))
+
+
+def test_seeds_needed_against_hand_computed_cases():
+    """k = K t^2 (1 - c^2) / ((1 - t^2) c^2). By hand: c = 0.6 with K = 10 seeds, target 0.9:
+    10 x 0.81 x 0.64 / (0.19 x 0.36) = 5.184 / 0.0684 = 75.789...; c = 0.5 with K = 2, target
+    0.8: 2 x 0.64 x 0.75 / (0.36 x 0.25) = 0.96 / 0.09 = 10.667."""
+    assert seeds_needed(0.6, 10, 0.9) == pytest.approx(5.184 / 0.0684, rel=1e-12)
+    assert seeds_needed(0.5, 2, 0.8) == pytest.approx(0.96 / 0.09, rel=1e-12)
+    # a ceiling already at the target needs the seeds it has; arrays broadcast
+    np.testing.assert_allclose(seeds_needed(np.array([0.9, 0.6]), np.array([4, 10]), 0.9),
+                               [4.0, 5.184 / 0.0684], rtol=1e-12)
+    out = seeds_needed(np.array([1.0, 0.0, np.nan]), 3, 0.9)
+    assert out[0] == 0 and out[1] == np.inf and np.isnan(out[2])
+    for bad, match in (((0.5, 2, 1.0), "in \\(0, 1\\)"), ((0.5, 0, 0.9), ">= 1"),
+                       ((1.2, 2, 0.9), "lies in \\[0, 1\\]")):
+        with pytest.raises(ValueError, match=match):
+            seeds_needed(*bad)
+
+
+def test_seeds_needed_from_a_ceiling_reaches_the_target_on_synthetic_gold():
+    """From the 8-seed ceiling of synthetic gold, seeds_needed predicts the seeds for 0.9;
+    the known ceiling of that many seeds, 1 / sqrt(1 + n' sigma^2 / k), is then 0.9."""
+    K, n_loo, J, sigma = 8, 1500, 12, 0.04
+    full, loo, _, expected = synthetic_gold(K, n_loo, J, [0.0, sigma], seed=5)
+    nc = noise_ceiling(full, loo, adjust="full")
+    k = seeds_needed(nc.mean()[0][1], K, 0.9)
+    assert 1 / np.sqrt(1 + n_loo * sigma ** 2 / k) == pytest.approx(0.9, abs=0.01)
+    table = nc.table(targets=(0.9,))
+    assert list(table.index) == [0, 1] and table.loc[1, "seeds for 0.9"] == np.ceil(k)
+    assert table.loc[1, "ceiling"] == pytest.approx(expected[1], abs=0.01)
+    assert np.isnan(table.loc[0, "ceiling"])
+    later = nc.select(slice(1, None))
+    assert list(later.eval_points) == [1] and later.ceiling.shape == (1, J)
+    np.testing.assert_array_equal(later.ceiling[0], nc.ceiling[1])
+
+
+def test_evaluation_ceiling_is_the_ceiling_at_the_evaluated_points():
+    """Notebook 04's ceiling: the stored gold arrays' ceiling with t = 0 (theta^f) dropped as
+    evaluation_gold drops it, for the equation asked; none for one seed or one left-out run."""
+    from fimoda import experiment as ex
+    K, n_loo, J = 4, 300, 5
+    full, loo, _, _ = synthetic_gold(K, n_loo, J, [0.0, 0.02, 0.05], seed=6, offset=0.1)
+    gold = {"loss_full": full, "loss_loo": loo, "eval_points": np.array([0, 3, 6])}
+    for adjust in ("mean", "full"):
+        nc = ex.evaluation_ceiling(gold, adjust)
+        ref = noise_ceiling(full, loo, adjust)
+        assert list(nc.eval_points) == list(ex.evaluation_gold(gold, adjust)[1]) == [3, 6]
+        np.testing.assert_array_equal(nc.ceiling, ref.ceiling[1:])
+    assert ex.evaluation_ceiling({**gold, "loss_full": full[:1], "loss_loo": loo[:1]}) is None
+    assert ex.evaluation_ceiling({**gold, "loss_loo": loo[:, :1]}) is None
+
+
+def test_peak_for_seeds_is_the_known_ceiling_of_k_seeds_at_the_best_point():
+    """The seeds figure's band: for k seeds, the ceiling of a k-seed gold where it is highest;
+    on synthetic gold the least noisy point t = 1, 1 / sqrt(1 + n' sigma_1^2 / k); at k = K the
+    estimate itself."""
+    K, n_loo, J = 8, 1500, 12
+    sigmas = [0.0, 0.01, 0.04, 0.15]
+    full, loo, _, _ = synthetic_gold(K, n_loo, J, sigmas)
+    nc = noise_ceiling(full, loo, adjust="full")
+    peak = nc.peak_for_seeds([1, 2, 8])
+    assert list(peak.eval_points) == [1, 2, 8] and peak.ceiling.shape == (3, J)
+    known = [1 / np.sqrt(1 + n_loo * sigmas[1] ** 2 / k) for k in (1, 2, 8)]
+    np.testing.assert_allclose(peak.mean()[0], known, atol=0.02)
+    np.testing.assert_allclose(peak.ceiling[2], nc.ceiling[1], atol=1e-12)
+
+
+def test_mean_is_over_the_test_points_that_have_a_ceiling():
+    """A test point whose runs never moved (float32 SST-2 at lr 1e-6) has no ceiling: the mean
+    and SE are over the others, by hand; NaN where no test point has one."""
+    from fimoda.yardsticks import NoiseCeiling
+    c = np.array([[np.nan, np.nan], [0.5, np.nan], [0.2, 0.4]])
+    mean, se = NoiseCeiling(c, c, 2, np.arange(3)).mean()
+    np.testing.assert_allclose(mean, [np.nan, 0.5, 0.3], atol=1e-15)
+    np.testing.assert_allclose(se, [np.nan, 0.0, 0.1], atol=1e-15)   # |0.2 - 0.4| / 2

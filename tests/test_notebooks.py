@@ -356,6 +356,42 @@ def test_notebooks_are_valid_and_have_a_parameters_cell():
         assert len(tagged) == 1, path.name
 
 
+def test_summary_gives_the_noise_ceiling_and_each_methods_fraction_of_it(in_concrete_run):
+    """summary.md of the Concrete smoke run has the noise ceiling of each gold standard and each
+    method's cosine as a fraction of it; the ceiling recomputed by hand from the stored gold
+    arrays: with two seeds the estimator is ceiling^2 = 4 g1.g2 / |g1 + g2|^2 (the split-half
+    agreement, Spearman-Brown corrected to two seeds), g_s seed s's eq. 13 scores."""
+    import numpy as np
+    from fimoda import report
+    res = in_concrete_run / "results" / "smoke"
+    text = (res / "summary.md").read_text()
+    assert text.count("Noise ceiling of each gold standard:") >= 2       # eq. 13 and eq. 17
+    assert "| first / ceil |" in text and "| ceil at max | max / ceil |" in text
+    assert "| seeds for 0.9 (first) | seeds for 0.9 (last) |" in text
+    gold = np.load(res / "concrete" / "gold_sgd_remove.npz")
+    full, loo = gold["loss_full"], gold["loss_loo"]           # (S, T, J), (S, n', T, J)
+    assert full.shape[0] == 2
+    g = loo - full[:, None]                                    # each seed's eq. 17 scores
+    g = g - g.mean(1, keepdims=True)                           # eq. 13: minus the mean over L
+    ratio = 4 * (g[0] * g[1]).sum(0) / ((g[0] + g[1]) ** 2).sum(0)       # (T, J)
+    mean = np.sqrt(np.clip(ratio, 0, 1))[1:].mean(1)           # t = 0 (theta^f) dropped
+    points = list(gold["eval_points"][1:])
+    rows = report.summary_rows("smoke", ["concrete"]).set_index("method")
+    assert len(rows) >= 8
+    for m, r in rows.iterrows():
+        k = points.index(r["cos max at"])
+        assert r["ceil at max"] == pytest.approx(mean[k], abs=1e-9), m
+        assert r["max / ceil"] == pytest.approx(r["cos max"] / mean[k], abs=1e-9), m
+        assert r["first / ceil"] == pytest.approx(r["cos first"] / mean[0], abs=1e-9), m
+    (row,) = report.ceiling_rows(ex.with_results("smoke", ["concrete"])).to_dict("records")
+    assert row["seeds"] == 2 and row["eq"] == 13
+    assert row["ceiling first"] == pytest.approx(mean[0], abs=1e-9)
+    assert row["ceiling last"] == pytest.approx(mean[-1], abs=1e-9)
+    assert row["lowest"] == pytest.approx(mean.min(), abs=1e-9)
+    need = [2 * 0.81 * (1 - c * c) / (0.19 * c * c) for c in (mean[0], mean[-1])]   # by hand
+    assert [row["seeds for 0.9 (first)"], row["seeds for 0.9 (last)"]] == list(np.ceil(need))
+
+
 def test_notebook_07_runs_on_the_smoke_profile(in_concrete_run):
     """Notebook 07 (which reads notebook 02's gold standards and computes its own scores) in the
     smoke pipeline's run: its infinitesimal and trajectory studies, SGD and Adam."""

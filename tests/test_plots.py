@@ -147,9 +147,17 @@ def test_summary_panels_follow_paper_order_with_letters_and_units(results):
     assert {ax.get_subplotspec().get_geometry()[:2] for ax in axes} == {(2, 2)}
     # one legend for the figure, none in the panels
     assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in axes)
-    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["Grad-Dot", "Grad-Cos"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "Grad-Dot", "Grad-Cos", "noise ceiling of the gold (2 seeds)"]
     assert list(table.columns) == ["concrete", "fico", "fashion_mnist (stand-in for cifar10)",
                                    "sst2"]
+    # each panel's ceiling band is its own gold standard's, at the panel's evaluation points
+    for ax, ds in zip(axes, ("concrete", "fico", "fashion_mnist", "sst2")):
+        gold = ex.load_gold(get_config(ds, "smoke"), "sgd", "subtract")
+        nc = ex.evaluation_ceiling(gold)
+        (line,), (band,) = ceiling_artists(ax)
+        np.testing.assert_array_equal(line.get_xdata(), ex.evaluation_gold(gold)[1])
+        np.testing.assert_allclose(line.get_ydata(), nc.mean()[0], rtol=0, atol=1e-12)
     # each panel shows its own dataset's results: only fico's Grad-Dot is the gold itself
     assert table.loc["Grad-Dot", "fico"] == pytest.approx(1.0)
     assert table.loc["Grad-Dot"].drop("fico").max() < 0.99
@@ -290,10 +298,81 @@ def test_grid_with_a_panel_that_skips_methods_keeps_every_look_and_one_legend(re
                for m in ["grad_dot", "grad_cos"] + every)
     (leg,) = fig.legends
     assert [t.get_text() for t in leg.get_texts()] == [
-        "Grad-Dot", "Grad-Cos", "DataInf", "TRAK (M=1)", "CG", "LiSSA", "LiSSA-H"]
+        "Grad-Dot", "Grad-Cos", "DataInf", "TRAK (M=1)", "CG", "LiSSA", "LiSSA-H",
+        "noise ceiling of the gold (2 seeds)"]
     from matplotlib.colors import to_hex
     assert [(to_hex(h.get_color()), h.get_linestyle(), h.get_marker())
-            for h in leg.legend_handles] == [concrete[t.get_text()] for t in leg.get_texts()]
+            for h in leg.legend_handles[:-1]] == [concrete[t.get_text()]
+                                                  for t in leg.get_texts()[:-1]]
+
+
+# ----------------------------------------------------------------------------- noise ceiling
+def ceiling_artists(ax):
+    """([lines], [bands]) of the noise ceiling drawn on ``ax``, found by their gid."""
+    mine = lambda a: str(a.get_gid()).startswith(plots.CEILING_GID + ":")
+    return [ln for ln in ax.get_lines() if mine(ln)], [c for c in ax.collections if mine(c)]
+
+
+def band_limits(band, x):
+    """(lower, upper) y of a fill_between band at each of ``x``, read from its path."""
+    v = band.get_paths()[0].vertices
+    ys = [v[np.isclose(v[:, 0], xi), 1] for xi in x]
+    return np.array([y.min() for y in ys]), np.array([y.max() for y in ys])
+
+
+def legend_texts(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_ceiling_band_draws_the_estimators_numbers_beneath_the_curves():
+    """The band is the ceiling's mean +- SE over test points, read back from the axes, at the
+    curves' evaluation points; on synthetic gold with known noise those are the known ceilings;
+    it lies beneath the curves and is the legend's last entry; without a ceiling, nothing."""
+    from test_noise_ceiling import synthetic_gold
+    from fimoda.yardsticks import noise_ceiling
+    K, n_loo, J = 8, 1500, 12
+    full, loo, _, expected = synthetic_gold(K, n_loo, J, [0.0, 0.01, 0.04, 0.15])
+    t = np.array([2, 4, 6])
+    nc = noise_ceiling(full, loo, "full", eval_points=np.array([0, 2, 4, 6])).select(slice(1, None))
+    fig = plots.cosine_figure(t, curve_results(["grad_dot", "cg"], T=3), "t", ceiling=nc)
+    ax = fig.axes[0]
+    (line,), (band,) = ceiling_artists(ax)
+    mean, se = nc.mean()
+    np.testing.assert_array_equal(line.get_xdata(), t)
+    np.testing.assert_allclose(line.get_ydata(), mean, rtol=0, atol=1e-12)
+    lo, hi = band_limits(band, t)
+    np.testing.assert_allclose(lo, mean - se, atol=1e-12)
+    np.testing.assert_allclose(hi, mean + se, atol=1e-12)
+    np.testing.assert_allclose(line.get_ydata(), expected[1:], atol=0.05)    # .88, .44 known
+    curves = [ln for ln in ax.get_lines() if not ln.get_label().startswith("_")]
+    assert band.get_zorder() < line.get_zorder() < min(ln.get_zorder() for ln in curves)
+    assert legend_texts(ax) == ["Grad-Dot", "CG", "noise ceiling of the gold (8 seeds)"]
+    one_seed = plots.cosine_figure(t, curve_results(["grad_dot"], T=3), "t", ceiling=None)
+    assert ceiling_artists(one_seed.axes[0]) == ([], [])
+    assert legend_texts(one_seed.axes[0]) == ["Grad-Dot"]
+    with pytest.raises(ValueError, match="evaluation points"):
+        plots.cosine_figure(np.arange(5), curve_results(["grad_dot"], T=5), "t", ceiling=nc)
+    # the mechanisms figure: each panel its own gold standard's ceiling; notebook 07's figure
+    other = noise_ceiling(full[:4], loo[:4], "full").select(slice(1, None))
+    res = curve_results(["grad_dot"], T=3)
+    fig = plots.mechanisms_figure(t, {"remove": res, "subtract": res}, "m",
+                                  ceilings={"remove": nc, "subtract": other})
+    for ax, c in zip(fig.axes, (nc, other)):
+        np.testing.assert_allclose(ceiling_artists(ax)[0][0].get_ydata(), c.mean()[0])
+    assert legend_texts(fig.axes[-1])[-1] == "noise ceiling of the gold (4, 8 seeds)"
+    # the seeds figure: the ceiling of a k-seed gold at its best point, at each k
+    ks = [1, 2, 4, 8]
+    ax = plots.seeds_figure(ks, {"grad_dot": (np.ones(4), np.zeros(4))}, "s", ceiling=nc).axes[0]
+    (line,), _ = ceiling_artists(ax)
+    np.testing.assert_array_equal(line.get_xdata(), ks)
+    np.testing.assert_allclose(line.get_ydata(), nc.peak_for_seeds(ks).mean()[0], atol=1e-12)
+    assert legend_texts(ax)[-1] == "noise ceiling of a k-seed gold (from 8 seeds)"
+    from fimoda import beyond
+    study = {"eval_points": t, "curves": curve_results(["grad_dot", "trajectory"], T=3),
+             "ceiling": nc}
+    ax = beyond.trajectory_figure(study, "t").axes[0]
+    np.testing.assert_allclose(ceiling_artists(ax)[0][0].get_ydata(), mean)
+    assert legend_texts(ax)[-1] == "noise ceiling of the gold (8 seeds)"
 
 
 def test_trajectory_figure_draws_notebook_07_curves_from_the_one_map():

@@ -116,7 +116,9 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
     ``trajectory_adam_cor2``).
     Per-point scores cached in ``beyond_trajectory_<optimizer>.npz``. Returns eval points,
     cosine curves {name: (mean, se)}, the curves left out {name: reason}, the smallest
-    true-Hessian eigenvalue seen by the Krylov route (None without it), seconds."""
+    true-Hessian eigenvalue seen by the Krylov route (None without it), seconds, and the gold
+    standard's noise ceiling at its evaluation points (eq. 13; None for one seed:
+    :func:`fimoda.experiment.evaluation_ceiling`)."""
     from ..influence import compute_scores
     from ..influence.trajectory import SpectralPairs, damping_schedule_curve, trajectory_curve
     from .common import full_hessian_applies
@@ -199,7 +201,7 @@ def trajectory_study(cfg, optimizer: Optional[str] = None, mechanism: Optional[s
         curves[k] = curves_at_points(a, per[k])
     return {"eval_points": t, "curves": curves, "skipped": skipped, "seconds": seconds,
             "ritz_min": ritz_min, "optimizer": opt, "mechanism": mech, "lr": tcfg.lr,
-            "n_train": len(ds.X_train)}
+            "n_train": len(ds.X_train), "ceiling": ex.evaluation_ceiling(gold, "mean")}
 
 
 def trajectory_banner(study: dict) -> str:
@@ -265,13 +267,14 @@ def trajectory_gaps(study: dict):
 
 def trajectory_figure(study: dict, title: str, unit: str = "epochs", curves=None):
     """Figure-2 style: the paper's methods (thin) and the trajectory-matched curves (thick, with
-    their +-1 SE bands), each in its look of :func:`fimoda.plots.method_style`. ``curves``: the
+    their +-1 SE bands), each in its look of :func:`fimoda.plots.method_style`, over the gold
+    standard's noise ceiling (``study["ceiling"]`` where the study has one). ``curves``: the
     names (keys of ``study["curves"]``) to draw, None: all; a name the study did not compute is
     passed over, so a figure can be built up family by family; an unknown name is refused."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     from ..influence import METHODS
-    from ..plots import legend, method_style, theme
+    from ..plots import ceiling_band, legend, method_style, theme
     keep = None if curves is None else set(curves)
     unknown = sorted((keep or set()) - set(LABELS) - set(METHODS))
     if unknown:
@@ -281,6 +284,7 @@ def trajectory_figure(study: dict, title: str, unit: str = "epochs", curves=None
     with theme():
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         t = study["eval_points"]
+        ceiling_band(ax, study.get("ceiling"), t)
         for m, (mean, se) in drawn.items():
             style = method_style(m)
             if m in PAPER_SIDE:

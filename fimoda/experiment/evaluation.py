@@ -1,6 +1,6 @@
 """Every method's scores against the gold standard (paper §6.1): cosine and Spearman curves over
-the evaluation points after theta^f, the max-cosine table, and notebook 04's comparison of the
-leave-out mechanisms."""
+the evaluation points after theta^f, the gold standard's own noise ceiling at the same points,
+the max-cosine table, and notebook 04's comparison of the leave-out mechanisms."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,31 +25,63 @@ def evaluation_gold(gold: dict, adjust: str = "mean"):
     return a, t
 
 
+def evaluation_ceiling(gold: dict, adjust: str = "mean"):
+    """The gold standard's noise ceiling (:func:`fimoda.yardsticks.noise_ceiling`: the cosine
+    the exact answer would reach against it) per test point at the evaluation points of
+    :func:`evaluation_gold` -- the same stored arrays, the same equation (``adjust``), t = 0
+    dropped likewise. None where it has one seed or one left-out instance: a ceiling compares
+    seeds over the left-out set."""
+    from ..yardsticks import noise_ceiling
+    loo = np.asarray(gold["loss_loo"])
+    if loo.shape[0] < 2 or loo.shape[1] < 2:
+        return None
+    t = np.asarray(gold["eval_points"])
+    nc = noise_ceiling(gold["loss_full"], loo, adjust, t)
+    return nc.select(slice(1, None)) if t[0] == 0 and len(t) > 1 else nc
+
+
+def ceiling_fractions(a: np.ndarray, scores: dict, ceiling) -> dict:
+    """{method: its cosine to the gold scores ``a`` as a fraction of the ``ceiling``, per
+    evaluation point} (:meth:`fimoda.yardsticks.NoiseCeiling.fraction`: the mean cosine over
+    the mean ceiling, about the method's cosine to the exact answer); NaN without a ceiling."""
+    from ..metrics import cosine
+    if ceiling is None:
+        return {m: np.full(a.shape[1], np.nan) for m in scores}
+    return {m: ceiling.fraction(cosine(a, s)) for m, s in scores.items()}
+
+
 def evaluate(gold: dict, scores: dict, adjust: str = "mean"):
     """(eval points, {method: cosine (mean, se)}, {method: Spearman (mean, se)}, table): every
     method's scores against the gold standard -- eq. (13) with ``adjust="mean"``, eq. (17) with
     ``"full"`` -- per test point over the left-out set, averaged over test points, at every
-    evaluation point after theta^f; the table is :func:`evaluation_table` of them."""
+    evaluation point after theta^f; the table is :func:`evaluation_table` of them, with the
+    gold standard's noise ceiling (:func:`evaluation_ceiling`)."""
     from ..metrics import curve
     a, t = evaluation_gold(gold, adjust)
     cos = {m: curve(a, s, "cosine") for m, s in scores.items()}
     sp = {m: curve(a, s, "spearman") for m, s in scores.items()}
-    table = evaluation_table(t, cos, sp)
+    nc = evaluation_ceiling(gold, adjust)
+    table = evaluation_table(t, cos, sp, nc, ceiling_fractions(a, scores, nc))
     table.attrs["derived_from"] = store.derived_from(gold, scores)     # saved with it
     return t, cos, sp, table
 
 
-def evaluation_table(eval_points, cos: dict, sp: dict):
+def evaluation_table(eval_points, cos: dict, sp: dict, ceiling=None, fractions=None):
     """Per method: max mean cosine, the eval point where it peaks, cosine at the first and last
-    eval points, and the max mean Spearman."""
+    eval points, and the max mean Spearman; then the gold standard's noise ``ceiling`` (mean over
+    test points) at the method's peak and the max cosine as a fraction of it (``fractions``:
+    :func:`ceiling_fractions`), NaN without a ceiling."""
     import pandas as pd
     from ..plots import label
     rows = []
+    ceil = ceiling.mean()[0] if ceiling is not None else np.full(len(eval_points), np.nan)
     for m, (mean, se) in cos.items():
         t = int(np.argmax(mean))
         rows.append({"method": label(m), "max cosine": mean[t], "se": se[t],
                      "at": eval_points[t], "cosine first": mean[0],
-                     "cosine last": mean[-1], "max Spearman": float(np.max(sp[m][0]))})
+                     "cosine last": mean[-1], "max Spearman": float(np.max(sp[m][0])),
+                     "ceiling at max": ceil[t],
+                     "max / ceiling": np.nan if fractions is None else fractions[m][t]})
     return pd.DataFrame(rows).set_index("method").sort_values("max cosine", ascending=False)
 
 
@@ -70,12 +102,13 @@ def save_table(table, cfg: ExperimentConfig, name: str, directory=None) -> Path:
 
 def mechanism_curves(cfg: ExperimentConfig, optimizer: Optional[str], scores: dict,
                      adjust: str = "mean", methods=("grad_dot", "cg", "lissa")):
-    """(eval points, {mechanism: {method: (mean, se) cosine curve}}) for every leave-out
-    mechanism whose gold standard with ``optimizer`` has been computed (notebook 04's side-by-side
-    comparison of ``remove`` and ``subtract``)."""
+    """(eval points, {mechanism: {method: (mean, se) cosine curve}}, {mechanism: its gold
+    standard's noise ceiling (:func:`evaluation_ceiling`)}) for every leave-out mechanism whose
+    gold standard with ``optimizer`` has been computed (notebook 04's side-by-side comparison of
+    ``remove`` and ``subtract``)."""
     from ..gold import MECHANISMS
     from ..metrics import curve
-    out, t = {}, None
+    out, ceilings, t = {}, {}, None
     for mech in MECHANISMS:
         try:
             gold = load_gold(cfg, optimizer, mech)
@@ -87,4 +120,5 @@ def mechanism_curves(cfg: ExperimentConfig, optimizer: Optional[str], scores: di
                              f"{list(out)[0]} one")
         t = t_m
         out[mech] = {m: curve(a, scores[m], "cosine") for m in methods if m in scores}
-    return t, out
+        ceilings[mech] = evaluation_ceiling(gold, adjust)
+    return t, out, ceilings

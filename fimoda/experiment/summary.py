@@ -1,13 +1,13 @@
 """Figure 2 across datasets: the datasets of a profile whose gold standard has been computed, their
-results, and the grid of cosine curves with its max-cosine table (also Figs. 4 and 5 with another
-gold optimizer or eq. 17)."""
+results, and the grid of cosine curves, each panel with its gold standard's noise ceiling, with its
+max-cosine table (also Figs. 4 and 5 with another gold optimizer or eq. 17)."""
 from __future__ import annotations
 
 from typing import Optional
 
 import numpy as np
 
-from .evaluation import evaluation_gold
+from .evaluation import evaluation_ceiling, evaluation_gold
 from .gold_runs import eval_unit, gold_settings, load_gold
 from .methods import load_scores
 from .setup import out_dir
@@ -56,7 +56,9 @@ def summary(profile: str, datasets, optimizer: Optional[str] = None,
     ``further.eval_every`` (image, text). One legend for the whole figure. The table's columns
     are the datasets in panel order. Every method keeps its look (:func:`fimoda.plots.method_style`)
     in every panel, whichever methods a panel skips; the legend lists every method drawn in any
-    panel, in the fixed order of :data:`fimoda.plots.STYLE_KEYS`."""
+    panel, in the fixed order of :data:`fimoda.plots.STYLE_KEYS`, then the noise ceiling: each
+    panel's grey band is its own gold standard's (:func:`evaluation_ceiling`, same equation),
+    absent where that gold standard has one seed."""
     from ..plots import theme
     have = with_results(profile, datasets, optimizer, mechanism, methods, seeds)
     if not have:
@@ -70,7 +72,7 @@ def _grid(have, optimizer, mechanism, adjust):
     import matplotlib.pyplot as plt
     import pandas as pd
     from ..metrics import curve
-    from ..plots import curves, grid_shape, label, legend, panel_letter
+    from ..plots import ceiling_band, curves, grid_shape, label, legend, panel_letter
     nrows, ncols = grid_shape(len(have))
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.8 * nrows), squeeze=False)
     flat = axes.ravel()
@@ -82,6 +84,7 @@ def _grid(have, optimizer, mechanism, adjust):
         name = cfg.dataset + (f" (stand-in for {cfg.stand_in_for})" if cfg.stand_in_for else "")
         opt, mech = gold_settings(cfg, optimizer, mechanism)
         eq = "" if adjust == "mean" else ", eq. 17"
+        ceiling_band(ax, evaluation_ceiling(gold, adjust), t)
         curves(ax, t, res, title=f"{panel_letter(k)} {name}\n({opt}, {mech}{eq})")
         ax.set_xlabel(f"further training ({eval_unit(cfg)}s)")
         drawn += res

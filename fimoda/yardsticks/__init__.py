@@ -8,8 +8,8 @@ over a group)."""
 from .additivity import (additive_estimate, additivity_error, group_score, membership,
                          paired_cosine)
 from .lds_runs import LDSRuns, draw_subsets, further_training_lds, retraining_lds
-from .noise_ceiling import NoiseCeiling, gold_noise_ceiling, noise_ceiling
+from .noise_ceiling import NoiseCeiling, gold_noise_ceiling, noise_ceiling, seeds_needed
 
-__all__ = ["NoiseCeiling", "noise_ceiling", "gold_noise_ceiling", "LDSRuns", "draw_subsets",
-           "further_training_lds", "retraining_lds", "membership", "additive_estimate",
-           "additivity_error", "group_score", "paired_cosine"]
+__all__ = ["NoiseCeiling", "noise_ceiling", "gold_noise_ceiling", "seeds_needed", "LDSRuns",
+           "draw_subsets", "further_training_lds", "retraining_lds", "membership",
+           "additive_estimate", "additivity_error", "group_score", "paired_cosine"]

@@ -24,7 +24,7 @@ clipped to [0, 1]. It is the split-half agreement with its Spearman-Brown correc
 (r = cos(g_A, g_B) of two halves, ceiling^2 = 2r / (1 + r)) averaged over every way of pairing the
 seeds instead of one split, so it has less variance and needs no even K. The same R gives the
 ceiling of any number of seeds (:meth:`NoiseCeiling.for_seeds`) and the seeds a target ceiling
-needs (:meth:`NoiseCeiling.seeds_for`).
+needs (:meth:`NoiseCeiling.seeds_for`; from a ceiling alone, :func:`seeds_needed`).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import numpy as np
 from ..gold.scores import gold_scores
 from ..metrics import mean_se
 
-__all__ = ["NoiseCeiling", "noise_ceiling", "gold_noise_ceiling"]
+__all__ = ["NoiseCeiling", "noise_ceiling", "gold_noise_ceiling", "seeds_needed"]
 
 
 @dataclass
@@ -51,9 +51,11 @@ class NoiseCeiling:
     eval_points: np.ndarray
 
     def mean(self):
-        """(mean, standard error) of the ceiling over test points, each (T,) (NaN where
-        undefined)."""
-        return mean_se(self.ceiling, axis=1)
+        """(mean, standard error) of the ceiling over the test points where it is defined, each
+        (T,): a test point whose left-out runs all kept the same test loss in every seed (no
+        gold to compare; in float32, differences below round-off) is left out, as in
+        :meth:`fraction`; NaN where no test point has a ceiling (t = 0)."""
+        return _mean_over_tests(self.ceiling)
 
     def for_seeds(self, k) -> np.ndarray:
         """(T, J): the ceiling a gold standard of ``k`` seeds would have, sqrt(k R / (k R + 1))."""
@@ -72,6 +74,46 @@ class NoiseCeiling:
         with np.errstate(divide="ignore", invalid="ignore"):
             return c * c / ((1 - c * c) * self.snr)
 
+    def select(self, index) -> "NoiseCeiling":
+        """The ceiling at the evaluation points ``index`` (an index or slice of the first axis),
+        e.g. ``select(slice(1, None))`` without t = 0."""
+        pick = lambda v: np.atleast_1d(np.asarray(v)[index])
+        return NoiseCeiling(pick(self.ceiling), pick(self.snr), self.n_seeds,
+                            pick(self.eval_points))
+
+    def peak_for_seeds(self, ks) -> "NoiseCeiling":
+        """For each k of ``ks``: the ceiling a gold standard of k seeds would have
+        (:meth:`for_seeds`, per test point) at the evaluation point where its mean over test
+        points is highest -- what caps a method's maximum cosine over further training to a
+        k-seed gold (the seeds figure, paper App. E.1). A NoiseCeiling whose first axis runs
+        over ``ks`` (its ``eval_points`` are ``ks``; NaN where no point has a ceiling)."""
+        rows, snr = [], []
+        for k in ks:
+            c = self.for_seeds(k)
+            mean = _mean_over_tests(c)[0]
+            t = int(np.argmax(np.where(np.isfinite(mean), mean, -np.inf)))   # NaN never wins
+            rows.append(c[t])
+            snr.append(self.snr[t])
+        return NoiseCeiling(np.stack(rows), np.stack(snr), self.n_seeds, np.asarray(ks))
+
+    def table(self, targets=(0.9,), max_rows: Optional[int] = None):
+        """Per evaluation point: the mean ceiling over test points and its standard error, and
+        the seeds a gold standard needs for its mean ceiling to reach each of ``targets``
+        (:func:`seeds_needed` of the mean, rounded up; inf where the ceiling is 0, NaN where
+        undefined): a pandas DataFrame indexed by evaluation point. ``max_rows``: at most that
+        many evaluation points, evenly spaced, the first and the last among them."""
+        import pandas as pd
+        mean, se = self.mean()
+        cols = {"ceiling": mean, "se": se}
+        for c in targets:
+            need = seeds_needed(mean, self.n_seeds, c)
+            cols[f"seeds for {c:g}"] = np.where(np.isfinite(need), np.ceil(need), need)
+        table = pd.DataFrame(cols, index=pd.Index(self.eval_points, name="eval point"))
+        if max_rows is not None and len(table) > max_rows:
+            keep = np.linspace(0, len(table) - 1, max_rows).round().astype(int)
+            table = table.iloc[np.unique(keep)]
+        return table
+
     def fraction(self, cosines) -> np.ndarray:
         """A method's cosine to the gold as a fraction of the ceiling, per evaluation point (T,):
         the mean over test points of ``cosines`` (T, J) (:func:`fimoda.metrics.cosine`) over the
@@ -86,6 +128,13 @@ class NoiseCeiling:
             num = np.where(ok, c, 0.0).sum(1)
             den = np.where(ok, self.ceiling, 0.0).sum(1)
             return np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+
+
+def _mean_over_tests(c: np.ndarray):
+    """(mean, standard error) over axis 1 of ``c`` (T, J), each over its finite entries only;
+    NaN where a row has none."""
+    rows = [mean_se(r[np.isfinite(r)]) if np.isfinite(r).any() else (np.nan, np.nan) for r in c]
+    return (np.array([float(m) for m, _ in rows]), np.array([float(e) for _, e in rows]))
 
 
 def noise_ceiling(loss_full, loss_loo, adjust: str = "mean",
@@ -133,3 +182,28 @@ def gold_noise_ceiling(result, adjust: str = "mean") -> NoiseCeiling:
     """:func:`noise_ceiling` of a :class:`fimoda.gold.GoldResult` (its arrays and evaluation
     points)."""
     return noise_ceiling(result.loss_full, result.loss_loo, adjust, result.eval_points)
+
+
+def seeds_needed(ceiling, n_seeds, target):
+    """How many seeds a gold standard needs for its noise ceiling to reach ``target``, given
+    that it is ``ceiling`` with ``n_seeds`` seeds (scalars or arrays that broadcast): the
+    one-seed signal-to-noise ratio R = c^2 / (K (1 - c^2)) (module docstring), then
+    k = target^2 / ((1 - target^2) R) = K target^2 (1 - c^2) / ((1 - target^2) c^2): the
+    Spearman-Brown extrapolation. Not rounded; 0 where the ceiling is 1, inf where it is 0, NaN
+    where it is NaN (undefined). A ceiling outside [0, 1], ``n_seeds`` < 1 or a target outside
+    (0, 1) is a ValueError."""
+    c = np.asarray(ceiling, dtype=np.float64)
+    k = np.asarray(n_seeds, dtype=np.float64)
+    target = float(target)
+    if not 0 < target < 1:
+        raise ValueError(f"a target ceiling lies in (0, 1), got {target}")
+    if np.any(~(k >= 1)):
+        raise ValueError(f"the gold standard's number of seeds must be >= 1, got {n_seeds}")
+    if np.any((c < 0) | (c > 1)):
+        raise ValueError(f"a noise ceiling lies in [0, 1], got {ceiling}")
+    t2, c2 = target * target, c * c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        need = np.where(c2 > 0, k * t2 * (1 - c2) / ((1 - t2) * np.where(c2 > 0, c2, 1.0)),
+                        np.inf)
+    need = np.where(np.isnan(c), np.nan, need)
+    return float(need) if need.ndim == 0 else need
