@@ -221,6 +221,9 @@ KINDS = {k.name: k for k in [
                "trajectory-matched influence and the damping schedule 1/(lr t) at every "
                "evaluation point, beside the paper's methods (beyond the paper, notebook 07)",
                "07"),
+    FigureKind("lora_gold", "{dataset}_lora_gold_{optimizer}_{mechanism}.png",
+               "LoRA further training's gold scores against the full-parameter gold's, at every "
+               "evaluation point, and its cost (beyond the paper, Sec. 7)", "08"),
     FigureKind("param_distance", "{dataset}_param_distance_{optimizer}.png",
                "distance of further-trained parameters from theta^f", "02"),
     FigureKind("final_training", "{dataset}_final_training.png",

@@ -301,3 +301,79 @@ def test_every_method_runs_on_the_adapters_at_theta_f(method):
                                   method=method, names=names)
     assert scores.shape == (3, 4) and np.all(np.isfinite(scores))
     assert np.abs(scores).max() > 0
+
+
+# ----------------------------------------------------------------------------- the study
+def test_lora_study_compares_with_the_full_gold_and_reuses_its_results(tmp_path):
+    """The study on SST-2's smoke settings with a tiny encoder top (the cpu profile's model
+    kind): the full gold is run, each rank's LoRA gold stored and then reused, and the cosine is
+    the cosine of the two golds' eq. 13 vectors, computed here by hand."""
+    from types import SimpleNamespace
+    from fimoda.config import get_config
+    from fimoda.experiment.lora_study import lora_figure, lora_gold_path, lora_study
+    from fimoda.gold import gold_scores
+    from fimoda.io import load_npz
+    cfg = get_config("sst2", "smoke")
+    clf = tiny_text_model()
+    x, y = text_data(40, seed=3)
+    feats = clf.trunk_features(x, 1)
+    top = TextTop(clf, 1).eval()
+    ds = SimpleNamespace(X_train=feats[:30].numpy(), y_train=y[:30].numpy(),
+                         X_test=feats[30:].numpy(), y_test=y[30:].numpy())
+    study = lora_study(cfg, ranks=(1, 4), model=top, ds=ds, directory=tmp_path)
+    T = len(study.eval_points)
+    assert study.cosine.shape == (2, T, cfg.further.n_test) and T >= 2
+    assert np.all(np.isnan(study.cosine[:, 0])) and np.all(np.abs(study.cosine[:, 1:]) <= 1)
+    full = load_npz(tmp_path / "gold_adamw_subtract.npz")
+    a_full = gold_scores(full["loss_full"], full["loss_loo"], adjust="mean")
+    for k, r in enumerate((1, 4)):
+        lora = load_npz(lora_gold_path(cfg, r, directory=tmp_path))
+        a = gold_scores(lora["loss_full"], lora["loss_loo"], adjust="mean")
+        assert np.abs(a[:, -1]).max() > 0 and not np.allclose(a, a_full)
+        for t in range(1, T):
+            for j in range(a.shape[2]):
+                u, v = a_full[:, t, j], a[:, t, j]
+                want = u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
+                assert study.cosine[k, t, j] == pytest.approx(want, abs=1e-12)
+    assert study.trainable.tolist() == [r * (4 * 64 + 96 + 96) for r in (1, 4)]
+    assert study.full_trainable == sum(p.numel() for p in top.parameters())
+    assert list(study.table()["rank"]) == [1, 4]
+    stamp = lora_gold_path(cfg, 4, directory=tmp_path).stat().st_mtime_ns
+    again = lora_study(cfg, ranks=(4,), model=top, ds=ds, directory=tmp_path)
+    assert lora_gold_path(cfg, 4, directory=tmp_path).stat().st_mtime_ns == stamp   # reused
+    np.testing.assert_array_equal(again.cosine[0], study.cosine[1])
+    one = lora_study(cfg, ranks=(4,), seeds=(2,), model=top, ds=ds, directory=tmp_path)
+    assert one.seeds == (2,) and lora_gold_path(cfg, 4, seeds=(2,), directory=tmp_path).exists()
+    lora2 = load_npz(lora_gold_path(cfg, 4, seeds=(2,), directory=tmp_path))
+    np.testing.assert_array_equal(lora2["seeds"], [2])
+    a_full2 = gold_scores(full["loss_full"][1:], full["loss_loo"][1:], adjust="mean")
+    a2 = gold_scores(lora2["loss_full"], lora2["loss_loo"], adjust="mean")
+    u, v = a_full2[:, -1, 0], a2[:, -1, 0]
+    assert one.cosine[0, -1, 0] == pytest.approx(u @ v / np.linalg.norm(u) / np.linalg.norm(v),
+                                                 abs=1e-12)
+    with pytest.raises(ValueError, match="must be distinct seeds of the full gold"):
+        lora_study(cfg, ranks=(4,), seeds=(7,), model=top, ds=ds, directory=tmp_path)
+    # methods on the adapters against the LoRA gold, beside notebook 03's on all parameters
+    from fimoda.experiment import make_attributor, run_method, select_loo_indices
+    from fimoda.experiment import select_test_indices
+    loo_idx, test_idx = select_loo_indices(cfg, 30), select_test_indices(cfg, 10)
+    with pytest.raises(ValueError, match="run notebooks/03_attribution_methods first"):
+        lora_study(cfg, ranks=(4,), methods=("grad_dot",), model=top, ds=ds, directory=tmp_path)
+    att = make_attributor(top, ds, cfg, loo_idx, test_idx, progress=False)
+    full_gd = run_method("grad_dot", att, cfg, loo_idx, test_idx, directory=tmp_path)
+    with_m = lora_study(cfg, ranks=(4,), methods=("grad_dot",), model=top, ds=ds,
+                        directory=tmp_path)
+    on_adapters, on_full = with_m.methods["grad_dot"]
+    lora_gd = load_npz(tmp_path / "lora_scores_r4_grad_dot.npz")["scores"]
+    lora4 = load_npz(lora_gold_path(cfg, 4, directory=tmp_path))
+    a4 = gold_scores(lora4["loss_full"], lora4["loss_loo"], adjust="mean")
+    for scores, gold, got in ((lora_gd, a4, on_adapters[0]), (full_gd, a_full, on_full)):
+        u, v = gold[:, -1, 1], scores[1]
+        assert got[-1, 1] == pytest.approx(u @ v / np.linalg.norm(u) / np.linalg.norm(v),
+                                           abs=1e-12)
+    assert not np.allclose(lora_gd, full_gd) and list(with_m.method_means()["rank"]) == [4]
+    fig = lora_figure(study)
+    assert len(fig.axes) == 2
+    fig.savefig(tmp_path / "lora.png")
+    with pytest.raises(ValueError, match="rank must be an integer"):
+        lora_study(cfg, ranks=(0,), model=top, ds=ds, directory=tmp_path)
