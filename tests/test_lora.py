@@ -313,7 +313,7 @@ def test_lora_study_compares_with_the_full_gold_and_reuses_its_results(tmp_path)
     from fimoda.experiment.lora_study import lora_figure, lora_gold_path, lora_study
     from fimoda.gold import gold_scores
     from fimoda.io import load_npz
-    cfg = get_config("sst2", "smoke")
+    cfg = get_config("sst2", "smoke", dtype="float64")      # the tiny model's dtype
     clf = tiny_text_model()
     x, y = text_data(40, seed=3)
     feats = clf.trunk_features(x, 1)
