@@ -377,3 +377,8 @@ def test_lora_study_compares_with_the_full_gold_and_reuses_its_results(tmp_path)
     fig.savefig(tmp_path / "lora.png")
     with pytest.raises(ValueError, match="rank must be an integer"):
         lora_study(cfg, ranks=(0,), model=top, ds=ds, directory=tmp_path)
+    f32 = get_config("sst2", "smoke")                       # names what differs from the full gold
+    assert [lora_gold_path(f32, 8, **kw).name for kw in ({}, {"dtype": "float64"},
+                                                         {"lr": 1e-4, "seeds": (1,)})] == [
+        "lora_gold_r8_adamw_subtract.npz", "lora_gold_r8_float64_adamw_subtract.npz",
+        "lora_gold_r8_lr0.0001_seeds1_adamw_subtract.npz"]

@@ -23,6 +23,7 @@ import torch
 from .. import store
 from ..config import ExperimentConfig
 from ..io import load_json, load_npz, sha256_arrays
+from ..models import resolve_dtype
 from ..lora import BERT_TARGETS, add_lora, lora_settings, n_trainable
 from ..metrics import cosine, mean_se
 from ..style import themed
@@ -38,36 +39,44 @@ __all__ = ["LoraStudy", "lora_gold", "lora_gold_path", "lora_study", "adapter_sc
 
 
 def lora_gold_path(cfg: ExperimentConfig, rank: int, lr: Optional[float] = None,
-                   seeds: Optional[Sequence[int]] = None, directory=None) -> Path:
-    """``<results>/lora_gold_r<rank>[_lr<lr>][_seeds<s1-s2-..>]_<optimizer>_<mechanism>.npz``
-    (the learning rate and the seeds named where they are not the full gold's)."""
+                   seeds: Optional[Sequence[int]] = None, directory=None,
+                   dtype: Optional[str] = None) -> Path:
+    """``<results>/lora_gold_r<rank>[_lr<lr>][_seeds<s1-s2-..>][_<dtype>]_<optimizer>_<mechanism>
+    .npz`` (the learning rate, the seeds and the dtype named where they are not the full
+    gold's)."""
     optimizer, mechanism = gold_settings(cfg)
     lr_part = "" if lr is None else f"_lr{lr:g}"
     full_seeds = gold_config(cfg, optimizer, mechanism).seed_list
     seed_part = "" if seeds is None or [int(s) for s in seeds] == full_seeds else \
         "_seeds" + "-".join(str(int(s)) for s in seeds)
-    name = f"lora_gold_r{rank}{lr_part}{seed_part}_{optimizer}_{mechanism}.npz"
+    dtype_part = "" if dtype is None or dtype == cfg.dtype else f"_{dtype}"
+    name = f"lora_gold_r{rank}{lr_part}{seed_part}{dtype_part}_{optimizer}_{mechanism}.npz"
     return Path(directory or out_dir(cfg)) / name
 
 
 def lora_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, rank: int,
               alpha: Optional[float] = None, seed: int = 0, lr: Optional[float] = None,
               targets: Sequence[str] = BERT_TARGETS, seeds: Optional[Sequence[int]] = None,
-              device="cpu", directory=None, reuse: str = "auto") -> dict:
+              dtype: Optional[str] = None, device="cpu", directory=None,
+              reuse: str = "auto") -> dict:
     """The dataset's gold standard (its optimizer, mechanism, seeds, steps) with only rank-``rank``
     LoRA adapters of theta^f (``model``) trained (:func:`fimoda.lora.add_lora` with ``alpha``,
     ``seed``, ``targets``); ``lr``: the learning rate, ``seeds``: the batch-order seeds, when not
-    the full gold's. Kept in the result store beside notebook 02's gold (reused while theta^f,
+    the full gold's; ``dtype``: the precision of the runs ("float64", "float32"; None: the
+    dataset's). Kept in the result store beside notebook 02's gold (reused while theta^f,
     the data, the instances, the settings and the environment are these); returns its arrays
     (``loss_full``, ``loss_loo``, ``seeds``, ...)."""
     from ..gold import further_train, save_gold
     optimizer, mechanism = gold_settings(cfg)
-    path = lora_gold_path(cfg, rank, lr, seeds, directory)
+    path = lora_gold_path(cfg, rank, lr, seeds, directory, dtype)
     gcfg = gold_config(cfg, optimizer, mechanism, device, **_changed(lr, seeds))
     wrapped, names = add_lora(model, rank, alpha, targets, seed)   # checks before any work
+    if dtype is not None:
+        wrapped = wrapped.to(resolve_dtype(dtype))      # the data follow the model's dtype
     record = {"gold": dataclasses.asdict(gcfg), "experiment": config_without(cfg, "methods"),
               "lora": {"rank": rank, "alpha": float(rank if alpha is None else alpha),
-                       "seed": seed, "targets": list(targets)}}
+                       "seed": seed, "targets": list(targets)},
+              "dtype": dtype or cfg.dtype}
     for k in ("device", "progress", "workers"):     # where and how fast, not what
         record["gold"].pop(k, None)
     inputs = {**record, **final_model_source(path.parent),
@@ -122,6 +131,7 @@ class LoraStudy:
     timing_steps: int
     lr: float
     seeds: tuple
+    dtype: str = ""
     methods: dict = dataclasses.field(default_factory=dict)
 
     def method_means(self) -> pd.DataFrame:
@@ -171,8 +181,9 @@ def _timed(model, cfg, gcfg, ds, loo_idx, test_idx, steps: int, device) -> float
 
 def lora_study(cfg: ExperimentConfig, ranks: Sequence[int] = (8,), alpha: Optional[float] = None,
                seed: int = 0, lr: Optional[float] = None, seeds: Optional[Sequence[int]] = None,
-               timing_steps: int = 2, methods: Sequence[str] = (), device="cpu",
-               directory=None, model=None, ds=None) -> LoraStudy:
+               timing_steps: int = 2, methods: Sequence[str] = (),
+               dtype: Optional[str] = "float64", device="cpu", directory=None, model=None,
+               ds=None) -> LoraStudy:
     """The LoRA gold standard of every rank in ``ranks`` (:func:`lora_gold`; ``alpha`` None:
     alpha = rank) against notebook 02's full-parameter gold of ``cfg`` (run here if it is not
     stored), on theta^f and the instances notebook 02 uses (``model``, ``ds``: theta^f and its
@@ -180,6 +191,12 @@ def lora_study(cfg: ExperimentConfig, ranks: Sequence[int] = (8,), alpha: Option
     gold's seeds (None: all); both golds are then averaged over these only. Cost: one LoRA gold
     standard per rank (``len(seeds)`` seeds), plus ``timing_steps`` steps of two runs per rank
     and once for the full model (the like-for-like timing).
+
+    ``dtype``: the LoRA golds' precision (None: the dataset's). float64 by default: from B = 0
+    the adapters' contribution s B A x to a layer's output is orders of magnitude below the
+    output itself, and a left-out run's difference in it smaller again, below float32's
+    resolution of the output, so float32 LoRA runs differ from the full run mostly by
+    round-off (the full gold's weight updates themselves are of the weights' own size).
 
     ``methods``: attribution methods to run on each rank's adapters at theta^f
     (:func:`adapter_scores`) and compare with that rank's LoRA gold, beside the same methods on
@@ -219,7 +236,7 @@ def lora_study(cfg: ExperimentConfig, ranks: Sequence[int] = (8,), alpha: Option
     on_adapters = {m: [] for m in methods}
     for r in ranks:
         res = lora_gold(model, ds, cfg, loo_idx, test_idx, r, alpha, seed, lr, seeds=subset,
-                        device=device, directory=d)
+                        dtype=dtype, device=device, directory=d)
         if not np.array_equal(res["eval_points"], full["eval_points"]):
             raise ValueError("the LoRA and the full gold standard have different evaluation "
                              "points")
@@ -230,7 +247,7 @@ def lora_study(cfg: ExperimentConfig, ranks: Sequence[int] = (8,), alpha: Option
         for m, sc in adapter_scores(model, ds, cfg, loo_idx, test_idx, r, methods, alpha, seed,
                                     device, d).items():
             on_adapters[m].append(cosine(a, sc))
-        meta = load_json(lora_gold_path(cfg, r, lr, subset, d).with_suffix(".json"))
+        meta = load_json(lora_gold_path(cfg, r, lr, subset, d, dtype).with_suffix(".json"))
         trainable.append(meta["trainable"])
         seconds.append(meta["seconds"])
         wrapped, _ = add_lora(model, r, alpha, seed=seed)
@@ -241,7 +258,7 @@ def lora_study(cfg: ExperimentConfig, ranks: Sequence[int] = (8,), alpha: Option
                      np.asarray(trainable), n_trainable(model), np.asarray(seconds, float),
                      float(full_json["seconds"]) * len(seeds) / len(full_seeds),
                      np.asarray(step_s), full_step, timing_steps,
-                     float(gcfg.lr), seeds,
+                     float(gcfg.lr), seeds, dtype or cfg.dtype,
                      {m: (np.stack(on_adapters[m]), cosine(a_full, full_scores[m]))
                       for m in methods})
 
@@ -306,6 +323,7 @@ def lora_figure(study: LoraStudy):
     bx.set_title("cost")
     bx.legend(loc="upper left", fontsize="small")
     bx.set_ylim(0, 1.35 * max(1.0, float((study.step_seconds / study.full_step_seconds).max())))
-    fig.suptitle(f"{study.dataset}: LoRA further training (lr {study.lr:g})")
+    fig.suptitle(f"{study.dataset}: LoRA further training (lr {study.lr:g}, seeds "
+                 f"{', '.join(map(str, study.seeds))}, LoRA runs in {study.dtype})")
     fig.tight_layout()
     return fig
