@@ -194,9 +194,10 @@ def lora_study(cfg: ExperimentConfig, ranks: Sequence[int] = (8,), alpha: Option
 
     ``dtype``: the LoRA golds' precision (None: the dataset's). float64 by default: from B = 0
     the adapters' contribution s B A x to a layer's output is orders of magnitude below the
-    output itself, and a left-out run's difference in it smaller again, below float32's
-    resolution of the output, so float32 LoRA runs differ from the full run mostly by
-    round-off (the full gold's weight updates themselves are of the weights' own size).
+    output itself, and a left-out run's difference in it smaller again, near or below
+    float32's resolution of the output, so float32 LoRA runs differ from the full run largely
+    by round-off. The full gold is notebook 02's, in the dataset's dtype (whose float32
+    precision notebook 02 checks).
 
     ``methods``: attribution methods to run on each rank's adapters at theta^f
     (:func:`adapter_scores`) and compare with that rank's LoRA gold, beside the same methods on
