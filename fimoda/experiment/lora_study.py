@@ -325,8 +325,8 @@ def lora_figure(study: LoraStudy):
     bx.set_xticks(idx, [f"rank {r}" for r in study.ranks])
     bx.set_ylabel("LoRA / full-parameter")
     bx.set_title("cost")
-    bx.legend(loc="upper left", fontsize="small")
-    bx.set_ylim(0, 1.35 * max(1.0, float((study.step_seconds / study.full_step_seconds).max())))
+    bx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize="small")
+    bx.set_ylim(0, 1.15 * max(1.0, float((study.step_seconds / study.full_step_seconds).max())))
     fig.suptitle(f"{study.dataset}: LoRA further training (lr {study.lr:g}, seeds "
                  f"{', '.join(map(str, study.seeds))}, LoRA runs in {study.dtype})")
     fig.tight_layout()
