@@ -35,8 +35,13 @@ def fingerprint(model, task, X, Y, Xt, Yt, loo, cfg, engine, chunk, block, augme
                 loss=None) -> dict:
     """What the pieces depend on (everything but the seeds: more seeds reuse the pieces). Runs
     leaving out groups record them under ``groups`` ((m, G) rows, :mod:`fimoda.gold.groups`),
-    leave-one-out runs their indices under ``loo``, so the two never share a directory."""
+    leave-one-out runs their indices under ``loo``, so the two never share a directory. A model
+    with frozen parameters records the names it trains under ``trained`` (a model training all
+    of its parameters records nothing more, so its fingerprint is unchanged)."""
     custom = {} if loss is None else {"loss": getattr(loss, "__qualname__", repr(loss))}
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    if frozen:       # which parameters are trained (e.g. LoRA adapters only: fimoda.lora)
+        custom["trained"] = [n for n, p in model.named_parameters() if p.requires_grad]
     return {**custom, "format": FORMAT, "config": cfg.numeric(), "engine": engine.name,
             "chunk_runs": chunk, "run_block": block, "device": torch.device(cfg.device).type,
             "task": task, "model": type(model).__name__,
