@@ -230,9 +230,6 @@ KINDS = {k.name: k for k in [
     FigureKind("lds", "{dataset}_lds_{optimizer}_{mechanism}.csv",
                "linear datamodeling score of every method, further training from theta^f and "
                "re-training from scratch (beyond the paper, notebook 08)", "08"),
-    FigureKind("lora_gold", "{dataset}_lora_gold_{optimizer}_{mechanism}.png",
-               "LoRA further training's gold scores against the full-parameter gold's, at every "
-               "evaluation point, and its cost (beyond the paper, Sec. 7)", "08"),
     FigureKind("param_distance", "{dataset}_param_distance_{optimizer}.png",
                "distance of further-trained parameters from theta^f", "02"),
     FigureKind("final_training", "{dataset}_final_training.png",
