@@ -78,6 +78,27 @@ def gold_config(cfg: ExperimentConfig, optimizer: str, mechanism: str, device="c
                                       device=device, **overrides)
 
 
+def gold_record(cfg: ExperimentConfig, gcfg, **extra) -> dict:
+    """What a gold standard's runs compute, as stored beside them: the further-training settings
+    (without where and how fast they run) and the experiment's configuration, plus ``extra``."""
+    record = {"gold": dataclasses.asdict(gcfg), "experiment": config_without(cfg, "methods"),
+              **extra}
+    for k in ("device", "progress", "workers"):     # where and how fast, not what
+        record["gold"].pop(k, None)
+    return record
+
+
+def gold_inputs(record: dict, path, model, ds, loo_idx, test_idx) -> dict:
+    """Everything a stored gold standard at ``path`` depends on (the result store's inputs):
+    ``record``, the theta^f saved beside it, theta's and the data's hashes, the instances."""
+    from ..io import sha256_arrays
+    return {**record, **final_model_source(Path(path).parent),
+            "theta": sha256_arrays(*[v for _, v in sorted(model.state_dict().items())]),
+            "data": sha256_arrays(ds.X_train, ds.y_train, ds.X_test, ds.y_test),
+            "loo_indices": np.asarray(loo_idx).tolist(),
+            "test_indices": np.asarray(test_idx).tolist()}
+
+
 def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: Optional[str] = None,
              mechanism: Optional[str] = None, device="cpu", directory=None, reuse: str = "auto",
              **overrides) -> dict:
@@ -89,18 +110,11 @@ def run_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, optimizer: Opt
     process on the same directory waits and then reuses the result (job-array shards, which
     share the work directory by design, do not take it)."""
     from ..gold.runner import concurrent_executor
-    from ..io import sha256_arrays
     optimizer, mechanism = gold_settings(cfg, optimizer, mechanism)
     path = gold_path(cfg, optimizer, mechanism, directory)
     gcfg = gold_config(cfg, optimizer, mechanism, device, **overrides)
-    record = {"gold": dataclasses.asdict(gcfg), "experiment": config_without(cfg, "methods")}
-    for k in ("device", "progress", "workers"):     # where and how fast, not what
-        record["gold"].pop(k, None)
-    inputs = {**record, **final_model_source(path.parent),
-              "theta": sha256_arrays(*[v for _, v in sorted(model.state_dict().items())]),
-              "data": sha256_arrays(ds.X_train, ds.y_train, ds.X_test, ds.y_test),
-              "loo_indices": np.asarray(loo_idx).tolist(),
-              "test_indices": np.asarray(test_idx).tolist()}
+    record = gold_record(cfg, gcfg)
+    inputs = gold_inputs(record, path, model, ds, loo_idx, test_idx)
     compute = lambda: _compute_gold(model, ds, cfg, gcfg, record, path, loo_idx, test_idx, device)
     return store.cached(path, inputs, compute, load_npz, device=device,
                         what=f"the {optimizer}/{mechanism} gold standard of {cfg.dataset}",

@@ -22,16 +22,16 @@ import torch
 
 from .. import store
 from ..config import ExperimentConfig
-from ..io import load_json, load_npz, sha256_arrays
+from ..io import load_json, load_npz
 from ..models import resolve_dtype
 from ..lora import BERT_TARGETS, add_lora, lora_settings, n_trainable
 from ..metrics import cosine, mean_se
 from ..style import themed
 from ..gold.scores import gold_scores
-from .gold_runs import eval_unit, gold_config, gold_path, gold_settings, run_gold
+from .gold_runs import (eval_unit, gold_config, gold_inputs, gold_path, gold_record,
+                        gold_settings, run_gold)
 from .assumption1 import ASSUMPTION1_METHODS, assumption1_damping
 from .methods import load_scores, make_attributor, method_config, run_method
-from .records import config_without, final_model_source
 from .setup import final_model, out_dir, select_loo_indices, select_test_indices, tensors
 
 __all__ = ["LoraStudy", "lora_gold", "lora_gold_path", "lora_study", "adapter_scores",
@@ -73,17 +73,11 @@ def lora_gold(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, rank: int,
     wrapped, names = add_lora(model, rank, alpha, targets, seed)   # checks before any work
     if dtype is not None:
         wrapped = wrapped.to(resolve_dtype(dtype))      # the data follow the model's dtype
-    record = {"gold": dataclasses.asdict(gcfg), "experiment": config_without(cfg, "methods"),
-              "lora": {"rank": rank, "alpha": float(rank if alpha is None else alpha),
-                       "seed": seed, "targets": list(targets)},
-              "dtype": dtype or cfg.dtype}
-    for k in ("device", "progress", "workers"):     # where and how fast, not what
-        record["gold"].pop(k, None)
-    inputs = {**record, **final_model_source(path.parent),
-              "theta": sha256_arrays(*[v for _, v in sorted(model.state_dict().items())]),
-              "data": sha256_arrays(ds.X_train, ds.y_train, ds.X_test, ds.y_test),
-              "loo_indices": np.asarray(loo_idx).tolist(),
-              "test_indices": np.asarray(test_idx).tolist()}
+    record = gold_record(cfg, gcfg, lora={"rank": rank, "alpha": float(rank if alpha is None
+                                                                   else alpha),
+                                          "seed": seed, "targets": list(targets)},
+                         dtype=dtype or cfg.dtype)
+    inputs = gold_inputs(record, path, model, ds, loo_idx, test_idx)
 
     def compute():
         Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
