@@ -47,6 +47,7 @@ _LABELS = {
     "further.mislabel_skip": "mislabelled-example detection",
     "methods.lissa.depth": "LiSSA (Gauss-Newton): series depth",
     "methods.lissa_h.depth": "LiSSA-H: series depth", "methods.lissa.scale": "LiSSA: scale",
+    "methods.lissa_h.scale": "LiSSA-H: scale",
     "methods.lissa.batch_size": "LiSSA (Gauss-Newton): rows per Hessian product",
     "methods.lissa_h.batch_size": "LiSSA-H: rows per Hessian product",
     "methods.trak.proj_dim": "TRAK: projection dimension", "methods.arnoldi.rank": "Arnoldi: rank",
@@ -76,7 +77,12 @@ _CPU_WHY = {
     "train.select_epoch_by_val": "a single epoch: nothing to choose",
     "train.eval_rows": "the final metrics of θ^f from a subset of rows",
     "methods.fit_rows": "training-set-wide quantities estimated from a subset of rows on 2 cores",
-    "methods.lissa.scale": "the scale grid starts at 20: 10 diverged on this profile's θ^f",
+    "methods.lissa.scale": "the scale grid starts where the paper's search lands on this "
+                           "profile's θ^f: the smaller scales diverged (the same scores to "
+                           "round-off, without the diverging tries)",
+    "methods.lissa_h.scale": "the scale grid starts where the paper's search lands on this "
+                             "profile's θ^f: the smaller scales diverged (the same scores to "
+                             "round-off, without the diverging tries)",
     "width": "ResNet-9 on 2 CPU cores",
     "trainable_layers": "the frozen pretrained trunk below the top layers runs once per sentence",
 }

@@ -47,7 +47,8 @@ def trajectory_config(cfg, optimizer: Optional[str] = None, hessian: str = "gn",
 # Materialising the Gauss-Newton kernel costs n^2 P (its Gram matrix); the Krylov route through
 # Gauss-Newton products costs ~3 n P per column per block, and LiSSA's cost model expects ~30
 # blocks (fimoda.influence.solvers.lissa.KRYLOV_BLOCKS_EXPECTED): with k right-hand sides the
-# kernel pays below n ~ 90 k rows (Concrete: 927 rows, kernel; FICO: 8,883 rows, products).
+# kernel pays below n ~ 90 k rows (Concrete: 927 rows, kernel; FICO: 8,883 rows, products; the
+# cpu profile's 4,000 FICO rows, kernel).
 KERNEL_ROWS_PER_RHS = 90
 
 
