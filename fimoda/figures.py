@@ -236,6 +236,12 @@ KINDS = {k.name: k for k in [
                "training curves of the final model", "01"),
     FigureKind("method_agreement", "{dataset}_method_agreement.png",
                "cosine between every pair of methods", "03"),
+    FigureKind("data_targets", "data_targets.png",
+               "the target of every dataset of the profile: its distribution (regression) or "
+               "class shares (classification) over the training and test rows", "00_data"),
+    FigureKind("data_images", "{dataset}_images.png",
+               "the first training images of an image dataset, as the models see them",
+               "00_data"),
     FigureKind("walkthrough_landscape", "walkthrough_landscape.png",
                "the unifying view on a two-parameter toy (notebook 00): further training without "
                "a point, and where each approximation puts it", "00_walkthrough"),

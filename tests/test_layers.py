@@ -21,6 +21,7 @@ PACKAGE = Path(fimoda.__file__).parent
 PAPER = ("fimoda.paper", "fimoda.config", "fimoda.banner", "fimoda.pipeline", "fimoda.render",
          "fimoda.report", "fimoda.reproduction", "fimoda.plots", "fimoda.figures",
          "fimoda.walkthrough", "fimoda.walkthrough_figures", "fimoda.yardstick_figures",
+         "fimoda.data_figures",
          "fimoda.experiment",
          "fimoda.beyond", "fimoda.cli", "fimoda.__main__")
 

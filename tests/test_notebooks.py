@@ -373,8 +373,9 @@ def test_summary_gives_the_noise_ceiling_and_each_methods_fraction_of_it(in_conc
     assert full.shape[0] == 2
     g = loo - full[:, None]                                    # each seed's eq. 17 scores
     g = g - g.mean(1, keepdims=True)                           # eq. 13: minus the mean over L
-    ratio = 4 * (g[0] * g[1]).sum(0) / ((g[0] + g[1]) ** 2).sum(0)       # (T, J)
-    mean = np.sqrt(np.clip(ratio, 0, 1))[1:].mean(1)           # t = 0 (theta^f) dropped
+    g = g[:, :, 1:]                                            # t = 0 (theta^f: all zero) dropped
+    ratio = 4 * (g[0] * g[1]).sum(0) / ((g[0] + g[1]) ** 2).sum(0)       # (T - 1, J)
+    mean = np.sqrt(np.clip(ratio, 0, 1)).mean(1)
     points = list(gold["eval_points"][1:])
     rows = report.summary_rows("smoke", ["concrete"]).set_index("method")
     assert len(rows) >= 8
