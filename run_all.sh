@@ -82,10 +82,10 @@ case "$MODE" in
   test) exec $PY -m pytest -q -p no:cacheprovider ;;
   test-slow) exec $PY -m pytest -q -p no:cacheprovider -m slow ;;
   test-peers) exec bash tests/peers/run.sh ;;
-  reproduce) exec $PY -m fimoda.reproduction --device "$DEVICE" ${SEEDS:+--seeds "$SEEDS"} ${DATASETS:+--datasets "$DATASETS"} ;;
+  reproduce) exec $PY -m fimoda.paper.reproduction --device "$DEVICE" ${SEEDS:+--seeds "$SEEDS"} ${DATASETS:+--datasets "$DATASETS"} ;;
 esac
 
 if [ -z "$DATASETS" ]; then
-  DATASETS=$($PY -c "from fimoda.config import PROFILE_DATASETS as P; print(','.join(P['$PROFILE']))")
+  DATASETS=$($PY -c "from fimoda.paper.config import PROFILE_DATASETS as P; print(','.join(P['$PROFILE']))")
 fi
-exec $PY -m fimoda.pipeline --profile "$PROFILE" --datasets "$DATASETS" --device "$DEVICE" ${JOBS:+--jobs "$JOBS"} ${SEEDS:+--seeds "$SEEDS"}
+exec $PY -m fimoda.paper.pipeline --profile "$PROFILE" --datasets "$DATASETS" --device "$DEVICE" ${JOBS:+--jobs "$JOBS"} ${SEEDS:+--seeds "$SEEDS"}

@@ -7,8 +7,9 @@ method settings left every effective value as it was.
 import dataclasses
 import json
 
-from fimoda.config import DATASETS, PROFILES, get_config
-from fimoda.experiment.methods import method_config
+from fimoda.paper.config import DATASETS, get_config
+from fimoda.data.specs import PROFILES
+from fimoda.paper.experiment.methods import method_config
 from fimoda.influence import METHODS
 
 SHARED = ("damping_grid", "damping_index", "memory_gb", "grad_chunk", "fit_rows", "skip",

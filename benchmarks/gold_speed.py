@@ -160,7 +160,7 @@ def dask_row(model, X, y, Xt, yt, loo, cfg, args, name):
     import dataclasses
     import tempfile
     from distributed import get_task_stream
-    from fimoda.config import get_config
+    from fimoda.paper.config import get_config
     from fimoda.gold import distributed as dd
     cfg = dataclasses.replace(cfg, max_runs_per_chunk=args.dask_chunk, device=args.device)
     runs = len(loo) + 1

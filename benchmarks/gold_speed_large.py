@@ -73,7 +73,7 @@ def resnet_case(n: int = 2048, n_test: int = 20):
 
 
 def encoder_case(n: int = 2048, n_test: int = 20, k: int = 3):
-    from fimoda.config import get_config
+    from fimoda.paper.config import get_config
     from fimoda.data import load_dataset
     from fimoda.models import TextTop, build_model
     from fimoda.training import trunk_features

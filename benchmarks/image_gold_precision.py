@@ -38,9 +38,9 @@ import time
 import numpy as np
 import torch
 
-from fimoda import experiment as ex
-from fimoda.config import get_config
-from fimoda.experiment.gold_runs import gold_config
+from fimoda.paper import experiment as ex
+from fimoda.paper.config import get_config
+from fimoda.paper.experiment.gold_runs import gold_config
 from fimoda.gold import GoldConfig, further_train, gold_scores
 from fimoda.yardsticks import noise_ceiling
 

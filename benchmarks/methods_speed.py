@@ -64,7 +64,7 @@ import numpy as np
 os.environ.setdefault("TQDM_DISABLE", "1")      # the peers' progress bars (fimoda's are off)
 import torch  # noqa: E402
 
-from fimoda.config import DAMPING_GRID  # noqa: E402
+from fimoda.settings import DAMPING_GRID  # noqa: E402
 from fimoda.gradients import Problem  # noqa: E402
 from fimoda.losses import gn_output, loss_derivatives, loss_from_f  # noqa: E402
 from fimoda.influence import Attributor, compute_scores  # noqa: E402

@@ -28,8 +28,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fimoda import experiment as ex                                   # noqa: E402
-from fimoda.config import get_config                                  # noqa: E402
+from fimoda.paper import experiment as ex                                   # noqa: E402
+from fimoda.paper.config import get_config                                  # noqa: E402
 from fimoda.gold import GoldConfig, further_train, gold_scores  # noqa: E402
 from fimoda.models import TextTop, build_model                        # noqa: E402
 from fimoda.training import trunk_features                               # noqa: E402

@@ -10,10 +10,10 @@ paper's experiment: ``settings`` (the config classes), ``data`` (loaders and dat
 ``models``, ``losses`` (the per-example loss, also in Gauss-Newton form), ``tensors`` (input
 conversion), ``training`` (final models), ``gold`` (the gold standard), ``gradients`` (the shared
 base of every approximation), ``influence`` (the methods), ``metrics``, ``yardsticks``. The paper
-layer, built on it: ``config`` (profiles), ``experiment`` and ``pipeline`` (the notebooks' runs),
-``beyond`` (notebook 07), ``plots``, ``figures`` (every figure file's kind and name), ``report``
-(figure index and summary), ``reproduction``, ``render`` (the executed notebooks as HTML pages
-and their index) and ``cli``.
+layer (``fimoda.paper``), built on it: ``config`` (profiles), ``experiment`` and ``pipeline`` (the
+notebooks' runs), ``beyond`` (notebook 07), ``plots``, ``figures`` (every figure file's kind and
+name), ``report`` (figure index and summary), ``reproduction``, ``render`` (the executed notebooks
+as HTML pages and their index) and ``cli``.
 """
 from .api import TASKS, attribute, attributor, cosine_to_gold, estimate_cost, gold_standard
 from .gradients import CustomLossError

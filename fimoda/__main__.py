@@ -1,6 +1,6 @@
-"""``python -m fimoda``: the command line (:mod:`fimoda.cli`)."""
+"""``python -m fimoda``: the command line (:mod:`fimoda.paper.cli`)."""
 import sys
 
-from .cli import main
+from .paper.cli import main
 
 sys.exit(main())

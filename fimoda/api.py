@@ -334,7 +334,7 @@ def gold_standard(model, X_train, y_train, left_out, X_test, y_test, *, task: st
     a subset is printed as one line.
 
     The defaults are a first look (5 seeds x 5 epochs); the paper used 100 seeds and its
-    datasets' epochs (``fimoda.config``)."""
+    datasets' epochs (``fimoda.paper.config``)."""
     from .gold import GoldConfig, further_train, gold_scores
     with _model_left_as_it_was(model):
         wrapped, X, y, idx, Xt, yt = _prepare(model, X_train, y_train, left_out, X_test, y_test,

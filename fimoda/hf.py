@@ -129,18 +129,18 @@ class HFTokenModel(HFModel):
     def input_lengths(self, x: torch.Tensor) -> torch.Tensor:
         """Tokens per row of ``x`` (B, K, L) up to its last real one (every column without a
         mask channel): what a row costs."""
-        from .models import _last_used
+        from .models import last_used
         if not self.masked:
             return torch.full((len(x),), x.shape[-1], device=x.device)
-        return _last_used(x[:, self.keys.index(MASK)])
+        return last_used(x[:, self.keys.index(MASK)])
 
     def trim_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` (..., K, L) without the trailing columns that are padding in every row
         (unchanged without a mask channel)."""
-        from .models import _used_length
+        from .models import used_length
         if not self.masked:
             return x
-        return x[..., :_used_length(x[..., self.keys.index(MASK), :])]
+        return x[..., :used_length(x[..., self.keys.index(MASK), :])]
 
     @torch.no_grad()
     def choose_mask_form(self, x: torch.Tensor) -> None:

@@ -150,14 +150,14 @@ class TextClassifier(nn.Module):
     @staticmethod
     def input_lengths(x: torch.Tensor) -> torch.Tensor:
         """Tokens per row of ``x`` (B, 2, L) up to its last real one: what a row costs."""
-        return _last_used(x[:, 1, :])
+        return last_used(x[:, 1, :])
 
     @staticmethod
     def trim_inputs(x: torch.Tensor) -> torch.Tensor:
         """``x`` (..., 2, L) without the trailing token columns that are padding in every row:
         the outputs are the same (masked positions get zero attention weight) up to summation
         order, and the cost falls with L -- batches are padded only to their longest sentence."""
-        return x[..., :_used_length(x[..., 1, :])]
+        return x[..., :used_length(x[..., 1, :])]
 
     def blocks(self) -> nn.ModuleList:
         """The encoder's transformer layers, bottom first (BERT layout: ``encoder.encoder.layer``)."""
@@ -212,21 +212,21 @@ class TextTop(nn.Module):
     @staticmethod
     def input_lengths(x: torch.Tensor) -> torch.Tensor:
         """Positions per row of ``x`` (B, L, H + 1) up to its last real token."""
-        return _last_used(x[..., -1])
+        return last_used(x[..., -1])
 
     @staticmethod
     def trim_inputs(x: torch.Tensor) -> torch.Tensor:
         """``x`` (..., L, H + 1) without the trailing positions that are padding in every row."""
-        return x[..., :_used_length(x[..., -1]), :]
+        return x[..., :used_length(x[..., -1]), :]
 
 
-def _last_used(mask: torch.Tensor) -> torch.Tensor:
+def last_used(mask: torch.Tensor) -> torch.Tensor:
     """1 + the index of the last nonzero entry of each row of a (B, L) mask (0 for none)."""
     pos = torch.arange(1, mask.shape[-1] + 1, device=mask.device)
     return (mask.ne(0) * pos).amax(-1)
 
 
-def _used_length(mask: torch.Tensor) -> int:
+def used_length(mask: torch.Tensor) -> int:
     """1 + the last position that is a real token in any row of a (..., L) mask (at least 1):
     how far a batch padded to L can be cut without changing any row's output."""
     used = mask.reshape(-1, mask.shape[-1]).ne(0).any(0).nonzero()

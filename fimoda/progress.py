@@ -107,7 +107,8 @@ def _num(x) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:.1f}"
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """Wall time as m:ss (or h:mm:ss)."""
     m, s = divmod(int(round(seconds)), 60)
     return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
@@ -168,9 +169,9 @@ class _Bar:
         text = f"{self.desc}: {count} {self.unit}" if self.desc else f"{count} {self.unit}"
         if self.total and not self.closed:
             text += f" ({100 * self.n / self.total:.0f}%)"
-        text += f" in {_clock(elapsed)}"
+        text += f" in {clock(elapsed)}"
         if self.total and not self.closed and 0 < self.n < self.total:
-            text += f", about {_clock(elapsed * (self.total - self.n) / self.n)} left"
+            text += f", about {clock(elapsed * (self.total - self.n) / self.n)} left"
         return text + (f" [{self.postfix}]" if self.postfix else "")
 
     def close(self):

@@ -4,8 +4,8 @@ the approximations' settings (:class:`MethodConfig`) and the whole (:class:`Expe
 dataset, task, model and those three).
 
 These classes hold no values of their own beyond defaults: a dataset's values are in its spec
-(:mod:`fimoda.data.specs`), and the paper's profiles (:mod:`fimoda.config`) change them. Training
-(:mod:`fimoda.training`), the gold standard and the methods read them.
+(:mod:`fimoda.data.specs`), and the paper's profiles (:mod:`fimoda.paper.config`) change them.
+Training (:mod:`fimoda.training`), the gold standard and the methods read them.
 """
 from __future__ import annotations
 

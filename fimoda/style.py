@@ -8,7 +8,7 @@ function solvers dashed, TRAK and EK-FAC dash-dot, the paper's generalised IFs d
 notebook 07 Gauss-Newton solid and true Hessian dashed) and every key has a marker of its own
 within its line style, so no two keys share (line style, marker) and a greyscale print still
 tells them apart. Use it as ``ax.plot(x, y, **method_style(m))`` (see :func:`method_style`);
-:mod:`fimoda.plots` re-exports it."""
+:mod:`fimoda.paper.plots` re-exports it."""
 from __future__ import annotations
 
 import colorsys
@@ -188,7 +188,7 @@ def rc() -> dict:
 @contextlib.contextmanager
 def theme():
     """Draw inside the theme (:func:`rc`) without changing matplotlib's global settings: every
-    figure function of :mod:`fimoda.plots` draws in it; use ``with plots.theme():`` to draw a
+    figure function of :mod:`fimoda.paper.plots` draws in it; use ``with plots.theme():`` to draw a
     figure of your own the same way."""
     import matplotlib
     with matplotlib.rc_context(rc()):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fimoda.config import get_config
+from fimoda.paper.config import get_config
 from fimoda.gold import GoldConfig, further_train
 from fimoda.models import MLP
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fimoda
-from fimoda.config import get_config
+from fimoda.paper.config import get_config
 from fimoda.models import MLP
 
 

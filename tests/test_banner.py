@@ -5,9 +5,9 @@ import re
 
 import pytest
 
-from fimoda import banner
-from fimoda.banner import banner_rows, banner_table, banner_text, show_banner
-from fimoda.config import DATASETS, get_config, reductions
+from fimoda.paper import banner
+from fimoda.paper.banner import banner_rows, banner_table, banner_text, show_banner
+from fimoda.paper.config import DATASETS, get_config, reductions
 from fimoda.data.catalog import STAND_IN_WHY
 
 REPR = re.compile(r"\(\(|\('|\{'|\[\(|None\b|True\b|False\b")    # tuple, dict, Python literals
@@ -114,7 +114,7 @@ def test_a_variants_banner_shows_its_own_gold_standard_beside_the_papers_same_va
     """The pipeline's Adam and subtract runs of a tabular dataset: the gold-standard row names
     the variant's optimizer, learning rate, epochs and mechanism, in this run and in the paper's
     column; the dataset's own banner is unchanged."""
-    from fimoda.banner import banner_rows
+    from fimoda.paper.banner import banner_rows
     cfg = get_config("concrete", "cpu")
     row = lambda rows: next(r for r in rows if r[0] == "gold standard")
     own = row(banner_rows(cfg))

@@ -14,7 +14,8 @@ import torch
 from fimoda.training import final_model as T
 from fimoda.training.baselines import (TrivialModelError, baseline_check, baseline_table,
                               trivial_baseline)
-from fimoda.config import FINAL_MODEL_MARGIN, BaselineMargin, get_config
+from fimoda.training.baselines import FINAL_MODEL_MARGIN, BaselineMargin
+from fimoda.paper.config import get_config
 from fimoda.data import load_dataset
 from conftest import data_dir, require_file
 from test_train import classification_ds, reg_cfg, regression_ds

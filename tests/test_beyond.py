@@ -274,8 +274,8 @@ def test_trajectory_is_a_method_scored_at_the_configured_amount_of_further_train
 
 
 def test_the_infinitesimal_study_runs_where_the_profile_says():
-    from fimoda import beyond
-    from fimoda.config import get_config
+    from fimoda.paper import beyond
+    from fimoda.paper.config import get_config
     assert beyond.infinitesimal_applies(get_config("concrete", "cpu")) == (True, "")
     assert beyond.infinitesimal_applies(get_config("fico", "cpu")) == (True, "")
     runs, why = beyond.infinitesimal_applies(get_config("energy", "cpu"))
@@ -286,8 +286,8 @@ def test_the_infinitesimal_study_runs_where_the_profile_says():
 
 
 def test_the_trajectory_study_runs_for_every_model_the_true_hessian_parts_for_mlps_only():
-    from fimoda import beyond
-    from fimoda.config import get_config
+    from fimoda.paper import beyond
+    from fimoda.paper.config import get_config
     assert beyond.applies(get_config("concrete", "cpu")) == (True, "")
     for ds in ("fashion_mnist", "sst2"):
         runs, left_out = beyond.applies(get_config(ds, "cpu"))
@@ -300,8 +300,8 @@ def test_trajectory_figure_draws_the_curves_asked_for_and_refuses_unknown_names(
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from fimoda.beyond import LABELS, trajectory_figure
-    from fimoda.plots import label
+    from fimoda.paper.beyond import LABELS, trajectory_figure
+    from fimoda.style import label
     t = np.arange(1, 5)
     one = (np.linspace(0.1, 0.4, 4), np.full(4, 0.01))
     study = {"eval_points": t, "curves": {"grad_dot": one, "cg": one, "trajectory": one,

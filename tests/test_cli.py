@@ -1,6 +1,6 @@
-"""The command line (fimoda.cli) on the smoke profile: --help of every command, bad arguments as
-one message with exit status 2, a sharded gold standard merged equal to the unsharded one bit for
-bit (and on Dask workers), methods for the user's own model, evaluate and figures."""
+"""The command line (fimoda.paper.cli) on the smoke profile: --help of every command, bad arguments
+as one message with exit status 2, a sharded gold standard merged equal to the unsharded one bit
+for bit (and on Dask workers), methods for the user's own model, evaluate and figures."""
 import os
 import subprocess
 import sys
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fimoda.cli import main
+from fimoda.paper.cli import main
 from fimoda.io import load_npz
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,9 +80,9 @@ def test_help_of_every_command(capsys):
 def test_console_script_is_declared():
     import tomllib
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"fimoda": "fimoda.cli:main"}
-    import fimoda.cli
-    assert callable(fimoda.cli.main)
+    assert scripts == {"fimoda": "fimoda.paper.cli:main"}
+    import fimoda.paper.cli
+    assert callable(fimoda.paper.cli.main)
 
 
 BAD = [

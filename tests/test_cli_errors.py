@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import fimoda.cli.parser as parser
-from fimoda.cli import main
+import fimoda.paper.cli.parser as parser
+from fimoda.paper.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from fimoda import experiment as ex
-from fimoda.config import DATASETS, PROFILES, STAND_INS, describe, get_config, reductions
+from fimoda.paper import experiment as ex
+from fimoda.paper.config import DATASETS, STAND_INS, describe, get_config, reductions
+from fimoda.data.specs import PROFILES
 
 
 def test_paper_profile_holds_the_papers_numbers():
@@ -92,7 +93,7 @@ def test_paper_values_name_known_datasets_methods_and_settings():
     optimizer, equation and metric fimoda produces, and by one of its methods."""
     from fimoda.gold import OPTIMIZERS
     from fimoda.influence import METHODS
-    from fimoda.report import PAPER_VALUES
+    from fimoda.paper.report import PAPER_VALUES
     for ds, tables in PAPER_VALUES.items():
         assert ds in DATASETS and ds not in STAND_INS, ds
         for (opt, eq, metric), values in tables.items():

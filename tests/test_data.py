@@ -25,7 +25,7 @@ import torch
 
 import fimoda.data as fd
 from fimoda import io as fio
-from fimoda.config import DEFAULT_ENCODER
+from fimoda.settings import DEFAULT_ENCODER
 from fimoda.data import dataset as fd_dataset, fico as fd_fico, files as fd_files
 from fimoda.data import income as fd_income, sst2 as fd_sst2
 from fimoda.data import ChecksumError, DataFileError, augment_images, load_dataset

@@ -4,7 +4,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from fimoda import data_figures
+from fimoda.paper import data_figures
 from fimoda.data.dataset import Dataset
 
 

@@ -4,8 +4,10 @@ names and bad specs are one clear error."""
 import numpy as np
 import pytest
 
-from fimoda import config, pipeline, plots
-from fimoda.config import PROFILES, FurtherTrainConfig, TrainConfig, get_config, reductions
+from fimoda.paper import config, pipeline, plots
+from fimoda.data.specs import PROFILES
+from fimoda.settings import FurtherTrainConfig, TrainConfig
+from fimoda.paper.config import get_config, reductions
 from fimoda.data import LOADERS, Loader, load_dataset
 from fimoda.data.specs import (DatasetSpec, Overrides, dataset_names, get_spec, register_dataset,
                                unregister_dataset)

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from fimoda import experiment as ex, store
-from fimoda.config import get_config
+from fimoda.paper import experiment as ex
+from fimoda import store
+from fimoda.paper.config import get_config
 from fimoda.gradients import Problem
 from fimoda.influence import Attributor
 from fimoda.models import MLP
@@ -187,7 +188,7 @@ def test_damping_sweep_runs_the_whole_grid_and_reuses_the_default(att, tmp_path)
 
 
 def test_seeds_override_reaches_every_per_dataset_notebook_and_the_banner(capsys):
-    from fimoda import pipeline
+    from fimoda.paper import pipeline
     steps = pipeline.plan("smoke", ["concrete"], seeds=3)
     per_ds = [p for _, p, _ in steps if "dataset" in p]
     assert per_ds and all(p["seeds"] == 3 for p in per_ds)

@@ -1,10 +1,10 @@
-"""The registry of figure kinds (fimoda.figures): every kind's name reads back into its kind and
-settings; a bad kind or setting is one error before anything is written; and the figure index
+"""The registry of figure kinds (fimoda.paper.figures): every kind's name reads back into its kind
+and settings; a bad kind or setting is one error before anything is written; and the figure index
 lists every file of a figures folder by the registry, refusing a file no kind names."""
 import pytest
 
-from fimoda import figures, report
-from fimoda.figures import KINDS, figure_name, figure_path, read_figure_name
+from fimoda.paper import figures, report
+from fimoda.paper.figures import KINDS, figure_name, figure_path, read_figure_name
 from fimoda.gold import MECHANISMS, OPTIMIZERS
 
 # A figures folder as the notebooks leave it (PNGs with their PDFs, tables with their store

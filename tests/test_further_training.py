@@ -9,11 +9,11 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
-from fimoda.config import get_config
+from fimoda.paper.config import get_config
 from fimoda.gold import (GoldConfig, further_train, gold_scores, load_gold_result, make_schedule,
                          reference_further_train, retrain_loo, run_batches, save_gold,
                          seed_group_scores)
-from fimoda.gold.optim import _StackedOptimizer
+from fimoda.gold.optim import StackedOptimizer
 from fimoda.io import load_json, load_npz
 from fimoda.models import MLP
 from small_models import (TOL, ConvBN, assert_close_and_nontrivial, conv_bn_gold_config,
@@ -107,7 +107,7 @@ def test_stacked_optimizers_bitwise_equal_torch_optim():
         opts = [torch.optim.SGD(ps, lr=0.01, weight_decay=wd) if kind == "sgd" else
                 (torch.optim.Adam if kind == "adam" else torch.optim.AdamW)(
                     ps, lr=0.01, weight_decay=wd) for ps in singles]
-        opt = _StackedOptimizer(cfg, stacked, [slice(0, R)])
+        opt = StackedOptimizer(cfg, stacked, [slice(0, R)])
         for step in range(5):
             grads = [torch.randn(R, *s, generator=g, dtype=torch.float64) for s in shapes]
             active = np.array([True, step != 2, True])      # run 1 idles once

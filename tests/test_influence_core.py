@@ -11,7 +11,7 @@ import torch
 from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
-from fimoda.config import MethodConfig
+from fimoda.settings import MethodConfig
 from fimoda.gradients import Problem
 from fimoda.influence import Attributor, compute_scores
 from fimoda.influence.arnoldi import arnoldi_eig

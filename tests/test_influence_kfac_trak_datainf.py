@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fimoda.config import MethodConfig
+from fimoda.settings import MethodConfig
 from fimoda.gradients import Problem, block_slices
 from fimoda.influence import Attributor, compute_scores
 from fimoda.influence.datainf import DatainfConfig, datainf, datainf_lambdas

@@ -309,8 +309,8 @@ def test_lora_study_compares_with_the_full_gold_and_reuses_its_results(tmp_path)
     kind): the full gold is run, each rank's LoRA gold stored and then reused, and the cosine is
     the cosine of the two golds' eq. 13 vectors, computed here by hand."""
     from types import SimpleNamespace
-    from fimoda.config import get_config
-    from fimoda.experiment.lora_study import lora_figure, lora_gold_path, lora_study
+    from fimoda.paper.config import get_config
+    from fimoda.paper.experiment.lora_study import lora_figure, lora_gold_path, lora_study
     from fimoda.gold import gold_scores
     from fimoda.io import load_npz
     cfg = get_config("sst2", "smoke", dtype="float64")      # the tiny model's dtype
@@ -354,8 +354,8 @@ def test_lora_study_compares_with_the_full_gold_and_reuses_its_results(tmp_path)
     with pytest.raises(ValueError, match="must be distinct seeds of the full gold"):
         lora_study(cfg, ranks=(4,), seeds=(7,), model=top, ds=ds, directory=tmp_path)
     # methods on the adapters against the LoRA gold, beside notebook 03's on all parameters
-    from fimoda.experiment import make_attributor, run_method, select_loo_indices
-    from fimoda.experiment import select_test_indices
+    from fimoda.paper.experiment import make_attributor, run_method, select_loo_indices
+    from fimoda.paper.experiment import select_test_indices
     loo_idx, test_idx = select_loo_indices(cfg, 30), select_test_indices(cfg, 10)
     with pytest.raises(ValueError, match="run notebooks/03_attribution_methods first"):
         lora_study(cfg, ranks=(4,), methods=("grad_dot",), model=top, ds=ds, directory=tmp_path)

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 import fimoda
-from fimoda import beyond, config, plots, style
-from fimoda import experiment as ex
-from fimoda.config import MethodConfig, get_config
+from fimoda.paper import beyond, config, plots
+from fimoda import style
+from fimoda.paper import experiment as ex
+from fimoda.settings import MethodConfig
+from fimoda.paper.config import get_config
 from fimoda.influence import METHODS, PAPER_METHODS, compute_scores, default_methods, specs
 from fimoda.models import MLP
 
@@ -117,7 +119,7 @@ def test_method_modules_keep_their_own_defaults_and_do_not_import_the_experiment
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 assert not (node.level >= 1 and node.module == "config"
-                            or node.module == "fimoda.config"), spec.module
+                            or node.module == "fimoda.paper.config"), spec.module
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fimoda.config import get_config
+from fimoda.paper.config import get_config
 from fimoda.losses import per_example_loss
 from fimoda.models import MLP, ResNet9, TextClassifier, build_model, n_params, resolve_dtype
 

@@ -177,7 +177,7 @@ def test_seeds_needed_from_a_ceiling_reaches_the_target_on_synthetic_gold():
 def test_evaluation_ceiling_is_the_ceiling_at_the_evaluated_points():
     """Notebook 04's ceiling: the stored gold arrays' ceiling with t = 0 (theta^f) dropped as
     evaluation_gold drops it, for the equation asked; none for one seed or one left-out run."""
-    from fimoda import experiment as ex
+    from fimoda.paper import experiment as ex
     K, n_loo, J = 4, 300, 5
     full, loo, _, _ = synthetic_gold(K, n_loo, J, [0.0, 0.02, 0.05], seed=6, offset=0.1)
     gold = {"loss_full": full, "loss_loo": loo, "eval_points": np.array([0, 3, 6])}

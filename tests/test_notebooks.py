@@ -10,8 +10,8 @@ import tempfile
 import pytest
 
 from conftest import require_file
-from fimoda import experiment as ex, pipeline
-from fimoda.config import get_config
+from fimoda.paper import experiment as ex, pipeline
+from fimoda.paper.config import get_config
 
 
 OUTPUT_DIRS = (("FIMODA_RESULTS_DIR", "results"), ("FIMODA_FIGURES_DIR", "figures"),
@@ -103,7 +103,7 @@ def test_plan_runs_every_notebook_for_every_dataset_in_order():
         for nb in ("01_final_models", "02_gold_further_training", "03_attribution_methods",
                    "04_evaluation", "06_qualitative", "07_beyond_the_paper"):
             assert (nb + ".ipynb", ds) in names
-    # the yardsticks (issue 24) for the tabular datasets of fimoda.config.YARDSTICK_DATASETS
+    # the yardsticks (issue 24) for the tabular datasets of fimoda.paper.config.YARDSTICK_DATASETS
     assert [d for nb, d in names if nb == "08_yardsticks.ipynb"] == ["concrete"]
     assert ("05_summary_figures.ipynb", None) in names
     order = [nb for nb, _ in names[1:]]         # after the walkthrough, in numbered order
@@ -216,7 +216,7 @@ def check_reproduction(isolated, ds):
     """The theta^f spread reuses the pipeline's own theta^f (its cosines are notebook 04's) and
     trains another from init seed 1; the reproduction folder holds what its README lists."""
     import pandas as pd
-    from fimoda import reproduction as rep
+    from fimoda.paper import reproduction as rep
     spread = rep.theta_spread(ds, "smoke", init_seeds=(0, 1), seeds=2)
     assert sorted(spread["init seed"].unique()) == [0, 1]
     table = pd.read_csv(isolated / "results" / "smoke" / ds / "evaluation_sgd_remove_eq13.csv",
@@ -239,7 +239,7 @@ def check_report(isolated, ds, retrain=False, adam=False):
     """INDEX.md lists only files that exist, with the paper's numbers; summary.md has a finite
     row per method and the paper column only where PAPER_VALUES has the setting."""
     import numpy as np
-    from fimoda import report
+    from fimoda.paper import report
     figdir = isolated / "figures" / "smoke"
     index = (figdir / "INDEX.md").read_text()
     listed = re.findall(r"`([^`]+\.(?:png|pdf|csv))`", index)
@@ -362,7 +362,7 @@ def test_summary_gives_the_noise_ceiling_and_each_methods_fraction_of_it(in_conc
     arrays: with two seeds the estimator is ceiling^2 = 4 g1.g2 / |g1 + g2|^2 (the split-half
     agreement, Spearman-Brown corrected to two seeds), g_s seed s's eq. 13 scores."""
     import numpy as np
-    from fimoda import report
+    from fimoda.paper import report
     res = in_concrete_run / "results" / "smoke"
     text = (res / "summary.md").read_text()
     assert text.count("Noise ceiling of each gold standard:") >= 2       # eq. 13 and eq. 17
@@ -397,7 +397,7 @@ def test_notebook_07_runs_on_the_smoke_profile(in_concrete_run):
     """Notebook 07 (which reads notebook 02's gold standards and computes its own scores) in the
     smoke pipeline's run: its infinitesimal and trajectory studies, SGD and Adam."""
     import numpy as np
-    from fimoda import report
+    from fimoda.paper import report
     isolated = in_concrete_run
     nb = isolated / "executed" / "smoke" / "07_beyond_the_paper_concrete.ipynb"
     cells = json.loads(nb.read_text())["cells"]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import require_file
-from fimoda import pipeline
+from fimoda.paper import pipeline
 
 
 def reading_order() -> list[str]:

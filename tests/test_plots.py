@@ -3,14 +3,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from fimoda import experiment as ex
-from fimoda import plots
-from fimoda.config import get_config
+from fimoda.paper import experiment as ex
+from fimoda.paper import plots
+from fimoda.paper.config import get_config
 from fimoda.gold import GoldResult, save_gold
 from fimoda import store
-from fimoda.experiment.gold_runs import gold_reader_inputs
-from fimoda.experiment.methods import scores_reader_inputs
-from fimoda.experiment.records import config_without
+from fimoda.paper.experiment.gold_runs import gold_reader_inputs
+from fimoda.paper.experiment.methods import scores_reader_inputs
+from fimoda.paper.experiment.records import config_without
 from fimoda.io import results_dir, save_npz
 
 # Two test instances (rows) x three left-out instances. Each row sorted on its own:
@@ -367,7 +367,7 @@ def test_ceiling_band_draws_the_estimators_numbers_beneath_the_curves():
     np.testing.assert_array_equal(line.get_xdata(), ks)
     np.testing.assert_allclose(line.get_ydata(), nc.peak_for_seeds(ks).mean()[0], atol=1e-12)
     assert legend_texts(ax)[-1] == "noise ceiling of a k-seed gold (from 8 seeds)"
-    from fimoda import beyond
+    from fimoda.paper import beyond
     study = {"eval_points": t, "curves": curve_results(["grad_dot", "trajectory"], T=3),
              "ceiling": nc}
     ax = beyond.trajectory_figure(study, "t").axes[0]
@@ -376,7 +376,7 @@ def test_ceiling_band_draws_the_estimators_numbers_beneath_the_curves():
 
 
 def test_trajectory_figure_draws_notebook_07_curves_from_the_one_map():
-    from fimoda import beyond
+    from fimoda.paper import beyond
     keys = ["grad_dot", "cg", "trajectory", "trajectory_h", "schedule", "trajectory_prop1"]
     study = {"eval_points": np.arange(1, 7), "curves": curve_results(keys)}
     fig = beyond.trajectory_figure(study, "t")
@@ -395,9 +395,9 @@ def test_importing_plots_leaves_the_backend_alone():
     import os
     import subprocess
     import sys
-    code = ("import matplotlib; before = matplotlib.get_backend(); import fimoda.plots, "
-            "fimoda.experiment, fimoda.beyond; import matplotlib.pyplot as plt; plt.figure(); "
-            "print(before, matplotlib.get_backend())")
+    code = ("import matplotlib; before = matplotlib.get_backend(); import fimoda.paper.plots, "
+            "fimoda.paper.experiment, fimoda.paper.beyond; import matplotlib.pyplot as plt; "
+            "plt.figure(); print(before, matplotlib.get_backend())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "MPLBACKEND": "svg"}).stdout.split()
     assert out == ["svg", "svg"]
@@ -421,7 +421,8 @@ def test_savefig_in_a_kernel_shows_each_saved_figure_exactly_once(tmp_path):
     of the cell, nothing from a cell that saves nothing."""
     import nbclient
     import nbformat
-    cells = [f"import matplotlib, numpy as np\nfrom pathlib import Path\nfrom fimoda import plots\n"
+    cells = [f"import matplotlib, numpy as np\nfrom pathlib import Path\n"
+             f"from fimoda.paper import plots\n"
              f"out = Path({str(tmp_path)!r})\nprint(matplotlib.get_backend())",
              "fig = plots.cosine_figure(np.arange(5), {'grad_dot': (np.ones(5), np.zeros(5))}, 't')\n"
              "plots.savefig(fig, out / 'a.png')",
@@ -447,7 +448,7 @@ def test_show_in_a_kernel_is_one_image_of_a_figure_not_saved(tmp_path):
     output per call, nothing written; outside a kernel the figure is returned untouched."""
     import nbclient
     import nbformat
-    cells = ["import numpy as np\nfrom fimoda import plots\n"
+    cells = ["import numpy as np\nfrom fimoda.paper import plots\n"
              "fig = plots.show(plots.cosine_figure(np.arange(5), "
              "{'grad_dot': (np.ones(5), np.zeros(5))}, 't'))",
              "import os\nprint(sorted(os.listdir('.')))"]

@@ -152,7 +152,7 @@ def test_a_pipeline_kernel_appends_its_bars_to_the_log_and_not_to_the_notebook(t
     the label, and the notebook stores only the bar's display and what the cell printed."""
     import nbformat
     import papermill as pm
-    from fimoda.pipeline import ipc_kernel_manager
+    from fimoda.paper.pipeline import ipc_kernel_manager
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}

@@ -20,8 +20,8 @@ import pytest
 import torch
 
 import fimoda
-from fimoda import experiment as ex
-from fimoda.config import get_config
+from fimoda.paper import experiment as ex
+from fimoda.paper.config import get_config
 from fimoda.gold import GoldConfig, further_train
 from fimoda.gradients import Problem
 from fimoda.influence import Attributor

@@ -9,7 +9,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from fimoda import pipeline, render, report
+from fimoda.paper import pipeline, render, report
 
 # a figure drawn in pure red (matplotlib's tab:red is (214, 39, 40)), so the browser test can
 # count its pixels; nothing else on a notebook page is that colour
@@ -134,7 +134,7 @@ def test_status_of_executed_copies(tmp_path):
 def test_every_kind_of_file_names_the_notebook_that_writes_it():
     """The notebook each kind of figure file is listed under is the one whose source builds that
     file name (read from the notebooks, independently of the registry), and only that one."""
-    from fimoda import figures
+    from fimoda.paper import figures
     grid = "ex.summary_figure("           # notebook 05 saves the grid and its table through it
     fragments = {k: (f'figure_path(FIG, "{k}"', f'figure_name("{k}"')
                  for k in figures.KINDS if k not in ("figure2", "max_cosine")}

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fimoda import report
-from fimoda import reproduction as rep
-from fimoda.config import get_config
+from fimoda.paper import report
+from fimoda.paper import reproduction as rep
+from fimoda.paper.config import get_config
 from fimoda import store
-from fimoda.experiment.gold_runs import gold_reader_inputs
-from fimoda.experiment.methods import scores_reader_inputs
-from fimoda.experiment.records import config_without
+from fimoda.paper.experiment.gold_runs import gold_reader_inputs
+from fimoda.paper.experiment.methods import scores_reader_inputs
+from fimoda.paper.experiment.records import config_without
 from fimoda.gold import GoldResult, save_gold
 from fimoda.io import results_dir, save_npz
 

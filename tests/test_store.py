@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from fimoda import experiment as ex, store
-from fimoda.config import get_config
+from fimoda.paper import experiment as ex
+from fimoda import store
+from fimoda.paper.config import get_config
 from fimoda.gold import GoldConfig, further_train
 from fimoda.gradients import Problem
 from fimoda.influence import Attributor

@@ -12,7 +12,7 @@ import torch
 
 from fimoda.training import final_model as T
 from fimoda.training import loop as TL
-from fimoda.config import get_config
+from fimoda.paper.config import get_config
 from fimoda.data import Dataset
 from fimoda.losses import per_example_loss
 from fimoda.models import ResNet9, TextClassifier, n_params

@@ -145,8 +145,8 @@ def test_unknown_preconditioner_is_one_clear_error_before_any_work():
 
 
 def test_notebook_07s_adam_run_uses_adams_lr_and_epochs_and_can_skip_part_1():
-    from fimoda import beyond
-    from fimoda.config import get_config
+    from fimoda.paper import beyond
+    from fimoda.paper.config import get_config
     cfg = get_config("concrete", "cpu")
     t = beyond.trajectory_config(cfg, "adam", preconditioner="adam")
     assert (t.lr, t.epochs, t.preconditioner) == (cfg.further.adam_lr, cfg.further.adam_epochs,

@@ -1,14 +1,14 @@
-"""The walkthrough's toy (fimoda.walkthrough, notebook 00): its scores against an independent dense
-float64 computation -- plain loops of full-batch gradient descent for further training, closed
-forms for the gradients, the Hessian, Grad-Dot and the influence functions -- and the notebook
-itself under papermill."""
+"""The walkthrough's toy (fimoda.paper.walkthrough, notebook 00): its scores against an independent
+dense float64 computation -- plain loops of full-batch gradient descent for further training,
+closed forms for the gradients, the Hessian, Grad-Dot and the influence functions -- and the
+notebook itself under papermill."""
 import json
 import resource
 
 import numpy as np
 import pytest
 
-from fimoda import pipeline, walkthrough as wt
+from fimoda.paper import pipeline, walkthrough as wt
 
 STEPS = 40          # enough for the linearised and exact runs to part; the notebook runs 150
 

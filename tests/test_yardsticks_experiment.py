@@ -6,9 +6,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from fimoda.config import YardstickConfig, yardstick_config, yardstick_reductions, get_config
+from fimoda.settings import YardstickConfig
+from fimoda.paper.config import yardstick_config, yardstick_reductions, get_config
 from fimoda.data.specs import Overrides
-from fimoda.experiment import yardsticks as yx
+from fimoda.paper.experiment import yardsticks as yx
 from fimoda.yardsticks import (additive_estimate, additivity_error, group_score, membership,
                                paired_cosine)
 

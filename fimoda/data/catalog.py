@@ -5,8 +5,8 @@ reasons, and where each appears in Figure 2 and the pipeline.
 The ``paper`` profile is exactly the paper (App. D). ``cpu`` (the default of ``run_all.sh``)
 reduces seeds, epochs and subsets so the whole pipeline fits its budget on 2 cores; ``smoke`` takes
 seconds per notebook and is what the tests run. Each reduction is printed by
-:func:`fimoda.config.reductions` and in every notebook's banner; its reason is the comment beside
-it here.
+:func:`fimoda.paper.config.reductions` and in every notebook's banner; its reason is the comment
+beside it here.
 
 LiSSA-H runs as in the paper (full-batch true-Hessian products, depth 5000) in every profile but
 smoke: its truncated series is evaluated in a block Krylov subspace
@@ -60,7 +60,7 @@ _SMOKE_LARGE_METHODS = dict(fit_rows=64, lissa=dict(depth=10, batch_size=32),
 # ResNet-9 8 epochs on its 512 images (32 steps; its metrics on 1,000 rows of each set), SST-2
 # the cpu profile's lr on 512 sentences.
 _SMOKE_FURTHER = dict(mislabel_trials=1, seeds=2, n_loo=8, n_test=6)   # every tabular dataset
-# Notebook 08 (fimoda.config.YardstickConfig; the issue asks M = 50 in the cpu profile): every
+# Notebook 08 (fimoda.settings.YardstickConfig; the issue asks M = 50 in the cpu profile): every
 # further-training run costs what one of notebook 02's does, and each of the M re-trainings from
 # theta^0 the final model's whole training, so the cpu profile keeps notebook 08 near 2 minutes
 # per dataset on 2 cores: 4 groups per size with 2 of the gold's seeds, M = 16 further-training

@@ -5,18 +5,19 @@ A dataset is its loader module (``fimoda/data/<module>.py``: raw files -> arrays
 :mod:`fimoda.data.catalog`). Every per-dataset table of the experiment is a view of the
 registry, computed anew on each call, so a dataset registered later appears in all of them:
 
-- :func:`dataset_names`: every registered name (``fimoda.config.DATASET_NAMES``, old name
-  ``fimoda.config.DATASETS``), in registration order;
-- :func:`tabular_names`: those with the tabular MLP (``fimoda.config.TABULAR``);
-- :func:`stand_ins`: stand-in -> the paper's dataset it replaces (``fimoda.config.STAND_INS``);
+- :func:`dataset_names`: every registered name (``fimoda.paper.config.DATASET_NAMES``, old name
+  ``fimoda.paper.config.DATASETS``), in registration order;
+- :func:`tabular_names`: those with the tabular MLP (``fimoda.paper.config.TABULAR``);
+- :func:`stand_ins`: stand-in -> the paper's dataset it replaces
+  (``fimoda.paper.config.STAND_INS``);
 - :func:`default_datasets`: what a profile runs without ``--datasets``
-  (``fimoda.config.PROFILE_DATASETS``);
-- :func:`fig2_panel_order`: the panels of the paper's Figure 2 (``fimoda.plots.FIG2_ORDER``);
-- :func:`cost_order`: the pipeline's start order (``fimoda.pipeline.COST_ORDER``);
+  (``fimoda.paper.config.PROFILE_DATASETS``);
+- :func:`fig2_panel_order`: the panels of the paper's Figure 2 (``fimoda.paper.plots.FIG2_ORDER``);
+- :func:`cost_order`: the pipeline's start order (``fimoda.paper.pipeline.COST_ORDER``);
 - :data:`fimoda.data.LOADERS` (old name ``fimoda.data.DATASETS``): name -> :class:`Loader`.
 
-:func:`fimoda.config.get_config` builds a dataset's config from its spec: the paper's settings
-(``train``, ``further``, ``methods``, ``dtype``, ``encoder``), then the profile's
+:func:`fimoda.paper.config.get_config` builds a dataset's config from its spec: the paper's
+settings (``train``, ``further``, ``methods``, ``dtype``, ``encoder``), then the profile's
 :class:`Overrides`.
 """
 from __future__ import annotations
@@ -35,8 +36,9 @@ __all__ = ["DatasetSpec", "Loader", "Overrides", "MODELS", "PROFILES", "register
            "default_datasets", "fig2_panel_order", "cost_order"]
 
 MODELS = ("mlp", "resnet9", "text")     # the model families fimoda.models builds
-# the settings profiles a spec may change the paper's settings for (fimoda.config applies them):
-# smoke (seconds per notebook, the tests), cpu (the pipeline on 2 cores), paper (the paper's own)
+# the settings profiles a spec may change the paper's settings for (fimoda.paper.config applies
+# them): smoke (seconds per notebook, the tests), cpu (the pipeline on 2 cores), paper (the paper's
+# own)
 PROFILES = ("smoke", "cpu", "paper")
 # ExperimentConfig's fields that a spec sets itself and no profile overrides
 _FIXED = ("dataset", "profile", "task", "model", "train", "further", "methods", "stand_in_for")
@@ -45,7 +47,7 @@ _FIXED = ("dataset", "profile", "task", "model", "train", "further", "methods", 
 @dataclass(frozen=True)
 class Overrides:
     """A profile's changes to a dataset's paper settings, field by field (each printed by
-    :func:`fimoda.config.reductions` and in every notebook's banner)."""
+    :func:`fimoda.paper.config.reductions` and in every notebook's banner)."""
     # TrainConfig fields -> value (training of theta^f)
     train: dict = field(default_factory=dict)
     # FurtherTrainConfig fields -> value (the gold standard's further training)
@@ -151,7 +153,7 @@ _SPECS: dict[str, DatasetSpec] = {}
 
 def register_dataset(spec: DatasetSpec) -> DatasetSpec:
     """Add ``spec`` to the registry (and its loader to :data:`fimoda.data.LOADERS`): from now on
-    :func:`fimoda.config.get_config`, :func:`fimoda.data.load_dataset`, the pipeline and the
+    :func:`fimoda.paper.config.get_config`, :func:`fimoda.data.load_dataset`, the pipeline and the
     figures know it. A name already registered, or an inconsistent spec, is one ValueError and
     registers nothing. Returns ``spec``."""
     spec.check()

@@ -1,5 +1,5 @@
-"""One chunk of runs: how many runs a chunk holds (:func:`_chunk_runs`, from the memory its
-activations take and the cores), and training them together (:func:`_train_chunk`: every step of
+"""One chunk of runs: how many runs a chunk holds (:func:`runs_per_chunk`, from the memory its
+activations take and the cores), and training them together (:func:`train_chunk`: every step of
 every epoch for the runs of one seed, an engine's stacked parameters and optimizer state, the
 test losses at each evaluation point) in cache-sized blocks of runs on parallel threads."""
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from ..models import input_trimmer
 from .config import GoldConfig
-from .optim import _StackedOptimizer, _clip_per_run_
-from .schedule import Schedule, _stream_gather, batch_plan
+from .optim import StackedOptimizer, clip_per_run_
+from .schedule import Schedule, stream_gather, batch_plan
 
 MLP_RUN_BLOCK_CPU = 8       # runs per cache-sized block of the mlp engine on a CPU
 PLAN_STEPS = 64             # steps whose batch indices are built at once
@@ -38,14 +38,14 @@ def _activation_elems(model: nn.Module, x1: torch.Tensor) -> int:
     return max(total[0], 1)
 
 
-def _cores() -> int:
+def cpu_cores() -> int:
     """The CPU cores this process may run on."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
 
 
-def _chunk_runs(cfg: GoldConfig, model, X, n_runs: int, slots: int) -> int:
+def runs_per_chunk(cfg: GoldConfig, model, X, n_runs: int, slots: int) -> int:
     if cfg.max_runs_per_chunk is not None:
         return min(cfg.max_runs_per_chunk, n_runs)
     p = next(model.parameters())
@@ -95,8 +95,8 @@ class _GroupRunner:
 
 
 @torch.no_grad()
-def _train_chunk(engine, cfg: GoldConfig, sched: Schedule, perms, inv, left: torch.Tensor,
-                 X, Y, Xt, Yt, stream, block: int, workers: int = 1, bar=None):
+def train_chunk(engine, cfg: GoldConfig, sched: Schedule, perms, inv, left: torch.Tensor,
+                X, Y, Xt, Yt, stream, block: int, workers: int = 1, bar=None):
     """Train the runs ``left`` of one seed ((R,) indices or (R, G) groups, -1 = full run: see
     :func:`batch_plan`) from the engine's start parameters; returns (test losses (R, T, J),
     parameter distances (R, T)) as float64 CPU tensors."""
@@ -107,7 +107,7 @@ def _train_chunk(engine, cfg: GoldConfig, sched: Schedule, perms, inv, left: tor
     start = [p.to(dev) for p in engine.start]
     groups = [slice(a, min(R, a + block)) for a in range(0, R, block)]
     Pg = [[p[sl] for p in P] for sl in groups]
-    opt = _StackedOptimizer(cfg, P, groups)
+    opt = StackedOptimizer(cfg, P, groups)
     T, J = len(sched.eval_steps), len(Xt)
     losses = torch.empty(R, T, J, dtype=torch.float64, device=dev)
     dist = torch.empty(R, T, dtype=torch.float64, device=dev)
@@ -128,12 +128,12 @@ def _train_chunk(engine, cfg: GoldConfig, sched: Schedule, perms, inv, left: tor
             if stream is None:
                 x = X[ii]
             else:
-                x = _stream_gather(stream, ep[k, sl], ii)
+                x = stream_gather(stream, ep[k, sl], ii)
                 if extra:          # the extra loss terms' instances, un-augmented
                     x[:, sched.batch_size:] = X[ii[:, sched.batch_size:]]
             g = engine.grads(Pg[gi], x, Y[ii], w_d[k, sl])
             if cfg.grad_clip is not None:
-                _clip_per_run_(g, cfg.grad_clip)
+                clip_per_run_(g, cfg.grad_clip)
             opt.update(gi, Pg[gi], g, active[k, sl.start:sl.stop])
 
     try:

@@ -26,7 +26,7 @@ class GoldConfig:
     None evaluates after every epoch (t in epochs); k evaluates every k steps (t in steps) and
     then ``max_steps`` (or ``epochs`` x the full set's batches per epoch) is the length of every
     run. ``shuffle``: ``sampler`` (DataLoader + RandomSampler, the paper's) or ``randperm`` (one
-    permutation per epoch, ``fimoda.train``'s). ``engine``: ``auto`` picks ``mlp`` for
+    permutation per epoch, ``fimoda.training``'s). ``engine``: ``auto`` picks ``mlp`` for
     Linear/ReLU stacks, else ``func`` (vmap), else ``loop`` (models vmap cannot batch).
     ``run_block``: runs per block inside a chunk (None: 8 for the mlp engine on a CPU, the whole
     chunk otherwise). ``mechanism``: how a run leaves out z_i, the name of a registered
@@ -109,7 +109,7 @@ class GoldConfig:
 
     @classmethod
     def from_experiment(cls, further, optimizer: Optional[str] = None, **overrides) -> "GoldConfig":
-        """From a :class:`fimoda.config.FurtherTrainConfig` (or an ExperimentConfig, whose
+        """From a :class:`fimoda.settings.FurtherTrainConfig` (or an ExperimentConfig, whose
         ``.further`` is used). With ``optimizer="adam"`` the learning rate is ``adam_lr``
         (App. E.1); ``overrides`` replace any field."""
         further = getattr(further, "further", further)
@@ -124,9 +124,9 @@ class GoldConfig:
 
     @classmethod
     def from_training(cls, train, seeds=1, **overrides) -> "GoldConfig":
-        """The final model's algorithm (a :class:`fimoda.config.TrainConfig`) as a further-training
+        """The final model's algorithm (a :class:`fimoda.settings.TrainConfig`) as a further-training
         algorithm, for LOO re-training from scratch: ``remove`` mechanism, one permutation per
-        epoch (``shuffle="randperm"``, as ``fimoda.train``); an int ``seeds`` S means
+        epoch (``shuffle="randperm"``, as ``fimoda.training``); an int ``seeds`` S means
         ``train.seed, ..., train.seed + S - 1`` so that the first full run repeats the final
         model's own training."""
         train = getattr(train, "train", train)

@@ -108,7 +108,7 @@ class _MLPEngine:
         return self.loss_fn(out.reshape(G * J, -1), yt.repeat(G)).reshape(G, J)
 
 
-def _used_parameters(model: nn.Module, loss_fn, X, Y) -> list[str]:
+def used_parameters(model: nn.Module, loss_fn, X, Y) -> list[str]:
     """Names of the trainable parameters the loss depends on (tried on two examples). The others
     (e.g. an encoder's unused pooler) get no gradient, and ``torch.optim`` skips them entirely
     (no weight decay either), so they are held fixed here too."""
@@ -120,7 +120,7 @@ def _used_parameters(model: nn.Module, loss_fn, X, Y) -> list[str]:
     return [n for n, g in zip(names, grads) if g is not None]
 
 
-class _FuncEngine:
+class FuncEngine:
     """Any ``nn.Module`` via ``torch.func``: per-run gradients of
     sum_m w[m] L(z_m; theta_r) by ``vmap(grad(functional_call))`` over stacked parameters; the
     buffers (BatchNorm running statistics), frozen and unused parameters are shared."""
@@ -185,7 +185,7 @@ class _FuncEngine:
         return torch.cat(outs, 1)
 
 
-class _LoopEngine(_FuncEngine):
+class _LoopEngine(FuncEngine):
     """Any ``nn.Module``, one run after the other: ``functional_call`` + ``torch.autograd.grad``
     per run on the stacked parameters. For models ``vmap`` cannot batch (data-dependent control
     flow, e.g. the attention-mask handling of Hugging Face encoders); the optimizer, batch plan
@@ -219,7 +219,7 @@ class _LoopEngine(_FuncEngine):
         return torch.stack(rows)
 
 
-def _vmappable(engine: _FuncEngine, X, Y) -> bool:
+def _vmappable(engine: FuncEngine, X, Y) -> bool:
     """Whether ``vmap`` can batch the model's gradient (:func:`fimoda.models.vmappable`, tried on
     two examples)."""
     P = engine.stack(1)
@@ -228,7 +228,7 @@ def _vmappable(engine: _FuncEngine, X, Y) -> bool:
     return vmappable(engine.model, lambda: engine.grads(P, x, y, w))
 
 
-def _make_engine(model: nn.Module, task: str, cfg: GoldConfig, X, Y, loss=None):
+def make_engine(model: nn.Module, task: str, cfg: GoldConfig, X, Y, loss=None):
     """``mlp`` for Linear/ReLU stacks, else ``func`` (vmap), else ``loop`` (auto). On a CPU a
     convolutional model gets ``loop`` (auto): vmap turns each run's convolution into one grouped
     convolution, which the CPU kernels run slower than the runs one after the other
@@ -248,14 +248,14 @@ def _make_engine(model: nn.Module, task: str, cfg: GoldConfig, X, Y, loss=None):
                              "nn.Sequential of Linear, ReLU, ..., Linear) with one output for "
                              "regression or >= 2 logits for classification; use engine='func'")
     loss_fn = per_example_loss(task) if loss is None else loss
-    used = _used_parameters(model, loss_fn, X, Y)
+    used = used_parameters(model, loss_fn, X, Y)
     if not used:
         raise ValueError("the loss does not depend on any trainable parameter of the model")
     convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     if cfg.engine == "loop" or (cfg.engine == "auto" and convolutional
                                 and X.device.type == "cpu"):
         return _LoopEngine(model, loss_fn, used)
-    eng = _FuncEngine(model, loss_fn, used)
+    eng = FuncEngine(model, loss_fn, used)
     if _vmappable(eng, X, Y):
         return eng
     if cfg.engine == "func":

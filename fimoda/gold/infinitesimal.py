@@ -21,7 +21,7 @@ instance: with g_k the batch gradient (after weight decay for SGD/Adam),
     d g_k = H_k d theta_k - grad L(z_i; theta_k) / n,
 
 then through gradient clipping and the optimizer's update (SGD, Adam, AdamW: the arithmetic of
-:class:`fimoda.gold.optim._StackedOptimizer`, run under ``jvp``), one tangent per left-out
+:class:`fimoda.gold.optim.StackedOptimizer`, run under ``jvp``), one tangent per left-out
 instance, ``vmap``-ed over the tangents (the primal step is computed once). The batches are the
 full run's batches of :func:`fimoda.gold.schedule.batch_plan`, so every seed's batch order is the
 finite gold standard's. No difference of two nearly equal losses is taken, so there is no
@@ -45,10 +45,10 @@ from ..progress import progress_bar
 
 from ..losses import per_example_loss
 from .config import GoldConfig, GoldResult
-from .engines import _FuncEngine, _used_parameters
+from .engines import FuncEngine, used_parameters
 from .mechanisms import mechanism, mechanism_names
-from .optim import ADAM_BETAS, ADAM_EPS, _clip_per_run_, _StackedOptimizer
-from .runner import _prepare, _test_indices
+from .optim import ADAM_BETAS, ADAM_EPS, clip_per_run_, StackedOptimizer
+from .runner import prepare_inputs, checked_test_indices
 from .schedule import batch_plan, epoch_permutations, make_schedule
 
 PLAN_STEPS = 64             # steps whose batch indices are built at once
@@ -66,12 +66,12 @@ class InfinitesimalResult(GoldResult):
 class _Step:
     """One optimizer step of the full run as a function of the state, for ``jvp``:
     ``(theta, m, v, u) -> (theta', m', v')`` with the batch gradient shifted by ``u`` (primal 0,
-    tangent grad L(z_i)/n), clipped, and applied with ``_StackedOptimizer._apply``."""
+    tangent grad L(z_i)/n), clipped, and applied with ``StackedOptimizer._apply``."""
 
-    def __init__(self, engine: _FuncEngine, cfg: GoldConfig):
+    def __init__(self, engine: FuncEngine, cfg: GoldConfig):
         self.engine, self.cfg = engine, cfg
         # the optimizer arithmetic of the finite engine; its own state is not used
-        self.opt = _StackedOptimizer(cfg, [torch.zeros(1)], [slice(0, 1)])
+        self.opt = StackedOptimizer(cfg, [torch.zeros(1)], [slice(0, 1)])
         names, fixed, model, loss_fn = engine.names, engine.fixed, engine.model, engine.loss_fn
 
         def forward(plist, x):
@@ -97,7 +97,7 @@ class _Step:
             g = [gi - ui for gi, ui in zip(self.batch_grad(list(theta), x, y, w), u)]
             if cfg.grad_clip is not None:
                 g1 = [gi.unsqueeze(0) for gi in g]
-                _clip_per_run_(g1, cfg.grad_clip)
+                clip_per_run_(g1, cfg.grad_clip)
                 g = [gi.squeeze(0) for gi in g1]
             theta = [t.clone() for t in theta]
             m = [t.clone() for t in m]
@@ -149,15 +149,15 @@ def infinitesimal_further_train(model: torch.nn.Module, task: str, X_train, y_tr
     if tangent_chunk is not None and not (isinstance(tangent_chunk, int) and tangent_chunk >= 1):
         raise ValueError(f"tangent_chunk must be None or a positive int, got {tangent_chunk!r}")
     t_start = time.perf_counter()
-    model, X, Y, Xt, Yt, loo = _prepare(model, task, X_train, y_train, X_test, y_test,
-                                        loo_indices, cfg, groups=False)
+    model, X, Y, Xt, Yt, loo = prepare_inputs(model, task, X_train, y_train, X_test, y_test,
+                                              loo_indices, cfg, groups=False)
     n, J, n_loo = len(X), len(Xt), len(loo)
-    test_idx = _test_indices(test_indices, J)
+    test_idx = checked_test_indices(test_indices, J)
     loss_fn = per_example_loss(task)
-    used = _used_parameters(model, loss_fn, X, Y)
+    used = used_parameters(model, loss_fn, X, Y)
     if not used:
         raise ValueError("the loss does not depend on any trainable parameter of the model")
-    engine = _FuncEngine(model, loss_fn, used)
+    engine = FuncEngine(model, loss_fn, used)
     sched = make_schedule(n, cfg)
     seeds = cfg.seed_list
     T = len(sched.eval_steps)
@@ -192,7 +192,7 @@ def infinitesimal_further_train(model: torch.nn.Module, task: str, X_train, y_tr
         tangent_norm=tnorm)
 
 
-def _run_seed(stepper: _Step, engine: _FuncEngine, sched, perms, inv, X, Y, Xt, Yt, rows, n,
+def _run_seed(stepper: _Step, engine: FuncEngine, sched, perms, inv, X, Y, Xt, Yt, rows, n,
               adam: bool, bar):
     """One seed, the tangents of the left-out rows ``rows``: (test losses (T, J), derivatives
     (R, T, J), parameter distance (T,), tangent norms (R, T)) as numpy float64."""

@@ -14,7 +14,7 @@ ADAM_EPS = 1e-8
 CLIP_EPS = 1e-6             # clip_grad_norm_: coef = max_norm / (total_norm + 1e-6)
 
 
-class _StackedOptimizer:
+class StackedOptimizer:
     """SGD / Adam / AdamW on tensors with a leading run dimension, with exactly the per-element
     arithmetic of ``torch.optim`` (``_single_tensor_sgd`` / ``_single_tensor_adam``):
 
@@ -88,7 +88,7 @@ class _StackedOptimizer:
         self.count[sl] = new
 
 
-def _clip_per_run_(grads: list, max_norm: float):
+def clip_per_run_(grads: list, max_norm: float):
     """Per run: g <- g * min(1, max_norm / (||g|| + 1e-6)), ||g|| over all tensors (the norm of
     the per-tensor norms, as ``torch.nn.utils.clip_grad_norm_``)."""
     G = grads[0].shape[0]
@@ -99,7 +99,7 @@ def _clip_per_run_(grads: list, max_norm: float):
         g.mul_(coef.view(G, *([1] * (g.dim() - 1))))
 
 
-def _torch_optimizer(cfg: GoldConfig, params):
+def torch_optimizer(cfg: GoldConfig, params):
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW

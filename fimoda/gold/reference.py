@@ -16,9 +16,9 @@ from ..losses import per_example_loss
 from ..models import input_trimmer
 from .config import GoldConfig, GoldResult
 from .groups import group_list, is_groups
-from .optim import _torch_optimizer
-from .runner import _prepare, _test_indices, further_train
-from .schedule import _AugmentStream, draw_permutation, make_schedule
+from .optim import torch_optimizer
+from .runner import prepare_inputs, checked_test_indices, further_train
+from .schedule import AugmentStream, draw_permutation, make_schedule
 
 
 def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
@@ -34,10 +34,10 @@ def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_tes
     :func:`fimoda.gold.groups.as_left_out` takes them): ``perm[~isin(perm, S)]`` and
     ``mean(batch losses) - sum_{i in S} L(z_i) / n``. Slow; for tests."""
     t_start = time.perf_counter()
-    model, X, Y, Xt, Yt, loo = _prepare(model, task, X_train, y_train, X_test, y_test,
-                                        loo_indices, cfg)
+    model, X, Y, Xt, Yt, loo = prepare_inputs(model, task, X_train, y_train, X_test, y_test,
+                                              loo_indices, cfg)
     n, J, B = len(X), len(Xt), cfg.batch_size
-    test_idx = _test_indices(test_indices, J)
+    test_idx = checked_test_indices(test_indices, J)
     sched = make_schedule(n, cfg, loo.shape[1] if is_groups(loo) else 1)
     mech = sched.strategy
     loss_fn = per_example_loss(task)
@@ -52,10 +52,10 @@ def reference_further_train(model: nn.Module, task: str, X_train, y_train, X_tes
             trim = input_trimmer(m)
             params = [p for p in m.parameters() if p.requires_grad]
             start = [p.detach().clone() for p in params]
-            opt = _torch_optimizer(cfg, params)
+            opt = torch_optimizer(cfg, params)
             g = torch.Generator().manual_seed(int(seed))
             drawn = []
-            stream = None if augment is None else _AugmentStream(
+            stream = None if augment is None else AugmentStream(
                 augment, X, B, seed, lambda e: drawn[e])
 
             def record(t):

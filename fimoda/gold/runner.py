@@ -29,18 +29,18 @@ from ..progress import progress_bar
 from ..losses import check_task
 from ..tensors import as_inputs, as_targets, check_data
 from ..store import environment
-from .chunks import MLP_RUN_BLOCK_CPU, _chunk_runs, _cores, _train_chunk
+from .chunks import MLP_RUN_BLOCK_CPU, runs_per_chunk, cpu_cores, train_chunk
 from .config import GoldConfig, GoldResult
-from .engines import _make_engine
+from .engines import make_engine
 from .groups import FULL, as_left_out, is_groups
-from .schedule import _AugmentStream, epoch_permutations, make_schedule
+from .schedule import AugmentStream, epoch_permutations, make_schedule
 from .workdir import fingerprint, load_piece, open_workdir, save_piece
 
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------- inputs
-def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: GoldConfig,
-             groups: bool = True):
+def prepare_inputs(model, task, X_train, y_train, X_test, y_test, loo_indices,
+                   cfg: GoldConfig, groups: bool = True):
     """The inputs checked and on the device; ``loo_indices`` normalised by
     :func:`fimoda.gold.groups.as_left_out` ((n',) indices, or (m, G) groups when ``groups``)."""
     check_task(task)
@@ -65,7 +65,7 @@ def _prepare(model, task, X_train, y_train, X_test, y_test, loo_indices, cfg: Go
     return model, X, Y, Xt, Yt, loo
 
 
-def _test_indices(test_indices, J: int) -> np.ndarray:
+def checked_test_indices(test_indices, J: int) -> np.ndarray:
     if test_indices is None:
         return np.arange(J)
     t = np.asarray(test_indices.cpu() if torch.is_tensor(test_indices) else test_indices)
@@ -100,23 +100,23 @@ class GoldJob:
                  loo_indices, cfg: GoldConfig, workdir=None, augment: Optional[Callable] = None,
                  test_indices=None, loss: Optional[Callable] = None,
                  workdir_mismatch: str = "error"):
-        self.model, self.X, self.Y, self.Xt, self.Yt, self.loo = _prepare(
+        self.model, self.X, self.Y, self.Xt, self.Yt, self.loo = prepare_inputs(
             model, task, X_train, y_train, X_test, y_test, loo_indices, cfg)
         self.task, self.cfg, self.augment, self.loss = task, cfg, augment, loss
-        self.test_idx = _test_indices(test_indices, len(self.Xt))
+        self.test_idx = checked_test_indices(test_indices, len(self.Xt))
         group = self.loo.shape[1] if is_groups(self.loo) else 1
         self.sched = make_schedule(len(self.X), cfg, group)
-        self._engine = _make_engine(self.model, task, cfg, self.X, self.Y, loss)
+        self._engine = make_engine(self.model, task, cfg, self.X, self.Y, loss)
         # run 0 is the full run: (n' + 1,) indices, or (m + 1, G) groups
         self.runs = np.concatenate([np.full((1,) + self.loo.shape[1:], FULL), self.loo])
-        self.chunk = _chunk_runs(cfg, self.model, self.X, len(self.runs), self.sched.slots)
+        self.chunk = runs_per_chunk(cfg, self.model, self.X, len(self.runs), self.sched.slots)
         cpu_mlp = self._engine.name == "mlp" and self.X.device.type == "cpu"
         if cfg.run_block is not None:
             self.block = cfg.run_block
         else:
             self.block = MLP_RUN_BLOCK_CPU if cpu_mlp else self.chunk
         # CPU mlp engine: blocks on worker threads (one intra-op thread each), one per core
-        self.workers = (cfg.workers or _cores()) if cpu_mlp else 1
+        self.workers = (cfg.workers or cpu_cores()) if cpu_mlp else 1
         self.seeds = cfg.seed_list
         self.T = len(self.sched.eval_steps)
         self.n_chunks = math.ceil(len(self.runs) / self.chunk)
@@ -155,8 +155,8 @@ class GoldJob:
     @property
     def engine(self):
         if self._engine is None:
-            self._engine = _make_engine(self.model, self.task, self.cfg, self.X, self.Y,
-                                        self.loss)
+            self._engine = make_engine(self.model, self.task, self.cfg, self.X, self.Y,
+                                       self.loss)
         return self._engine
 
     def pieces(self) -> list[tuple[int, int]]:
@@ -194,14 +194,14 @@ class GoldJob:
         p, inv = perms
         stream = None
         if self.augment is not None:   # every chunk replays the seed's views
-            stream = _AugmentStream(self.augment, self.X, cfg.batch_size, seed,
-                                    lambda e, p=p: p[e])
+            stream = AugmentStream(self.augment, self.X, cfg.batch_size, seed,
+                                   lambda e, p=p: p[e])
         a, b = self.bounds(c)
         t0 = time.perf_counter()
         done0 = None if bar is None else bar.n
-        Lt, Dt = _train_chunk(self.engine, cfg, self.sched, p, inv,
-                              torch.as_tensor(self.runs[a:b]), self.X, self.Y, self.Xt, self.Yt,
-                              stream, self.block, workers or self.workers, bar)
+        Lt, Dt = train_chunk(self.engine, cfg, self.sched, p, inv,
+                             torch.as_tensor(self.runs[a:b]), self.X, self.Y, self.Xt, self.Yt,
+                             stream, self.block, workers or self.workers, bar)
         if bar is not None:
             bar.update(done0 + (b - a) - bar.n)
         L, D = Lt.numpy(), Dt.numpy()
@@ -308,7 +308,7 @@ def further_train(model: nn.Module, task: str, X_train, y_train, X_test, y_test,
     rounding).
 
     ``augment(x_batch, generator)``: optional augmentation of training batches (images), see
-    :class:`_AugmentStream`. ``workdir``: resumable storage of finished (seed, chunk) results.
+    :class:`AugmentStream`. ``workdir``: resumable storage of finished (seed, chunk) results.
     ``callback(seed, chunk)``: called after each chunk is stored. ``test_indices`` is recorded
     in the result only (default 0..J-1). ``loss(outputs, targets) -> (B,)``: a twice
     differentiable per-example loss in place of the task's (squared error / cross-entropy).

@@ -7,7 +7,7 @@ Batch order (paper App. D.3): a ``torch.Generator`` seeded with s drives the shu
 ``torch.randperm(n, generator=g)`` and then one more (discarded) ``randperm(n)[:0]`` for the
 ``num_samples % n`` remainder; batches of B are taken in that order, the last one smaller.
 ``shuffle="randperm"`` draws one permutation per epoch instead (the convention of
-``fimoda.train``, used by :func:`fimoda.gold.retrain_loo` so that its full run is the final
+``fimoda.training``, used by :func:`fimoda.gold.retrain_loo` so that its full run is the final
 model's training).
 
 How a run leaves out z_i is its mechanism (``cfg.mechanism``, a
@@ -29,7 +29,7 @@ import torch
 from .config import GoldConfig
 from .mechanisms import Mechanism, mechanism
 
-AUGMENT_SEED_OFFSET = 1     # augmentation generator seed = s + 1 (as fimoda.train)
+AUGMENT_SEED_OFFSET = 1     # augmentation generator seed = s + 1 (as fimoda.training)
 
 
 # ----------------------------------------------------------------------------- batch order
@@ -163,7 +163,7 @@ def run_batches(n: int, cfg: GoldConfig, seed: int, leave_out=None) -> list:
 
 
 # ----------------------------------------------------------------------------- augmentation
-class _AugmentStream:
+class AugmentStream:
     """The augmented view of every training instance in every epoch, shared by all runs of a seed.
 
     Definition: one generator seeded with ``seed + AUGMENT_SEED_OFFSET`` augments the full set's
@@ -207,7 +207,7 @@ class _AugmentStream:
             del self.views[e]
 
 
-def _stream_gather(stream: _AugmentStream, epochs: torch.Tensor, idx: torch.Tensor):
+def stream_gather(stream: AugmentStream, epochs: torch.Tensor, idx: torch.Tensor):
     """Augmented views for rows of ``idx`` (G, M), row r in epoch ``epochs[r]``."""
     es = epochs.unique()
     if len(es) == 1:

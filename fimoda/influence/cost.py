@@ -125,12 +125,12 @@ def fmt_bytes(b: float) -> str:
 
 def shape_of(att) -> Shape:
     """The :class:`Shape` of an :class:`~.common.Attributor` (no gradient computed)."""
-    from .ekfac import _layers
+    from .ekfac import kfac_layers
     from .operators import work_dtype
     p = att.problem
     layers = []
     try:
-        found = _layers(p)
+        found = kfac_layers(p)
     except ValueError:                  # no layer EK-FAC can factor: EK-FAC refuses by itself
         found = []
     for _, mod, w, b in found:

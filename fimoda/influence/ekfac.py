@@ -85,7 +85,7 @@ class EkfacFactors:
     n: int = 0                  # training instances the factors sum over
 
 
-def _layers(problem):
+def kfac_layers(problem):
     """Attributed (module name, module, weight name, bias name or None), in model order."""
     names = set(problem.names)
     out = []
@@ -179,7 +179,7 @@ def fit_ekfac(problem, batch_size: int = 64) -> EkfacFactors:
     Lambda_ij = sum_n ((Q_S^T DW_n Q_A)_ij)^2 over the n training instances (pass 2)."""
     if batch_size < 1:
         raise ValueError(f"EK-FAC batch_size must be >= 1, got {batch_size!r}")
-    layers = _layers(problem)
+    layers = kfac_layers(problem)
     dev, f64 = problem.device, torch.float64
     A = [None] * len(layers)
     S = [None] * len(layers)

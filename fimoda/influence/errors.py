@@ -1,7 +1,7 @@
 """The typed breakdowns of the influence methods' numerics: a method that raises one of these
 failed at its settings (its solver diverged or did not converge, its damped matrix is not
 positive definite, its work does not fit the memory budget), as opposed to a wrong argument.
-``fimoda.experiment.run_method`` reports any :class:`MethodBreakdown` as a failed method."""
+``fimoda.paper.experiment.run_method`` reports any :class:`MethodBreakdown` as a failed method."""
 
 
 class MethodBreakdown(RuntimeError):

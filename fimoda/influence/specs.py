@@ -6,9 +6,9 @@ its look lives in the one style map (:mod:`fimoda.style`, which also holds its l
 which of the paper's figures and which default runs include it, what the experiment's profiles
 may pass to it, and when the paper's large-model runs skip it and why. Every per-method table of
 the package is derived from the registry below: :data:`fimoda.influence.METHODS`,
-:data:`fimoda.influence.PAPER_METHODS` (Figure 2), :data:`fimoda.plots.METHOD_KEYS`, notebook
-07's :data:`fimoda.beyond.PAPER_SIDE`, the methods run when none are named, the large models'
-skips of :mod:`fimoda.config`.
+:data:`fimoda.influence.PAPER_METHODS` (Figure 2), :data:`fimoda.style.METHOD_KEYS`, notebook
+07's :data:`fimoda.paper.beyond.PAPER_SIDE`, the methods run when none are named, the large models'
+skips of :mod:`fimoda.paper.config`.
 
 Adding a method: write its module (function ``name(att, cfg) -> scores[j, i]``, config
 dataclass, ``SPECS``), give it a look in :mod:`fimoda.style`, and list the module in
@@ -30,7 +30,7 @@ __all__ = ["MethodSpec", "Registry", "BUILTIN_MODULES", "DAMPING", "DAMPED", "re
 BUILTIN_MODULES = ("first_order", "cg", "lissa", "dense", "arnoldi", "trak", "ekfac", "datainf",
                    "generalized", "trajectory")
 
-# The experiment-wide settings (fields of fimoda.config.MethodConfig) a method may take, by the
+# The experiment-wide settings (fields of fimoda.settings.MethodConfig) a method may take, by the
 # names of its own config fields: the damping lambda = lambda_G x damping_grid[damping_index]...
 DAMPING = ("damping_grid", "damping_index")
 # ... and with it the memory budget (GB) of the damped-inverse methods' materialised matrices
@@ -53,7 +53,7 @@ class MethodSpec:
     when no list of methods is given (notebook 03, ``fimoda attribute``; the dense reference is
     not). ``figure2``: its place (1 = first) in the legend of the paper's Figure 2; None: not
     in Figure 2. ``shared``: the experiment-wide settings a profile passes to it (names both
-    of :class:`fimoda.config.MethodConfig` fields and of its config's fields, e.g.
+    of :class:`fimoda.settings.MethodConfig` fields and of its config's fields, e.g.
     :data:`DAMPED`). ``from_experiment``: None, or a function of the whole experiment config
     returning further config fields (the trajectory's: the dataset's further training).
     ``large_model_skip``: why the paper's runs on ResNet-9 and the text encoder skip it (None:

@@ -60,7 +60,7 @@ Scoring: ``trajectory`` in :data:`fimoda.influence.METHODS` returns the usual
 ``scores[test, left-out]`` at one configured amount of further training (``steps``, else
 ``epochs`` x K); :func:`trajectory_curve` returns ``scores[t, test, left-out]`` at every
 evaluation point, each compared with the gold standard at the same point (notebook 07,
-:func:`fimoda.beyond.curves_at_points`).
+:func:`fimoda.paper.beyond.curves_at_points`).
 """
 from __future__ import annotations
 

@@ -1,0 +1,378 @@
+"""Notebook 08, the field's yardsticks beside the paper's, on the models of notebooks 01-03:
+group leave-out further training against the sum of single leave-outs (:func:`group_runs`,
+:func:`additivity_table`, :func:`group_cosine_table`), the linear datamodeling score two ways
+(:func:`lds_runs`, :func:`retrain_runs`, :func:`lds_table`) and the noise ceiling of notebook
+02's gold standard (:func:`ceiling_tables`).
+
+Every run is kept in the result store next to the dataset's other results
+(``results/<profile>/<dataset>/yardsticks_*.npz``, reused while theta^f, the data, the instances
+and the settings are these; resumed from ``work_yardsticks_*`` when interrupted), and the numbers
+for ``summary.md`` in ``yardsticks_summary_<optimizer>.csv`` (:func:`save_summary`).
+The settings are :class:`fimoda.settings.YardstickConfig`, reduced per profile in the dataset specs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ... import store
+from ..config import YARDSTICK_DATASETS, yardstick_config, yardstick_reductions
+from ...settings import ExperimentConfig, YardstickConfig
+from ...gold import GoldResult, gold_scores
+from ...io import load_npz, save_npz, sha256_arrays
+from ...metrics import cosine, curve, mean_se
+from ...yardsticks import (LDSRuns, additive_estimate, additivity_error, group_score,
+                           noise_ceiling, paired_cosine)
+from .gold_runs import gold_config, gold_settings
+from .records import config_without, final_model_source
+from .setup import final_model, out_dir, select_loo_indices, select_test_indices, tensors
+
+__all__ = ["YARDSTICK_DATASETS", "applies", "settings", "reductions", "draw_groups",
+           "group_runs", "lds_runs", "retrain_runs", "size_one_check", "additivity_table",
+           "group_cosine_table", "lds_table", "ceiling_tables", "save_summary"]
+
+NOTEBOOK = "notebooks/08_yardsticks"
+GOLD = "further training (gold)"      # the leave-one-out gold itself as a row of the tables
+
+
+def applies(cfg: ExperimentConfig) -> tuple[bool, str]:
+    """(whether notebook 08 runs for this dataset, why not): the MLPs, whose re-training from
+    scratch the engine runs (:func:`fimoda.gold.retrain_loo`)."""
+    if cfg.model != "mlp":
+        return False, (f"{cfg.dataset}: notebook 08 runs on the tabular MLPs; re-training the "
+                       f"{cfg.model} model from scratch M times is outside this engine and budget")
+    return True, ""
+
+
+def settings(cfg: ExperimentConfig, n_gold_seeds: Optional[int] = None) -> YardstickConfig:
+    """The profile's :class:`YardstickConfig` for ``cfg``'s dataset, ``group_seeds`` resolved to
+    a number: at most the gold standard's seeds (``n_gold_seeds``, else ``cfg.further.seeds``)."""
+    y = yardstick_config(cfg.dataset, cfg.profile)
+    gold = int(n_gold_seeds if n_gold_seeds is not None else cfg.further.seeds)
+    return dataclasses.replace(y, group_seeds=min(y.group_seeds or gold, gold))
+
+
+def reductions(cfg: ExperimentConfig, ycfg: YardstickConfig, n_loo: int) -> list[str]:
+    """Every change from what the issue asks of this profile, and the group sizes dropped
+    because L is smaller."""
+    out = [r for r in yardstick_reductions(ycfg, cfg.profile) if not r.startswith("group_seeds")]
+    out = [f"retrain_epochs: the final model's {cfg.train.epochs} -> {ycfg.retrain_epochs}"
+           if r.startswith("retrain_epochs") else r for r in out]
+    if ycfg.group_seeds < cfg.further.seeds:
+        out.append(f"group runs: the first {ycfg.group_seeds} of the gold standard's "
+                   f"{cfg.further.seeds} seeds")
+    dropped = [k for k in ycfg.group_sizes if k >= n_loo]
+    if dropped:
+        out.append(f"group sizes {dropped} dropped: |L| = {n_loo} (a size must leave some of L in)")
+    return out
+
+
+def draw_groups(n_loo: int, ycfg: YardstickConfig) -> dict:
+    """{|S|: positions in L (g, |S|)}: for every size below ``n_loo``, ``groups_per_size`` random
+    groups (size 1: that many distinct instances, at most |L|), each row sorted; drawn by
+    ``numpy.random.default_rng(draw_seed)``, the same seed giving the same groups."""
+    rng = np.random.default_rng(ycfg.draw_seed)
+    out = {}
+    for k in ycfg.group_sizes:
+        if k >= n_loo:
+            continue
+        if k == 1:
+            out[k] = np.sort(rng.choice(n_loo, min(ycfg.groups_per_size, n_loo),
+                                        replace=False))[:, None]
+        else:
+            out[k] = np.stack([np.sort(rng.choice(n_loo, k, replace=False))
+                               for _ in range(ycfg.groups_per_size)])
+    return out
+
+
+def _padded(groups: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(positions (m, G) padded with -1, |S| of each row) of :func:`draw_groups`' groups."""
+    G = max(groups)
+    rows = [np.pad(p, (0, G - len(p)), constant_values=-1) for ps in groups.values() for p in ps]
+    return np.stack(rows).astype(np.int64), np.concatenate(
+        [np.full(len(ps), k) for k, ps in groups.items()]).astype(np.int64)
+
+
+def _inputs(cfg, device):
+    model, ds = final_model(cfg, device)
+    return model, ds, select_loo_indices(cfg, len(ds.X_train)), \
+        select_test_indices(cfg, len(ds.X_test))
+
+
+def _common(cfg, model, ds, loo, test, d) -> dict:
+    """What every run of notebook 08 is computed from, beside its own settings."""
+    return {"experiment": config_without(cfg, "methods"), **final_model_source(d),
+            "theta": sha256_arrays(*[v for _, v in sorted(model.state_dict().items())]),
+            "data": sha256_arrays(ds.X_train, ds.y_train, ds.X_test, ds.y_test),
+            "loo_indices": np.asarray(loo).tolist(), "test_indices": np.asarray(test).tolist()}
+
+
+def _save(path, result: GoldResult, **extra) -> dict:
+    save_npz(path, loss_full=result.loss_full, loss_loo=result.loss_loo,
+             eval_points=result.eval_points, seeds=result.seeds, groups=result.loo_indices,
+             **extra)
+    return {"seconds": result.seconds}
+
+
+def group_runs(cfg, ycfg: YardstickConfig, gold_seeds, optimizer=None, mechanism=None,
+               device="cpu") -> dict:
+    """The group leave-out runs of :func:`draw_groups`: further training from theta^f with the
+    gold standard's algorithm (``optimizer``/``mechanism``, None: the dataset's) and its first
+    ``ycfg.group_seeds`` seeds ``gold_seeds`` (notebook 02's, so that every group run has the
+    leave-one-out runs of the same batch orders); ``yardsticks_groups_<opt>_<mech>.npz``:
+    loss_full (S, T, J), loss_loo (S, m, T, J), eval_points, seeds, groups (training indices),
+    positions (in L), sizes."""
+    import torch
+    from ...gold import further_train
+    opt, mech = gold_settings(cfg, optimizer, mechanism)
+    model, ds, loo, test = _inputs(cfg, device)
+    d = out_dir(cfg)
+    path = d / f"yardsticks_groups_{opt}_{mech}.npz"
+    seeds = tuple(int(s) for s in np.asarray(gold_seeds)[: ycfg.group_seeds])
+    gcfg = gold_config(cfg, opt, mech, device, seeds=seeds)
+    positions, sizes = _padded(draw_groups(len(loo), ycfg))
+    inputs = {"gold": gcfg.numeric(), "seeds": list(seeds), "positions": positions.tolist(),
+              **_common(cfg, model, ds, loo, test, d)}
+
+    def compute():
+        Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
+        t = torch.as_tensor(test)
+        groups = [loo[p[p >= 0]] for p in positions]
+        result = further_train(model, cfg.task, Xtr, ytr, Xte[t], yte[t], groups, gcfg,
+                               workdir=d / f"work_yardsticks_groups_{opt}_{mech}",
+                               test_indices=np.asarray(test), workdir_mismatch="replace")
+        return _save(path, result, positions=positions, sizes=sizes)
+
+    return store.cached(path, inputs, compute, load_npz, device=device, rerun=NOTEBOOK,
+                        what=f"the group leave-out runs of {cfg.dataset}")
+
+
+def _lds(z, unit: str) -> LDSRuns:
+    """An :class:`LDSRuns` from a stored file of :func:`lds_runs` / :func:`retrain_runs`."""
+    result = GoldResult(z["loss_full"], z["loss_loo"], None, None, z["eval_points"], unit,
+                        z["seeds"], z["groups"], None, {})
+    change = gold_scores(z["loss_full"], z["loss_loo"], adjust="full")
+    return LDSRuns(z["subsets"], change, np.asarray(z["eval_points"]), result)
+
+
+def lds_runs(cfg, ycfg: YardstickConfig, gold_seeds, optimizer=None, mechanism=None,
+             device="cpu") -> LDSRuns:
+    """The further-training LDS's models (:func:`fimoda.yardsticks.further_training_lds`):
+    ``lds_subsets`` random subsets of L keeping ``lds_alpha`` of it, each model further trained
+    from theta^f without the rest of L, with the group runs' seeds;
+    ``yardsticks_lds_<opt>_<mech>.npz``."""
+    import torch
+    from ...yardsticks import further_training_lds
+    opt, mech = gold_settings(cfg, optimizer, mechanism)
+    model, ds, loo, test = _inputs(cfg, device)
+    d = out_dir(cfg)
+    path = d / f"yardsticks_lds_{opt}_{mech}.npz"
+    seeds = tuple(int(s) for s in np.asarray(gold_seeds)[: ycfg.group_seeds])
+    gcfg = gold_config(cfg, opt, mech, device, seeds=seeds)
+    draw = {"n_subsets": ycfg.lds_subsets, "alpha": ycfg.lds_alpha, "seed": ycfg.draw_seed}
+    inputs = {"gold": gcfg.numeric(), "seeds": list(seeds), "subsets": draw,
+              **_common(cfg, model, ds, loo, test, d)}
+
+    def compute():
+        Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
+        t = torch.as_tensor(test)
+        runs = further_training_lds(model, cfg.task, Xtr, ytr, Xte[t], yte[t], loo, gcfg,
+                                    workdir=d / f"work_yardsticks_lds_{opt}_{mech}",
+                                    test_indices=np.asarray(test), workdir_mismatch="replace",
+                                    **draw)
+        return _save(path, runs.gold, subsets=runs.subsets)
+
+    return _lds(store.cached(path, inputs, compute, load_npz, device=device, rerun=NOTEBOOK,
+                             what=f"the further-training LDS runs of {cfg.dataset}"), "epoch")
+
+
+def retrain_runs(cfg, ycfg: YardstickConfig, device="cpu") -> LDSRuns:
+    """The re-training LDS's models (:func:`fimoda.yardsticks.retraining_lds` over the pool L):
+    ``retrain_subsets`` random subsets of L keeping ``lds_alpha`` of it, each model re-trained
+    from theta^0 with the final model's recipe (``retrain_epochs`` where set) on the training
+    set without the rest of L; ``yardsticks_retrain.npz``."""
+    import torch
+    from ...models import build_model
+    from ...yardsticks import retraining_lds
+    model, ds, loo, test = _inputs(cfg, device)
+    d = out_dir(cfg)
+    path = d / "yardsticks_retrain.npz"
+    epochs = ycfg.retrain_epochs or cfg.train.epochs
+    draw = {"n_subsets": ycfg.retrain_subsets, "alpha": ycfg.lds_alpha, "seed": ycfg.draw_seed}
+    inputs = {"retrain": {"epochs": epochs, "seeds": ycfg.retrain_seeds, **draw},
+              **_common(cfg, model, ds, loo, test, d)}
+
+    def compute():
+        Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
+        t = torch.as_tensor(test)
+        init = build_model(cfg, n_features=Xtr.shape[1], n_classes=ds.n_classes).to(device)
+        runs = retraining_lds(init, cfg, Xtr, ytr, Xte[t], yte[t], seeds=ycfg.retrain_seeds,
+                              workdir=d / "work_yardsticks_retrain", pool=loo, epochs=epochs,
+                              device=device, workdir_mismatch="replace", **draw)
+        return _save(path, runs.gold, subsets=runs.subsets)
+
+    return _lds(store.cached(path, inputs, compute, load_npz, device=device, rerun=NOTEBOOK,
+                             what=f"the re-training LDS runs of {cfg.dataset}"), "epoch")
+
+
+def _loo_gold(gold, n_seeds: int, adjust: str) -> np.ndarray:
+    """Notebook 02's leave-one-out gold a[i, t, j] over its first ``n_seeds`` seeds."""
+    return gold_scores(gold["loss_full"], gold["loss_loo"], adjust, seeds=np.arange(n_seeds))
+
+
+def _by_size(groups) -> dict:
+    """{|S|: (row indices into the group runs, positions in L)}."""
+    sizes, pos = np.asarray(groups["sizes"]), np.asarray(groups["positions"])
+    return {int(k): (np.flatnonzero(sizes == k), pos[sizes == k, :k])
+            for k in np.unique(sizes)}
+
+
+def size_one_check(gold, groups) -> dict:
+    """The group runs of size 1 against notebook 02's leave-one-out runs of the same instances
+    and seeds: the largest absolute difference of their test losses and of the full runs' (0
+    where the engine ran the same arithmetic), and of the gold scores (eq. 17) relative to the
+    largest leave-one-out score; None where no group has one instance."""
+    S = len(groups["seeds"])
+    if not np.array_equal(np.asarray(gold["seeds"])[:S], groups["seeds"]):
+        raise ValueError("the group runs' seeds are not the first seeds of the gold standard")
+    if 1 not in _by_size(groups):
+        return None
+    rows, pos = _by_size(groups)[1]
+    loo = np.asarray(gold["loss_loo"])[:S, pos[:, 0]]
+    here = np.asarray(groups["loss_loo"])[:, rows]
+    a = _loo_gold(gold, S, "full")[pos[:, 0]]
+    g = gold_scores(groups["loss_full"], here, "full")
+    return {"runs": len(rows), "seeds": S,
+            "loss": float(np.abs(here - loo).max()),
+            "full run": float(np.abs(np.asarray(groups["loss_full"])
+                                     - np.asarray(gold["loss_full"])[:S]).max()),
+            "score (relative)": float(np.abs(g - a).max() / max(np.abs(a).max(), 1e-300))}
+
+
+def additivity_table(gold, groups) -> tuple:
+    """(eval points after theta^f, {|S|: {"rel_l2": (mean, se), "one_minus_cos": (mean, se)}}
+    over the groups of that size, each (T',)): the group gold against the sum of notebook 02's
+    leave-one-out gold over the group, both eq. (17) (each run's test loss minus the full run's,
+    the only form in which removals can add up) over the group runs' seeds."""
+    S = len(groups["seeds"])
+    a = _loo_gold(gold, S, "full")
+    t = np.asarray(groups["eval_points"])
+    keep = slice(1, None) if t[0] == 0 and len(t) > 1 else slice(None)
+    out = {}
+    for k, (rows, pos) in _by_size(groups).items():
+        g = gold_scores(groups["loss_full"], np.asarray(groups["loss_loo"])[:, rows], "full")
+        err = additivity_error(g[:, keep], additive_estimate(a[:, keep], pos))
+        out[k] = {name: mean_se(v, axis=0) for name, v in err.items()}
+    return t[keep], out
+
+
+def group_cosine_table(gold, groups, scores: dict, t: int = -1):
+    """Per |S|: the cosine over that size's groups, per test point (mean and SE over test
+    points), between the group gold in eq. (13)'s form -- each group run's test loss minus the
+    mean over the groups of its size, as eq. (13) centres over L, so that the shift shared by
+    every group of a size drops out -- and each method's summed score, and the leave-one-out
+    gold's own sum (eq. 13, row ``GOLD``), at evaluation point index ``t`` of the group runs.
+    Returns (mean table, SE table): rows the methods, columns |S|."""
+    import pandas as pd
+    from ...style import label
+    S = len(groups["seeds"])
+    a13 = _loo_gold(gold, S, "mean")
+    mean, se = {}, {}
+    for k, (rows, pos) in _by_size(groups).items():
+        if len(rows) < 2:
+            continue
+        g = gold_scores(None, np.asarray(groups["loss_loo"])[:, rows], "mean")    # (g, T, J)
+        per = {GOLD: paired_cosine(g, additive_estimate(a13, pos))[t]}
+        per.update({label(m): cosine(g, group_score(s, pos))[t] for m, s in scores.items()})
+        for name, c in per.items():
+            mean.setdefault(name, {})[k], se.setdefault(name, {})[k] = mean_se(c)
+    return pd.DataFrame(mean).T, pd.DataFrame(se).T
+
+
+def lds_table(gold, ft: LDSRuns, rt: Optional[LDSRuns], scores: dict):
+    """The LDS (:func:`fimoda.metrics.lds`: Spearman across the subsets per test point between
+    the negated measured change in test loss and the summed score, mean and SE over test
+    points) of every method and of the leave-one-out gold (row ``GOLD``, eq. 17 over all of
+    notebook 02's seeds at its last evaluation point), against the further-training models
+    ``ft`` at their last evaluation point and the re-training models ``rt`` after their last
+    epoch (None: not run)."""
+    import pandas as pd
+    from ...style import label
+    cands = {GOLD: _loo_gold(gold, len(gold["seeds"]), "full")[:, -1].T}
+    cands.update({label(m): s for m, s in scores.items()})
+    rows = {}
+    for name, s in cands.items():
+        f = ft.lds(s)
+        row = {"further-training LDS": f.mean, "further-training se": f.se}
+        if rt is not None:
+            r = rt.lds(s)
+            row.update({"re-training LDS": r.mean, "re-training se": r.se})
+        rows[name] = row
+    table = pd.DataFrame(rows).T
+    table.attrs["derived_from"] = store.derived_from(gold, scores)     # saved with it
+    return table
+
+
+def ceiling_tables(gold, scores: dict, eval_points: int = 8):
+    """(the noise ceiling of notebook 02's gold (eq. 13) at ``eval_points`` evaluation points
+    spread over further training, first and last included: mean and SE over test points, and
+    the seeds a ceiling of 0.9 would need (median over test points); each method's mean cosine
+    at the last evaluation point, the ceiling there and their ratio), or None for a gold
+    standard of one seed (the ceiling compares seeds)."""
+    import pandas as pd
+    from ...style import label
+    if len(gold["seeds"]) < 2:
+        return None
+    nc = noise_ceiling(gold["loss_full"], gold["loss_loo"], "mean", gold["eval_points"])
+    t = np.asarray(gold["eval_points"])
+    first = 1 if t[0] == 0 and len(t) > 1 else 0
+    idx = np.unique(np.round(np.linspace(first, len(t) - 1, eval_points)).astype(int))
+    mean, se = nc.mean()
+    need = np.median(nc.seeds_for(0.9)[idx], axis=1)     # inf where a test point has R = 0
+    points = pd.DataFrame({"ceiling": mean[idx], "se": se[idx], "seeds for 0.9": need},
+                          index=pd.Index(t[idx], name="eval point"))
+    a = gold_scores(gold["loss_full"], gold["loss_loo"], "mean")
+    frac = {}
+    for m, s in scores.items():
+        c = cosine(a, s)
+        frac[label(m)] = {"cosine": float(curve(a, s)[0][-1]), "ceiling": float(mean[-1]),
+                          "cosine / ceiling": float(nc.fraction(c)[-1])}
+    return points, pd.DataFrame(frac).T
+
+
+def save_summary(cfg, optimizer, additivity, cosines, lds, ceiling, directory=None) -> Path:
+    """``yardsticks_summary_<optimizer>.csv`` in the dataset's results: the numbers notebook 05
+    puts into ``summary.md`` (:func:`fimoda.paper.report.yardstick_rows`): the additivity error
+    (relative L2) per |S| at the last evaluation point, the group cosines at the smallest and
+    largest |S|, the LDS of each row both ways, and the noise ceiling and cosine / ceiling at
+    the last point."""
+    import pandas as pd
+    from .evaluation import save_table
+    opt, _ = gold_settings(cfg, optimizer)
+    rows = []
+    for k, v in additivity[1].items():
+        rows.append({"part": "additivity error (rel. L2, eq. 17)", "what": "group vs sum of LOO",
+                     "group size": k, "value": v["rel_l2"][0][-1], "se": v["rel_l2"][1][-1]})
+    mean, se = cosines
+    for name in mean.index:
+        for k in sorted({min(mean.columns), max(mean.columns)}):     # the extremes of |S|
+            rows.append({"part": "group cosine (eq. 13)", "what": name, "group size": k,
+                         "value": mean.loc[name, k], "se": se.loc[name, k]})
+    for name, r in lds.iterrows():
+        for way in ("further-training", "re-training"):
+            if f"{way} LDS" in r:
+                rows.append({"part": f"{way} LDS", "what": name, "value": r[f"{way} LDS"],
+                             "se": r[f"{way} se"]})
+    if ceiling is not None:
+        points, frac = ceiling
+        rows.append({"part": "noise ceiling (eq. 13)", "what": "last point",
+                     "value": points["ceiling"].iloc[-1], "se": points["se"].iloc[-1]})
+        for name, r in frac.iterrows():
+            rows.append({"part": "cosine / ceiling", "what": name, "value": r["cosine / ceiling"]})
+    path = Path(directory or out_dir(cfg)) / f"yardsticks_summary_{opt}.csv"
+    table = pd.DataFrame(rows).assign(optimizer=opt).set_index("part")
+    save_table(table, cfg, path.name, directory=path.parent)
+    return path
