@@ -61,8 +61,12 @@ VARIANTS = [
     ("02", tabular_names, PROFILES, {"optimizer": "adam"}, "adam"),
     ("04", tabular_names, PROFILES, {"optimizer": "adam"}, "adam"),
     # notebook 07's trajectory-matched influence against that Adam gold standard (Adam's lr, and
-    # Adam's preconditioner); part 2 only: the infinitesimal study is the SGD run's
-    ("07", tabular_names, PROFILES, {"optimizer": "adam", "infinitesimal": False}, "adam"),
+    # Adam's preconditioner); part 2 only: the infinitesimal study is the SGD run's. The cpu
+    # profile runs it for Concrete and FICO, a regression and a classifier (as notebook 08), to
+    # stay within its budget on 2 cores; the others for every tabular dataset
+    ("07", tabular_names, ("smoke", "paper"), {"optimizer": "adam", "infinitesimal": False},
+     "adam"),
+    ("07", ("concrete", "fico"), ("cpu",), {"optimizer": "adam", "infinitesimal": False}, "adam"),
 ]
 
 
@@ -153,9 +157,9 @@ def chains(steps):
 def __getattr__(name: str):
     """``COST_ORDER``: the order in which datasets' chains start when several run at once, a view
     of the dataset specs' ``cost_rank`` (:func:`fimoda.data.specs.cost_order`): the longest
-    first, so no job is left running one alone at the end, and the two large models (whose
-    convolutions and attention use every core well) apart, each beside tabular chains (whose
-    small ops do not)."""
+    chain first (by the cpu profile's measured notebook times), each worker taking the next
+    chain when its own ends, so that the chains end close together and no core idles long at the
+    end (the longest-processing-time-first rule)."""
     if name == "COST_ORDER":
         return cost_order()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
