@@ -110,6 +110,33 @@ def _common(cfg, model, ds, loo, test, d) -> dict:
             "loo_indices": np.asarray(loo).tolist(), "test_indices": np.asarray(test).tolist()}
 
 
+@dataclasses.dataclass(frozen=True)
+class _FurtherRuns:
+    """What a further-training run of notebook 08 starts from: the gold standard's algorithm
+    (``opt``, ``mech``) and its first ``group_seeds`` seeds (``gcfg``), theta^f and its data, the
+    left-out and test instances, and the stored file ``path`` in the dataset's results."""
+    opt: str
+    mech: str
+    model: object
+    ds: object
+    loo: np.ndarray
+    test: np.ndarray
+    d: Path
+    path: Path
+    seeds: tuple
+    gcfg: object
+
+
+def _further_runs(cfg, ycfg: YardstickConfig, gold_seeds, optimizer, mechanism, device,
+                  stem: str) -> _FurtherRuns:
+    opt, mech = gold_settings(cfg, optimizer, mechanism)
+    model, ds, loo, test = _inputs(cfg, device)
+    d = out_dir(cfg)
+    seeds = tuple(int(s) for s in np.asarray(gold_seeds)[: ycfg.group_seeds])
+    return _FurtherRuns(opt, mech, model, ds, loo, test, d, d / f"{stem}_{opt}_{mech}.npz", seeds,
+                        gold_config(cfg, opt, mech, device, seeds=seeds))
+
+
 def _save(path, result: GoldResult, **extra) -> dict:
     save_npz(path, loss_full=result.loss_full, loss_loo=result.loss_loo,
              eval_points=result.eval_points, seeds=result.seeds, groups=result.loo_indices,
@@ -127,26 +154,21 @@ def group_runs(cfg, ycfg: YardstickConfig, gold_seeds, optimizer=None, mechanism
     positions (in L), sizes."""
     import torch
     from ...gold import further_train
-    opt, mech = gold_settings(cfg, optimizer, mechanism)
-    model, ds, loo, test = _inputs(cfg, device)
-    d = out_dir(cfg)
-    path = d / f"yardsticks_groups_{opt}_{mech}.npz"
-    seeds = tuple(int(s) for s in np.asarray(gold_seeds)[: ycfg.group_seeds])
-    gcfg = gold_config(cfg, opt, mech, device, seeds=seeds)
-    positions, sizes = _padded(draw_groups(len(loo), ycfg))
-    inputs = {"gold": gcfg.numeric(), "seeds": list(seeds), "positions": positions.tolist(),
-              **_common(cfg, model, ds, loo, test, d)}
+    r = _further_runs(cfg, ycfg, gold_seeds, optimizer, mechanism, device, "yardsticks_groups")
+    positions, sizes = _padded(draw_groups(len(r.loo), ycfg))
+    inputs = {"gold": r.gcfg.numeric(), "seeds": list(r.seeds), "positions": positions.tolist(),
+              **_common(cfg, r.model, r.ds, r.loo, r.test, r.d)}
 
     def compute():
-        Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
-        t = torch.as_tensor(test)
-        groups = [loo[p[p >= 0]] for p in positions]
-        result = further_train(model, cfg.task, Xtr, ytr, Xte[t], yte[t], groups, gcfg,
-                               workdir=d / f"work_yardsticks_groups_{opt}_{mech}",
-                               test_indices=np.asarray(test), workdir_mismatch="replace")
-        return _save(path, result, positions=positions, sizes=sizes)
+        Xtr, ytr, Xte, yte = tensors(r.ds, cfg, device)
+        t = torch.as_tensor(r.test)
+        groups = [r.loo[p[p >= 0]] for p in positions]
+        result = further_train(r.model, cfg.task, Xtr, ytr, Xte[t], yte[t], groups, r.gcfg,
+                               workdir=r.d / f"work_yardsticks_groups_{r.opt}_{r.mech}",
+                               test_indices=np.asarray(r.test), workdir_mismatch="replace")
+        return _save(r.path, result, positions=positions, sizes=sizes)
 
-    return store.cached(path, inputs, compute, load_npz, device=device, rerun=NOTEBOOK,
+    return store.cached(r.path, inputs, compute, load_npz, device=device, rerun=NOTEBOOK,
                         what=f"the group leave-out runs of {cfg.dataset}")
 
 
@@ -166,26 +188,21 @@ def lds_runs(cfg, ycfg: YardstickConfig, gold_seeds, optimizer=None, mechanism=N
     ``yardsticks_lds_<opt>_<mech>.npz``."""
     import torch
     from ...yardsticks import further_training_lds
-    opt, mech = gold_settings(cfg, optimizer, mechanism)
-    model, ds, loo, test = _inputs(cfg, device)
-    d = out_dir(cfg)
-    path = d / f"yardsticks_lds_{opt}_{mech}.npz"
-    seeds = tuple(int(s) for s in np.asarray(gold_seeds)[: ycfg.group_seeds])
-    gcfg = gold_config(cfg, opt, mech, device, seeds=seeds)
+    r = _further_runs(cfg, ycfg, gold_seeds, optimizer, mechanism, device, "yardsticks_lds")
     draw = {"n_subsets": ycfg.lds_subsets, "alpha": ycfg.lds_alpha, "seed": ycfg.draw_seed}
-    inputs = {"gold": gcfg.numeric(), "seeds": list(seeds), "subsets": draw,
-              **_common(cfg, model, ds, loo, test, d)}
+    inputs = {"gold": r.gcfg.numeric(), "seeds": list(r.seeds), "subsets": draw,
+              **_common(cfg, r.model, r.ds, r.loo, r.test, r.d)}
 
     def compute():
-        Xtr, ytr, Xte, yte = tensors(ds, cfg, device)
-        t = torch.as_tensor(test)
-        runs = further_training_lds(model, cfg.task, Xtr, ytr, Xte[t], yte[t], loo, gcfg,
-                                    workdir=d / f"work_yardsticks_lds_{opt}_{mech}",
-                                    test_indices=np.asarray(test), workdir_mismatch="replace",
+        Xtr, ytr, Xte, yte = tensors(r.ds, cfg, device)
+        t = torch.as_tensor(r.test)
+        runs = further_training_lds(r.model, cfg.task, Xtr, ytr, Xte[t], yte[t], r.loo, r.gcfg,
+                                    workdir=r.d / f"work_yardsticks_lds_{r.opt}_{r.mech}",
+                                    test_indices=np.asarray(r.test), workdir_mismatch="replace",
                                     **draw)
-        return _save(path, runs.gold, subsets=runs.subsets)
+        return _save(r.path, runs.gold, subsets=runs.subsets)
 
-    return _lds(store.cached(path, inputs, compute, load_npz, device=device, rerun=NOTEBOOK,
+    return _lds(store.cached(r.path, inputs, compute, load_npz, device=device, rerun=NOTEBOOK,
                              what=f"the further-training LDS runs of {cfg.dataset}"), "epoch")
 
 
