@@ -9,9 +9,9 @@ reference) or subtract, one seed, ``--epochs`` epochs, in one process:
   instances, plus the further-training LDS's ``--subsets`` complements (each leaves out half of L),
   as notebook 08 runs them;
 - vectorised: ``fimoda.gold.further_train`` on all of them at once (best of ``--repeats``);
-- reference: ``fimoda.gold.reference_further_train`` (nn.Module + torch.optim, one run at a time) on
-  the full run and the first ``--ref-runs`` groups, timed and compared numerically with the
-  vectorised results of the same runs.
+- reference: ``fimoda.gold.reference_further_train`` (nn.Module + torch.optim, one run at a
+  time) on the full run and the first ``--ref-runs`` groups, timed and compared numerically with
+  the vectorised results of the same runs.
 
 Printed: runs/s and model-steps/s of each, their ratio, and each as a fraction of the machine's
 float64 matmul rate (measured in the same process), counting every run as the full run's steps
