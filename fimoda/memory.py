@@ -60,19 +60,25 @@ def row_bytes(n_params: int, dtype) -> int:
     return int(n_params) * torch.empty((), dtype=dtype).element_size()
 
 
+def _fitting(memory: int, copies: int, row: int, too_big: str) -> int:
+    """How many units of ``copies`` rows of ``row`` bytes fit in half of ``memory``; a
+    :class:`fimoda.influence.errors.MemoryBudgetError` saying ``too_big`` when not even one."""
+    k = (memory // 2) // (copies * row)
+    if k < 1:
+        from .influence.errors import MemoryBudgetError
+        raise MemoryBudgetError(f"{too_big}, and {2 * copies} of them must fit in "
+                                f"memory={memory:,} bytes: raise memory= or attribute fewer "
+                                f"parameters (names=)")
+    return int(k)
+
+
 def chunk_rows(memory: int, n_params: int, dtype) -> int:
     """Gradient rows streamed at once within half of ``memory`` (:data:`CHUNK_COPIES` copies);
     a :class:`fimoda.influence.errors.MemoryBudgetError` naming the settings to change when not
     even one row fits."""
     row = row_bytes(n_params, dtype)
-    rows = (memory // 2) // (CHUNK_COPIES * row)
-    if rows < 1:
-        from .influence.errors import MemoryBudgetError
-        raise MemoryBudgetError(
-            f"one per-example gradient of {n_params:,} parameters takes {row:,} bytes, and "
-            f"{2 * CHUNK_COPIES} of them must fit in memory={memory:,} bytes: raise memory= or "
-            f"attribute fewer parameters (names=)")
-    return int(rows)
+    return _fitting(memory, CHUNK_COPIES, row,
+                    f"one per-example gradient of {n_params:,} parameters takes {row:,} bytes")
 
 
 def solve_columns(memory: int, n_params: int, dtype) -> int:
@@ -81,14 +87,9 @@ def solve_columns(memory: int, n_params: int, dtype) -> int:
     :class:`fimoda.influence.errors.MemoryBudgetError` naming the settings to change when not
     even one fits."""
     row = row_bytes(n_params, dtype)
-    cols = (memory // 2) // (SOLVE_COPIES * row)
-    if cols < 1:
-        from .influence.errors import MemoryBudgetError
-        raise MemoryBudgetError(
-            f"a solver holds {SOLVE_COPIES} vectors of {n_params:,} parameters ({row:,} bytes "
-            f"each) per right-hand side, and {2 * SOLVE_COPIES} of them must fit in "
-            f"memory={memory:,} bytes: raise memory= or attribute fewer parameters (names=)")
-    return int(cols)
+    return _fitting(memory, SOLVE_COPIES, row,
+                    f"a solver holds {SOLVE_COPIES} vectors of {n_params:,} parameters ({row:,} "
+                    f"bytes each) per right-hand side")
 
 
 def storable(memory: int, rows: int, n_params: int, dtype) -> bool:
