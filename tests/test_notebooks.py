@@ -6,6 +6,8 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
+import time
 
 import pytest
 
@@ -130,6 +132,67 @@ def test_chains_split_the_plan_into_independent_dataset_chains():
     assert sum(map(len, per_ds)) + len(head) + len(tail) == len(steps)
     only_02 = [s for s in steps if s[0].startswith("02")]
     assert pipeline.chains(only_02)[0] == [] and pipeline.chains(only_02)[2] == []
+
+
+def test_waits_for_lets_variants_run_beside_their_default_run():
+    steps = pipeline.plan("smoke", ["concrete", "sst2"])
+    waits = pipeline.waits_for(steps)
+    name = {k: (nb[:2], p.get("dataset"), p.get("optimizer") or p.get("mechanism"))
+            for k, (nb, p, _) in enumerate(steps)}
+    at = {v: k for k, v in name.items()}
+    assert waits[at[("00", None, None)]] == set()             # the head waits for nothing
+    c01, c02 = at[("01", "concrete", None)], at[("02", "concrete", None)]
+    c02s, c02a = at[("02", "concrete", "subtract")], at[("02", "concrete", "adam")]
+    for k in (c02, c02s, c02a):                       # the three gold standards side by side
+        assert waits[k] == {c01}
+    assert waits[at[("03", "concrete", None)]] == {c02, c02s, c02a}
+    c03 = at[("03", "concrete", None)]
+    assert waits[at[("04", "concrete", None)]] == waits[at[("04", "concrete", "adam")]] == {c03}
+    assert waits[at[("06", "concrete", None)]] == {at[("04", "concrete", None)],
+                                                   at[("04", "concrete", "adam")]}
+    # SST-2's chain never waits for Concrete's, and has no variants
+    sst = [k for k, v in name.items() if v[1] == "sst2"]
+    assert [waits[k] for k in sst] == [set()] + [{k} for k in sst[:-1]]
+    assert waits[at[("05", None, None)]] == set(range(at[("05", None, None)]))
+
+
+def test_run_graph_keeps_the_order_of_waits_and_uses_every_worker():
+    # 0 -> {1, 2} -> 3, and 4 alone: 1 and 2 must overlap, 3 must start after both end
+    waits = [set(), {0}, {0}, {1, 2}, set()]
+    events, lock = [], threading.Lock()
+    inside = threading.Barrier(2, timeout=10)         # 1 and 2 must be running at the same time
+
+    def work(k):
+        with lock:
+            events.append(("start", k))
+        if k in (1, 2):
+            inside.wait()
+        time.sleep(0.01)
+        with lock:
+            events.append(("end", k))
+
+    pipeline.run_graph(waits, work, jobs=2, key=lambda k: -k if k == 4 else k)
+    assert events[0] == ("start", 4) or events[1] == ("start", 4)   # the smallest key first
+    pos = {e: i for i, e in enumerate(events)}
+    for k, w in enumerate(waits):
+        for j in w:
+            assert pos[("end", j)] < pos[("start", k)], (j, k, events)
+    assert len(events) == 10
+
+
+def test_run_graph_stops_at_the_first_failure_and_raises_it():
+    started = []
+
+    def work(k):
+        started.append(k)
+        if k == 0:
+            raise SystemExit("notebook 0 failed")
+
+    with pytest.raises(SystemExit, match="notebook 0 failed"):
+        pipeline.run_graph([set(), {0}, {1}], work, jobs=2)
+    assert started == [0]                             # nothing that waits on it starts
+    with pytest.raises(ValueError, match="wait for each other"):
+        pipeline.run_graph([{1}, {0}], lambda k: None, jobs=2)
 
 
 def test_jobs_must_be_positive():

@@ -154,12 +154,85 @@ def chains(steps):
     return steps[:first], list(by_ds.values()), tail
 
 
+def waits_for(steps) -> list[set[int]]:
+    """For each of ``steps`` (:func:`plan`'s order) the indices of the steps it must wait for.
+
+    - the head (the walkthrough, the data tour) waits for nothing: it reads only the data;
+    - a dataset's notebook waits for its dataset's previous notebook, *and every variant of it*
+      (:data:`VARIANTS`: the same notebook with other parameters); a variant waits for what its
+      default run waits for, so the two run side by side (02 beside 02 [adam], 04 beside
+      04 [adam], ...): neither reads the other's results, each writes files named by its own
+      optimizer / mechanism, and a quantity both need is computed once under its result lock;
+    - the tail (the summary) waits for every step before it."""
+    head, _, _ = chains(steps)
+    waits: list[set[int]] = []
+    stage: dict[str, tuple[str, set[int], set[int]]] = {}   # dataset -> (notebook, its waits, its runs)
+    for k, (nb, params, _) in enumerate(steps):
+        ds = params.get("dataset")
+        if ds is None:
+            waits.append(set() if k < len(head) else set(range(k)))
+            continue
+        prev_nb, prev_waits, prev_runs = stage.get(ds, (None, set(), set()))
+        if nb == prev_nb:                               # a variant of the step before it
+            waits.append(set(prev_waits))
+            prev_runs.add(k)
+        else:
+            waits.append(set(prev_runs))
+            stage[ds] = (nb, waits[-1], {k})
+    return waits
+
+
+def run_graph(waits: list[set[int]], work, jobs: int, key=lambda k: k) -> None:
+    """Run ``work(k)`` for every step k on ``jobs`` threads, each step once every step in
+    ``waits[k]`` has finished; of the steps ready, the one with the smallest ``key(k)`` first.
+    The first exception stops new steps from starting; it is raised once the running ones end."""
+    lock = threading.Condition()
+    left = {k: set(w) for k, w in enumerate(waits)}
+    running: set[int] = set()
+    failed: list[BaseException] = []
+
+    def worker():
+        while True:
+            with lock:
+                while True:
+                    ready = [k for k, w in left.items() if not w]
+                    if failed or not left or ready:
+                        break
+                    if not running:                 # nothing can free a step: a cycle
+                        failed.append(ValueError(f"steps {sorted(left)} wait for each other"))
+                        lock.notify_all()
+                        return
+                    lock.wait()
+                if failed or not left:
+                    return
+                k = min(ready, key=key)
+                del left[k]
+                running.add(k)
+            try:
+                work(k)
+            except BaseException as e:               # SystemExit from a failed notebook
+                with lock:
+                    failed.append(e)
+            with lock:
+                running.discard(k)
+                for w in left.values():
+                    w.discard(k)
+                lock.notify_all()
+
+    pool = [threading.Thread(target=worker, daemon=True) for _ in range(jobs)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    if failed:
+        raise failed[0]
+
+
 def __getattr__(name: str):
-    """``COST_ORDER``: the order in which datasets' chains start when several run at once, a view
+    """``COST_ORDER``: which dataset's notebooks go first when several are ready at once, a view
     of the dataset specs' ``cost_rank`` (:func:`fimoda.data.specs.cost_order`): the longest
-    chain first (by the cpu profile's measured notebook times), each worker taking the next
-    chain when its own ends, so that the chains end close together and no core idles long at the
-    end (the longest-processing-time-first rule)."""
+    chain first (by the cpu profile's measured notebook times), so that the chains end close
+    together and no core idles long at the end (the longest-processing-time-first rule)."""
     if name == "COST_ORDER":
         return cost_order()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -169,11 +242,14 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
         only: list[str] | None = None, jobs: int = 1, seeds: int | None = None,
         variants: bool = True) -> None:
     """Execute the notebooks of ``profile`` for ``datasets``. With ``jobs`` > 1 that many
-    datasets' notebook chains run at once, longest first (``COST_ORDER``), each kernel with
-    ``cpu_count // jobs`` intra-op threads: small models use one thread better than two (the gold
-    engine runs its own blocks in parallel, and the methods' many small ops wait on each other).
-    The count is fixed by ``jobs``, not by which chains happen to run together: a model trained
-    with another thread count sums in another order, and reruns must give identical numbers."""
+    notebooks run at once, each as soon as the notebooks it reads have run (:func:`waits_for`:
+    the datasets' chains side by side, a notebook's variants beside its default run), the
+    longest dataset's first (``COST_ORDER``), each kernel with ``cpu_count // jobs`` intra-op
+    threads: small models use one thread better than two (the gold engine runs its own blocks
+    in parallel, and the methods' many small ops wait on each other). The count is fixed by
+    ``jobs``, not by which notebooks happen to run together or how many datasets are asked
+    for: a model trained with another thread count sums in another order, and reruns must give
+    identical numbers."""
     import papermill as pm
     for ds in datasets:
         if ds not in dataset_names():
@@ -189,7 +265,7 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
             raise SystemExit(f"--only {','.join(only)} matches no notebook of this run; "
                              f"notebooks: {', '.join(sorted({nb for nb, _, _ in plan(profile, datasets)}))}")
     head, per_ds, tail = chains(steps)
-    jobs = min(jobs, max(1, len(per_ds)))
+    jobs = min(jobs, max(1, len(steps) - len(tail)))
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     print(f"fimoda pipeline: profile={profile} datasets={','.join(datasets)} device={device}"
           + (f" seeds={seeds}" if seeds is not None else "")
@@ -232,37 +308,19 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
             pass
 
     try:
-        for s in head:
-            execute(*s)
         if jobs == 1:
+            for s in head:
+                execute(*s)
             for chain in per_ds:
                 for s in chain:
                     execute(*s)
         else:
+            # the head and every chain as one graph (waits_for); of the notebooks ready, the
+            # head first, then the longest dataset's (COST_ORDER), in plan order within it
+            graph = head + [s for chain in per_ds for s in chain]
             rank = {d: k for k, d in enumerate(cost_order())}
-            queue = sorted(per_ds, key=lambda c: rank.get(c[0][1]["dataset"], -1))
-            failed: list[BaseException] = []
-
-            def worker():
-                try:
-                    while True:
-                        with lock:
-                            if failed or not queue:
-                                return
-                            chain = queue.pop(0)
-                        for s in chain:
-                            execute(*s, threads=threads)
-                except BaseException as e:           # SystemExit from execute
-                    with lock:
-                        failed.append(e)
-
-            pool = [threading.Thread(target=worker, daemon=True) for _ in range(jobs)]
-            for t in pool:
-                t.start()
-            for t in pool:
-                t.join()
-            if failed:
-                raise failed[0]
+            run_graph(waits_for(graph), lambda k: execute(*graph[k], threads=threads), jobs,
+                      key=lambda k: (rank.get(graph[k][1].get("dataset"), -1), k))
         for s in tail:
             execute(*s)
     except SystemExit:                  # a notebook failed: the pages of the others, and its own
