@@ -95,13 +95,16 @@ class HFModel(nn.Module):
             model._parameters, model._buffers, model._modules
 
     def train(self, mode: bool = True):
+        """Set training mode here and on the wrapped model (its dropout follows)."""
         self.wrapped.training = mode
         return super().train(mode)
 
     def call(self, x: torch.Tensor):
+        """The wrapped model's own output for one input tensor (an output object or logits)."""
         return self.wrapped(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits: the output's ``.logits`` where it has them, else the output itself."""
         out = self.call(x)
         return out.logits if hasattr(out, "logits") else out
 
@@ -119,6 +122,9 @@ class HFTokenModel(HFModel):
         self.additive = False        # give the mask in additive 4-D form (choose_mask_form)
 
     def call(self, x: torch.Tensor):
+        """The wrapped model called with the packed tensor's slices as keyword inputs
+        (``x[:, i]`` as ``keys[i]``; an additive attention mask made from the 0/1 one where the
+        model wants it)."""
         kw = {k: x[:, i] for i, k in enumerate(self.keys)}
         if self.additive:
             dtype = next(iter(self.wrapped.parameters())).dtype

@@ -165,8 +165,8 @@ def apply_method_overrides(m: MethodConfig, changes: dict) -> MethodConfig:
 @dataclass(frozen=True)
 class YardstickConfig:
     """Notebook 08's yardsticks beside the paper's: group leave-out further training
-    against the sum of single leave-outs, the linear datamodeling score (LDS) two ways, and the
-    gold standard's noise ceiling. The defaults are the full settings (the ``paper``
+    against the sum of single leave-outs, the linear datamodeling score (LDS) two ways, the
+    gold standard's noise ceiling, and LoRA further training. The defaults are the full settings (the ``paper``
     profile); a profile's reductions are set per dataset (:class:`fimoda.data.specs.Overrides`
     ``yardsticks``) and printed by notebook 08. Not part of :class:`ExperimentConfig`: no
     result of notebooks 01-07 depends on it."""
@@ -189,6 +189,13 @@ class YardstickConfig:
     retrain_seeds: int = 1
     # the seed of numpy.random.default_rng drawing the groups and subsets
     draw_seed: int = 0
+    # LoRA further training (text datasets, paper Sec. 7): the gold standard again with only
+    # rank-r adapters of the encoder's trainable linear layers trained, one gold per rank in
+    # ``lora_ranks``, over the first ``lora_seeds`` of the gold's seeds (None: all of them);
+    # ``lora_methods``: methods also run on the adapters at theta^f, scored against the LoRA gold
+    lora_ranks: tuple = (8,)
+    lora_seeds: Optional[int] = None
+    lora_methods: tuple = ("grad_dot", "datainf")
 
     def __post_init__(self):
         def bad(msg):
@@ -200,12 +207,18 @@ class YardstickConfig:
         object.__setattr__(self, "group_sizes", tuple(sorted(sizes)))
         for name, least in (("groups_per_size", 2), ("lds_subsets", 3), ("retrain_subsets", 3),
                             ("retrain_seeds", 1), ("group_seeds", 1), ("retrain_epochs", 1),
-                            ("draw_seed", 0)):
+                            ("draw_seed", 0), ("lora_seeds", 1)):
             v = getattr(self, name)
-            if v is None and name in ("group_seeds", "retrain_epochs"):
+            if v is None and name in ("group_seeds", "retrain_epochs", "lora_seeds"):
                 continue
             if isinstance(v, bool) or not isinstance(v, int) or v < least:
                 bad(f"{name} must be an integer >= {least}, got {v!r}")
+        ranks = tuple(self.lora_ranks)
+        if not ranks or any(isinstance(r, bool) or not isinstance(r, int) or r < 1
+                            for r in ranks) or len(set(ranks)) != len(ranks):
+            bad(f"lora_ranks must be distinct integers >= 1, got {self.lora_ranks!r}")
+        object.__setattr__(self, "lora_ranks", ranks)
+        object.__setattr__(self, "lora_methods", tuple(self.lora_methods))
         if not 0 < self.lds_alpha < 1:
             bad(f"lds_alpha (the fraction of L each model keeps) must lie in (0, 1), got "
                 f"{self.lds_alpha!r}")

@@ -58,6 +58,7 @@ def canonical(obj):
 
 
 def record_path(path) -> Path:
+    """The record of the result file ``path``: ``<file>.record.json`` beside it."""
     path = Path(path)
     return path.with_name(path.name + ".record.json")
 

@@ -1,4 +1,4 @@
-"""Beyond the paper (issue 13): the infinitesimal gold standard against finite differences of the
+"""Beyond the paper (notebook 07): the infinitesimal gold standard against finite differences of the
 one-model reference loop, and the trajectory-matched influence against its explicit recurrence,
 Grad-Dot and the damped influence function."""
 import dataclasses

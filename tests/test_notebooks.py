@@ -105,8 +105,9 @@ def test_plan_runs_every_notebook_for_every_dataset_in_order():
         for nb in ("01_final_models", "02_gold_further_training", "03_attribution_methods",
                    "04_evaluation", "06_qualitative", "07_beyond_the_paper"):
             assert (nb + ".ipynb", ds) in names
-    # the yardsticks (issue 24) for the tabular datasets of fimoda.paper.config.YARDSTICK_DATASETS
-    assert [d for nb, d in names if nb == "08_yardsticks.ipynb"] == ["concrete"]
+    # the yardsticks for the tabular datasets of fimoda.paper.config.YARDSTICK_DATASETS, and
+    # their LoRA section for the text one (LORA_DATASETS); not for the images
+    assert [d for nb, d in names if nb == "08_yardsticks.ipynb"] == ["concrete", "sst2"]
     assert ("05_summary_figures.ipynb", None) in names
     order = [nb for nb, _ in names[1:]]         # after the walkthrough, in numbered order
     assert order == sorted(order)
@@ -128,7 +129,7 @@ def test_chains_split_the_plan_into_independent_dataset_chains():
     assert per_ds[0][2][1]["mechanism"] == "subtract" and "optimizer" not in per_ds[0][2][1]
     assert per_ds[0][3][1]["optimizer"] == "adam" and per_ds[0][6][1]["optimizer"] == "adam"
     assert "optimizer" not in per_ds[0][5][1]
-    assert [nb[:2] for nb, _, _ in per_ds[1]] == ["01", "02", "03", "04", "06", "07"]
+    assert [nb[:2] for nb, _, _ in per_ds[1]] == ["01", "02", "03", "04", "06", "07", "08"]
     assert sum(map(len, per_ds)) + len(head) + len(tail) == len(steps)
     only_02 = [s for s in steps if s[0].startswith("02")]
     assert pipeline.chains(only_02)[0] == [] and pipeline.chains(only_02)[2] == []
@@ -171,13 +172,32 @@ def test_run_graph_keeps_the_order_of_waits_and_uses_every_worker():
         with lock:
             events.append(("end", k))
 
-    pipeline.run_graph(waits, work, jobs=2, key=lambda k: -k if k == 4 else k)
+    pipeline.run_graph(waits, work, jobs=2, key=lambda k, waiting: -k if k == 4 else k)
     assert events[0] == ("start", 4) or events[1] == ("start", 4)   # the smallest key first
     pos = {e: i for i, e in enumerate(events)}
     for k, w in enumerate(waits):
         for j in w:
             assert pos[("end", j)] < pos[("start", k)], (j, k, events)
     assert len(events) == 10
+
+
+def test_spread_key_starts_the_dataset_with_the_most_notebooks_left_first():
+    steps = pipeline.plan("smoke", ["concrete", "sst2"])
+    head, per_ds, _ = pipeline.chains(steps)
+    graph = head + [s for chain in per_ds for s in chain]
+    key = pipeline.spread_key(graph)
+    of = {ds: [k for k, s in enumerate(graph) if s[1].get("dataset") == ds]
+          for ds in ("concrete", "sst2")}
+    assert (len(of["concrete"]), len(of["sst2"])) == (11, 7)
+    everything = set(range(len(graph)))
+    assert min(everything, key=lambda k: key(k, everything)) == 0     # the head first
+    assert key(of["concrete"][0], everything) < key(of["sst2"][0], everything)   # 11 left vs 7
+    # Concrete down to its last three notebooks: SST-2's seven left go first
+    late = set(of["concrete"][-3:]) | set(of["sst2"])
+    assert key(of["sst2"][0], late) < key(of["concrete"][-3], late)
+    # equal counts left: the longer dataset (COST_ORDER: Concrete before SST-2)
+    even = set(of["concrete"][-7:]) | set(of["sst2"])
+    assert key(of["concrete"][-7], even) < key(of["sst2"][0], even)
 
 
 def test_run_graph_stops_at_the_first_failure_and_raises_it():
@@ -376,11 +396,11 @@ def test_smoke_pipeline_for_images_and_text(isolated, capfd):
     pipeline.run("smoke", ["fashion_mnist", "sst2"], jobs=2)
     lines = capfd.readouterr().out.strip().splitlines()
     assert "2 at a time" in lines[0]
-    counters = [int(re.match(r"^\[ ?(\d+)/15\] ", ln).group(1)) for ln in lines[1:-2]]
-    assert counters == list(range(1, 16)), lines
+    counters = [int(re.match(r"^\[ ?(\d+)/16\] ", ln).group(1)) for ln in lines[1:-2]]
+    assert counters == list(range(1, 17)), lines
     assert lines[-3].split()[1] == "05_summary_figures"     # after both chains
     executed = sorted((isolated / "executed" / "smoke").glob("*.ipynb"))
-    assert len(executed) == 2 + 2 * 6 + 1
+    assert len(executed) == 2 + 2 * 6 + 1 + 1          # notebook 08's LoRA section on SST-2
     for nb in executed:
         cells = json.loads(nb.read_text())["cells"]
         errors = [o for c in cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -397,10 +417,16 @@ def test_smoke_pipeline_for_images_and_text(isolated, capfd):
     assert (isolated / "results" / "smoke" / "sst2" / "trunk_features.npz").exists()
     figs = {p.name for p in (isolated / "figures" / "smoke").glob("*.png")}
     assert {"fashion_mnist_cosine_sgd_subtract_eq13.png", "sst2_cosine_adamw_subtract_eq13.png",
-            "figure2.png", "sst2_fig10_sorted_scores_adamw_subtract.png"} <= figs, figs
+            "figure2.png", "sst2_fig10_sorted_scores_adamw_subtract.png",
+            "sst2_lora_gold_adamw_subtract.png"} <= figs, figs
     check_figures_shown(isolated)
     text = printed(isolated / "executed" / "smoke" / "03_attribution_methods_sst2.ipynb")
     assert "skipped: CG needs full-batch Hessian products" in text
+    # notebook 08 on SST-2: sections 1-3 say why they skip it, LoRA runs; its numbers in the summary
+    text = printed(isolated / "executed" / "smoke" / "08_yardsticks_sst2.ipynb")
+    assert "sections 1-3 run on the tabular MLPs" in text and "like-for-like" in text
+    summary = (isolated / "results" / "smoke" / "summary.md").read_text()
+    assert "| sst2 | LoRA gold vs full gold (eq. 13) | rank 8 |" in summary, summary
     for ds in ("fashion_mnist", "sst2"):
         check_hand_written(isolated / "executed" / "smoke", ds)
 

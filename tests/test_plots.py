@@ -460,3 +460,32 @@ def test_show_in_a_kernel_is_one_image_of_a_figure_not_saved(tmp_path):
     fig = plots.cosine_figure(np.arange(5), {"grad_dot": (np.ones(5), np.zeros(5))}, "t")
     assert plots.show(fig) is fig and plt.fignum_exists(fig.number)     # not a kernel here
     plt.close(fig)
+
+
+def test_examples_figure_rings_the_golds_extremes_and_titles_each_panel_with_its_cosine():
+    # five left-out instances; gold ~1e-4 as in practice. Grad-Dot ranks like the gold, CG
+    # reverses it: cosines 47 / sqrt(30 * 74.25) = 0.9958 and its negative (g = [1,-2,3,0,-4]e-4,
+    # v = [2,-3,5,0.5,-6])
+    g = np.array([1.0, -2.0, 3.0, 0.0, -4.0]) * 1e-4
+    v = np.array([2.0, -3.0, 5.0, 0.5, -6.0])
+    cos = (2 + 6 + 15 - 0 + 24) / (np.sqrt(30) * np.sqrt(4 + 9 + 25 + 0.25 + 36))
+    fig = plots.examples_figure(g, {"grad_dot": v, "cg": -v}, k=1)
+    ax_gd, ax_cg = fig.axes
+    assert ax_gd.get_title() == f"Grad-Dot: cosine {cos:.2f}"
+    assert ax_cg.get_title() == f"CG: cosine {-cos:.2f}"
+    assert ax_gd.get_xlabel() == "gold score (eq. 13) (×1e-4)"      # ticks read 3, not 0.0003
+    assert ax_gd.get_ylabel() == "Grad-Dot score"                   # in [0.01, 1000): as is
+
+    def rings(ax, colour):
+        from matplotlib.colors import to_rgba
+        return [tuple(c.get_offsets()[0]) for c in ax.collections
+                if len(c.get_edgecolor()) and np.allclose(c.get_edgecolor()[0], to_rgba(colour))
+                and not len(c.get_facecolor())]
+
+    assert rings(ax_gd, "#2ca02c") == [(3.0, 5.0)]                  # the gold's most helpful
+    assert rings(ax_gd, "#d62728") == [(-4.0, -6.0)]                # and most harmful
+    assert rings(ax_cg, "#2ca02c") == [(3.0, -5.0)]                 # the same instances in CG's
+    labels = [t.get_text() for t in ax_cg.get_legend().get_texts()]
+    assert labels == ["the method's 1 most helpful\nand 1 most harmful", "gold's 1 most helpful",
+                      "gold's 1 most harmful"]
+    plt.close(fig)

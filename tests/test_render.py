@@ -140,7 +140,7 @@ def test_every_kind_of_file_names_the_notebook_that_writes_it():
                  for k in figures.KINDS if k not in ("figure2", "max_cosine")}
     fragments.update({"figure2": (grid,), "max_cosine": (grid,)})
     assert sorted(report.NOTEBOOK_OF_KIND) == sorted(figures.KINDS) == sorted(fragments)
-    assert len(fragments) == 25
+    assert len(fragments) == 27
     sources = {p.name: p.read_text() for p in pipeline.NB.glob("*.ipynb")}
     for kind, frags in fragments.items():
         writers = sorted(name for name, s in sources.items()

@@ -58,7 +58,9 @@ def test_settings_validate_and_reductions_name_each_change():
     assert YardstickConfig(group_sizes=(5, 1)).group_sizes == (1, 5)
     for bad, match in [(dict(group_sizes=(1, 1)), "distinct"), (dict(groups_per_size=1), ">= 2"),
                        (dict(lds_subsets=2), ">= 3"), (dict(lds_alpha=1.0), r"\(0, 1\)"),
-                       (dict(retrain_epochs=0), ">= 1"), (dict(group_seeds=True), ">= 1")]:
+                       (dict(retrain_epochs=0), ">= 1"), (dict(group_seeds=True), ">= 1"),
+                       (dict(lora_ranks=(8, 8)), "lora_ranks must be distinct"),
+                       (dict(lora_ranks=()), "lora_ranks"), (dict(lora_seeds=0), ">= 1")]:
         with pytest.raises(ValueError, match=match):
             YardstickConfig(**bad)
     with pytest.raises(ValueError, match="yardsticks overrides"):
@@ -66,6 +68,9 @@ def test_settings_validate_and_reductions_name_each_change():
     assert yardstick_reductions(yardstick_config("concrete", "paper"), "paper") == []
     cpu = yardstick_config("concrete", "cpu")
     assert "lds_subsets: 50 -> 16" in yardstick_reductions(cpu, "cpu")
+    # SST-2's LoRA gold over one of the gold's two seeds in the cpu profile, all in paper
+    assert yardstick_config("sst2", "cpu").lora_seeds == 1
+    assert yardstick_config("sst2", "paper").lora_seeds is None
     cfg = get_config("concrete", "cpu")
     y = yx.settings(cfg)
     assert y.group_seeds == 2 and yx.settings(cfg, n_gold_seeds=1).group_seeds == 1

@@ -60,10 +60,10 @@ _SMOKE_LARGE_METHODS = dict(fit_rows=64, lissa=dict(depth=10, batch_size=32),
 # ResNet-9 8 epochs on its 512 images (32 steps; its metrics on 1,000 rows of each set), SST-2
 # the cpu profile's lr on 512 sentences.
 _SMOKE_FURTHER = dict(mislabel_trials=1, seeds=2, n_loo=8, n_test=6)   # every tabular dataset
-# Notebook 08 (fimoda.settings.YardstickConfig; the issue asks M = 50 in the cpu profile): every
+# Notebook 08 (fimoda.settings.YardstickConfig; its full cpu settings take M = 50): every
 # further-training run costs what one of notebook 02's does, and each of the M re-trainings from
-# theta^0 the final model's whole training, so the cpu profile keeps notebook 08 near 2 minutes
-# per dataset on 2 cores: 4 groups per size with 2 of the gold's seeds, M = 16 further-training
+# theta^0 the final model's whole training, so the cpu profile keeps notebook 08 short on
+# 2 cores: 4 groups per size with 2 of the gold's seeds, M = 16 further-training
 # subsets, M = 10 re-trainings over a fifth of the recipe's epochs (FICO: a tenth of its 200).
 # Smoke: seconds.
 _CPU_YARDSTICKS = dict(groups_per_size=4, group_seeds=2, lds_subsets=16, retrain_subsets=10)
@@ -74,10 +74,10 @@ _ALL = ("smoke", "cpu", "paper")
 # seeds (cosines to gold rise with the seeds averaged: notebook 04 draws that curve for the seeds
 # run); the classifiers attribute 50 of the paper's 100 test points. FICO trains on 4,000 of its
 # 8,883 rows, as Adult does: every step of its chain (theta^f, both gold standards, the methods'
-# Hessian products, notebooks 07 and 08) costs in proportion to the rows, and the whole FICO
-# chain was 30 of the profile's 107 notebook-minutes on the full rows. The Adam gold standard of
-# App. E.1 (Figs. 4, 8) runs for every tabular dataset too, over half the SGD run's epochs
-# (adam_epochs) where that is more than a few.
+# Hessian products, notebooks 07 and 08) costs in proportion to the rows, and on the full rows
+# FICO's chain was the profile's longest. The Adam gold standard of App. E.1 (Figs. 4, 8) runs
+# over half the SGD run's epochs (adam_epochs) where that is more than a few, in the cpu profile
+# for Concrete and FICO (fimoda.paper.pipeline.CPU_ADAM_DATASETS).
 
 
 def _regression_paper(stride: int, grid: tuple):
@@ -231,7 +231,10 @@ SST2 = register_dataset(DatasetSpec(
                                           select_epoch_by_val=False, eval_rows=2000),
                                further=dict(max_steps=10, n_loo=10, n_test=20, seeds=2,
                                             mislabel_skip=_SST2_CPU_MISLABEL),
-                               methods=_CPU_TEXT_METHODS, model_size=dict(trainable_layers=3)),
+                               methods=_CPU_TEXT_METHODS, model_size=dict(trainable_layers=3),
+                               # notebook 08's LoRA gold: one seed of two, as a float64 run
+                               # costs about what the float32 full gold does per seed
+                               yardsticks=dict(lora_seeds=1)),
               "smoke": Overrides(train=dict(lr=2e-4, epochs=1, n_train_subset=512,
                                             select_epoch_by_val=False),
                                  further=dict(mislabel_trials=1, max_steps=2, n_loo=4, n_test=4,

@@ -7,6 +7,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from ..style import themed
+from .plots import grid_shape
 
 __all__ = ["targets_figure", "images_figure"]
 
@@ -14,8 +15,8 @@ _TRAIN, _TEST = "#4c72b0", "#dd8452"      # the two splits, in every panel
 
 
 def _grid(n: int, max_cols: int = 3):
-    cols = min(n, max_cols)
-    rows = -(-n // cols)
+    """A figure of n panels (:func:`~fimoda.paper.plots.grid_shape`) and its n axes."""
+    rows, cols = grid_shape(n, max_cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.9 * rows), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)

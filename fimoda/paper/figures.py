@@ -204,6 +204,10 @@ KINDS = {k.name: k for k in [
     FigureKind("table2", "{dataset}_table2_{optimizer}_{mechanism}.csv",
                "most helpful / most harmful training instances for the first test points", "06",
                "Table 2"),
+    FigureKind("examples", "{dataset}_examples_{optimizer}_{mechanism}.png",
+               "each method's score of every left-out instance against its gold score for the "
+               "first test point, the most helpful and harmful by the gold ringed", "06",
+               ""),
     FigureKind("mislabel_auc", "{dataset}_mislabel_auc_{optimizer}_{mechanism}.csv",
                "mislabelled-example detection AUC, mean +- SE over trials", "06", "App. E.2.1"),
     FigureKind("retrain_cosine", "{dataset}_retrain_cosine.csv",
@@ -231,6 +235,10 @@ KINDS = {k.name: k for k in [
     FigureKind("lds", "{dataset}_lds_{optimizer}_{mechanism}.csv",
                "linear datamodeling score of every method, further training from theta^f and "
                "re-training from scratch (beyond the paper, notebook 08)", "08"),
+    FigureKind("lora_gold", "{dataset}_lora_gold_{optimizer}_{mechanism}.png",
+               "LoRA further training (adapters only) against the full-parameter gold: cosine "
+               "per rank over further training, and its cost (beyond the paper, Sec. 7's next "
+               "step; notebook 08)", "08"),
     FigureKind("param_distance", "{dataset}_param_distance_{optimizer}.png",
                "distance of further-trained parameters from theta^f", "02"),
     FigureKind("final_training", "{dataset}_final_training.png",

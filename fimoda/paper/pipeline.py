@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..data.specs import PROFILES, cost_order, dataset_names, default_datasets, tabular_names
 from ..progress import clock
-from .config import YARDSTICK_DATASETS
+from .config import LORA_DATASETS, YARDSTICK_DATASETS
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 NB = ROOT / "notebooks"
@@ -34,12 +34,12 @@ STEPS = [
     ("04_evaluation.ipynb", True, None),
     ("05_summary_figures.ipynb", False, None),
     ("06_qualitative.ipynb", True, None),
-    # beyond the paper (issue 13): the infinitesimal gold standard and trajectory-matched
+    # beyond the paper: the infinitesimal gold standard and trajectory-matched
     # influence; tabular datasets run it, images and text print why they skip it
     ("07_beyond_the_paper.ipynb", True, None),
-    # the field's yardsticks (issue 24): group leave-out, LDS two ways, the gold's noise ceiling;
-    # Concrete and FICO (fimoda.paper.config.YARDSTICK_DATASETS)
-    ("08_yardsticks.ipynb", True, YARDSTICK_DATASETS),
+    # the field's yardsticks: group leave-out, LDS two ways, the gold's noise ceiling on
+    # Concrete and FICO (fimoda.paper.config.YARDSTICK_DATASETS); LoRA further training on SST-2
+    ("08_yardsticks.ipynb", True, YARDSTICK_DATASETS + LORA_DATASETS),
 ]
 
 # notebooks that read no dataset (so get no ``datasets`` parameter)
@@ -50,6 +50,10 @@ DATA_FREE = ("00_walkthrough.ipynb",)
 # per left-out instance, so the cpu profile leaves it out (run notebook 02 with retrain=True).
 RETRAIN_DATASETS = ("concrete", "energy")
 RETRAIN_PROFILES = ("smoke", "paper")
+# The Adam runs: notebooks 02 and 04 with optimizer="adam", and notebook 07's part 2
+_ADAM = (("02", {"optimizer": "adam"}), ("04", {"optimizer": "adam"}),
+         ("07", {"optimizer": "adam", "infinitesimal": False}))
+CPU_ADAM_DATASETS = ("concrete", "fico")
 # A dataset's notebook run again with other parameters, right after its default run:
 # (notebook prefix, datasets (a tuple, or a function returning one), profiles, parameters,
 #  suffix of the executed copy)
@@ -57,16 +61,13 @@ VARIANTS = [
     # Concrete's gold standard also under the other leave-out mechanism, for notebook 04's
     # side-by-side comparison of the two (one more gold run, so not in the cpu profile)
     ("02", ("concrete",), ("smoke", "paper"), {"mechanism": "subtract"}, "subtract"),
-    # the Adam gold standard of App. E.1 for every tabular dataset (Figs. 4 and 8), evaluated
-    ("02", tabular_names, PROFILES, {"optimizer": "adam"}, "adam"),
-    ("04", tabular_names, PROFILES, {"optimizer": "adam"}, "adam"),
-    # notebook 07's trajectory-matched influence against that Adam gold standard (Adam's lr, and
-    # Adam's preconditioner); part 2 only: the infinitesimal study is the SGD run's. The cpu
-    # profile runs it for Concrete and FICO, a regression and a classifier (as notebook 08), to
-    # stay within its budget on 2 cores; the others for every tabular dataset
-    ("07", tabular_names, ("smoke", "paper"), {"optimizer": "adam", "infinitesimal": False},
-     "adam"),
-    ("07", ("concrete", "fico"), ("cpu",), {"optimizer": "adam", "infinitesimal": False}, "adam"),
+    # the Adam gold standard of App. E.1 (Figs. 4 and 8), evaluated, and notebook 07's
+    # trajectory-matched influence against it (Adam's lr, and Adam's preconditioner; part 2
+    # only: the infinitesimal study is the SGD run's): for every tabular dataset, but in the cpu
+    # profile for Concrete and FICO only, a regression and a classifier (as notebook 08), to stay
+    # within its budget on 2 cores
+    *((nb, tabular_names, ("smoke", "paper"), extra, "adam") for nb, extra in _ADAM),
+    *((nb, CPU_ADAM_DATASETS, ("cpu",), extra, "adam") for nb, extra in _ADAM),
 ]
 
 
@@ -182,9 +183,27 @@ def waits_for(steps) -> list[set[int]]:
     return waits
 
 
-def run_graph(waits: list[set[int]], work, jobs: int, key=lambda k: k) -> None:
+def spread_key(graph):
+    """The order in which :func:`run_graph` starts the ready notebooks of ``graph`` (a
+    ``key(k, waiting)`` of step k and the steps not yet started): the head first, then the
+    notebook of the dataset with the most notebooks not yet started, ties to the longer dataset
+    (``COST_ORDER``), then plan order. A dataset with much left must not be left to run alone
+    at the end; taking one dataset's notebooks first while it has any ready does just that to
+    the datasets it keeps waiting (``benchmarks/schedule.py`` compares the two on a run's
+    measured notebook times)."""
+    rank = {d: k for k, d in enumerate(cost_order())}
+
+    def key(k, waiting):
+        ds = graph[k][1].get("dataset")
+        rest = sum(1 for j in waiting if graph[j][1].get("dataset") == ds)
+        return (ds is not None, -rest, rank.get(ds, -1), k)
+    return key
+
+
+def run_graph(waits: list[set[int]], work, jobs: int, key=lambda k, waiting: k) -> None:
     """Run ``work(k)`` for every step k on ``jobs`` threads, each step once every step in
-    ``waits[k]`` has finished; of the steps ready, the one with the smallest ``key(k)`` first.
+    ``waits[k]`` has finished; of the steps ready, the one with the smallest
+    ``key(k, waiting)`` first (``waiting``: the steps not yet started, k among them).
     The first exception stops new steps from starting; it is raised once the running ones end."""
     lock = threading.Condition()
     left = {k: set(w) for k, w in enumerate(waits)}
@@ -205,7 +224,7 @@ def run_graph(waits: list[set[int]], work, jobs: int, key=lambda k: k) -> None:
                     lock.wait()
                 if failed or not left:
                     return
-                k = min(ready, key=key)
+                k = min(ready, key=lambda j: key(j, left.keys()))
                 del left[k]
                 running.add(k)
             try:
@@ -315,12 +334,10 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
                 for s in chain:
                     execute(*s)
         else:
-            # the head and every chain as one graph (waits_for); of the notebooks ready, the
-            # head first, then the longest dataset's (COST_ORDER), in plan order within it
+            # the head and every chain as one graph (waits_for)
             graph = head + [s for chain in per_ds for s in chain]
-            rank = {d: k for k, d in enumerate(cost_order())}
             run_graph(waits_for(graph), lambda k: execute(*graph[k], threads=threads), jobs,
-                      key=lambda k: (rank.get(graph[k][1].get("dataset"), -1), k))
+                      key=spread_key(graph))
         for s in tail:
             execute(*s)
     except SystemExit:                  # a notebook failed: the pages of the others, and its own

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import matplotlib.pyplot as plt
 import matplotlib.ticker
@@ -19,9 +18,11 @@ from ..data.specs import fig2_panel_order
 from ..io import atomic_write
 from ..style import (LABELS, METHOD_KEYS, STYLE_KEYS, damping_label, label, legend_handles,
                      method_style, theme, themed)
+from .ceiling_band import CEILING_GID, ceiling_band, ceiling_handle, ceiling_label
 
 __all__ = ["LABELS", "METHOD_KEYS", "STYLE_KEYS", "FIG2_ORDER", "NORMALISATIONS", "CEILING_GID",
            "agreement_figure", "ceiling_band", "ceiling_label", "cosine_figure", "curves",
+           "examples_figure",
            "damping_label", "fig10_eval_indices", "fig2_order", "grid_shape", "label", "legend",
            "legend_handles", "mechanisms_figure", "method_style", "panel_letter",
            "param_distance_figure", "savefig", "seeds_figure", "sorted_average",
@@ -47,6 +48,7 @@ def fig2_order(datasets) -> list:
 
 
 def panel_letter(k: int) -> str:
+    """The label of the k-th panel (0-based): "(a)", "(b)", ..., then "(27)", "(28)", ..."""
     return f"({'abcdefghijklmnopqrstuvwxyz'[k]})" if k < 26 else f"({k + 1})"
 
 
@@ -119,59 +121,6 @@ def curves(ax, eval_points, results: dict, ylabel="cosine similarity", title=Non
     return ax
 
 
-# the noise ceiling's band and line carry the gid "noise_ceiling:<seeds>", so legend() finds them
-CEILING_GID = "noise_ceiling"
-_CEILING_LOOK = {"color": "#9a9a9a", "alpha": 0.3}
-_CEILING_LINE = (0, (4, 2))          # thin, dashed, no marker: unlike notebook 07's grey curves
-
-
-def ceiling_label(n_seeds) -> str:
-    """The legend label of the noise ceiling of a gold standard of ``n_seeds`` seeds (one number,
-    or several: the panels of a grid)."""
-    ks = sorted({int(k) for k in np.atleast_1d(n_seeds)})
-    return f"noise ceiling of the gold ({', '.join(map(str, ks))} seeds)"
-
-
-def ceiling_band(ax, ceiling, x=None, legend_label: Optional[str] = None):
-    """Draw the gold standard's noise ceiling on a cosine axes: the cosine the exact answer
-    would reach against this gold standard (:class:`fimoda.yardsticks.NoiseCeiling`, computed
-    from the same gold arrays and equation as the curves), as a grey band of its mean +- 1
-    standard error over test points with the mean as a thin grey line, beneath the curves, at
-    the ceiling's evaluation points (or at ``x``). Both artists carry the gid
-    ``"noise_ceiling:<seeds>"`` (:data:`CEILING_GID`), by which :func:`legend` adds one entry,
-    :func:`ceiling_label` (or ``legend_label``). Undefined points (NaN) leave a gap. ``ceiling``
-    None (a gold standard of one seed has none) draws nothing. Returns the band (a
-    PolyCollection) or None."""
-    if ceiling is None:
-        return None
-    mean, se = ceiling.mean()
-    x = np.asarray(ceiling.eval_points if x is None else x)   # the curves' own points
-    if x.shape != mean.shape:
-        raise ValueError(f"the ceiling has {mean.shape[0]} evaluation points, x {x.shape}")
-    lab = legend_label or ceiling_label(ceiling.n_seeds)
-    gid = f"{CEILING_GID}:{int(ceiling.n_seeds)}"
-    ax.plot(x, mean, color=_CEILING_LOOK["color"], lw=1.0, ls=_CEILING_LINE, zorder=1.1,
-            gid=gid, label="_" + lab)                # "_": the band stands for both in a legend
-    return ax.fill_between(x, mean - se, mean + se, lw=0, zorder=1, gid=gid, label=lab,
-                           **_CEILING_LOOK)
-
-
-def _ceiling_handle(ax_or_fig):
-    """A legend handle for the noise-ceiling bands drawn anywhere on the figure of ``ax_or_fig``
-    (an axes or a figure; one entry for all its panels), or None where none is drawn."""
-    from matplotlib.patches import Patch
-    axes = (ax_or_fig if hasattr(ax_or_fig, "get_axes") else ax_or_fig.figure).axes
-    bands = [c for ax in axes for c in ax.collections
-             if str(c.get_gid()).startswith(CEILING_GID + ":")]
-    if not bands:
-        return None
-    labels = {c.get_label() for c in bands}
-    lab = labels.pop() if len(labels) == 1 else \
-        ceiling_label([int(c.get_gid().split(":")[1]) for c in bands])   # panels' seeds differ
-    return Patch(facecolor=_CEILING_LOOK["color"], alpha=_CEILING_LOOK["alpha"] + 0.2,
-                 edgecolor=_CEILING_LOOK["color"], linestyle=_CEILING_LINE, label=lab)
-
-
 def legend(ax_or_fig, methods, **kw):
     """The legend of ``methods`` in the fixed order and look of :func:`legend_handles`, on an
     axes or (one legend for a grid) a figure, and last one entry for the noise ceiling where
@@ -180,7 +129,7 @@ def legend(ax_or_fig, methods, **kw):
     (call it after ``tight_layout``, which would otherwise squeeze the axes to make room; the
     saved file's tight bounding box takes the legend in)."""
     handles, labels = legend_handles(methods)
-    band = _ceiling_handle(ax_or_fig)
+    band = ceiling_handle(ax_or_fig)
     if band is not None:
         handles, labels = handles + [band], labels + [band.get_label()]
     if hasattr(ax_or_fig, "get_xlim") and len(handles) > 5:
@@ -353,6 +302,63 @@ def sorted_scores_figure(gold: np.ndarray, eval_points, scores: dict, t_indices=
     return fig
 
 
+_HELPFUL, _HARMFUL = "#2ca02c", "#d62728"    # examples_figure's rings: green helps, red harms
+
+
+def _scaled(values):
+    """``values`` divided by the power of ten of their largest magnitude outside [0.01, 1000),
+    and the axis label's suffix saying so (gold scores are ~1e-4: the ticks read 0 to 2)."""
+    v = np.asarray(values, dtype=float)
+    top = float(np.nanmax(np.abs(v))) if v.size else 0.0
+    if top == 0.0 or not np.isfinite(top) or 1e-2 <= top < 1e3:
+        return v, ""
+    e = int(np.floor(np.log10(top)))
+    return v / 10.0 ** e, f" (×1e{e})"
+
+
+@themed
+def examples_figure(gold_vec: np.ndarray, scores: dict, k: int = 1, title: str = ""):
+    """Table 2 as a picture: for one test point, each method's score (y) of every left-out
+    instance against its gold score (x), one panel per method of ``scores`` ({method: vector
+    over the left-out set, the gold's order}). The k most helpful (largest gold) and k most
+    harmful (smallest gold) instances are ringed green and red in every panel, the method's own
+    picks filled in its colour; each panel's title gives the cosine over the left-out set. A
+    method that ranks like the gold puts the rings at its panel's top right and bottom left."""
+    if not scores:
+        raise ValueError("examples_figure needs at least one method's scores")
+    g, gx = _scaled(gold_vec)
+    order = np.argsort(g)
+    helpful, harmful = order[::-1][:k], order[:k]
+    fig, axes = plt.subplots(1, len(scores), figsize=(3.6 * len(scores), 3.3), squeeze=False)
+    for ax, (m, vec) in zip(axes[0], scores.items()):
+        v, vx = _scaled(vec)
+        look = method_style(m)
+        cos = float(g @ v / (np.linalg.norm(g) * np.linalg.norm(v) + 1e-300))
+        ax.scatter(g, v, s=10, color=look["color"], alpha=0.45, lw=0)
+        mine = np.argsort(v)
+        picks = np.r_[mine[::-1][:k], mine[:k]]          # the method's own k top and k bottom
+        ax.scatter(g[picks], v[picks], s=30, color=look["color"], marker="o")
+        for idx, colour in ((helpful, _HELPFUL), (harmful, _HARMFUL)):
+            ax.scatter(g[idx], v[idx], s=110, facecolors="none", edgecolors=colour, lw=1.6)
+        ax.axhline(0, color="0.6", lw=0.6, zorder=0)
+        ax.axvline(0, color="0.6", lw=0.6, zorder=0)
+        ax.set_xlabel("gold score (eq. 13)" + gx)
+        ax.set_ylabel(f"{look['label']} score" + vx)
+        ax.set_title(f"{look['label']}: cosine {cos:.2f}", fontsize="medium")
+    from matplotlib.lines import Line2D
+    ring = dict(marker="o", ls="None", markersize=10, markerfacecolor="none", markeredgewidth=1.6)
+    handles = [Line2D([], [], color="0.35", marker="o", ls="None", markersize=5,
+                      label=f"the method's {k} most helpful\nand {k} most harmful"),
+               Line2D([], [], markeredgecolor=_HELPFUL, label=f"gold's {k} most helpful", **ring),
+               Line2D([], [], markeredgecolor=_HARMFUL, label=f"gold's {k} most harmful", **ring)]
+    axes[0][-1].legend(handles=handles, fontsize="x-small", loc="upper left",
+                       bbox_to_anchor=(1.02, 1.0))
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
 @themed
 def param_distance_figure(eval_points, param_dist: np.ndarray, title: str = ""):
     """||theta_t - theta^f|| of the full-data runs over further training (mean and range)."""
@@ -388,6 +394,8 @@ def training_curves_figure(record: dict, title: str = ""):
 
 @themed
 def agreement_figure(names, M: np.ndarray, title: str = "method agreement (mean cosine)"):
+    """The methods' agreement matrix: ``M[a, b]`` the mean cosine over test points between
+    method ``names[a]``'s and ``names[b]``'s scores, in a diverging map from -1 to 1."""
     fig, ax = plt.subplots(figsize=(0.55 * len(names) + 2, 0.55 * len(names) + 1.5))
     im = ax.imshow(M, vmin=-1, vmax=1, cmap="RdBu_r")
     ax.grid(False)                                   # the theme's grid would cross the cells

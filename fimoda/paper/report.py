@@ -238,15 +238,16 @@ def beyond_rows(profile: str, datasets):
 
 def yardstick_rows(profile: str, datasets):
     """The numbers of notebook 08 (``yardsticks_summary_<optimizer>.csv`` of each dataset that
-    ran it): additivity error and group cosines per |S|, the LDS both ways, the noise ceiling
-    (:func:`fimoda.paper.experiment.yardsticks.save_summary`)."""
+    ran it): additivity error and group cosines per |S|, the LDS both ways, the noise ceiling,
+    LoRA further training (:func:`fimoda.paper.experiment.yardsticks.save_summary`)."""
     import pandas as pd
     out = [pd.read_csv(p).assign(dataset=ds) for ds in datasets
            for p in sorted(results_dir(profile, ds).glob("yardsticks_summary_*.csv"))]
     if not out:
         return pd.DataFrame()
     t = pd.concat(out, ignore_index=True)
-    t["group size"] = t["group size"].map(lambda v: "" if pd.isna(v) else str(int(v)))
+    if "group size" in t:                       # absent where only the LoRA section ran
+        t["group size"] = t["group size"].map(lambda v: "" if pd.isna(v) else str(int(v)))
     return t[["dataset"] + [c for c in t.columns if c != "dataset"]]
 
 
@@ -303,7 +304,9 @@ def write_summary(profile: str, datasets, optimizer: Optional[str] = None,
         lines += ["## Yardsticks of the field (notebook 08)", "",
                   "Group leave-out against the sum of single leave-outs, each method's summed "
                   "score against the group gold, the LDS (higher: the method predicts the "
-                  "measured losses better) and the gold's noise ceiling.", "", markdown_table(y), ""]
+                  "measured losses better), the gold's noise ceiling, and on the text encoder "
+                  "LoRA further training against the full-parameter gold (its cosine, its "
+                  "cost, and methods on the adapters against it).", "", markdown_table(y), ""]
     m = mislabel_rows(profile, datasets, figures)
     if not m.empty:
         lines += ["## Mislabelled-example detection (App. E.2.1)", "", markdown_table(m), ""]

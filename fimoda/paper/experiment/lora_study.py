@@ -266,10 +266,13 @@ def adapter_scores(model, ds, cfg: ExperimentConfig, loo_idx, test_idx, rank: in
     dataset's method settings; stored as ``lora_scores_r<rank>_<method>.npz`` through the result
     store (:func:`~.methods.run_method`). At theta^f B = 0, so the A matrices get no gradient
     and the B matrices get s G A^T: each layer's weight gradient G seen through a random
-    projection of its input side."""
+    projection of its input side. The methods are given the B matrices only: the A matrices'
+    gradients are zero at theta^f, so they would add nothing to a score but work (and DataInf's
+    warning for every all-zero layer)."""
     if not methods:
         return {}
     wrapped, names = add_lora(model, rank, alpha, seed=seed)
+    names = [n for n in names if ".lora_B." in n]           # the A matrices: zero gradient here
     att = make_attributor(wrapped, ds, cfg, loo_idx, test_idx, device, names=names,
                           progress=False)
     out = {}

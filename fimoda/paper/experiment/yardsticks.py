@@ -1,8 +1,9 @@
 """Notebook 08, the field's yardsticks beside the paper's, on the models of notebooks 01-03:
 group leave-out further training against the sum of single leave-outs (:func:`group_runs`,
 :func:`additivity_table`, :func:`group_cosine_table`), the linear datamodeling score two ways
-(:func:`lds_runs`, :func:`retrain_runs`, :func:`lds_table`) and the noise ceiling of notebook
-02's gold standard (:func:`ceiling_tables`).
+(:func:`lds_runs`, :func:`retrain_runs`, :func:`lds_table`), the noise ceiling of notebook
+02's gold standard (:func:`ceiling_tables`) on the tabular MLPs, and LoRA further training
+against the full-parameter gold on the text encoder (:func:`lora_runs`).
 
 Every run is kept in the result store next to the dataset's other results
 (``results/<profile>/<dataset>/yardsticks_*.npz``, reused while theta^f, the data, the instances
@@ -32,17 +33,18 @@ from .setup import final_model, out_dir, select_loo_indices, select_test_indices
 
 __all__ = ["YARDSTICK_DATASETS", "applies", "settings", "reductions", "draw_groups",
            "group_runs", "lds_runs", "retrain_runs", "size_one_check", "additivity_table",
-           "group_cosine_table", "lds_table", "ceiling_tables", "save_summary"]
+           "group_cosine_table", "lds_table", "ceiling_tables", "lora_applies", "lora_runs",
+           "save_summary"]
 
 NOTEBOOK = "notebooks/08_yardsticks"
 GOLD = "further training (gold)"      # the leave-one-out gold itself as a row of the tables
 
 
 def applies(cfg: ExperimentConfig) -> tuple[bool, str]:
-    """(whether notebook 08 runs for this dataset, why not): the MLPs, whose re-training from
-    scratch the engine runs (:func:`fimoda.gold.retrain_loo`)."""
+    """(whether notebook 08's sections 1-3 run for this dataset, why not): the MLPs, whose
+    re-training from scratch the engine runs (:func:`fimoda.gold.retrain_loo`)."""
     if cfg.model != "mlp":
-        return False, (f"{cfg.dataset}: notebook 08 runs on the tabular MLPs; re-training the "
+        return False, (f"{cfg.dataset}: sections 1-3 run on the tabular MLPs; re-training the "
                        f"{cfg.model} model from scratch M times is outside this engine and budget")
     return True, ""
 
@@ -56,9 +58,10 @@ def settings(cfg: ExperimentConfig, n_gold_seeds: Optional[int] = None) -> Yards
 
 
 def reductions(cfg: ExperimentConfig, ycfg: YardstickConfig, n_loo: int) -> list[str]:
-    """Every change from what the issue asks of this profile, and the group sizes dropped
-    because L is smaller."""
-    out = [r for r in yardstick_reductions(ycfg, cfg.profile) if not r.startswith("group_seeds")]
+    """Every change of sections 1-3's settings from the profile's full ones, and the group sizes
+    dropped because L is smaller."""
+    out = [r for r in yardstick_reductions(ycfg, cfg.profile)
+           if not r.startswith(("group_seeds", "lora_"))]
     out = [f"retrain_epochs: the final model's {cfg.train.epochs} -> {ycfg.retrain_epochs}"
            if r.startswith("retrain_epochs") else r for r in out]
     if ycfg.group_seeds < cfg.further.seeds:
@@ -68,6 +71,34 @@ def reductions(cfg: ExperimentConfig, ycfg: YardstickConfig, n_loo: int) -> list
     if dropped:
         out.append(f"group sizes {dropped} dropped: |L| = {n_loo} (a size must leave some of L in)")
     return out
+
+
+def lora_applies(cfg: ExperimentConfig) -> tuple[bool, str]:
+    """(whether notebook 08's LoRA section runs for this dataset, why not): the text encoder,
+    whose linear layers the adapters wrap (:mod:`fimoda.lora`)."""
+    if cfg.model != "text":
+        return False, (f"{cfg.dataset}: LoRA further training adapts the text encoder's linear "
+                       f"layers (run this notebook with dataset='sst2'); fimoda.lora.add_lora "
+                       f"wraps any other model's layers by name")
+    return True, ""
+
+
+def lora_runs(cfg: ExperimentConfig, ycfg: YardstickConfig, device="cpu"):
+    """Notebook 08's LoRA study (:func:`~.lora_study.lora_study`): one LoRA gold standard per
+    rank of ``ycfg.lora_ranks`` over the first ``ycfg.lora_seeds`` of the gold's seeds, against
+    notebook 02's full-parameter gold over the same seeds, and ``ycfg.lora_methods`` on the
+    adapters. Returns (the :class:`~.lora_study.LoraStudy`, the settings that differ from the
+    profile's full ones as printable lines)."""
+    from .lora_study import lora_study
+    full = gold_config(cfg, *gold_settings(cfg)).seed_list
+    seeds = full[:ycfg.lora_seeds] if ycfg.lora_seeds else full
+    changed = [r for r in yardstick_reductions(ycfg, cfg.profile)
+               if r.startswith("lora_") and not r.startswith("lora_seeds")]   # said below
+    if len(seeds) < len(full):
+        changed.append(f"LoRA gold: the first {len(seeds)} of the gold standard's {len(full)} "
+                       f"seeds, the full gold compared over the same")
+    return lora_study(cfg, ranks=ycfg.lora_ranks, seeds=seeds, methods=ycfg.lora_methods,
+                      device=device), changed
 
 
 def draw_groups(n_loo: int, ycfg: YardstickConfig) -> dict:
@@ -360,25 +391,30 @@ def ceiling_tables(gold, scores: dict, eval_points: int = 8):
     return points, pd.DataFrame(frac).T
 
 
-def save_summary(cfg, optimizer, additivity, cosines, lds, ceiling, directory=None) -> Path:
+def save_summary(cfg, optimizer, additivity=None, cosines=None, lds=None, ceiling=None,
+                 lora=None, directory=None) -> Path:
     """``yardsticks_summary_<optimizer>.csv`` in the dataset's results: the numbers notebook 05
     puts into ``summary.md`` (:func:`fimoda.paper.report.yardstick_rows`): the additivity error
     (relative L2) per |S| at the last evaluation point, the group cosines at the smallest and
-    largest |S|, the LDS of each row both ways, and the noise ceiling and cosine / ceiling at
-    the last point."""
+    largest |S|, the LDS of each row both ways, the noise ceiling and cosine / ceiling at the
+    last point (the tabular sections, each None where not run), and for ``lora`` (a
+    :class:`~.lora_study.LoraStudy`) each rank's cosine to the full gold at the last point, its
+    like-for-like time and trainable parameters as fractions of the full gold's, and each
+    method's cosine on the adapters to the LoRA gold."""
     import pandas as pd
     from .evaluation import save_table
     opt, _ = gold_settings(cfg, optimizer)
     rows = []
-    for k, v in additivity[1].items():
+    for k, v in (additivity[1].items() if additivity is not None else ()):
         rows.append({"part": "additivity error (rel. L2, eq. 17)", "what": "group vs sum of LOO",
                      "group size": k, "value": v["rel_l2"][0][-1], "se": v["rel_l2"][1][-1]})
-    mean, se = cosines
-    for name in mean.index:
-        for k in sorted({min(mean.columns), max(mean.columns)}):     # the extremes of |S|
-            rows.append({"part": "group cosine (eq. 13)", "what": name, "group size": k,
-                         "value": mean.loc[name, k], "se": se.loc[name, k]})
-    for name, r in lds.iterrows():
+    if cosines is not None:
+        mean, se = cosines
+        for name in mean.index:
+            for k in sorted({min(mean.columns), max(mean.columns)}):     # the extremes of |S|
+                rows.append({"part": "group cosine (eq. 13)", "what": name, "group size": k,
+                             "value": mean.loc[name, k], "se": se.loc[name, k]})
+    for name, r in (lds.iterrows() if lds is not None else ()):
         for way in ("further-training", "re-training"):
             if f"{way} LDS" in r:
                 rows.append({"part": f"{way} LDS", "what": name, "value": r[f"{way} LDS"],
@@ -389,6 +425,20 @@ def save_summary(cfg, optimizer, additivity, cosines, lds, ceiling, directory=No
                      "value": points["ceiling"].iloc[-1], "se": points["se"].iloc[-1]})
         for name, r in frac.iterrows():
             rows.append({"part": "cosine / ceiling", "what": name, "value": r["cosine / ceiling"]})
+    if lora is not None:
+        m, se = lora.mean()
+        for k, r in enumerate(lora.ranks):
+            rows += [{"part": "LoRA gold vs full gold (eq. 13)", "what": f"rank {r}",
+                      "value": m[k, -1], "se": se[k, -1]},
+                     {"part": "LoRA cost / full (like-for-like time)", "what": f"rank {r}",
+                      "value": lora.step_seconds[k] / lora.full_step_seconds},
+                     {"part": "LoRA trainable / full", "what": f"rank {r}",
+                      "value": lora.trainable[k] / lora.full_trainable}]
+        for name, (on_adapters, _) in lora.methods.items():
+            mean_a, se_a = mean_se(on_adapters[:, -1], axis=1)
+            for k, r in enumerate(lora.ranks):
+                rows.append({"part": "method on adapters vs LoRA gold (eq. 13)",
+                             "what": f"{name}, rank {r}", "value": mean_a[k], "se": se_a[k]})
     path = Path(directory or out_dir(cfg)) / f"yardsticks_summary_{opt}.csv"
     table = pd.DataFrame(rows).assign(optimizer=opt).set_index("part")
     save_table(table, cfg, path.name, directory=path.parent)
