@@ -21,7 +21,8 @@ import pandas as pd
 import torch
 
 from ... import store
-from ...settings import ExperimentConfig
+from ...settings import ExperimentConfig, YardstickConfig
+from ..config import yardstick_reductions
 from ...io import load_json, load_npz
 from ...models import resolve_dtype
 from ...lora import BERT_TARGETS, add_lora, lora_settings, n_trainable
@@ -35,7 +36,7 @@ from .methods import load_scores, make_attributor, method_config, run_method
 from .setup import final_model, out_dir, select_loo_indices, select_test_indices, tensors
 
 __all__ = ["LoraStudy", "lora_gold", "lora_gold_path", "lora_study", "adapter_scores",
-           "lora_figure"]
+           "lora_figure", "lora_applies", "lora_runs"]
 
 
 def lora_gold_path(cfg: ExperimentConfig, rank: int, lr: Optional[float] = None,
@@ -328,3 +329,30 @@ def lora_figure(study: LoraStudy):
                  f"{', '.join(map(str, study.seeds))}, LoRA runs in {study.dtype})")
     fig.tight_layout()
     return fig
+
+
+def lora_applies(cfg: ExperimentConfig) -> tuple[bool, str]:
+    """(whether notebook 08's LoRA section runs for this dataset, why not): the text encoder,
+    whose linear layers the adapters wrap (:mod:`fimoda.lora`)."""
+    if cfg.model != "text":
+        return False, (f"{cfg.dataset}: LoRA further training adapts the text encoder's linear "
+                       f"layers (run this notebook with dataset='sst2'); fimoda.lora.add_lora "
+                       f"wraps any other model's layers by name")
+    return True, ""
+
+
+def lora_runs(cfg: ExperimentConfig, ycfg: YardstickConfig, device="cpu"):
+    """Notebook 08's LoRA study (:func:`~.lora_study.lora_study`): one LoRA gold standard per
+    rank of ``ycfg.lora_ranks`` over the first ``ycfg.lora_seeds`` of the gold's seeds, against
+    notebook 02's full-parameter gold over the same seeds, and ``ycfg.lora_methods`` on the
+    adapters. Returns (the :class:`~.lora_study.LoraStudy`, the settings that differ from the
+    profile's full ones as printable lines)."""
+    full = gold_config(cfg, *gold_settings(cfg)).seed_list
+    seeds = full[:ycfg.lora_seeds] if ycfg.lora_seeds else full
+    changed = [r for r in yardstick_reductions(ycfg, cfg.profile)
+               if r.startswith("lora_") and not r.startswith("lora_seeds")]   # said below
+    if len(seeds) < len(full):
+        changed.append(f"LoRA gold: the first {len(seeds)} of the gold standard's {len(full)} "
+                       f"seeds, the full gold compared over the same")
+    return lora_study(cfg, ranks=ycfg.lora_ranks, seeds=seeds, methods=ycfg.lora_methods,
+                      device=device), changed

@@ -28,6 +28,7 @@ from ...metrics import cosine, curve, mean_se
 from ...yardsticks import (LDSRuns, additive_estimate, additivity_error, group_score,
                            noise_ceiling, paired_cosine)
 from .gold_runs import gold_config, gold_settings
+from .lora_study import lora_applies, lora_runs
 from .records import config_without, final_model_source
 from .setup import final_model, out_dir, select_loo_indices, select_test_indices, tensors
 
@@ -71,34 +72,6 @@ def reductions(cfg: ExperimentConfig, ycfg: YardstickConfig, n_loo: int) -> list
     if dropped:
         out.append(f"group sizes {dropped} dropped: |L| = {n_loo} (a size must leave some of L in)")
     return out
-
-
-def lora_applies(cfg: ExperimentConfig) -> tuple[bool, str]:
-    """(whether notebook 08's LoRA section runs for this dataset, why not): the text encoder,
-    whose linear layers the adapters wrap (:mod:`fimoda.lora`)."""
-    if cfg.model != "text":
-        return False, (f"{cfg.dataset}: LoRA further training adapts the text encoder's linear "
-                       f"layers (run this notebook with dataset='sst2'); fimoda.lora.add_lora "
-                       f"wraps any other model's layers by name")
-    return True, ""
-
-
-def lora_runs(cfg: ExperimentConfig, ycfg: YardstickConfig, device="cpu"):
-    """Notebook 08's LoRA study (:func:`~.lora_study.lora_study`): one LoRA gold standard per
-    rank of ``ycfg.lora_ranks`` over the first ``ycfg.lora_seeds`` of the gold's seeds, against
-    notebook 02's full-parameter gold over the same seeds, and ``ycfg.lora_methods`` on the
-    adapters. Returns (the :class:`~.lora_study.LoraStudy`, the settings that differ from the
-    profile's full ones as printable lines)."""
-    from .lora_study import lora_study
-    full = gold_config(cfg, *gold_settings(cfg)).seed_list
-    seeds = full[:ycfg.lora_seeds] if ycfg.lora_seeds else full
-    changed = [r for r in yardstick_reductions(ycfg, cfg.profile)
-               if r.startswith("lora_") and not r.startswith("lora_seeds")]   # said below
-    if len(seeds) < len(full):
-        changed.append(f"LoRA gold: the first {len(seeds)} of the gold standard's {len(full)} "
-                       f"seeds, the full gold compared over the same")
-    return lora_study(cfg, ranks=ycfg.lora_ranks, seeds=seeds, methods=ycfg.lora_methods,
-                      device=device), changed
 
 
 def draw_groups(n_loo: int, ycfg: YardstickConfig) -> dict:
