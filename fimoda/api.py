@@ -258,7 +258,7 @@ def attribute(model, X_train, y_train, left_out, X_test, y_test, *, task: str,
       and every block of right-hand sides of a solver is sized (:mod:`fimoda.memory`; None: half
       the free memory of the model's device). Training-set gradients are never held whole; the
       test and left-out gradients are kept when they fit a quarter of it each, else streamed
-      (every method but datainf and trajectory, which keep both sides). The damped-inverse
+      (every method but trajectory, which keeps both sides). The damped-inverse
       methods (cg, lissa, lissa_h, dense, prop1, cor2, eq16) solve for the smaller side in
       blocks that fit half of it.
     - ``hvp_batch``: training rows per forward/backward pass of the full-data gradient and

@@ -153,6 +153,23 @@ def test_cost_parts_equal_sizes_computed_by_hand():
     assert "train_grads" not in att.__dict__ and not att.fitted   # no work done
 
 
+def test_datainf_streams_a_side_the_budget_cannot_keep_and_counts_its_gradients():
+    """DataInf under the budget of test_cost_parts_equal_sizes_computed_by_hand: the 6 test
+    gradients kept, the 30 left-out ones streamed in 3 blocks of 10; the training set (30 rows)
+    streams once with the test side and once per left-out block, then the left-out side once
+    more against the test side: 6 + 30 + 30 x 4 + 30 gradient rows, counted as they are made."""
+    att = attributor(n_test=6, solve_cols=2)
+    assert att.keeps("test") and not att.keeps("left")
+    c = att.cost("datainf")
+    assert c.gradient_rows == 6 + 30 + 30 * 4 + 30 and c.chunk_rows == 10
+    made, loss_grads = [], att.problem.loss_grads
+    att.problem.loss_grads = lambda X, Y, *a, **k: made.append(len(X)) or loss_grads(X, Y, *a, **k)
+    scores = compute_scores("datainf", att)
+    assert sum(made) == c.gradient_rows and max(made) <= 10
+    np.testing.assert_allclose(scores, compute_scores("datainf", attributor(n_test=6)),
+                               rtol=1e-10, atol=1e-12 * np.abs(scores).max())
+
+
 MEASURE = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {tests!r})
@@ -187,7 +204,7 @@ MEASURE = textwrap.dedent("""
 
 
 CHEAP = [("grad_dot", {}), ("cg", {"materialize": "never"}),
-         ("arnoldi", {"n_iter": 20, "rank": 10})]
+         ("arnoldi", {"n_iter": 20, "rank": 10}), ("datainf", {})]
 COSTLY = [("lissa_h", {"depth": 20}), ("prop1", {"damping": 10.0}), ("eq16", {"damping": 10.0})]
 
 

@@ -320,22 +320,28 @@ def ekfac_cost(name: str, shape: Shape, cfg) -> Cost:
 
 
 def datainf_cost(name: str, shape: Shape, cfg) -> Cost:
-    """DataInf: both sides kept whatever the budget (the peak then says by how much it is
-    exceeded), the training set (or its subsample) streamed, inner products of every layer
-    with every streamed row kept."""
+    """DataInf: the training set (or its subsample of m rows) streamed once when both sides are
+    kept, else once per block of each streamed side (a kept side in one pass); then the test
+    blocks against the left-out blocks, streamed again unless kept; inner products of every
+    layer with every training row kept."""
     r, refusal = _rows(shape)
     if refusal:
         return _refused(name, shape, refusal)
     T, nl = shape.n_test, shape.n_left
+    kt, kl = shape.keeps("test"), shape.keeps("left")
     m = shape.n if cfg.n_samples is None else min(cfg.n_samples, shape.n)
     chunk = cfg.chunk or r
-    layers = shape.tensors
-    inner = (T + nl + 1) * m * layers * shape.dtype.itemsize
-    peak = ((T + nl) * shape.row + CHUNK_COPIES * min(chunk, m) * shape.row + inner
+    test_blocks, left_blocks = (1 if kt else math.ceil(T / r)), (1 if kl else math.ceil(nl / r))
+    passes = 1 if kt and kl else test_blocks + left_blocks
+    inner = (T + nl + 1) * m * shape.tensors * 8               # float64
+    kept = (T if kt else 0) + (nl if kl else 0)
+    streamed = (0 if kt else min(r, T)) + (0 if kl else min(r, nl))
+    peak = ((kept + CHUNK_COPIES * (min(chunk, m) + streamed)) * shape.row + inner
             + _vmap_bytes(shape, chunk) + _scores_bytes(shape))
     new = (0 if "test" in shape.cached else T) + (0 if "left" in shape.cached else nl)
-    return Cost(name, peak, shape.memory, new + m, 0, False, shape.n, shape.hvp_batch,
-                min(chunk, m), 0)
+    again = (0 if kt else T) + (0 if kl else nl * test_blocks)   # the scores' pass over sides
+    return Cost(name, peak, shape.memory, new + again + m * passes, 0, False, shape.n,
+                shape.hvp_batch, min(chunk, m), 0)
 
 
 def trajectory_cost(name: str, shape: Shape, cfg) -> Cost:

@@ -21,7 +21,10 @@ are formed: <t_jl, g_k>, <g_k, v_il>, ||g_k||^2 per chunk of k (memory (T + n') 
 never a d_l x d_l matrix. A layer whose training gradients are all zero (a parameter that does not
 affect the loss, or only through round-off: lambda_l at most eps^2 times the largest) has no
 meaningful lambda_l and is left out with a warning. The training set streams in chunks sized by
-the memory budget (:mod:`fimoda.memory`); the test and left-out gradients are kept.
+the memory budget (:mod:`fimoda.memory`). The test and left-out gradients are kept where the
+budget allows (:meth:`~.common.Attributor.keeps`), and the training set then streams once;
+otherwise they stream in blocks too, and the training set streams once per block of a streamed
+side (its inner products with every training row are all a block needs).
 """
 from __future__ import annotations
 
@@ -84,6 +87,17 @@ def _check(cfg: DatainfConfig) -> float:
     return c
 
 
+def _side_blocks(att: Attributor):
+    """The groups of (side, rows, gradients) whose inner products with the training set one
+    pass over it forms: both kept sides in one pass, else every block of each side alone."""
+    if att.keeps("test") and att.keeps("left"):
+        yield [("test", slice(None), att.test_grads), ("left", slice(None), att.train_grads)]
+        return
+    for side in ("test", "left"):
+        for rows, G in att.grad_blocks(side):
+            yield [(side, rows, G)]
+
+
 def datainf(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> np.ndarray:
     """DataInf scores (18); see the module docstring for the equation."""
     c = _check(cfg)
@@ -95,45 +109,47 @@ def datainf(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> np.ndarray
     m = len(idx)
     sl = block_slices(problem.params, problem.names)
     layers = list(problem.names)
-    tr, te = att.train_grads, att.test_grads
-    sq = {l: [] for l in layers}          # ||g_k||^2
-    ip_te = {l: [] for l in layers}       # <t_jl, g_k>
-    ip_tr = {l: [] for l in layers}       # <v_il, g_k>
+    size = {"test": len(att.X_test), "left": len(att.X_loo)}
+    f64 = dict(dtype=torch.float64, device=problem.X.device)
+    sq = {l: torch.empty(m, **f64) for l in layers}                 # ||g_k||^2
+    ip = {side: {l: torch.empty(size[side], m, **f64) for l in layers}   # <t_jl, g_k>, <v_il, g_k>
+          for side in size}
     chunk = cfg.chunk or problem.grad_rows()
-    it = range(0, m, chunk)
-    if problem.progress and m > chunk:
-        it = progress_bar(it, desc="DataInf: training gradients",
-                          total=(m + chunk - 1) // chunk, leave=False)
-    for s in it:
-        k = idx[s:s + chunk]
-        g = problem.loss_grads(problem.X[k], problem.Y[k], desc=None)
-        for l in layers:
-            gl = g[:, sl[l]]
-            sq[l].append((gl ** 2).sum(1))
-            ip_te[l].append(te[:, sl[l]] @ gl.T)
-            ip_tr[l].append(tr[:, sl[l]] @ gl.T)
-    scores = torch.zeros(te.shape[0], tr.shape[0], dtype=torch.float64, device=tr.device)
-    s2s = {l: torch.cat(sq[l]).to(torch.float64) for l in layers}
-    lams = {l: float(s2s[l].sum()) / (m * (sl[l].stop - sl[l].start)) / c for l in layers}
+    for p, group in enumerate(_side_blocks(att)):
+        it = range(0, m, chunk)
+        if problem.progress and m > chunk:
+            it = progress_bar(it, desc=f"DataInf: training gradients (pass {p + 1})",
+                              total=(m + chunk - 1) // chunk, leave=False)
+        for s in it:
+            k = idx[s:s + chunk]
+            g = problem.loss_grads(problem.X[k], problem.Y[k], desc=None)
+            for l in layers:
+                gl = g[:, sl[l]]
+                if p == 0:
+                    sq[l][s:s + len(k)] = (gl ** 2).sum(1)
+                for side, rows, G in group:
+                    ip[side][l][rows, s:s + len(k)] = G[:, sl[l]] @ gl.T
+    lams = {l: float(sq[l].sum()) / (m * (sl[l].stop - sl[l].start)) / c for l in layers}
     # a layer whose gradients are zero up to round-off (e.g. attention key biases, which softmax
     # ignores) has lambda_l ~ eps^2 of the others: dividing by it would amplify round-off alone
     floor = torch.finfo(problem.dtype).eps ** 2 * max(lams.values())
-    skipped = []
-    for l in layers:
-        s2, lam = s2s[l], lams[l]
-        if not lam > floor:
-            skipped.append(l)
-            continue
-        a = torch.cat(ip_te[l], dim=1).to(torch.float64)      # (T, m)
-        b = torch.cat(ip_tr[l], dim=1).to(torch.float64)      # (n', m)
-        first = (te[:, sl[l]] @ tr[:, sl[l]].T).to(torch.float64)
-        correction = (a / (lam + s2)) @ b.T / m
-        scores += (first - correction) / lam
+    skipped = [l for l in layers if not lams[l] > floor]
     if skipped:
         warnings.warn(f"DataInf: layers whose training gradients are zero (to round-off) left "
                       f"out: {skipped}")
     if len(skipped) == len(layers):
         raise ValueError("DataInf: every layer has all-zero training gradients")
+    scores = torch.zeros(size["test"], size["left"], **f64)
+    for ts, te in att.grad_blocks("test"):
+        for ls, tr in att.grad_blocks("left"):
+            for l in layers:
+                if l in skipped:
+                    continue
+                s2, lam = sq[l], lams[l]
+                a, b = ip["test"][l][ts], ip["left"][l][ls]          # (T, m), (n', m)
+                first = (te[:, sl[l]] @ tr[:, sl[l]].T).to(torch.float64)
+                correction = (a / (lam + s2)) @ b.T / m
+                scores[ts, ls] += (first - correction) / lam
     return scores.cpu().numpy()
 
 
