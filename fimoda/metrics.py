@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.stats import rankdata
 
-__all__ = ["cosine", "spearman", "mean_se", "curve", "peak_over_eval_points", "lds", "LDS",
+__all__ = ["cosine", "vector_cosine", "spearman", "mean_se", "curve", "peak_over_eval_points", "lds", "LDS",
            "roc_auc", "method_agreement"]
 
 
@@ -41,6 +41,15 @@ def cosine(gold: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """cos(a_gold[:, t, j], s[j, :]) for every t and j: (T_eval, J)."""
     gold, scores = _check(gold, scores)
     return _cos(gold, scores.T[:, None, :], axis=0)
+
+
+def vector_cosine(a, b) -> float:
+    """cos(a, b) of two vectors of scores over the same instances, 0 where either is all
+    zero (the convention of :func:`cosine`)."""
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"vector_cosine needs two vectors of one length, got {a.shape}, {b.shape}")
+    return float(_cos(a, b, axis=0))
 
 
 def spearman(gold: np.ndarray, scores: np.ndarray) -> np.ndarray:

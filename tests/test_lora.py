@@ -372,8 +372,16 @@ def test_lora_study_compares_with_the_full_gold_and_reuses_its_results(tmp_path)
         assert got[-1, 1] == pytest.approx(u @ v / np.linalg.norm(u) / np.linalg.norm(v),
                                            abs=1e-12)
     assert not np.allclose(lora_gd, full_gd) and list(with_m.method_means()["rank"]) == [4]
+    mean_a, se_a, mean_f, se_f = with_m.method_cosines()["grad_dot"]   # over the test points
+    last = on_adapters[0, -1]
+    assert mean_a[0] == pytest.approx(last.sum() / len(last), abs=1e-12)
+    assert se_a[0] == pytest.approx(np.sqrt(((last - last.mean()) ** 2).sum()
+                                            / (len(last) - 1) / len(last)), abs=1e-12)
+    assert mean_f == pytest.approx(on_full[-1].sum() / len(on_full[-1]), abs=1e-12)
     fig = lora_figure(study)
     assert len(fig.axes) == 2
+    assert f"{len(study.seeds)} batch-order seeds (" in fig._suptitle.get_text()
+    assert "batch-order seed 2," in lora_figure(one)._suptitle.get_text()   # one seed: its number
     fig.savefig(tmp_path / "lora.png")
     with pytest.raises(ValueError, match="rank must be an integer"):
         lora_study(cfg, ranks=(0,), model=top, ds=ds, directory=tmp_path)

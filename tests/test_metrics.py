@@ -26,6 +26,14 @@ def test_cosine_ignores_scale_and_flags_sign():
     assert np.allclose(metrics.cosine(gold, -s)[0], -1.0)
 
 
+def test_vector_cosine_of_two_score_vectors():
+    assert metrics.vector_cosine([1.0, 0.0], [3.0, 3.0]) == pytest.approx(2 ** -0.5)
+    assert metrics.vector_cosine([1.0, 2.0, 2.0], [-2.0, -4.0, -4.0]) == pytest.approx(-1.0)
+    assert metrics.vector_cosine([0.0, 0.0], [1.0, 2.0]) == 0.0         # as cosine(): 0, not NaN
+    with pytest.raises(ValueError, match="one length"):
+        metrics.vector_cosine([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
 def test_shape_and_nan_errors():
     with pytest.raises(ValueError, match="test, left-out"):
         metrics.cosine(np.zeros((5, 2, 3)), np.zeros((5, 3)))

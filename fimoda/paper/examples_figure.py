@@ -5,6 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 import numpy as np
 
+from ..metrics import vector_cosine
 from ..style import method_style, themed
 
 __all__ = ["examples_figure"]
@@ -41,7 +42,7 @@ def examples_figure(gold_vec: np.ndarray, scores: dict, k: int = 1, title: str =
     for ax, (m, vec) in zip(axes[0], scores.items()):
         v, vx = _scaled(vec)
         look = method_style(m)
-        cos = float(g @ v / (np.linalg.norm(g) * np.linalg.norm(v) + 1e-300))
+        cos = vector_cosine(g, v)                         # the scale of either does not matter
         ax.scatter(g, v, s=10, color=look["color"], alpha=0.45, lw=0)
         mine = np.argsort(v)
         picks = np.r_[mine[::-1][:k], mine[:k]]          # the method's own k top and k bottom

@@ -129,17 +129,28 @@ class LoraStudy:
     dtype: str = ""
     methods: dict = dataclasses.field(default_factory=dict)
 
-    def method_means(self) -> pd.DataFrame:
+    def method_cosines(self) -> dict:
         """Per method of ``methods`` (name -> (adapters (R, T, J), full (T, J)) cosines: the
         method on each rank's adapters against that rank's LoRA gold, and the method on all
-        parameters (notebook 03's scores) against the full gold) the mean cosine at the last
-        evaluation point, one row per rank."""
-        rows = []
+        parameters (notebook 03's scores) against the full gold), the (mean, SE) over test points
+        at the last evaluation point: name -> (adapters mean (R,), SE (R,), full mean, SE)."""
+        out = {}
         for m, (on_adapters, on_full) in self.methods.items():
+            mean_a, se_a = mean_se(on_adapters[:, -1], axis=1)
+            mean_f, se_f = mean_se(on_full[-1])
+            out[m] = (mean_a, se_a, float(mean_f), float(se_f))
+        return out
+
+    def method_means(self) -> pd.DataFrame:
+        """:meth:`method_cosines` as a table, one row per method and rank."""
+        rows = []
+        for m, (mean_a, se_a, mean_f, se_f) in self.method_cosines().items():
             for k, r in enumerate(self.ranks):
                 rows.append({"method": m, "rank": r,
-                             "on adapters vs LoRA gold": on_adapters[k, -1].mean().round(3),
-                             "on all parameters vs full gold": on_full[-1].mean().round(3)})
+                             "on adapters vs LoRA gold": round(float(mean_a[k]), 3),
+                             "se": round(float(se_a[k]), 3),
+                             "on all parameters vs full gold": round(mean_f, 3),
+                             "se (all)": round(se_f, 3)})
         return pd.DataFrame(rows)
 
     def mean(self):
@@ -325,8 +336,11 @@ def lora_figure(study: LoraStudy):
     bx.set_title("cost")
     bx.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize="small")
     bx.set_ylim(0, 1.15 * max(1.0, float((study.step_seconds / study.full_step_seconds).max())))
-    fig.suptitle(f"{study.dataset}: LoRA further training (lr {study.lr:g}, seeds "
-                 f"{', '.join(map(str, study.seeds))}, LoRA runs in {study.dtype})")
+    seeds = ", ".join(map(str, study.seeds))
+    said = (f"batch-order seed {seeds}" if len(study.seeds) == 1      # "seeds 1" read as a count
+            else f"{len(study.seeds)} batch-order seeds ({seeds})")
+    fig.suptitle(f"{study.dataset}: LoRA further training (lr {study.lr:g}, {said}, "
+                 f"LoRA runs in {study.dtype})")
     fig.tight_layout()
     return fig
 

@@ -407,8 +407,7 @@ def save_summary(cfg, optimizer, additivity=None, cosines=None, lds=None, ceilin
                       "value": lora.step_seconds[k] / lora.full_step_seconds},
                      {"part": "LoRA trainable / full", "what": f"rank {r}",
                       "value": lora.trainable[k] / lora.full_trainable}]
-        for name, (on_adapters, _) in lora.methods.items():
-            mean_a, se_a = mean_se(on_adapters[:, -1], axis=1)
+        for name, (mean_a, se_a, _, _) in lora.method_cosines().items():
             for k, r in enumerate(lora.ranks):
                 rows.append({"part": "method on adapters vs LoRA gold (eq. 13)",
                              "what": f"{name}, rank {r}", "value": mean_a[k], "se": se_a[k]})
