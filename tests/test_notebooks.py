@@ -388,6 +388,7 @@ def test_mislabel_detection_runs_on_a_classification_dataset(isolated):
     assert auc.splitlines()[0] == ",AUC mean,se,trials" and len(auc.splitlines()) == 3
 
 
+@pytest.mark.slow   # 7 min of the default suite's 18 on a 2-core machine; the cpu profile runs both
 def test_smoke_pipeline_for_images_and_text(isolated, capfd):
     """ResNet-9 on Fashion-MNIST and the encoder on SST-2 through every notebook, the two
     datasets' chains at once (two jobs), and Figure 2 with their panels (e) and (f)."""
