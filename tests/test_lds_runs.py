@@ -74,3 +74,35 @@ def test_retraining_lds_over_a_pool_leaves_out_only_pool_members():
         retraining_lds(init, cfg, X, y, Xt, yt, n_subsets=3, pool=[[1, 2]], progress=False)
     with pytest.raises(ValueError, match="pool"):
         retraining_lds(init, cfg, X, y, Xt, yt, n_subsets=3, pool=[1, 1, 2, 3], progress=False)
+
+
+def test_a_diverged_retraining_is_left_out_of_the_lds_not_an_error():
+    """The recipe's learning rate can make a re-training on another subset diverge (Concrete's
+    lr 0.3): further training stops with a FloatingPointError by default, while the re-training
+    LDS keeps such a model as non-finite and leaves it out of the LDS."""
+    import dataclasses
+    from fimoda.yardsticks import LDSRuns
+    cfg, init, X, y, Xt, yt = retraining_problem(n=20, epochs=2, hidden=8)
+    huge = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=1e6))
+    with pytest.raises(FloatingPointError, match="diverged"):
+        retrain_loo(init, huge, X, y, Xt, yt, [[0, 1]], progress=False)
+    runs = retraining_lds(init, huge, X, y, Xt, yt, n_subsets=4, alpha=0.5, seed=1,
+                          progress=False)
+    assert runs.diverged == 4 and not np.isfinite(runs.outputs[:, -1]).any()
+    with pytest.raises(ValueError, match="4 of 4 models diverged"):
+        runs.lds(np.ones((len(Xt), 20)))
+    with pytest.raises(ValueError, match="diverged must be"):
+        GoldConfig(diverged="ignore")
+    assert "diverged" not in GoldConfig().numeric()     # stored pieces keep their hash
+    # one model of five diverged: the LDS of the other four
+    ok = retraining_lds(init, cfg, X, y, Xt, yt, n_subsets=5, alpha=0.5, seed=1,
+                        progress=False)
+    out = ok.outputs.copy()
+    out[2, -1, 0] = np.nan
+    one = LDSRuns(ok.subsets, out, ok.eval_points, ok.gold)
+    s = np.random.default_rng(0).normal(size=(len(Xt), 20))
+    keep = [0, 1, 3, 4]
+    assert one.diverged == 1
+    expected = LDSRuns(ok.subsets[keep], ok.outputs[keep], ok.eval_points, ok.gold).lds(s)
+    got = one.lds(s)
+    assert (got.mean, got.se) == (expected.mean, expected.se)

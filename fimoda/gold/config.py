@@ -32,7 +32,10 @@ class GoldConfig:
     chunk otherwise). ``mechanism``: how a run leaves out z_i, the name of a registered
     :class:`~fimoda.gold.mechanisms.Mechanism` (``MECHANISMS``: ``remove``, ``subtract``).
     ``max_runs_per_chunk`` (or, when None, ``memory_budget_mb``) sizes the
-    chunks. ``device``: where the runs are trained (``cpu``, ``cuda``, ...).
+    chunks. ``device``: where the runs are trained (``cpu``, ``cuda``, ...). ``diverged``: what
+    a run whose test losses or parameter distances become non-finite does: ``raise`` (a
+    FloatingPointError, nothing saved) or ``keep`` (its values stay non-finite, a warning is
+    logged; for callers that leave such runs out, as the re-training LDS does).
     """
     optimizer: str = "sgd"
     lr: float = 3e-2
@@ -51,6 +54,7 @@ class GoldConfig:
     memory_budget_mb: float = 2048.0
     device: str = "cpu"
     progress: bool = True
+    diverged: str = "raise"         # a non-finite run: "raise" | "keep" (left to the caller)
     # threads running the mlp engine's blocks on a CPU (None: one per core of the machine). The
     # blocks cross no barrier, so extra threads only share cores when the machine is busy (e.g.
     # the pipeline running two datasets at once); results do not depend on the count.
@@ -65,6 +69,8 @@ class GoldConfig:
             mechanism(self.mechanism)
         except ValueError as e:
             bad(str(e))
+        if self.diverged not in ("raise", "keep"):
+            bad(f"diverged must be 'raise' or 'keep', got {self.diverged!r}")
         if self.shuffle not in SHUFFLES:
             bad(f"unknown shuffle {self.shuffle!r}; choose from {SHUFFLES}")
         if self.engine not in ENGINES:
@@ -143,7 +149,7 @@ class GoldConfig:
         """The fields that determine the numbers (not the seeds, which are stored per file)."""
         d = dataclasses.asdict(self)
         for k in ("seeds", "progress", "memory_budget_mb", "max_runs_per_chunk", "device",
-                  "workers"):
+                  "workers", "diverged"):
             d.pop(k)
         return d
 

@@ -210,7 +210,13 @@ class GoldJob:
                  "%.0f model-steps/s, engine %s)", seed, c + 1, self.n_chunks, b - a,
                  self.sched.total, dt, (b - a) / dt, (b - a) / dt * self.sched.total,
                  self.engine.name)
-        if not (np.isfinite(L).all() and np.isfinite(D).all()):
+        finite = np.isfinite(L).all(axis=tuple(range(1, L.ndim))) & \
+            np.isfinite(D).all(axis=tuple(range(1, D.ndim)))
+        if not finite.all() and cfg.diverged == "keep":
+            log.warning("seed %d chunk %d/%d: %d of %d runs diverged (lr %g, optimizer %s); kept "
+                        "as non-finite", seed, c + 1, self.n_chunks, int((~finite).sum()),
+                        b - a, cfg.lr, cfg.optimizer)
+        elif not finite.all():
             raise FloatingPointError(
                 f"further training diverged: seed {seed}, chunk {c + 1}/{self.n_chunks} has "
                 f"non-finite test losses or parameter distances (lr {cfg.lr}, optimizer "

@@ -33,16 +33,33 @@ class LDSRuns:
     """``subsets`` (M, k): the columns each model kept (positions in ``left_out`` for the
     further-training LDS, training indices for the classic one); ``outputs`` (M, T, J): the
     change in test loss of model m at evaluation point t and test point j, mean over seeds of
-    loss_{-S_m} - loss_full; ``eval_points`` (T,); ``gold``: the group runs themselves."""
+    loss_{-S_m} - loss_full; ``eval_points`` (T,); ``gold``: the group runs themselves. A
+    model whose training diverged (the re-training LDS keeps it, ``diverged="keep"``) has
+    non-finite outputs and is left out of :meth:`lds`; :attr:`diverged` counts them."""
     subsets: np.ndarray
     outputs: np.ndarray
     eval_points: np.ndarray
     gold: GoldResult
 
+    @property
+    def finite(self) -> np.ndarray:
+        """(M,) bool: the models whose outputs are finite at every point (did not diverge)."""
+        return np.isfinite(self.outputs).all(axis=tuple(range(1, self.outputs.ndim)))
+
+    @property
+    def diverged(self) -> int:
+        """How many models diverged (left out of :meth:`lds`)."""
+        return int((~self.finite).sum())
+
     def lds(self, scores, t: int = -1) -> LDS:
         """The LDS of ``scores[test, column]`` (fimoda's layout and sign) against the models at
-        evaluation point index ``t`` (default the last)."""
-        return lds(scores, self.subsets, self.outputs[:, t], target="loss")
+        evaluation point index ``t`` (default the last), over the models that did not diverge
+        (at least 3: a ValueError otherwise)."""
+        ok = self.finite
+        if ok.sum() < 3:
+            raise ValueError(f"{self.diverged} of {len(ok)} models diverged: an LDS needs at "
+                             f"least 3 (lower the learning rate)")
+        return lds(scores, self.subsets[ok], self.outputs[ok, t], target="loss")
 
 
 def draw_subsets(n_pool: int, n_subsets: int, alpha: float = 0.5, seed: int = 0) -> np.ndarray:
@@ -102,6 +119,8 @@ def retraining_lds(model_init, cfg, X_train, y_train, X_test, y_test, n_subsets:
     whole training set of alpha n instances each, every one re-trained from theta^0
     (``model_init``) with the final model's recipe ``cfg.train`` by
     :func:`fimoda.gold.retrain_loo` (``seeds`` re-training seeds; their mean is the output).
+    A re-training that diverges (the recipe's learning rate on another subset of the data) is
+    kept as non-finite and left out of the LDS (:attr:`LDSRuns.diverged`), not an error.
     ``subsets`` are training indices, the columns of scores over the whole training set.
     ``pool`` (1-D training indices, e.g. the left-out set L of scores over L only): draw K_m
     from ``pool`` instead, alpha |pool| each, every instance outside it in every model;
@@ -120,5 +139,5 @@ def retraining_lds(model_init, cfg, X_train, y_train, X_test, y_test, n_subsets:
     kept = draw_subsets(len(pool), n_subsets, alpha, seed)
     result = retrain_loo(model_init, cfg, X_train, y_train, X_test, y_test,
                          _left_out_groups(pool, kept), seeds=seeds, workdir=workdir,
-                         **retrain)
+                         **{"diverged": "keep", **retrain})
     return _runs(result, kept)
