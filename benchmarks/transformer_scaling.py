@@ -105,7 +105,9 @@ def run_fimoda(args) -> dict:
                         generator=torch.Generator().manual_seed(0))
     opts = {"trak": dict(proj_dim=args.proj_dim, proj_type="sjlt"),
             "lissa": dict(depth=args.lissa_depth, batch_size=args.lissa_batch,
-                          scale_grid=())}.get(args.method, {})
+                          scale_grid=()),
+            "datainf": ({} if args.datainf_samples is None
+                        else dict(n_samples=args.datainf_samples))}.get(args.method, {})
     t0 = time.perf_counter()
     att = fimoda.attributor(model, loader, None, range(args.n_loo), test, None,
                             task="classification", memory=int(args.memory), progress=False)
@@ -244,7 +246,7 @@ def driver(args) -> None:
                 python = str(peers) if method == "kronfluence" else sys.executable
                 cmd = [python, __file__, "--child", "--method", method, "--n", str(n)] + \
                     [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                     if k in SHARED]
+                     if k in SHARED and v is not None]
                 log.write(f"\n=== {method} n={n} {time.strftime('%H:%M:%S')}\n")
                 log.flush()
                 rec = dict(method=method, n=n, **measure(cmd, args.rss_limit, deadline, log))
@@ -254,7 +256,7 @@ def driver(args) -> None:
 
 
 SHARED = ("n_loo", "n_test", "memory", "threads", "proj_dim", "lissa_depth", "lissa_batch",
-          "kron_query_batch", "work")
+          "datainf_samples", "kron_query_batch", "work")
 
 
 def main():
@@ -272,6 +274,8 @@ def main():
     ap.add_argument("--proj-dim", type=int, default=4096)
     ap.add_argument("--lissa-depth", type=int, default=10)
     ap.add_argument("--lissa-batch", type=int, default=32)
+    ap.add_argument("--datainf-samples", type=int, default=None,
+                    help="DataInf's n_samples: training rows its average runs over (None: all)")
     ap.add_argument("--kron-query-batch", type=int, default=10)
     ap.add_argument("--stop-at", default="23:59", help="UTC HH:MM: start no run after it")
     ap.add_argument("--grace", type=float, default=600, help="seconds a run may pass stop-at")

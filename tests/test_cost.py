@@ -155,13 +155,14 @@ def test_cost_parts_equal_sizes_computed_by_hand():
 
 def test_datainf_streams_a_side_the_budget_cannot_keep_and_counts_its_gradients():
     """DataInf under the budget of test_cost_parts_equal_sizes_computed_by_hand: the 6 test
-    gradients kept, the 30 left-out ones streamed in 3 blocks of 10; the training set (30 rows)
-    streams once with the test side and once per left-out block, then the left-out side once
-    more against the test side: 6 + 30 + 30 x 4 + 30 gradient rows, counted as they are made."""
+    gradients kept, the 30 left-out ones streamed in 3 blocks of 10; half the budget holds 32
+    rows, so the training set (30 rows) streams twice, with the test side and two left-out
+    blocks, then with the third; the left-out side once more against the test side:
+    6 + 30 + 30 x 2 + 30 gradient rows, counted as they are made."""
     att = attributor(n_test=6, solve_cols=2)
     assert att.keeps("test") and not att.keeps("left")
     c = att.cost("datainf")
-    assert c.gradient_rows == 6 + 30 + 30 * 4 + 30 and c.chunk_rows == 10
+    assert c.gradient_rows == 6 + 30 + 30 * 2 + 30 and c.chunk_rows == 10
     made, loss_grads = [], att.problem.loss_grads
     att.problem.loss_grads = lambda X, Y, *a, **k: made.append(len(X)) or loss_grads(X, Y, *a, **k)
     scores = compute_scores("datainf", att)

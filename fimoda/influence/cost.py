@@ -319,11 +319,28 @@ def ekfac_cost(name: str, shape: Shape, cfg) -> Cost:
                 shape.n, shape.hvp_batch, base.chunk_rows, 0)
 
 
+def side_rows_per_pass(memory: int, n_params: int, dtype) -> int:
+    """DataInf: test and left-out gradient rows held together during one pass over the training
+    set when they are streamed: half the budget (the other half is the training chunk's)."""
+    return max(1, (memory // 2) // (n_params * torch.empty((), dtype=dtype).element_size()))
+
+
+def _grouped_passes(blocks: list, cap: int) -> int:
+    """Passes of :func:`.datainf._side_blocks`' greedy grouping of ``blocks`` (row counts) into
+    groups of at most ``cap`` rows (a block larger than ``cap`` alone)."""
+    passes, held = 0, 0
+    for b in blocks:
+        if held and held + b > cap:
+            passes, held = passes + 1, 0
+        held += b
+    return passes + (1 if held else 0)
+
+
 def datainf_cost(name: str, shape: Shape, cfg) -> Cost:
     """DataInf: the training set (or its subsample of m rows) streamed once when both sides are
-    kept, else once per block of each streamed side (a kept side in one pass); then the test
-    blocks against the left-out blocks, streamed again unless kept; inner products of every
-    layer with every training row kept."""
+    kept, else once per group of side blocks that half the budget holds together
+    (:func:`side_rows_per_pass`); then the test blocks against the left-out blocks, streamed
+    again unless kept; inner products of every layer with every training row kept."""
     r, refusal = _rows(shape)
     if refusal:
         return _refused(name, shape, refusal)
@@ -331,12 +348,13 @@ def datainf_cost(name: str, shape: Shape, cfg) -> Cost:
     kt, kl = shape.keeps("test"), shape.keeps("left")
     m = shape.n if cfg.n_samples is None else min(cfg.n_samples, shape.n)
     chunk = cfg.chunk or r
-    test_blocks, left_blocks = (1 if kt else math.ceil(T / r)), (1 if kl else math.ceil(nl / r))
-    passes = 1 if kt and kl else test_blocks + left_blocks
+    split = lambda k, kept: [k] if kept else [min(r, k - a) for a in range(0, k, r)]
+    cap = side_rows_per_pass(shape.memory, shape.P, shape.dtype)
+    passes = 1 if kt and kl else _grouped_passes(split(T, kt) + split(nl, kl), cap)
+    test_blocks = len(split(T, kt))
     inner = (T + nl + 1) * m * shape.tensors * 8               # float64
-    kept = (T if kt else 0) + (nl if kl else 0)
-    streamed = (0 if kt else min(r, T)) + (0 if kl else min(r, nl))
-    peak = ((kept + CHUNK_COPIES * (min(chunk, m) + streamed)) * shape.row + inner
+    held = T + nl if kt and kl else min(T + nl, max(cap, r))
+    peak = ((held + CHUNK_COPIES * min(chunk, m)) * shape.row + inner
             + _vmap_bytes(shape, chunk) + _scores_bytes(shape))
     new = (0 if "test" in shape.cached else T) + (0 if "left" in shape.cached else nl)
     again = (0 if kt else T) + (0 if kl else nl * test_blocks)   # the scores' pass over sides

@@ -38,7 +38,7 @@ from ..progress import progress_bar
 
 from ..gradients import block_slices
 from .common import Attributor
-from .cost import datainf_cost
+from .cost import datainf_cost, side_rows_per_pass
 from .specs import MethodSpec
 
 
@@ -89,13 +89,23 @@ def _check(cfg: DatainfConfig) -> float:
 
 def _side_blocks(att: Attributor):
     """The groups of (side, rows, gradients) whose inner products with the training set one
-    pass over it forms: both kept sides in one pass, else every block of each side alone."""
+    pass over it forms: both sides at once when both are kept, else blocks of either side, as
+    many rows together as half the memory budget holds (the other half is the training chunk's),
+    so that the training set streams as few times as the budget allows."""
     if att.keeps("test") and att.keeps("left"):
         yield [("test", slice(None), att.test_grads), ("left", slice(None), att.train_grads)]
         return
+    cap = side_rows_per_pass(att.problem.memory, att.problem.n_params, att.problem.dtype)
+    group, held = [], 0
     for side in ("test", "left"):
         for rows, G in att.grad_blocks(side):
-            yield [(side, rows, G)]
+            if group and held + len(G) > cap:
+                yield group
+                group, held = [], 0
+            group.append((side, rows, G))
+            held += len(G)
+    if group:
+        yield group
 
 
 def datainf(att: Attributor, cfg: DatainfConfig = DatainfConfig()) -> np.ndarray:
