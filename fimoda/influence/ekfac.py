@@ -260,20 +260,26 @@ def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
         else:
             damp[lf.module] = lam
 
-    def rotated(G: torch.Tensor, damped: bool) -> torch.Tensor:
-        """Rows of G as Q_S^T V_l Q_A over the live layers, divided by Lambda_l / per + lambda
-        when ``damped`` (the test side), flattened and concatenated: (N, sum_l out_l in_l')."""
-        out = []
+    sl = block_slices(problem.params, problem.names)
+
+    def preconditioned(G: torch.Tensor) -> torch.Tensor:
+        """Rows g of G as (G_EKFAC + lambda)^{-1} g over the live layers, back in parameter
+        space: Q_S [(Q_S^T V_l Q_A) / (Lambda_l / per + lambda)] Q_A^T, zero outside them."""
+        out = torch.zeros_like(G)
         for lf in live:
             qs, qa = lf.Q_S.to(G.dtype), lf.Q_A.to(G.dtype)
             r = qs.T @ layer_matrices(problem, lf, G) @ qa
-            if damped:
-                r = r / (lf.Lambda / per + damp[lf.module]).to(G.dtype)
-            out.append(r.reshape(len(G), -1))
-        return torch.cat(out, dim=1) if out else G.new_zeros(len(G), 0)
+            r = qs @ (r / (lf.Lambda / per + damp[lf.module]).to(G.dtype)) @ qa.T
+            cols = r.shape[2] - (lf.bias is not None)         # the bias is the last column
+            out[:, sl[lf.weight]] = r[:, :, :cols].reshape(len(G), -1)
+            if lf.bias is not None:
+                out[:, sl[lf.bias]] = r[:, :, cols]
+        return out
 
-    # each side kept or streamed under the memory budget (Attributor.pairwise)
-    scores = att.pairwise(lambda G: rotated(G, True), lambda G: rotated(G, False))
+    # the test side preconditioned, the left-out side as it is: no rotation of the left-out
+    # gradients, which a streamed test side would repeat for every block of it
+    # (each side kept or streamed under the memory budget: Attributor.pairwise)
+    scores = att.pairwise(preconditioned, lambda G: G)
     scores = scores.to(torch.float64)
     return scores.cpu().numpy()
 
