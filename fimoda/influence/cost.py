@@ -27,7 +27,8 @@ from typing import Optional
 
 import torch
 
-from ..memory import CHUNK_COPIES, SOLVE_COPIES, chunk_rows, solve_columns, storable
+from ..memory import (CHUNK_COPIES, SOLVE_COPIES, chunk_rows, row_bytes, solve_columns,
+                      storable)
 from .errors import MemoryBudgetError
 
 __all__ = ["Shape", "Cost", "shape_of", "pairwise_cost", "damped_cost", "arnoldi_cost",
@@ -322,7 +323,7 @@ def ekfac_cost(name: str, shape: Shape, cfg) -> Cost:
 def side_rows_per_pass(memory: int, n_params: int, dtype) -> int:
     """DataInf: test and left-out gradient rows held together during one pass over the training
     set when they are streamed: half the budget (the other half is the training chunk's)."""
-    return max(1, (memory // 2) // (n_params * torch.empty((), dtype=dtype).element_size()))
+    return max(1, (memory // 2) // row_bytes(n_params, dtype))
 
 
 def _grouped_passes(blocks: list, cap: int) -> int:
