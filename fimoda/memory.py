@@ -92,10 +92,31 @@ def solve_columns(memory: int, n_params: int, dtype) -> int:
                     f"bytes each) per right-hand side")
 
 
+def kept_rows(memory: int, n_params: int, dtype, what: str = "one gradient row") -> int:
+    """Rows of ``n_params`` floats kept together within a quarter of ``memory`` (one side's
+    block, held while the other side streams past it); a
+    :class:`fimoda.influence.errors.MemoryBudgetError` naming ``what`` when not even one fits."""
+    row = row_bytes(n_params, dtype)
+    return _fitting(memory, 2, row, f"{what} of {n_params:,} parameters takes {row:,} bytes")
+
+
+# copies of a block of rotated layer gradients alive at once: an intermediate of the rotation,
+# its result, and the result squared or divided by the eigenvalues
+ROTATION_COPIES = 3
+
+
+def rotation_rows(memory: int, n_params: int, dtype) -> int:
+    """Examples whose layer gradients of ``n_params`` floats are transformed at once (EK-FAC's
+    rotation into the eigenbasis): :data:`ROTATION_COPIES` copies within a quarter of
+    ``memory``; at least one."""
+    return max(1, (memory // 4) // (ROTATION_COPIES * row_bytes(n_params, dtype)))
+
+
 def storable(memory: int, rows: int, n_params: int, dtype) -> bool:
     """Whether ``rows`` gradient rows may be kept whole: at most a quarter of ``memory``."""
     return rows * row_bytes(n_params, dtype) <= memory // 4
 
 
-__all__ = ["DEFAULT_FRACTION", "CHUNK_COPIES", "SOLVE_COPIES", "available_bytes",
-           "resolve_budget", "row_bytes", "chunk_rows", "solve_columns", "storable"]
+__all__ = ["DEFAULT_FRACTION", "CHUNK_COPIES", "SOLVE_COPIES", "ROTATION_COPIES",
+           "available_bytes", "resolve_budget", "row_bytes", "chunk_rows", "kept_rows",
+           "rotation_rows", "solve_columns", "storable"]

@@ -171,6 +171,34 @@ def test_datainf_streams_a_side_the_budget_cannot_keep_and_counts_its_gradients(
                                rtol=1e-10, atol=1e-12 * np.abs(scores).max())
 
 
+def test_ekfac_keeps_a_block_of_the_test_side_and_counts_its_captured_rows(monkeypatch):
+    """EK-FAC on the MLP (68 factored parameters, 544 bytes a row), 6 test points, 30 left out,
+    a budget whose quarter holds 4 test rows: two test blocks, so the left-out rows pass twice;
+    2 x 30 rows for the factors, 6 + 2 x 30 for the scores, counted as they pass; no per-example
+    gradient row with the damping given; the same scores as with the whole test side kept."""
+    from fimoda.influence import ekfac as ekfac_module
+    att = attributor(n_test=6)
+    att.problem.memory = 4 * 4 * 544
+    c = att.cost("ekfac", damping=1.0)
+    assert c.gradient_rows == 0 and c.refusal is None
+    assert (c.captured_rows, c.capture_batch) == (2 * 30 + 6 + 2 * 30, 30)
+    assert "126 rows through layer captures (batches of 30)" in c.line()
+    seen, passes = [], ekfac_module._passes
+
+    def counted(*args, **kwargs):
+        for rows, batch in passes(*args, **kwargs):
+            seen.append(len(batch[0][0]))
+            yield rows, batch
+    monkeypatch.setattr(ekfac_module, "_passes", counted)
+    scores = compute_scores("ekfac", att, damping=1.0)
+    assert sum(seen) == c.captured_rows and "train_grads" not in att.__dict__
+    whole = compute_scores("ekfac", attributor(n_test=6), damping=1.0)
+    np.testing.assert_allclose(scores, whole, rtol=1e-12, atol=1e-14 * np.abs(whole).max())
+    att.problem.memory = 4 * 544 - 1                  # not even one test row in a quarter
+    with pytest.raises(MemoryBudgetError, match="EK-FAC: one test gradient of the factored"):
+        compute_scores("ekfac", att, damping=1.0)
+
+
 MEASURE = textwrap.dedent("""
     import json, sys, torch
     sys.path.insert(0, {tests!r})
@@ -205,7 +233,7 @@ MEASURE = textwrap.dedent("""
 
 
 CHEAP = [("grad_dot", {}), ("cg", {"materialize": "never"}),
-         ("arnoldi", {"n_iter": 20, "rank": 10}), ("datainf", {})]
+         ("arnoldi", {"n_iter": 20, "rank": 10}), ("datainf", {}), ("ekfac", {})]
 COSTLY = [("lissa_h", {"depth": 20}), ("prop1", {"damping": 10.0}), ("eq16", {"damping": 10.0})]
 
 

@@ -10,7 +10,7 @@ from fimoda.settings import MethodConfig
 from fimoda.gradients import Problem, block_slices
 from fimoda.influence import Attributor, compute_scores
 from fimoda.influence.datainf import DatainfConfig, datainf, datainf_lambdas
-from fimoda.influence.ekfac import EkfacConfig, ekfac, fit_ekfac, layer_matrices
+from fimoda.influence.ekfac import EkfacConfig, ekfac, fit_ekfac, positions_first, rotated
 from fimoda.influence.trak import Projector, TrakConfig, trak
 from fimoda.models import MLP
 from tolerances import solve_error_bound
@@ -210,9 +210,36 @@ def test_ekfac_corrected_eigenvalues_are_the_exact_kfe_diagonal(which):
         want = want + te[:, idx] @ Ginv @ tr[:, idx].T
     got = ekfac(att, EkfacConfig(risk="sum", damping=lam), factors=factors)
     np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
-    # layer_matrices puts [weight | bias] the same way as the block indices
-    V = npy(layer_matrices(att.problem, factors.layers[0], att.train_grads)).reshape(len(tr), -1)
-    np.testing.assert_array_equal(V, tr[:, blocks[0]])
+
+
+def test_ekfac_rotates_positions_or_the_layer_gradient_to_the_same_numbers():
+    """Q_S^T (sum_t ds_t a_t^T) Q_A, by hand in numpy, equals both routes of ``rotated``; the
+    cheaper route is chosen by the count of positions."""
+    g = torch.Generator().manual_seed(3)
+    a, ds = torch.randn(4, 5, 3, generator=g, dtype=DT), torch.randn(4, 5, 2, generator=g, dtype=DT)
+    Q_A = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=DT))[0]
+    Q_S = torch.linalg.qr(torch.randn(2, 2, generator=g, dtype=DT))[0]
+    want = np.stack([npy(Q_S).T @ sum(np.outer(npy(ds[n, t]), npy(a[n, t])) for t in range(5))
+                     @ npy(Q_A) for n in range(4)])
+    for first in (True, False):
+        np.testing.assert_allclose(npy(rotated(a, ds, Q_A, Q_S, first=first)), want,
+                                   rtol=1e-12, atol=1e-14)
+    assert positions_first(1, 30, 30) and positions_first(60, 384, 1537)
+    assert not positions_first(1024, 64, 577)           # a convolution's patches
+
+
+def test_ekfac_never_forms_a_whole_per_example_gradient():
+    """With the damping given, neither the factors nor the scores take a per-example gradient
+    of the model: every per-example quantity comes from layer captures of batched passes."""
+    att = make_net(ConvNet, (2, 4, 4), n=12)
+    want = ekfac(att, EkfacConfig(risk="sum", damping=0.05))
+    fresh = make_net(ConvNet, (2, 4, 4), n=12)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a per-example gradient row was computed")
+    fresh.problem.loss_grads = fresh.problem.output_grads = forbidden
+    got = ekfac(fresh, EkfacConfig(risk="sum", damping=0.05))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_ekfac_damping_modes_and_cache():

@@ -27,14 +27,16 @@ from typing import Optional
 
 import torch
 
-from ..memory import (CHUNK_COPIES, SOLVE_COPIES, chunk_rows, row_bytes, solve_columns,
-                      storable)
+from ..memory import (CHUNK_COPIES, ROTATION_COPIES, SOLVE_COPIES, chunk_rows, kept_rows,
+                      rotation_rows, row_bytes, solve_columns, storable)
 from .errors import MemoryBudgetError
 
 __all__ = ["Shape", "Cost", "shape_of", "pairwise_cost", "damped_cost", "arnoldi_cost",
            "trak_cost", "ekfac_cost", "datainf_cost", "trajectory_cost", "fmt_bytes"]
 
 GIB = 2 ** 30
+# what EK-FAC's block of the test side holds per row
+EKFAC_TEST_ROW = "EK-FAC: one test gradient of the factored layers"
 # P-vectors a full-data Hessian product holds besides its block: the gradient with its graph,
 # the per-parameter products and the flattened result
 PRODUCT_COPIES = 4
@@ -85,6 +87,9 @@ class Cost:
     chunk_rows: int          # per-example gradient rows streamed at once (0: nothing streamed)
     solve_columns: int       # right-hand sides solved at once (0: no linear solve)
     example_products: int = 0  # per-example Hessian-vector products (rows; Prop. 1)
+    captured_rows: int = 0   # rows through batched forward/backward passes whose layer inputs
+    #                          and output gradients give per-example layer gradients (EK-FAC)
+    capture_batch: int = 0   # rows per such pass (batch_size=)
     refusal: Optional[str] = None  # why the budget cannot hold it, naming the setting to
     #                                change; None: it fits
 
@@ -107,6 +112,9 @@ class Cost:
                          f"{self.product_rows:,} rows (batches of {self.product_batch:,})")
         if self.example_products:
             parts.append(f"{self.example_products:,} per-example Hessian products")
+        if self.captured_rows:
+            parts.append(f"{self.captured_rows:,} rows through layer captures (batches of "
+                         f"{self.capture_batch:,})")
         return f"{self.method}: " + ", ".join(parts)
 
     def check(self) -> None:
@@ -310,14 +318,44 @@ def trak_cost(name: str, shape: Shape, cfg) -> Cost:
 
 
 def ekfac_cost(name: str, shape: Shape, cfg) -> Cost:
-    """EK-FAC: two factor-fitting passes over the training set (activations only), the factors
-    of every layer, then the two sides rotated pairwise (:func:`pairwise_cost`)."""
-    base = pairwise_cost(name, shape, copies=3)
-    if base.refusal:
-        return base
-    factors = sum((o * o + i * i) * 2 + o * i for o, i in shape.layers) * 8
-    return Cost(name, base.peak_bytes + factors, shape.memory, base.gradient_rows, 0, False,
-                shape.n, shape.hvp_batch, base.chunk_rows, 0)
+    """EK-FAC (:mod:`.ekfac`): two factor-fitting passes over the n training rows, then per
+    block of test rows (a quarter of the budget: :func:`~fimoda.memory.kept_rows` of the
+    factored layers' parameters) one pass over the block and one over the left-out rows, in
+    batches of ``batch_size``; per-example layer gradients come from those batched passes, never
+    as whole gradient rows, except lambda_G's loss gradients of the left-out rows (damping not
+    given). Held: the factors (float64), the test block rotated, the examples of one layer of
+    one batch rotated at once (:func:`~fimoda.memory.rotation_rows`, with their copies), the
+    scores."""
+    if not shape.layers:                # no layer to factor: EK-FAC refuses by itself
+        return Cost(name, 0, shape.memory, 0, 0, False, shape.n, shape.hvp_batch, 0, 0)
+    P_f = sum(o * i for o, i in shape.layers)
+    try:
+        step = kept_rows(shape.memory, P_f, shape.dtype, EKFAC_TEST_ROW)
+    except MemoryBudgetError as e:
+        return _refused(name, shape, str(e))
+    T, nl, item = shape.n_test, shape.n_left, shape.dtype.itemsize
+    factors = sum((o * o + i * i) * 2 + o * i * 2 for o, i in shape.layers) * 8
+    batch = min(cfg.batch_size, max(shape.n, T, nl))
+    work = min(step, T) * P_f * item + max(
+        ROTATION_COPIES * min(batch, rotation_rows(shape.memory, o * i, shape.dtype)) * o * i
+        * item
+        for o, i in shape.layers)
+    rows, lam = 0, 0
+    if cfg.damping is None and cfg.damping_mode == "lambda_G" and "left" not in shape.cached:
+        rows = nl                       # lambda_G: the left-out loss gradients, once
+        if shape.keeps("left"):
+            lam = nl * shape.row        # kept by the Attributor
+        else:
+            r, refusal = _rows(shape)
+            if refusal:
+                return _refused(name, shape, refusal)
+            lam = CHUNK_COPIES * min(r, nl) * shape.row + _vmap_bytes(shape, r)
+    elif "left" in shape.cached:
+        lam = nl * shape.row
+    peak = factors + work + lam + _scores_bytes(shape)
+    captured = 2 * shape.n + T + nl * math.ceil(T / step)
+    return Cost(name, peak, shape.memory, rows, 0, False, shape.n, shape.hvp_batch, 0, 0,
+                captured_rows=captured, capture_batch=batch)
 
 
 def side_rows_per_pass(memory: int, n_params: int, dtype) -> int:

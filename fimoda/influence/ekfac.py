@@ -27,6 +27,10 @@ position). The score (12) is
 with T_{j,l}, V_{i,l} the layer-l loss gradients of test z_j and left-out z_i; equivalently
 grad_l g(z_j)^T Q_S[(Q_S^T V Q_A) / (Lambda + lambda)]Q_A^T. Factors are fitted once
 (:func:`fit_ekfac`, two passes over the training set with forward hooks); scores are per query.
+Neither step forms a per-example gradient of the whole model: every per-example quantity comes
+layer by layer from the (a, ds) of batched forward/backward passes (:func:`_passes`), rotated
+into the eigenbasis from its positions, sum_t (Q_S^T ds_t)(Q_A^T a_t)^T, where that is cheaper
+than forming DW_n (:func:`rotated`).
 
 The paper ran kronfluence with its defaults: factors averaged (not summed) over the data, labels
 sampled from the model's predictive (the "true Fisher", equal to this Gauss-Newton in
@@ -41,13 +45,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
-from ..progress import progress_bar
 
-from ..gradients import block_slices
 from ..losses import gn_output, loss_derivatives
+from ..memory import kept_rows, rotation_rows
+from ..progress import progress_bar
 from .common import DAMPING_GRID, DAMPING_INDEX, Attributor, damping_value
-from .cost import ekfac_cost
+from .cost import EKFAC_TEST_ROW, ekfac_cost
 from .specs import DAMPING, MethodSpec
 
 DAMPING_MODES = ("lambda_G", "heuristic")
@@ -129,8 +132,13 @@ def _patches(mod, a: torch.Tensor, ds: torch.Tensor, bias: bool):
     return a, ds
 
 
-def _passes(problem, layers, batch_size: int, desc: str):
-    """Yield, per training batch, [(a, ds)] per layer (see :func:`_patches`)."""
+def _passes(problem, layers, batch_size: int, desc: str, X=None, Y=None,
+            target: str = "pseudo"):
+    """Yield, per batch of rows of (X, Y) (default: the training set), ``(rows, [(a, ds)] per
+    layer)`` (see :func:`_patches`), ds the derivative by the layer's output s of
+    target="pseudo": sum_n sqrt(l''_n) f_n, the Gauss-Newton pseudo-gradients, or
+    target="loss": sum_n L(z_n), the loss gradients. The examples of a batch are independent,
+    so one backward pass gives every example's own ds."""
     captured = {}
 
     def hook(name):
@@ -143,35 +151,71 @@ def _passes(problem, layers, batch_size: int, desc: str):
         return fn
 
     problem.require_gauss_newton()      # the factors are of the Gauss-Newton (Fisher) form
+    X, Y = (problem.X, problem.Y) if X is None else (X, Y)
     handles = [mod.register_forward_hook(hook(m)) for m, mod, _, _ in layers]
     params = {k: v.detach().requires_grad_(True) for k, v in problem.params.items()}
-    n = len(problem.X)
+    n = len(X)
     it = range(0, n, batch_size)
-    if problem.progress and n > batch_size:
+    if desc and problem.progress and n > batch_size:
         it = progress_bar(it, desc=desc, total=(n + batch_size - 1) // batch_size, leave=False)
     try:
         for s in it:
-            x, y = problem.trim(problem.X[s:s + batch_size]), problem.Y[s:s + batch_size]
+            rows = slice(s, s + batch_size)
+            x, y = problem.trim(X[rows]), Y[rows]
             captured.clear()
             with torch.enable_grad():
-                out = functional_call(problem.model, {**params, **problem.rest}, (x,))
-                f = gn_output(out, y, problem.task)
-                _, d2 = loss_derivatives(f.detach(), y, problem.task)
-                # backprop sqrt(l''_n) through f_n: the GN pseudo-gradients (examples independent)
-                pseudo = (d2.clamp_min(0).sqrt() * f).sum()
+                if target == "loss":
+                    total = problem.loss(params, x, y).sum()
+                else:
+                    f = gn_output(problem.out(params, x), y, problem.task)
+                    _, d2 = loss_derivatives(f.detach(), y, problem.task)
+                    # backprop sqrt(l''_n) through f_n: the GN pseudo-gradients
+                    total = (d2.clamp_min(0).sqrt() * f).sum()
                 missing = [m for m, _, _, _ in layers if m not in captured]
                 if missing:
                     raise ValueError(f"EK-FAC: layers {missing} are not called as modules in the "
                                      "forward pass (e.g. their weight is used functionally)")
                 outs = [captured[m][1] for m, _, _, _ in layers]
-                grads = torch.autograd.grad(pseudo, outs, allow_unused=True)
-            yield [_patches(mod, captured[m][0], torch.zeros_like(o) if g is None else g.detach(),
-                            b is not None)
-                   for (m, mod, _, b), o, g in zip(layers, outs, grads)]
+                grads = torch.autograd.grad(total, outs, allow_unused=True)
+            yield rows, [_patches(mod, captured[m][0],
+                                  torch.zeros_like(o) if g is None else g.detach(), b is not None)
+                         for (m, mod, _, b), o, g in zip(layers, outs, grads)]
     finally:
         for h in handles:
             h.remove()
         captured.clear()
+
+
+def positions_first(T: int, out: int, inp: int) -> bool:
+    """Whether rotating the T positions' (a, ds) costs fewer multiply-adds,
+    T (in'^2 + out^2 + out in'), than forming DW_n and rotating it, T out in' + out in' (out + in')
+    (a token sequence or an MLP's single position: yes; a convolution's many patches: no)."""
+    return T * (inp * inp + out * out + out * inp) < T * out * inp + out * inp * (out + inp)
+
+
+def rotated(a: torch.Tensor, ds: torch.Tensor, Q_A: torch.Tensor, Q_S: torch.Tensor,
+            first: Optional[bool] = None) -> torch.Tensor:
+    """Every example's layer gradient in the Kronecker eigenbasis, (B, out, in'):
+
+        Q_S^T DW_n Q_A = Q_S^T (sum_t ds_t a_t^T) Q_A = sum_t (Q_S^T ds_t)(Q_A^T a_t)^T,
+
+    from the rotated positions or from DW_n, whichever is cheaper (:func:`positions_first`;
+    ``first`` forces the choice). Never more than one layer of one batch."""
+    qa, qs = Q_A.to(a.dtype), Q_S.to(ds.dtype)
+    if first is None:
+        first = positions_first(a.shape[1], ds.shape[-1], a.shape[-1])
+    if first:
+        return torch.einsum("bto,bti->boi", ds @ qs, a @ qa)
+    return qs.T @ torch.einsum("bto,bti->boi", ds, a) @ qa
+
+
+def rotated_blocks(a: torch.Tensor, ds: torch.Tensor, Q_A: torch.Tensor, Q_S: torch.Tensor,
+                   memory: int):
+    """``(rows, rotated(a[rows], ds[rows], Q_A, Q_S))`` over blocks of a batch's examples
+    small enough for the memory budget (:func:`fimoda.memory.rotation_rows`)."""
+    step = rotation_rows(memory, ds.shape[-1] * a.shape[-1], a.dtype)
+    for s in range(0, len(a), step):
+        yield slice(s, s + step), rotated(a[s:s + step], ds[s:s + step], Q_A, Q_S)
 
 
 def fit_ekfac(problem, batch_size: int = 64) -> EkfacFactors:
@@ -183,7 +227,7 @@ def fit_ekfac(problem, batch_size: int = 64) -> EkfacFactors:
     dev, f64 = problem.device, torch.float64
     A = [None] * len(layers)
     S = [None] * len(layers)
-    for batch in _passes(problem, layers, batch_size, "EK-FAC: covariances"):
+    for _, batch in _passes(problem, layers, batch_size, "EK-FAC: covariances"):
         for l, (a, ds) in enumerate(batch):
             a2 = torch.einsum("bti,btj->ij", a, a).to(f64)
             s2 = torch.einsum("bto,btp->op", ds, ds).to(f64)
@@ -195,28 +239,16 @@ def fit_ekfac(problem, batch_size: int = 64) -> EkfacFactors:
     Q_S = [torch.linalg.eigh(0.5 * (M + M.T))[1] for M in S]
     Lam = [torch.zeros(qs.shape[0], qa.shape[0], dtype=f64, device=dev)
            for qa, qs in zip(Q_A, Q_S)]
-    for batch in _passes(problem, layers, batch_size, "EK-FAC: eigenvalue correction"):
+    for _, batch in _passes(problem, layers, batch_size, "EK-FAC: eigenvalue correction"):
         for l, (a, ds) in enumerate(batch):
-            dw = torch.einsum("bto,bti->boi", ds, a)                       # per-example DW_n
-            qs, qa = Q_S[l].to(dw.dtype), Q_A[l].to(dw.dtype)
-            Lam[l] += ((qs.T @ dw @ qa) ** 2).sum(0).to(f64)
+            for _, r in rotated_blocks(a, ds, Q_A[l], Q_S[l], problem.memory):
+                Lam[l] += (r ** 2).sum(0).to(f64)
     factors = EkfacFactors(n=len(problem.X))
     for (m, mod, w, b), qa, qs, lam in zip(layers, Q_A, Q_S, Lam):
         factors.layers.append(LayerFactors(
             module=m, kind="conv" if isinstance(mod, nn.Conv2d) else "linear", weight=w, bias=b,
             shape=tuple(lam.shape), Q_A=qa, Q_S=qs, Lambda=lam))
     return factors
-
-
-def layer_matrices(problem, lf: LayerFactors, grads: torch.Tensor) -> torch.Tensor:
-    """Rows of ``grads`` (N, P over ``problem.names``) as layer matrices [weight | bias],
-    (N, out, in')."""
-    sl = block_slices(problem.params, problem.names)
-    N, (out, _) = grads.shape[0], lf.shape
-    V = grads[:, sl[lf.weight]].reshape(N, out, -1)
-    if lf.bias is not None:
-        V = torch.cat([V, grads[:, sl[lf.bias]].reshape(N, out, 1)], dim=2)
-    return V
 
 
 def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
@@ -260,28 +292,36 @@ def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
         else:
             damp[lf.module] = lam
 
-    sl = block_slices(problem.params, problem.names)
-
-    def preconditioned(G: torch.Tensor) -> torch.Tensor:
-        """Rows g of G as (G_EKFAC + lambda)^{-1} g over the live layers, back in parameter
-        space: Q_S [(Q_S^T V_l Q_A) / (Lambda_l / per + lambda)] Q_A^T, zero outside them."""
-        out = torch.zeros_like(G)
-        for lf in live:
-            qs, qa = lf.Q_S.to(G.dtype), lf.Q_A.to(G.dtype)
-            r = qs.T @ layer_matrices(problem, lf, G) @ qa
-            r = qs @ (r / (lf.Lambda / per + damp[lf.module]).to(G.dtype)) @ qa.T
-            cols = r.shape[2] - (lf.bias is not None)         # the bias is the last column
-            out[:, sl[lf.weight]] = r[:, :, :cols].reshape(len(G), -1)
-            if lf.bias is not None:
-                out[:, sl[lf.bias]] = r[:, :, cols]
-        return out
-
-    # the test side preconditioned, the left-out side as it is: no rotation of the left-out
-    # gradients, which a streamed test side would repeat for every block of it
-    # (each side kept or streamed under the memory budget: Attributor.pairwise)
-    scores = att.pairwise(preconditioned, lambda G: G)
-    scores = scores.to(torch.float64)
-    return scores.cpu().numpy()
+    if not live:
+        return np.zeros((len(att.X_test), len(att.X_loo)))
+    found = {layer[0]: layer for layer in kfac_layers(problem)}
+    layers = [found[lf.module] for lf in live]
+    inv = [1.0 / (lf.Lambda / per + damp[lf.module]) for lf in live]    # (out, in') float64
+    dtype, bs = problem.dtype, cfg.batch_size
+    scores = torch.zeros(len(att.X_test), len(att.X_loo), dtype=dtype, device=problem.device)
+    # Per-example layer gradients come from batched passes (:func:`_passes`, target "loss"),
+    # never as whole gradient rows: a block of test rows is rotated into the eigenbasis and
+    # divided by the damped eigenvalues, kept while the left-out rows stream past it, each
+    # left-out batch rotated one layer at a time and dotted with the block
+    step = kept_rows(problem.memory, sum(lf.Lambda.numel() for lf in live), dtype,
+                     EKFAC_TEST_ROW)
+    for t0 in range(0, len(att.X_test), step):
+        ts = slice(t0, t0 + step)
+        Xt, Yt = att.X_test[ts], att.Y_test[ts]
+        R = [torch.empty(len(Yt), *lf.shape, dtype=dtype, device=problem.device) for lf in live]
+        for rows, batch in _passes(problem, layers, bs, "EK-FAC: test gradients", Xt, Yt,
+                                   target="loss"):
+            for l, ((a, ds), lf) in enumerate(zip(batch, live)):
+                for b, r in rotated_blocks(a, ds, lf.Q_A, lf.Q_S, problem.memory):
+                    R[l][rows][b] = r * inv[l].to(dtype)
+        for rows, batch in _passes(problem, layers, bs, "EK-FAC: left-out gradients",
+                                   att.X_loo, att.Y_loo, target="loss"):
+            out = scores[ts, rows]                                     # a view
+            for l, ((a, ds), lf) in enumerate(zip(batch, live)):
+                for b, V in rotated_blocks(a, ds, lf.Q_A, lf.Q_S, problem.memory):
+                    out[:, b] += R[l].flatten(1) @ V.flatten(1).T
+        del R
+    return scores.to(torch.float64).cpu().numpy()
 
 
 SPECS = (MethodSpec("ekfac", ekfac, EkfacConfig, "(12) with layer-block EK-FAC", figure2=8,
