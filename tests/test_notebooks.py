@@ -108,6 +108,9 @@ def test_plan_runs_every_notebook_for_every_dataset_in_order():
     # the yardsticks for the tabular datasets of fimoda.paper.config.YARDSTICK_DATASETS, and
     # their LoRA section for the text one (LORA_DATASETS); not for the images
     assert [d for nb, d in names if nb == "08_yardsticks.ipynb"] == ["concrete", "sst2"]
+    paper = pipeline.plan("paper", ["concrete", "energy", "fico", "adult", "sst2"])
+    assert [p["dataset"] for nb, p, _ in paper if nb == "08_yardsticks.ipynb"] == \
+        ["concrete", "energy", "fico", "sst2"]              # the three small models
     assert ("05_summary_figures.ipynb", None) in names
     order = [nb for nb, _ in names[1:]]         # after the walkthrough, in numbered order
     assert order == sorted(order)

@@ -132,28 +132,41 @@ def _patches(mod, a: torch.Tensor, ds: torch.Tensor, bias: bool):
     return a, ds
 
 
-def _passes(problem, layers, batch_size: int, desc: str, X=None, Y=None,
-            target: str = "pseudo"):
-    """Yield, per batch of rows of (X, Y) (default: the training set), ``(rows, [(a, ds)] per
-    layer)`` (see :func:`_patches`), ds the derivative by the layer's output s of
-    target="pseudo": sum_n sqrt(l''_n) f_n, the Gauss-Newton pseudo-gradients, or
+def _passes(problem, layers, batch_size: int, desc: str, consume, X=None, Y=None,
+            target: str = "pseudo") -> None:
+    """One pass over the rows of (X, Y) (default: the training set) in batches of
+    ``batch_size``: ``consume(rows, l, a, ds)`` for every layer l of every batch (``rows`` the
+    batch's slice of X; a, ds as in :func:`_patches`), ds the derivative by the layer's output s
+    of target="pseudo": sum_n sqrt(l''_n) f_n, the Gauss-Newton pseudo-gradients, or
     target="loss": sum_n L(z_n), the loss gradients. The examples of a batch are independent,
-    so one backward pass gives every example's own ds."""
-    captured = {}
+    so one backward pass gives every example's own ds. Each layer is consumed from a hook on its
+    output as the backward pass reaches it, so one layer's (a, ds) at a time is alive beside the
+    pass's own activations (a layer the loss does not reach gets ds = 0 after the pass)."""
+    seen = {}                           # layer -> (its input, its output's shape) this batch
+    reached = set()                     # layers whose ds the backward pass has given
 
-    def hook(name):
+    def hook(l, name, bias):
         def fn(mod, inputs, output):
-            if name in captured:
+            if l in seen:
                 raise ValueError(f"EK-FAC: module {name!r} is called more than once per forward "
                                  "pass (shared weights are not supported)")
-            captured[name] = (inputs[0].detach(), output)
-            return output.clone()   # later in-place ops must not change the captured output
+            a = inputs[0].detach()
+            seen[l] = (a, output.shape)
+
+            def on_grad(g):
+                reached.add(l)
+                consume(rows, l, *_patches(mod, a, g.detach(), bias))
+            # a hook registered before any in-place op on the output gets the gradient by the
+            # output as the layer made it (torch's rule for hooks and in-place ops)
+            output.register_hook(on_grad)
         return fn
 
     problem.require_gauss_newton()      # the factors are of the Gauss-Newton (Fisher) form
     X, Y = (problem.X, problem.Y) if X is None else (X, Y)
-    handles = [mod.register_forward_hook(hook(m)) for m, mod, _, _ in layers]
+    handles = [mod.register_forward_hook(hook(l, m, b is not None))
+               for l, (m, mod, _, b) in enumerate(layers)]
     params = {k: v.detach().requires_grad_(True) for k, v in problem.params.items()}
+    weights = [params[w] for _, _, w, _ in layers]
     n = len(X)
     it = range(0, n, batch_size)
     if desc and problem.progress and n > batch_size:
@@ -162,7 +175,8 @@ def _passes(problem, layers, batch_size: int, desc: str, X=None, Y=None,
         for s in it:
             rows = slice(s, s + batch_size)
             x, y = problem.trim(X[rows]), Y[rows]
-            captured.clear()
+            seen.clear()
+            reached.clear()
             with torch.enable_grad():
                 if target == "loss":
                     total = problem.loss(params, x, y).sum()
@@ -171,19 +185,21 @@ def _passes(problem, layers, batch_size: int, desc: str, X=None, Y=None,
                     _, d2 = loss_derivatives(f.detach(), y, problem.task)
                     # backprop sqrt(l''_n) through f_n: the GN pseudo-gradients
                     total = (d2.clamp_min(0).sqrt() * f).sum()
-                missing = [m for m, _, _, _ in layers if m not in captured]
+                missing = [m for l, (m, _, _, _) in enumerate(layers) if l not in seen]
                 if missing:
                     raise ValueError(f"EK-FAC: layers {missing} are not called as modules in the "
                                      "forward pass (e.g. their weight is used functionally)")
-                outs = [captured[m][1] for m, _, _, _ in layers]
-                grads = torch.autograd.grad(total, outs, allow_unused=True)
-            yield rows, [_patches(mod, captured[m][0],
-                                  torch.zeros_like(o) if g is None else g.detach(), b is not None)
-                         for (m, mod, _, b), o, g in zip(layers, outs, grads)]
+                # the backward pass that fires the hooks (every factored layer's output lies
+                # between the loss and its own weight); the weights' gradients are dropped
+                torch.autograd.grad(total, weights, allow_unused=True)
+            for l, (_, mod, _, b) in enumerate(layers):
+                if l not in reached:                      # the loss does not depend on it
+                    a, shape = seen[l]
+                    consume(rows, l, *_patches(mod, a, a.new_zeros(shape), b is not None))
+            seen.clear()
     finally:
         for h in handles:
             h.remove()
-        captured.clear()
 
 
 def positions_first(T: int, out: int, inp: int) -> bool:
@@ -225,24 +241,25 @@ def fit_ekfac(problem, batch_size: int = 64) -> EkfacFactors:
         raise ValueError(f"EK-FAC batch_size must be >= 1, got {batch_size!r}")
     layers = kfac_layers(problem)
     dev, f64 = problem.device, torch.float64
-    A = [None] * len(layers)
-    S = [None] * len(layers)
-    for _, batch in _passes(problem, layers, batch_size, "EK-FAC: covariances"):
-        for l, (a, ds) in enumerate(batch):
-            a2 = torch.einsum("bti,btj->ij", a, a).to(f64)
-            s2 = torch.einsum("bto,btp->op", ds, ds).to(f64)
-            A[l] = a2 if A[l] is None else A[l] + a2
-            S[l] = s2 if S[l] is None else S[l] + s2
-    if A[0] is None:
+    if len(problem.X) == 0:
         raise ValueError("EK-FAC: the training set is empty")
+    A = [0.0] * len(layers)
+    S = [0.0] * len(layers)
+
+    def covariances(rows, l, a, ds):
+        A[l] = A[l] + torch.einsum("bti,btj->ij", a, a).to(f64)
+        S[l] = S[l] + torch.einsum("bto,btp->op", ds, ds).to(f64)
+    _passes(problem, layers, batch_size, "EK-FAC: covariances", covariances)
     Q_A = [torch.linalg.eigh(0.5 * (M + M.T))[1] for M in A]
     Q_S = [torch.linalg.eigh(0.5 * (M + M.T))[1] for M in S]
+    del A, S
     Lam = [torch.zeros(qs.shape[0], qa.shape[0], dtype=f64, device=dev)
            for qa, qs in zip(Q_A, Q_S)]
-    for _, batch in _passes(problem, layers, batch_size, "EK-FAC: eigenvalue correction"):
-        for l, (a, ds) in enumerate(batch):
-            for _, r in rotated_blocks(a, ds, Q_A[l], Q_S[l], problem.memory):
-                Lam[l] += (r ** 2).sum(0).to(f64)
+
+    def correction(rows, l, a, ds):
+        for _, r in rotated_blocks(a, ds, Q_A[l], Q_S[l], problem.memory):
+            Lam[l] += (r ** 2).sum(0).to(f64)
+    _passes(problem, layers, batch_size, "EK-FAC: eigenvalue correction", correction)
     factors = EkfacFactors(n=len(problem.X))
     for (m, mod, w, b), qa, qs, lam in zip(layers, Q_A, Q_S, Lam):
         factors.layers.append(LayerFactors(
@@ -309,17 +326,18 @@ def ekfac(att: Attributor, cfg: EkfacConfig = EkfacConfig(),
         ts = slice(t0, t0 + step)
         Xt, Yt = att.X_test[ts], att.Y_test[ts]
         R = [torch.empty(len(Yt), *lf.shape, dtype=dtype, device=problem.device) for lf in live]
-        for rows, batch in _passes(problem, layers, bs, "EK-FAC: test gradients", Xt, Yt,
-                                   target="loss"):
-            for l, ((a, ds), lf) in enumerate(zip(batch, live)):
-                for b, r in rotated_blocks(a, ds, lf.Q_A, lf.Q_S, problem.memory):
-                    R[l][rows][b] = r * inv[l].to(dtype)
-        for rows, batch in _passes(problem, layers, bs, "EK-FAC: left-out gradients",
-                                   att.X_loo, att.Y_loo, target="loss"):
+
+        def test_side(rows, l, a, ds):
+            for b, r in rotated_blocks(a, ds, live[l].Q_A, live[l].Q_S, problem.memory):
+                R[l][rows][b] = r * inv[l].to(dtype)
+
+        def left_side(rows, l, a, ds):
             out = scores[ts, rows]                                     # a view
-            for l, ((a, ds), lf) in enumerate(zip(batch, live)):
-                for b, V in rotated_blocks(a, ds, lf.Q_A, lf.Q_S, problem.memory):
-                    out[:, b] += R[l].flatten(1) @ V.flatten(1).T
+            for b, V in rotated_blocks(a, ds, live[l].Q_A, live[l].Q_S, problem.memory):
+                out[:, b] += R[l].flatten(1) @ V.flatten(1).T
+        _passes(problem, layers, bs, "EK-FAC: test gradients", test_side, Xt, Yt, "loss")
+        _passes(problem, layers, bs, "EK-FAC: left-out gradients", left_side, att.X_loo,
+                att.Y_loo, "loss")
         del R
     return scores.to(torch.float64).cpu().numpy()
 

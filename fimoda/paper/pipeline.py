@@ -24,7 +24,7 @@ from .schedule import head_length, run_graph, spread_key, waits_for
 ROOT = Path(__file__).resolve().parent.parent.parent
 NB = ROOT / "notebooks"
 
-# (notebook, per-dataset?, which datasets it applies to)
+# (notebook, per-dataset?, which datasets it applies to: None (all), or a function of the profile)
 STEPS = [
     # the unifying view on a two-parameter toy model: needs no data, only the profile
     ("00_walkthrough.ipynb", False, None),
@@ -38,9 +38,10 @@ STEPS = [
     # beyond the paper: the infinitesimal gold standard and trajectory-matched
     # influence; tabular datasets run it, images and text print why they skip it
     ("07_beyond_the_paper.ipynb", True, None),
-    # the field's yardsticks: group leave-out, LDS two ways, the gold's noise ceiling on
-    # Concrete and FICO (fimoda.paper.config.YARDSTICK_DATASETS); LoRA further training on SST-2
-    ("08_yardsticks.ipynb", True, YARDSTICK_DATASETS + LORA_DATASETS),
+    # the field's yardsticks: group leave-out, LDS two ways, the gold's noise ceiling on the
+    # profile's tabular datasets (fimoda.paper.config.YARDSTICK_DATASETS); LoRA further training
+    # on SST-2
+    ("08_yardsticks.ipynb", True, lambda profile: YARDSTICK_DATASETS[profile] + LORA_DATASETS),
 ]
 
 # notebooks that read no dataset (so get no ``datasets`` parameter)
@@ -88,6 +89,7 @@ def plan(profile: str, datasets: list[str], seeds: int | None = None, variants: 
                 params["seeds"] = seeds
             steps.append((nb, params, out / nb))
             continue
+        only = only(profile) if callable(only) else only
         for ds in datasets:
             if only is not None and ds not in only:
                 continue
