@@ -13,7 +13,7 @@ import pytest
 
 from conftest import require_file
 from fimoda.paper import experiment as ex, pipeline
-from fimoda.paper.config import get_config
+from fimoda.paper.config import get_config, yardsticks_left_out
 
 
 OUTPUT_DIRS = (("FIMODA_RESULTS_DIR", "results"), ("FIMODA_FIGURES_DIR", "figures"),
@@ -111,6 +111,8 @@ def test_plan_runs_every_notebook_for_every_dataset_in_order():
     paper = pipeline.plan("paper", ["concrete", "energy", "fico", "adult", "sst2"])
     assert [p["dataset"] for nb, p, _ in paper if nb == "08_yardsticks.ipynb"] == \
         ["concrete", "energy", "fico", "sst2"]              # the three small models
+    assert yardsticks_left_out("cpu", ["concrete", "energy", "sst2"]) == ["energy"]
+    assert yardsticks_left_out("paper", ["concrete", "energy", "sst2"]) == []
     assert ("05_summary_figures.ipynb", None) in names
     order = [nb for nb, _ in names[1:]]         # after the walkthrough, in numbered order
     assert order == sorted(order)

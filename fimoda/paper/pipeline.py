@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..data.specs import PROFILES, cost_order, dataset_names, default_datasets, tabular_names
 from ..progress import clock
-from .config import LORA_DATASETS, YARDSTICK_DATASETS
+from .config import LORA_DATASETS, YARDSTICK_DATASETS, yardsticks_left_out
 from .schedule import head_length, run_graph, spread_key, waits_for
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -201,6 +201,11 @@ def run(profile: str, datasets: list[str], device: str = "cpu", kernel: str = "p
           + (f" seeds={seeds}" if seeds is not None else "")
           + f" ({len(steps)} notebooks" + (f", {jobs} at a time" if jobs > 1 else "") + ")",
           flush=True)
+    left = yardsticks_left_out(profile, datasets)
+    if left:
+        print(f"notebook 08 (the yardsticks) not run for {', '.join(left)} in the {profile} "
+              f"profile (its time budget; the README's notebook table says how to run it by hand)",
+              flush=True)
     t_all = time.perf_counter()
     socket_dir = tempfile.mkdtemp(prefix="fimoda-kernel-")
     log = steps[0][2].parent / "kernels.log"
